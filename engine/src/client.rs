@@ -1,0 +1,217 @@
+//! The client: start orders and wait for their end.
+//!
+//! A client follows the terminal hops (`waybill.done.>`) on a consumer of its
+//! own and hands each finished document to whoever waits for that order.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::oneshot;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::codec::{Codec, Format};
+use crate::document::{Document, Payload};
+use crate::headers;
+use crate::id::{DedupId, OrderId};
+use crate::registry::StartError;
+use crate::subject;
+use crate::transport::{Consumer, ConsumerConfig, Delivery, Outgoing, PublishAck, Transport};
+use crate::workflow::Workflow;
+
+/// Why waiting for an order failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    #[error("the client is closed")]
+    Closed,
+    #[error("cannot follow finished orders: {0}")]
+    Transport(#[from] crate::transport::Error),
+}
+
+enum Slot {
+    /// Started here; nobody waits yet.
+    Started,
+    Waiting(Vec<oneshot::Sender<Arc<Document>>>),
+    Done(Arc<Document>),
+}
+
+struct Inner<T> {
+    transport: T,
+    codec: Codec,
+    format: Format,
+    slots: Mutex<HashMap<OrderId, Slot>>,
+}
+
+/// Starts orders and waits for them. Cheap to clone.
+pub struct Client<T> {
+    inner: Arc<Inner<T>>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl<T> Clone for Client<T> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            cancel: self.cancel.clone(),
+            tracker: self.tracker.clone(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for Client<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").finish_non_exhaustive()
+    }
+}
+
+fn slots<T>(inner: &Inner<T>) -> std::sync::MutexGuard<'_, HashMap<OrderId, Slot>> {
+    inner.slots.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<T: Transport> Client<T> {
+    /// Connects and starts following finished orders.
+    pub async fn connect(transport: T) -> Result<Self, ClientError> {
+        Self::with_codec(transport, Codec::default(), Format::Postcard).await
+    }
+
+    pub async fn with_codec(transport: T, codec: Codec, format: Format) -> Result<Self, ClientError> {
+        let cfg = ConsumerConfig::new(
+            format!("wb_client_{}", uuid::Uuid::now_v7().simple()),
+            subject::all_done(),
+        );
+        let consumer = transport.consumer(cfg).await?;
+        let inner = Arc::new(Inner {
+            transport,
+            codec,
+            format,
+            slots: Mutex::new(HashMap::new()),
+        });
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        tracker.spawn(follow(inner.clone(), consumer, cancel.clone()).instrument(tracing::info_span!("client_follow")));
+        Ok(Self { inner, cancel, tracker })
+    }
+
+    /// Starts an order of `workflow` with a payload (validate it first, for
+    /// instance with [`crate::Registry::prepare`]). Returns once hop 0 is
+    /// stored.
+    pub async fn start(&self, workflow: &Workflow, payload: Payload) -> Result<OrderId, StartError> {
+        let id = OrderId::new();
+        self.start_with_id(id, workflow, payload).await?;
+        Ok(id)
+    }
+
+    /// Starts an order with a given id. Starting the same id twice (inside
+    /// the duplicate window) stores it once; the second answer says
+    /// `duplicate`.
+    pub async fn start_with_id(
+        &self,
+        id: OrderId,
+        workflow: &Workflow,
+        payload: Payload,
+    ) -> Result<PublishAck, StartError> {
+        let doc = Document::new(id, workflow.route().clone(), payload);
+        let body = self.inner.codec.encode(&doc, self.inner.format)?;
+        let first = &workflow.route().steps[0];
+        slots(&self.inner).entry(id).or_insert(Slot::Started);
+        let out = Outgoing {
+            subject: subject::hop(&first.service),
+            msg_id: Some(DedupId { order: id, hop: 0 }.to_string()),
+            headers: headers::for_hop(&doc, self.inner.format),
+            payload: Bytes::from(body),
+        };
+        match self.inner.transport.publish(out).await {
+            Ok(ack) => Ok(ack),
+            Err(e) => {
+                slots(&self.inner).remove(&id);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Waits until the order reaches a terminal status and returns its final
+    /// document. Put a `tokio::time::timeout` around it to bound the wait.
+    pub async fn wait(&self, id: OrderId) -> Result<Arc<Document>, ClientError> {
+        let rx = {
+            let mut slots = slots(&self.inner);
+            match slots.remove(&id) {
+                Some(Slot::Done(doc)) => return Ok(doc),
+                Some(Slot::Waiting(mut v)) => {
+                    let (tx, rx) = oneshot::channel();
+                    v.push(tx);
+                    slots.insert(id, Slot::Waiting(v));
+                    rx
+                }
+                Some(Slot::Started) | None => {
+                    let (tx, rx) = oneshot::channel();
+                    slots.insert(id, Slot::Waiting(vec![tx]));
+                    rx
+                }
+            }
+        };
+        rx.await.map_err(|_| ClientError::Closed)
+    }
+
+    /// Stops following finished orders; pending waits end with `Closed`.
+    pub async fn close(&self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+        slots(&self.inner).clear();
+    }
+}
+
+async fn follow<T: Transport>(inner: Arc<Inner<T>>, mut consumer: T::Consumer, cancel: CancellationToken) {
+    loop {
+        let batch = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            r = consumer.fetch(256) => r,
+        };
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(error = %e, "following finished orders failed; retrying");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(200)) => continue,
+                }
+            }
+        };
+        for d in batch {
+            let msg = d.message();
+            match inner
+                .codec
+                .decode_as(&msg.payload, msg.headers.get(headers::CONTENT_TYPE))
+            {
+                Ok(doc) => resolve(&inner, Arc::new(doc)),
+                Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "ignoring an undecodable terminal hop"),
+            }
+            if let Err(e) = d.ack().await {
+                tracing::warn!(error = %e, "ack of a terminal hop failed");
+            }
+        }
+    }
+}
+
+fn resolve<T>(inner: &Inner<T>, doc: Arc<Document>) {
+    let mut slots = slots(inner);
+    match slots.remove(&doc.id) {
+        Some(Slot::Waiting(waiters)) => {
+            for w in waiters {
+                let _ = w.send(doc.clone());
+            }
+        }
+        Some(Slot::Started) => {
+            slots.insert(doc.id, Slot::Done(doc));
+        }
+        // Not ours, or already delivered (a redelivered terminal hop).
+        Some(done @ Slot::Done(_)) => {
+            slots.insert(doc.id, done);
+        }
+        None => {}
+    }
+}

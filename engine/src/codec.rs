@@ -1,0 +1,359 @@
+//! The one versioned wire format of a document.
+//!
+//! Binary (the default) is `WB`, one envelope-version byte, then the document
+//! in postcard. JSON, for clients in other languages, is the document as a
+//! JSON object with an `"envelope"` version field. Decoding is bounded by a
+//! size limit and never panics: anything malformed is a [`DecodeError`].
+//!
+//! Internal structs do not quietly become the wire format: [`Document`] is
+//! the wire format, and [`ENVELOPE_VERSION`] changes when it does.
+
+use serde::{Deserialize, Serialize};
+
+use crate::document::Document;
+use crate::workflow::DefinitionError;
+
+/// The version of the document envelope this build writes and reads.
+pub const ENVELOPE_VERSION: u8 = 1;
+const MAGIC: [u8; 2] = *b"WB";
+
+/// Content type of a binary (postcard) document.
+pub const CONTENT_TYPE_POSTCARD: &str = "application/vnd.waybill.doc+postcard";
+/// Content type of a JSON document.
+pub const CONTENT_TYPE_JSON: &str = "application/vnd.waybill.doc+json";
+
+/// Largest encoded document accepted unless configured otherwise: 1 MiB, the
+/// default maximum message size of nats-server.
+pub const DEFAULT_MAX_SIZE: usize = 1024 * 1024;
+
+/// Which encoding a document is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Format {
+    #[default]
+    Postcard,
+    Json,
+}
+
+impl Format {
+    pub fn content_type(self) -> &'static str {
+        match self {
+            Format::Postcard => CONTENT_TYPE_POSTCARD,
+            Format::Json => CONTENT_TYPE_JSON,
+        }
+    }
+
+    pub fn from_content_type(ct: &str) -> Result<Self, DecodeError> {
+        match ct {
+            CONTENT_TYPE_POSTCARD => Ok(Format::Postcard),
+            CONTENT_TYPE_JSON => Ok(Format::Json),
+            other => Err(DecodeError::UnknownContentType(other.to_owned())),
+        }
+    }
+}
+
+/// Why bytes are not a document.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("document is {size} bytes, over the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("document is empty")]
+    Empty,
+    #[error("no content type given for the document")]
+    MissingContentType,
+    #[error("unknown document content type `{0}`; expected `{CONTENT_TYPE_POSTCARD}` or `{CONTENT_TYPE_JSON}`")]
+    UnknownContentType(String),
+    #[error("not a waybill document (bad magic bytes)")]
+    BadMagic,
+    #[error("document envelope version {0} is not supported (this build reads version {ENVELOPE_VERSION})")]
+    UnknownVersion(u64),
+    #[error("document is truncated")]
+    Truncated,
+    #[error("document has {0} trailing bytes")]
+    TrailingBytes(usize),
+    #[error("document is malformed: {0}")]
+    Malformed(String),
+    #[error("document carries an invalid route: {0}")]
+    InvalidRoute(#[from] DefinitionError),
+    #[error("document is inconsistent: {0}")]
+    Inconsistent(String),
+}
+
+/// Why a document could not be encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum EncodeError {
+    #[error("document is {size} bytes encoded, over the limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("document could not be encoded: {0}")]
+    Failed(String),
+}
+
+/// Encodes and decodes documents within a size limit.
+#[derive(Debug, Clone, Copy)]
+pub struct Codec {
+    max_size: usize,
+}
+
+impl Default for Codec {
+    fn default() -> Self {
+        Self {
+            max_size: DEFAULT_MAX_SIZE,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonOut<'a> {
+    envelope: u8,
+    #[serde(flatten)]
+    doc: &'a Document,
+}
+
+#[derive(Deserialize)]
+struct JsonVersion {
+    envelope: u64,
+}
+
+#[derive(Deserialize)]
+struct JsonIn {
+    #[allow(dead_code)]
+    envelope: u64,
+    #[serde(flatten)]
+    doc: Document,
+}
+
+impl Codec {
+    pub fn with_max_size(max_size: usize) -> Self {
+        Self { max_size }
+    }
+
+    pub fn max_size(&self) -> usize {
+        self.max_size
+    }
+
+    pub fn encode(&self, doc: &Document, format: Format) -> Result<Vec<u8>, EncodeError> {
+        let bytes = match format {
+            Format::Postcard => {
+                let mut out = Vec::with_capacity(256 + doc.payload.bytes.len());
+                out.extend_from_slice(&MAGIC);
+                out.push(ENVELOPE_VERSION);
+                postcard::to_extend(doc, out).map_err(|e| EncodeError::Failed(e.to_string()))?
+            }
+            Format::Json => serde_json::to_vec(&JsonOut {
+                envelope: ENVELOPE_VERSION,
+                doc,
+            })
+            .map_err(|e| EncodeError::Failed(e.to_string()))?,
+        };
+        if bytes.len() > self.max_size {
+            return Err(EncodeError::TooLarge {
+                size: bytes.len(),
+                max: self.max_size,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Decodes a document whose content type is given as text (a header);
+    /// `None` when the message carried none.
+    pub fn decode_as(&self, bytes: &[u8], content_type: Option<&str>) -> Result<Document, DecodeError> {
+        let ct = content_type.ok_or(DecodeError::MissingContentType)?;
+        self.decode(bytes, Format::from_content_type(ct)?)
+    }
+
+    pub fn decode(&self, bytes: &[u8], format: Format) -> Result<Document, DecodeError> {
+        if bytes.len() > self.max_size {
+            return Err(DecodeError::TooLarge {
+                size: bytes.len(),
+                max: self.max_size,
+            });
+        }
+        if bytes.is_empty() {
+            return Err(DecodeError::Empty);
+        }
+        let doc = match format {
+            Format::Postcard => decode_postcard(bytes)?,
+            Format::Json => decode_json(bytes)?,
+        };
+        check(&doc)?;
+        Ok(doc)
+    }
+}
+
+fn decode_postcard(bytes: &[u8]) -> Result<Document, DecodeError> {
+    if bytes.len() < 3 {
+        return if MAGIC.starts_with(bytes) {
+            Err(DecodeError::Truncated)
+        } else {
+            Err(DecodeError::BadMagic)
+        };
+    }
+    if bytes[..2] != MAGIC {
+        return Err(DecodeError::BadMagic);
+    }
+    if bytes[2] != ENVELOPE_VERSION {
+        return Err(DecodeError::UnknownVersion(u64::from(bytes[2])));
+    }
+    match postcard::take_from_bytes::<Document>(&bytes[3..]) {
+        Ok((doc, [])) => Ok(doc),
+        Ok((_, rest)) => Err(DecodeError::TrailingBytes(rest.len())),
+        Err(postcard::Error::DeserializeUnexpectedEnd) => Err(DecodeError::Truncated),
+        Err(e) => Err(DecodeError::Malformed(e.to_string())),
+    }
+}
+
+fn decode_json(bytes: &[u8]) -> Result<Document, DecodeError> {
+    let v: JsonVersion = serde_json::from_slice(bytes).map_err(json_err)?;
+    if v.envelope != u64::from(ENVELOPE_VERSION) {
+        return Err(DecodeError::UnknownVersion(v.envelope));
+    }
+    let doc: JsonIn = serde_json::from_slice(bytes).map_err(json_err)?;
+    Ok(doc.doc)
+}
+
+fn json_err(e: serde_json::Error) -> DecodeError {
+    if e.is_eof() {
+        DecodeError::Truncated
+    } else {
+        DecodeError::Malformed(e.to_string())
+    }
+}
+
+/// What must hold of any document before a worker follows it.
+fn check(doc: &Document) -> Result<(), DecodeError> {
+    doc.route.check_structure()?;
+    if usize::from(doc.step) >= doc.route.steps.len() {
+        return Err(DecodeError::Inconsistent(format!(
+            "cursor at step {} of a {}-step route",
+            doc.step,
+            doc.route.steps.len()
+        )));
+    }
+    if doc.attempt == 0 {
+        return Err(DecodeError::Inconsistent("attempt 0 (attempts count from 1)".into()));
+    }
+    if doc.status == crate::document::Status::Compensating && doc.owed.is_empty() {
+        return Err(DecodeError::Inconsistent(
+            "compensating with no compensation owed".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::document::{Payload, Status};
+    use crate::id::OrderId;
+    use crate::workflow::Workflow;
+
+    fn doc() -> Document {
+        let wf = Workflow::builder("order", 1)
+            .step("charge", "payment.charge")
+            .compensate("payment.refund")
+            .step("ship", "shipping.dispatch")
+            .build()
+            .unwrap();
+        Document::new(
+            OrderId::new(),
+            wf.route().clone(),
+            Payload::postcard(&("c-17", 3u32)).unwrap(),
+        )
+    }
+
+    #[test]
+    fn round_trips_in_both_formats() {
+        let c = Codec::default();
+        let d = doc();
+        for f in [Format::Postcard, Format::Json] {
+            let bytes = c.encode(&d, f).unwrap();
+            assert_eq!(c.decode(&bytes, f).unwrap(), d);
+            assert_eq!(c.decode_as(&bytes, Some(f.content_type())).unwrap(), d);
+        }
+    }
+
+    #[test]
+    fn every_malformed_input_is_a_typed_error() {
+        let c = Codec::default();
+        let d = doc();
+        let bin = c.encode(&d, Format::Postcard).unwrap();
+
+        assert_eq!(c.decode(&[], Format::Postcard), Err(DecodeError::Empty));
+        assert_eq!(
+            c.decode(&bin[..bin.len() - 3], Format::Postcard),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(c.decode(b"W", Format::Postcard), Err(DecodeError::Truncated));
+        assert_eq!(c.decode(b"hello world", Format::Postcard), Err(DecodeError::BadMagic));
+        let mut v2 = bin.clone();
+        v2[2] = 2;
+        assert_eq!(c.decode(&v2, Format::Postcard), Err(DecodeError::UnknownVersion(2)));
+        let mut trailing = bin.clone();
+        trailing.push(0);
+        assert_eq!(
+            c.decode(&trailing, Format::Postcard),
+            Err(DecodeError::TrailingBytes(1))
+        );
+        assert_eq!(
+            c.decode_as(&bin, Some("text/plain")),
+            Err(DecodeError::UnknownContentType("text/plain".into()))
+        );
+        assert_eq!(c.decode_as(&bin, None), Err(DecodeError::MissingContentType));
+        // A binary document read as JSON, and the other way round.
+        assert!(matches!(c.decode(&bin, Format::Json), Err(DecodeError::Malformed(_))));
+        let json = c.encode(&d, Format::Json).unwrap();
+        assert_eq!(c.decode(&json, Format::Postcard), Err(DecodeError::BadMagic));
+
+        let small = Codec::with_max_size(16);
+        assert_eq!(
+            small.decode(&bin, Format::Postcard),
+            Err(DecodeError::TooLarge {
+                size: bin.len(),
+                max: 16
+            })
+        );
+        assert!(matches!(
+            small.encode(&d, Format::Postcard),
+            Err(EncodeError::TooLarge { .. })
+        ));
+
+        let future = String::from_utf8(json.clone())
+            .unwrap()
+            .replace("\"envelope\":1", "\"envelope\":9");
+        assert_eq!(
+            c.decode(future.as_bytes(), Format::Json),
+            Err(DecodeError::UnknownVersion(9))
+        );
+        assert_eq!(
+            c.decode(&json[..json.len() / 2], Format::Json),
+            Err(DecodeError::Truncated)
+        );
+    }
+
+    #[test]
+    fn inconsistent_documents_are_refused() {
+        let c = Codec::default();
+        let mut d = doc();
+        d.step = 7;
+        let bin = c.encode(&d, Format::Postcard).unwrap();
+        assert!(matches!(
+            c.decode(&bin, Format::Postcard),
+            Err(DecodeError::Inconsistent(_))
+        ));
+
+        let mut d = doc();
+        d.status = Status::Compensating;
+        let bin = c.encode(&d, Format::Postcard).unwrap();
+        assert!(matches!(
+            c.decode(&bin, Format::Postcard),
+            Err(DecodeError::Inconsistent(_))
+        ));
+
+        let mut d = doc();
+        d.route.steps.clear();
+        let bin = c.encode(&d, Format::Postcard).unwrap();
+        assert!(matches!(
+            c.decode(&bin, Format::Postcard),
+            Err(DecodeError::InvalidRoute(_))
+        ));
+    }
+}

@@ -1,0 +1,466 @@
+//! The document: one workflow instance, travelling from service to service.
+//!
+//! Everything here is readable without the payload's Rust type: the payload is
+//! opaque bytes with a content type, so the coordinator and the command line
+//! can follow any workflow.
+
+use std::fmt;
+use std::str::FromStr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::id::{OrderId, ServiceSubject, StepName, WorkerId};
+use crate::workflow::{Route, RouteStep};
+
+/// Microseconds since the Unix epoch.
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
+#[serde(transparent)]
+pub struct Timestamp(pub u64);
+
+impl Timestamp {
+    pub fn now() -> Self {
+        let micros = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros())
+            .unwrap_or(0);
+        Self(u64::try_from(micros).unwrap_or(u64::MAX))
+    }
+
+    pub fn plus(self, d: Duration) -> Self {
+        let add = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        Self(self.0.saturating_add(add))
+    }
+
+    /// How long from `earlier` to `self` (zero if `earlier` is later).
+    pub fn since(self, earlier: Timestamp) -> Duration {
+        Duration::from_micros(self.0.saturating_sub(earlier.0))
+    }
+}
+
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}µs", self.0)
+    }
+}
+
+/// Where an order stands. Written in lower case wherever it appears as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Running,
+    Compensating,
+    Completed,
+    Failed,
+    Compensated,
+    Cancelled,
+}
+
+impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::Running,
+        Status::Compensating,
+        Status::Completed,
+        Status::Failed,
+        Status::Compensated,
+        Status::Cancelled,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Compensating => "compensating",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Compensated => "compensated",
+            Status::Cancelled => "cancelled",
+        }
+    }
+
+    /// Terminal statuses end the journey.
+    pub fn is_terminal(self) -> bool {
+        !matches!(self, Status::Running | Status::Compensating)
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A status name that is not one of the six.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown status `{0}`; expected one of running, compensating, completed, failed, compensated, cancelled")]
+pub struct UnknownStatus(pub String);
+
+impl FromStr for Status {
+    type Err = UnknownStatus;
+    fn from_str(s: &str) -> Result<Self, UnknownStatus> {
+        Status::ALL
+            .into_iter()
+            .find(|st| st.as_str() == s)
+            .ok_or_else(|| UnknownStatus(s.to_owned()))
+    }
+}
+
+/// How a payload's bytes are encoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum ContentType {
+    #[serde(rename = "application/postcard")]
+    Postcard,
+    #[serde(rename = "application/json")]
+    Json,
+}
+
+impl ContentType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ContentType::Postcard => "application/postcard",
+            ContentType::Json => "application/json",
+        }
+    }
+}
+
+/// A payload could not be encoded or decoded as the type asked for.
+#[derive(Debug, thiserror::Error)]
+pub enum PayloadError {
+    #[error("payload is not valid {content_type:?} for `{ty}`: {detail}")]
+    Decode {
+        content_type: &'static str,
+        ty: &'static str,
+        detail: String,
+    },
+    #[error("payload could not be encoded: {0}")]
+    Encode(String),
+}
+
+/// The business data of an order: opaque bytes and their content type.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Payload {
+    pub content_type: ContentType,
+    pub bytes: Vec<u8>,
+}
+
+impl fmt::Debug for Payload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Payload({}, {} bytes)", self.content_type.as_str(), self.bytes.len())
+    }
+}
+
+impl Payload {
+    /// Encodes `value` with postcard, the compact default.
+    pub fn postcard<T: Serialize>(value: &T) -> Result<Self, PayloadError> {
+        Ok(Self {
+            content_type: ContentType::Postcard,
+            bytes: postcard::to_stdvec(value).map_err(|e| PayloadError::Encode(e.to_string()))?,
+        })
+    }
+
+    /// Encodes `value` as JSON, for clients in other languages.
+    pub fn json<T: Serialize>(value: &T) -> Result<Self, PayloadError> {
+        Ok(Self {
+            content_type: ContentType::Json,
+            bytes: serde_json::to_vec(value).map_err(|e| PayloadError::Encode(e.to_string()))?,
+        })
+    }
+
+    /// Decodes the payload as `T`, whichever content type it has.
+    pub fn decode<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
+        let err = |detail: String| PayloadError::Decode {
+            content_type: self.content_type.as_str(),
+            ty: std::any::type_name::<T>(),
+            detail,
+        };
+        match self.content_type {
+            ContentType::Postcard => match postcard::take_from_bytes(&self.bytes) {
+                Ok((v, [])) => Ok(v),
+                Ok((_, rest)) => Err(err(format!("{} trailing bytes", rest.len()))),
+                Err(e) => Err(err(e.to_string())),
+            },
+            ContentType::Json => serde_json::from_slice(&self.bytes).map_err(|e| err(e.to_string())),
+        }
+    }
+}
+
+// Binary formats carry the bytes as bytes; JSON carries a JSON payload as the
+// JSON value itself (so other languages read it directly) and a binary one as
+// an array of numbers.
+impl Serialize for Payload {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        if s.is_human_readable() && self.content_type == ContentType::Json {
+            let value: serde_json::Value = serde_json::from_slice(&self.bytes).map_err(serde::ser::Error::custom)?;
+            let mut st = s.serialize_struct("Payload", 2)?;
+            st.serialize_field("content_type", &self.content_type)?;
+            st.serialize_field("json", &value)?;
+            st.end()
+        } else {
+            let mut st = s.serialize_struct("Payload", 2)?;
+            st.serialize_field("content_type", &self.content_type)?;
+            st.serialize_field("bytes", &RawBytes(&self.bytes))?;
+            st.end()
+        }
+    }
+}
+
+struct RawBytes<'a>(&'a [u8]);
+
+impl Serialize for RawBytes<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(self.0)
+    }
+}
+
+struct OwnedBytes(Vec<u8>);
+
+impl<'de> Deserialize<'de> for OwnedBytes {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OwnedBytes;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("bytes")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<OwnedBytes, E> {
+                Ok(OwnedBytes(v.to_vec()))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<OwnedBytes, E> {
+                Ok(OwnedBytes(v))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<OwnedBytes, A::Error> {
+                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
+                while let Some(b) = seq.next_element::<u8>()? {
+                    out.push(b);
+                }
+                Ok(OwnedBytes(out))
+            }
+        }
+        d.deserialize_bytes(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Payload {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            #[derive(Deserialize)]
+            #[serde(deny_unknown_fields)]
+            struct Human {
+                content_type: ContentType,
+                #[serde(default)]
+                json: Option<serde_json::Value>,
+                #[serde(default)]
+                bytes: Option<Vec<u8>>,
+            }
+            let h = Human::deserialize(d)?;
+            let bytes = match (h.content_type, h.json, h.bytes) {
+                (ContentType::Json, Some(v), None) => serde_json::to_vec(&v).map_err(serde::de::Error::custom)?,
+                (_, None, Some(b)) => b,
+                _ => {
+                    return Err(serde::de::Error::custom(
+                        "payload needs `json` (for application/json) or `bytes`, not both",
+                    ))
+                }
+            };
+            Ok(Payload {
+                content_type: h.content_type,
+                bytes,
+            })
+        } else {
+            #[derive(Deserialize)]
+            struct Binary {
+                content_type: ContentType,
+                bytes: OwnedBytes,
+            }
+            let b = Binary::deserialize(d)?;
+            Ok(Payload {
+                content_type: b.content_type,
+                bytes: b.bytes.0,
+            })
+        }
+    }
+}
+
+/// Whether a step record is the step itself or the undoing of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StepKind {
+    Forward,
+    Compensation,
+}
+
+/// What one attempt of a step came to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AttemptResult {
+    /// The handler reported a business outcome (`ok`, `declined`, …).
+    Outcome(String),
+    /// The handler failed; `transient` errors may be retried.
+    Error { message: String, transient: bool },
+}
+
+/// One executed attempt of one step, appended to the history.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepRecord {
+    pub step: StepName,
+    pub service: ServiceSubject,
+    pub kind: StepKind,
+    pub attempt: u32,
+    pub result: AttemptResult,
+    /// Anything the handler chose to record, such as a tracking number.
+    pub detail: Option<String>,
+    pub started_at: Timestamp,
+    pub ended_at: Timestamp,
+    pub worker: WorkerId,
+}
+
+/// A compensation still owed: the undoing of a step that completed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compensation {
+    pub step: StepName,
+    pub service: ServiceSubject,
+}
+
+/// One workflow instance with everything it needs to travel on its own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Document {
+    pub id: OrderId,
+    /// The route the order was started with (name and version included).
+    pub route: Route,
+    /// How many hops were published before this one; the deduplication id of
+    /// this hop is `<id>:<hop>`.
+    pub hop: u32,
+    pub status: Status,
+    /// Index of the current step while running.
+    pub step: u16,
+    /// Attempt number (1-based) of the current step or compensation.
+    pub attempt: u32,
+    /// Do not run the current step before this time (a retry's backoff).
+    pub not_before: Option<Timestamp>,
+    pub history: Vec<StepRecord>,
+    /// Compensations owed, oldest first; they run from the end.
+    pub owed: Vec<Compensation>,
+    /// Why the order failed, once it has.
+    pub failure: Option<String>,
+    pub created_at: Timestamp,
+    pub payload: Payload,
+}
+
+impl Document {
+    /// A new document at hop 0, about to run the route's first step.
+    pub fn new(id: OrderId, route: Route, payload: Payload) -> Self {
+        Self {
+            id,
+            route,
+            hop: 0,
+            status: Status::Running,
+            step: 0,
+            attempt: 1,
+            not_before: None,
+            history: Vec::new(),
+            owed: Vec::new(),
+            failure: None,
+            created_at: Timestamp::now(),
+            payload,
+        }
+    }
+
+    /// The route step that is current while running.
+    pub fn current_step(&self) -> Option<&RouteStep> {
+        self.route.step(self.step)
+    }
+
+    /// Where this hop goes: the service of the current step, or of the newest
+    /// owed compensation while compensating; `None` once terminal.
+    pub fn target(&self) -> Option<Target<'_>> {
+        match self.status {
+            Status::Running => self.current_step().map(|s| Target {
+                step: &s.name,
+                service: &s.service,
+                kind: StepKind::Forward,
+            }),
+            Status::Compensating => self.owed.last().map(|c| Target {
+                step: &c.step,
+                service: &c.service,
+                kind: StepKind::Compensation,
+            }),
+            _ => None,
+        }
+    }
+
+    /// How often the named step was entered (its first attempts counted).
+    pub fn visits(&self, step: &StepName) -> u32 {
+        let n = self
+            .history
+            .iter()
+            .filter(|r| r.kind == StepKind::Forward && r.attempt == 1 && &r.step == step)
+            .count();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// The latest `detail` recorded by the named step, if any.
+    pub fn detail_of(&self, step: &str) -> Option<&str> {
+        self.history
+            .iter()
+            .rev()
+            .find(|r| r.step.as_str() == step && r.detail.is_some())
+            .and_then(|r| r.detail.as_deref())
+    }
+}
+
+/// What the current hop asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Target<'a> {
+    pub step: &'a StepName,
+    pub service: &'a ServiceSubject,
+    pub kind: StepKind,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_are_lower_case_everywhere() {
+        for st in Status::ALL {
+            let json = serde_json::to_string(&st).unwrap();
+            assert_eq!(json, format!("\"{}\"", st.as_str()));
+            assert_eq!(st.to_string().parse::<Status>().unwrap(), st);
+            assert_eq!(st.as_str(), st.as_str().to_lowercase());
+        }
+        assert!("Completed".parse::<Status>().is_err());
+    }
+
+    #[test]
+    fn payload_round_trips_both_ways() {
+        #[derive(Serialize, Deserialize, PartialEq, Debug)]
+        struct P {
+            a: u32,
+            b: String,
+        }
+        let v = P { a: 7, b: "x".into() };
+        for p in [Payload::postcard(&v).unwrap(), Payload::json(&v).unwrap()] {
+            assert_eq!(p.decode::<P>().unwrap(), v);
+            let json = serde_json::to_string(&p).unwrap();
+            let back: Payload = serde_json::from_str(&json).unwrap();
+            assert_eq!(back.decode::<P>().unwrap(), v);
+            let bin = postcard::to_stdvec(&p).unwrap();
+            let back: Payload = postcard::from_bytes(&bin).unwrap();
+            assert_eq!(back, p);
+        }
+        let json = serde_json::to_string(&Payload::json(&v).unwrap()).unwrap();
+        assert!(json.contains(r#""json":{"a":7,"b":"x"}"#), "{json}");
+    }
+
+    #[test]
+    fn payload_of_the_wrong_shape_is_an_error() {
+        let p = Payload::postcard(&1u8).unwrap();
+        assert!(p.decode::<(String, String)>().is_err());
+        let p = Payload {
+            content_type: ContentType::Json,
+            bytes: b"{not json".to_vec(),
+        };
+        assert!(p.decode::<u32>().is_err());
+    }
+}

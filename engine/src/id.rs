@@ -1,0 +1,293 @@
+//! Newtypes for every identity that travels in a document or a subject.
+//!
+//! Names that end up in NATS subjects (`ServiceSubject`, workflow names) are
+//! validated once, at construction, so nothing downstream has to re-check them.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Why a name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("{kind} is empty")]
+    Empty { kind: &'static str },
+    #[error("{kind} `{name}` is longer than {max} characters")]
+    TooLong {
+        kind: &'static str,
+        name: String,
+        max: usize,
+    },
+    #[error("{kind} `{name}` contains `{bad}`; allowed are letters, digits, `-` and `_`, with `.` between tokens")]
+    BadCharacter {
+        kind: &'static str,
+        name: String,
+        bad: char,
+    },
+    #[error("{kind} `{name}` has an empty token (leading, trailing or doubled `.`)")]
+    EmptyToken { kind: &'static str, name: String },
+    #[error("`{0}` is not an order id (a UUID is expected)")]
+    BadOrderId(String),
+}
+
+const MAX_NAME: usize = 128;
+
+/// Checks a name made of tokens separated by `.`, each token of
+/// `[A-Za-z0-9_-]`. That is a safe NATS subject fragment: no wildcards, no
+/// whitespace, no empty tokens.
+fn check_dotted(kind: &'static str, name: &str, allow_dots: bool) -> Result<(), NameError> {
+    if name.is_empty() {
+        return Err(NameError::Empty { kind });
+    }
+    if name.len() > MAX_NAME {
+        return Err(NameError::TooLong {
+            kind,
+            name: name.to_owned(),
+            max: MAX_NAME,
+        });
+    }
+    for c in name.chars() {
+        let ok = c.is_ascii_alphanumeric() || c == '-' || c == '_' || (allow_dots && c == '.');
+        if !ok {
+            return Err(NameError::BadCharacter {
+                kind,
+                name: name.to_owned(),
+                bad: c,
+            });
+        }
+    }
+    if allow_dots && name.split('.').any(str::is_empty) {
+        return Err(NameError::EmptyToken {
+            kind,
+            name: name.to_owned(),
+        });
+    }
+    Ok(())
+}
+
+macro_rules! name_type {
+    ($(#[$meta:meta])* $name:ident, $kind:literal, dots = $dots:literal) => {
+        $(#[$meta])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(String);
+
+        impl $name {
+            /// Validates and wraps a name.
+            pub fn new(name: impl Into<String>) -> Result<Self, NameError> {
+                let name = name.into();
+                check_dotted($kind, &name, $dots)?;
+                Ok(Self(name))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&self.0, f)
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, NameError> {
+                Self::new(s)
+            }
+        }
+
+        impl AsRef<str> for $name {
+            fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        // Deserialisation validates too: a document off the wire cannot smuggle
+        // a wildcard into a subject.
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = String::deserialize(d)?;
+                Self::new(s).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+name_type!(
+    /// A service subject such as `payment.charge`: what a step asks for. One
+    /// service can serve many workflows.
+    ServiceSubject,
+    "service subject",
+    dots = true
+);
+name_type!(
+    /// The name of a step inside one workflow, such as `charge`.
+    StepName,
+    "step name",
+    dots = false
+);
+name_type!(
+    /// The name of a workflow, such as `order`.
+    WorkflowName,
+    "workflow name",
+    dots = false
+);
+name_type!(
+    /// A business outcome a handler reports, such as `ok` or `declined`.
+    Outcome,
+    "outcome",
+    dots = false
+);
+
+impl Outcome {
+    /// The outcome of a step that did what it was asked.
+    pub fn ok() -> Self {
+        Self("ok".to_owned())
+    }
+
+    pub fn is_ok(&self) -> bool {
+        self.0 == "ok"
+    }
+}
+
+/// The identity of one workflow instance (an order): a UUID v7, so ids sort by
+/// creation time.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct OrderId(uuid::Uuid);
+
+impl OrderId {
+    /// A fresh, time-ordered id.
+    pub fn new() -> Self {
+        Self(uuid::Uuid::now_v7())
+    }
+
+    pub fn from_uuid(id: uuid::Uuid) -> Self {
+        Self(id)
+    }
+
+    pub fn as_uuid(&self) -> &uuid::Uuid {
+        &self.0
+    }
+}
+
+impl Default for OrderId {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl fmt::Display for OrderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.0.hyphenated(), f)
+    }
+}
+
+impl fmt::Debug for OrderId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl FromStr for OrderId {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        uuid::Uuid::parse_str(s)
+            .map(Self)
+            .map_err(|_| NameError::BadOrderId(s.to_owned()))
+    }
+}
+
+/// The deduplication id of one hop: `<order id>:<hop index>`. A hop published
+/// twice with the same id is stored once.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+pub struct DedupId {
+    pub order: OrderId,
+    pub hop: u32,
+}
+
+impl fmt::Display for DedupId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.order, self.hop)
+    }
+}
+
+/// Names the process (and task) that ran a step, for the history.
+#[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkerId(String);
+
+impl WorkerId {
+    pub fn new(name: impl Into<String>) -> Self {
+        Self(name.into())
+    }
+
+    /// `<host>-<pid>`: good enough to tell processes apart in a history.
+    pub fn from_process() -> Self {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "local".to_owned());
+        Self(format!("{host}-{}", std::process::id()))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_are_validated() {
+        assert!(ServiceSubject::new("payment.charge").is_ok());
+        assert!(matches!(
+            ServiceSubject::new("payment.*"),
+            Err(NameError::BadCharacter { bad: '*', .. })
+        ));
+        assert!(matches!(
+            ServiceSubject::new("payment..charge"),
+            Err(NameError::EmptyToken { .. })
+        ));
+        assert!(matches!(ServiceSubject::new(""), Err(NameError::Empty { .. })));
+        assert!(matches!(
+            StepName::new("a.b"),
+            Err(NameError::BadCharacter { bad: '.', .. })
+        ));
+    }
+
+    #[test]
+    fn deserialising_validates() {
+        let bad: Result<ServiceSubject, _> = serde_json::from_str("\"a >\"");
+        assert!(bad.is_err());
+    }
+
+    #[test]
+    fn dedup_id_format() {
+        let id: OrderId = "01890a5d-ac96-774b-bcce-b302099a8057".parse().unwrap();
+        assert_eq!(
+            DedupId { order: id, hop: 3 }.to_string(),
+            "01890a5d-ac96-774b-bcce-b302099a8057:3"
+        );
+    }
+}

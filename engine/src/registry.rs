@@ -1,0 +1,144 @@
+//! The workflows a process can start, with the payload type each one takes.
+//!
+//! Only starting an order needs this: the payload is validated against its
+//! Rust type and the route is stamped into the document. Everything after the
+//! start follows the route in the document, so a registry keeps every version
+//! it was given (for checks such as [`crate::WorkerBuilder::accept`]) while
+//! new orders take the current one.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::document::{Payload, PayloadError};
+use crate::id::WorkflowName;
+use crate::workflow::Workflow;
+
+/// A payload type a workflow can be started with.
+pub trait WorkflowPayload: Serialize + DeserializeOwned + Send + Sync + 'static {
+    /// Checks the business rules of a payload; the message names the field.
+    fn validate(&self) -> Result<(), String>;
+}
+
+/// Why an order could not be started. Nothing was started then.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("unknown workflow `{0}`")]
+    UnknownWorkflow(String),
+    #[error("invalid {workflow} payload: {message}")]
+    Invalid { workflow: String, message: String },
+    #[error(transparent)]
+    Payload(#[from] PayloadError),
+    #[error("the order could not be published: {0}")]
+    Transport(#[from] crate::transport::Error),
+    #[error("the document could not be encoded: {0}")]
+    Encode(#[from] crate::codec::EncodeError),
+}
+
+type Parse = dyn Fn(&[u8]) -> Result<Payload, String> + Send + Sync;
+
+struct Entry {
+    current: Workflow,
+    versions: Vec<Workflow>,
+    parse: Box<Parse>,
+}
+
+/// Workflows by name; cheap to share behind an `Arc`.
+#[derive(Default)]
+pub struct Registry {
+    entries: HashMap<WorkflowName, Entry>,
+}
+
+impl fmt::Debug for Registry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.entries.iter().map(|(k, e)| (k, e.current.version())))
+            .finish()
+    }
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers `workflow` with payload type `P`; it becomes the version new
+    /// orders of that name start on. Earlier versions stay known.
+    pub fn register<P: WorkflowPayload>(&mut self, workflow: Workflow) {
+        let name = workflow.name().clone();
+        let parse: Box<Parse> = Box::new(|json: &[u8]| {
+            let value: P = serde_json::from_slice(json).map_err(|e| e.to_string())?;
+            value.validate()?;
+            Payload::postcard(&value).map_err(|e| e.to_string())
+        });
+        match self.entries.get_mut(&name) {
+            Some(e) => {
+                e.versions.retain(|w| w.version() != workflow.version());
+                e.versions.push(workflow.clone());
+                e.current = workflow;
+                e.parse = parse;
+            }
+            None => {
+                self.entries.insert(
+                    name,
+                    Entry {
+                        current: workflow.clone(),
+                        versions: vec![workflow],
+                        parse,
+                    },
+                );
+            }
+        }
+    }
+
+    /// The version new orders of `name` start on.
+    pub fn current(&self, name: &str) -> Result<&Workflow, StartError> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .map(|(_, e)| &e.current)
+            .ok_or_else(|| StartError::UnknownWorkflow(name.to_owned()))
+    }
+
+    /// A specific version, if registered.
+    pub fn version(&self, name: &str, version: u32) -> Option<&Workflow> {
+        self.entries
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .and_then(|(_, e)| e.versions.iter().find(|w| w.version() == version))
+    }
+
+    /// Every (workflow, version) registered.
+    pub fn versions(&self) -> impl Iterator<Item = (WorkflowName, u32)> + '_ {
+        self.entries
+            .values()
+            .flat_map(|e| e.versions.iter().map(|w| (w.name().clone(), w.version())))
+    }
+
+    /// Parses and validates a JSON payload for workflow `name`.
+    pub fn prepare_json(&self, name: &str, json: &[u8]) -> Result<(Workflow, Payload), StartError> {
+        let entry = self
+            .entries
+            .iter()
+            .find(|(k, _)| k.as_str() == name)
+            .map(|(_, e)| e)
+            .ok_or_else(|| StartError::UnknownWorkflow(name.to_owned()))?;
+        let payload = (entry.parse)(json).map_err(|message| StartError::Invalid {
+            workflow: name.to_owned(),
+            message,
+        })?;
+        Ok((entry.current.clone(), payload))
+    }
+
+    /// Validates a typed payload for workflow `name` and encodes it.
+    pub fn prepare<P: WorkflowPayload>(&self, name: &str, value: &P) -> Result<(Workflow, Payload), StartError> {
+        let workflow = self.current(name)?.clone();
+        value.validate().map_err(|message| StartError::Invalid {
+            workflow: name.to_owned(),
+            message,
+        })?;
+        Ok((workflow, Payload::postcard(value)?))
+    }
+}

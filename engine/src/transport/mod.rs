@@ -1,0 +1,206 @@
+//! The transport seam: everything above it (client, worker runtime) is
+//! written once; below it are the transports.
+//!
+//! The model is JetStream's: one stream stores every published message; a
+//! durable consumer with a filter subject hands messages to any number of
+//! processes that share it; each delivery is acknowledged explicitly, or
+//! negatively (with a delay) to have it redelivered, and is redelivered anyway
+//! when its ack deadline passes; a message delivered `max_deliver` times is
+//! not delivered again. A message published with a deduplication id that was
+//! already stored (inside the duplicate window) is dropped.
+//!
+//! [`Embedded`] implements the seam in one process. The conformance suite in
+//! [`conformance`] checks any implementation against these rules.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+pub mod conformance;
+mod embedded;
+
+pub use embedded::{Embedded, EmbeddedConfig};
+
+/// Why a transport operation failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("transport is closed")]
+    Closed,
+    #[error("timed out: {0}")]
+    TimedOut(String),
+    #[error("consumer `{0}` does not exist")]
+    NoConsumer(String),
+    #[error("invalid consumer configuration: {0}")]
+    BadConfig(String),
+    #[error("message of {size} bytes exceeds the transport's limit of {max}")]
+    TooLarge { size: usize, max: usize },
+    #[error("{message}")]
+    Other { message: String, retryable: bool },
+}
+
+impl Error {
+    /// Whether doing the same again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Error::TimedOut(_) => true,
+            Error::Other { retryable, .. } => *retryable,
+            Error::Closed | Error::NoConsumer(_) | Error::BadConfig(_) | Error::TooLarge { .. } => false,
+        }
+    }
+}
+
+/// Message headers: an ordered list of name/value pairs.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(Cow<'static, str>, String)>);
+
+impl Headers {
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn with_capacity(n: usize) -> Self {
+        Self(Vec::with_capacity(n))
+    }
+
+    /// Sets `name` (replacing any value it had).
+    pub fn insert(&mut self, name: impl Into<Cow<'static, str>>, value: impl Into<String>) {
+        let name = name.into();
+        let value = value.into();
+        match self.0.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_ref(), v.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.iter().map(|(n, v)| (n, v))).finish()
+    }
+}
+
+/// A stored message as a consumer sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub subject: String,
+    pub headers: Headers,
+    pub payload: Bytes,
+}
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub subject: String,
+    /// Deduplication id (`Nats-Msg-Id`): a second message with the same id
+    /// inside the duplicate window is not stored again.
+    pub msg_id: Option<String>,
+    pub headers: Headers,
+    pub payload: Bytes,
+}
+
+/// The stream's answer to a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishAck {
+    /// Stream sequence of the stored message (of the first copy, for a
+    /// duplicate).
+    pub sequence: u64,
+    /// The message was a duplicate and was not stored again.
+    pub duplicate: bool,
+}
+
+/// A durable consumer: a named position in the stream, shared by every
+/// process that opens it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerConfig {
+    pub durable: String,
+    /// One subject, or a prefix ending in `.>`.
+    pub filter: String,
+    /// How long a delivery may stay unacknowledged before it is redelivered.
+    pub ack_wait: Duration,
+    /// Deliveries of one message at most.
+    pub max_deliver: u32,
+}
+
+impl ConsumerConfig {
+    pub fn new(durable: impl Into<String>, filter: impl Into<String>) -> Self {
+        Self {
+            durable: durable.into(),
+            filter: filter.into(),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+        }
+    }
+}
+
+/// A message that cannot be processed, kept with the reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetter {
+    pub message: Message,
+    pub reason: String,
+    /// Where the message was: the consumer that gave up on it.
+    pub consumer: String,
+}
+
+/// The seam. Cheap to clone; clones share the connection.
+pub trait Transport: Clone + Send + Sync + 'static {
+    type Consumer: Consumer;
+
+    /// Publishes and waits until the message is stored (or recognised as a
+    /// duplicate).
+    fn publish(&self, msg: Outgoing) -> impl Future<Output = Result<PublishAck, Error>> + Send;
+
+    /// Opens the durable consumer, creating it if it does not exist.
+    fn consumer(&self, config: ConsumerConfig) -> impl Future<Output = Result<Self::Consumer, Error>> + Send;
+
+    /// Stores a dead letter.
+    fn dead_letter(&self, letter: DeadLetter) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+/// One process's handle on a durable consumer.
+pub trait Consumer: Send + 'static {
+    type Delivery: Delivery;
+
+    /// Waits for at least one message and returns up to `max`. Cancel-safe:
+    /// dropping the future loses no message.
+    fn fetch(&mut self, max: usize) -> impl Future<Output = Result<Vec<Self::Delivery>, Error>> + Send;
+}
+
+/// One delivery of one message.
+pub trait Delivery: Send + Sync + 'static {
+    fn message(&self) -> &Message;
+    /// How often this message has been delivered, this time included.
+    fn delivered(&self) -> u32;
+    /// The message's sequence in the stream.
+    fn sequence(&self) -> u64;
+    /// Done: never deliver it again.
+    fn ack(self) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Not done: deliver it again, after `delay` if given.
+    fn nak(self, delay: Option<Duration>) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Still working: restart the ack deadline.
+    fn in_progress(&self) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Never deliver it again, without it being done (it was dead-lettered).
+    fn term(self) -> impl Future<Output = Result<(), Error>> + Send;
+}

@@ -1,0 +1,742 @@
+//! The worker runtime: one process serving one or more service subjects.
+//!
+//! ```text
+//!  consumer (per service) ──fetch──▶ pump ──spawn, one permit each──▶ step task
+//!                                                                      │
+//!   decode + verify ── bad? ──▶ dead letter (reason) + term            │
+//!   not due yet?    ──────────▶ nak(remaining delay)                   │
+//!   handler (timeout, panics caught, progress kept alive)              │
+//!   transition::apply ─▶ encode ─▶ publish `<order>:<hop>` ─▶ stored? ─▶ ack input
+//!                                                  └─ failed ─▶ nak, redelivered later
+//! ```
+//!
+//! The output hop is stored before the input is acknowledged, so a crash at
+//! any point leads to a redelivery, and the redelivery to the same result:
+//! handlers are idempotent on [`StepContext::idempotency_key`], and the
+//! republished hop carries the same deduplication id.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::codec::{Codec, Format};
+use crate::document::{Document, Payload, PayloadError, StepKind, Timestamp};
+use crate::headers;
+use crate::id::{DedupId, NameError, OrderId, ServiceSubject, StepName, WorkerId, WorkflowName};
+use crate::subject;
+use crate::transition::{self, Attempt, Decision, StepResult};
+use crate::transport::{Consumer, ConsumerConfig, DeadLetter, Delivery, Outgoing, Transport};
+use crate::workflow::DEFAULT_STEP_TIMEOUT;
+
+/// A boxed future, as handlers return them.
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
+
+/// The key a handler uses to make its effect happen once per (order, step):
+/// the same on every redelivery and retry of that step.
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct IdempotencyKey(String);
+
+impl IdempotencyKey {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for IdempotencyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// What a handler knows about the step it runs.
+#[derive(Debug, Clone)]
+pub struct StepContext {
+    pub order_id: OrderId,
+    pub workflow: WorkflowName,
+    pub version: u32,
+    pub step: StepName,
+    pub kind: StepKind,
+    /// 1 for the first attempt, 2 for the first retry, …
+    pub attempt: u32,
+    /// How often the step was entered so far, this time included (loops).
+    pub visit: u32,
+    /// When the attempt times out.
+    pub deadline: tokio::time::Instant,
+    pub worker: WorkerId,
+}
+
+impl StepContext {
+    /// `<order>:<step>` for a step (`#<visit>` added past the first visit),
+    /// `<order>:<step>:undo` for its compensation.
+    pub fn idempotency_key(&self) -> IdempotencyKey {
+        let mut key = format!("{}:{}", self.order_id, self.step);
+        if self.visit > 1 {
+            key.push_str(&format!("#{}", self.visit));
+        }
+        if self.kind == StepKind::Compensation {
+            key.push_str(":undo");
+        }
+        IdempotencyKey(key)
+    }
+}
+
+/// A handler's success: a business outcome, optionally a new payload and a
+/// detail for the history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepOutput {
+    outcome: String,
+    detail: Option<String>,
+    payload: Option<Payload>,
+}
+
+impl StepOutput {
+    /// The step did what it was asked.
+    pub fn ok() -> Self {
+        Self::outcome("ok")
+    }
+
+    /// A named business outcome, mapped by the route (`declined`, …).
+    pub fn outcome(name: impl Into<String>) -> Self {
+        Self {
+            outcome: name.into(),
+            detail: None,
+            payload: None,
+        }
+    }
+
+    /// Records `detail` (a tracking number, a receipt) in the history.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    /// Replaces the document's payload.
+    pub fn with_payload(mut self, payload: Payload) -> Self {
+        self.payload = Some(payload);
+        self
+    }
+}
+
+/// A handler's failure. Transient ones are retried by the route's backoff.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct StepError {
+    message: String,
+    transient: bool,
+}
+
+impl StepError {
+    pub fn transient(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            transient: true,
+        }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            transient: false,
+        }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        self.transient
+    }
+}
+
+impl From<PayloadError> for StepError {
+    fn from(e: PayloadError) -> Self {
+        StepError::permanent(e.to_string())
+    }
+}
+
+/// A step handler: an async function of the step's context and the payload.
+/// Closures `Fn(StepContext, Payload) -> impl Future<Output = Result<StepOutput, StepError>>`
+/// are handlers.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(&self, ctx: StepContext, payload: Payload) -> BoxFuture<Result<StepOutput, StepError>>;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(StepContext, Payload) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<StepOutput, StepError>> + Send + 'static,
+{
+    fn handle(&self, ctx: StepContext, payload: Payload) -> BoxFuture<Result<StepOutput, StepError>> {
+        Box::pin(self(ctx, payload))
+    }
+}
+
+/// Why a worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("worker serves no service subject; add one with `serve`")]
+    NoServices,
+    #[error(transparent)]
+    BadSubject(#[from] NameError),
+    #[error("service `{0}` is served twice")]
+    DuplicateService(String),
+    #[error("concurrency must be at least 1")]
+    ZeroConcurrency,
+    #[error("cannot open the consumer for `{service}`: {source}")]
+    Consumer {
+        service: String,
+        #[source]
+        source: crate::transport::Error,
+    },
+}
+
+/// Counters of what a worker did, for tests, logs and the command line.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Step attempts run (handler called).
+    pub steps: AtomicU64,
+    /// Hops published and stored.
+    pub published: AtomicU64,
+    /// Published hops the stream already had (redelivered work).
+    pub duplicates: AtomicU64,
+    /// Messages sent to the dead-letter store.
+    pub dead_lettered: AtomicU64,
+    /// Deliveries handed back (not due yet, or publishing failed).
+    pub naks: AtomicU64,
+}
+
+impl WorkerStats {
+    fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Configures and starts a worker.
+#[must_use]
+pub struct WorkerBuilder<T> {
+    transport: T,
+    id: WorkerId,
+    concurrency: usize,
+    batch: usize,
+    ack_wait: Duration,
+    max_deliver: u32,
+    codec: Codec,
+    format: Format,
+    accept: Option<Arc<HashSet<(WorkflowName, u32)>>>,
+    services: Vec<(String, Arc<dyn Handler>)>,
+}
+
+impl<T: fmt::Debug> fmt::Debug for WorkerBuilder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerBuilder")
+            .field("id", &self.id)
+            .field("concurrency", &self.concurrency)
+            .field("services", &self.services.iter().map(|s| &s.0).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The worker runtime. See the module documentation.
+#[derive(Debug)]
+pub struct Worker;
+
+impl Worker {
+    pub fn builder<T: Transport>(transport: T) -> WorkerBuilder<T> {
+        WorkerBuilder {
+            transport,
+            id: WorkerId::from_process(),
+            concurrency: 256,
+            batch: 64,
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 10,
+            codec: Codec::default(),
+            format: Format::Postcard,
+            accept: None,
+            services: Vec::new(),
+        }
+    }
+}
+
+impl<T: Transport> WorkerBuilder<T> {
+    /// Serves `service` (such as `payment.charge`) with `handler`.
+    pub fn serve(mut self, service: impl Into<String>, handler: impl Handler) -> Self {
+        self.services.push((service.into(), Arc::new(handler)));
+        self
+    }
+
+    /// Serves `service` with a shared handler.
+    pub fn serve_arc(mut self, service: impl Into<String>, handler: Arc<dyn Handler>) -> Self {
+        self.services.push((service.into(), handler));
+        self
+    }
+
+    /// Names this worker in the histories it writes.
+    pub fn id(mut self, id: WorkerId) -> Self {
+        self.id = id;
+        self
+    }
+
+    /// Steps run at once, across all services.
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Messages fetched at once per service.
+    pub fn batch(mut self, n: usize) -> Self {
+        self.batch = n.max(1);
+        self
+    }
+
+    pub fn ack_wait(mut self, d: Duration) -> Self {
+        self.ack_wait = d;
+        self
+    }
+
+    pub fn max_deliver(mut self, n: u32) -> Self {
+        self.max_deliver = n;
+        self
+    }
+
+    pub fn codec(mut self, codec: Codec) -> Self {
+        self.codec = codec;
+        self
+    }
+
+    /// The format of the hops this worker publishes.
+    pub fn format(mut self, format: Format) -> Self {
+        self.format = format;
+        self
+    }
+
+    /// Only documents of these workflow versions are accepted; others are
+    /// dead-lettered. Without this, any well-formed route is followed.
+    pub fn accept(mut self, versions: impl IntoIterator<Item = (WorkflowName, u32)>) -> Self {
+        self.accept = Some(Arc::new(versions.into_iter().collect()));
+        self
+    }
+
+    /// Opens a consumer per service and starts serving.
+    pub async fn start(self) -> Result<WorkerHandle, WorkerError> {
+        if self.services.is_empty() {
+            return Err(WorkerError::NoServices);
+        }
+        if self.concurrency == 0 {
+            return Err(WorkerError::ZeroConcurrency);
+        }
+        let mut services = Vec::with_capacity(self.services.len());
+        for (name, handler) in self.services {
+            let service = ServiceSubject::new(name)?;
+            if services.iter().any(|s: &Service| s.service == service) {
+                return Err(WorkerError::DuplicateService(service.to_string()));
+            }
+            services.push(Service { service, handler });
+        }
+        let cancel = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let shared = Arc::new(Shared {
+            transport: self.transport,
+            codec: self.codec,
+            format: self.format,
+            worker: self.id,
+            accept: self.accept,
+            stats: Arc::new(WorkerStats::default()),
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            batch: self.batch,
+            permits: Arc::new(Semaphore::new(self.concurrency)),
+            cancel: cancel.clone(),
+            tracker: tracker.clone(),
+        });
+        let mut consumers = Vec::with_capacity(services.len());
+        for svc in &services {
+            let mut cfg = ConsumerConfig::new(subject::service_consumer(&svc.service), subject::hop(&svc.service));
+            cfg.ack_wait = shared.ack_wait;
+            cfg.max_deliver = shared.max_deliver;
+            let consumer = shared
+                .transport
+                .consumer(cfg)
+                .await
+                .map_err(|source| WorkerError::Consumer {
+                    service: svc.service.to_string(),
+                    source,
+                })?;
+            consumers.push(consumer);
+        }
+        for (svc, consumer) in services.into_iter().zip(consumers) {
+            let span = tracing::info_span!("pump", service = %svc.service);
+            tracker.spawn(pump(shared.clone(), Arc::new(svc), consumer).instrument(span));
+        }
+        Ok(WorkerHandle {
+            cancel,
+            tracker,
+            stats: shared.stats.clone(),
+        })
+    }
+}
+
+/// A running worker. Dropping it does not stop the worker: call
+/// [`shutdown`](Self::shutdown).
+#[derive(Debug)]
+pub struct WorkerHandle {
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+    stats: Arc<WorkerStats>,
+}
+
+impl WorkerHandle {
+    pub fn stats(&self) -> &WorkerStats {
+        &self.stats
+    }
+
+    /// Stops taking new work, lets every step in flight finish (each bounded
+    /// by its timeout) and acknowledge, then returns. Nothing in flight is
+    /// lost: a step that cannot finish is left unacknowledged and is
+    /// redelivered to another worker.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+
+    /// A token that stops the worker when cancelled (then await `shutdown`).
+    pub fn cancellation(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+}
+
+struct Service {
+    service: ServiceSubject,
+    handler: Arc<dyn Handler>,
+}
+
+struct Shared<T> {
+    transport: T,
+    codec: Codec,
+    format: Format,
+    worker: WorkerId,
+    accept: Option<Arc<HashSet<(WorkflowName, u32)>>>,
+    stats: Arc<WorkerStats>,
+    ack_wait: Duration,
+    max_deliver: u32,
+    batch: usize,
+    permits: Arc<Semaphore>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Fetches work for one service while permits allow, and runs each message
+/// in a task of its own.
+async fn pump<T: Transport>(shared: Arc<Shared<T>>, svc: Arc<Service>, mut consumer: T::Consumer) {
+    let mut failures = 0u32;
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => return,
+            p = shared.permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return, // semaphore closed: shutting down
+            },
+        };
+        let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
+        while permits.len() < shared.batch {
+            match shared.permits.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let batch = tokio::select! {
+            biased;
+            _ = shared.cancel.cancelled() => return,
+            r = consumer.fetch(permits.len()) => r,
+        };
+        let deliveries = match batch {
+            Ok(d) => {
+                failures = 0;
+                d
+            }
+            Err(e) => {
+                failures += 1;
+                let wait = Duration::from_millis(50 * u64::from(failures.min(40)));
+                tracing::warn!(error = %e, retry_in = ?wait, "fetch failed");
+                if !e.is_retryable() && failures > 20 {
+                    tracing::error!(error = %e, "giving up on this service");
+                    return;
+                }
+                tokio::select! {
+                    _ = shared.cancel.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => continue,
+                }
+            }
+        };
+        for (delivery, permit) in deliveries.into_iter().zip(permits.drain(..)) {
+            let shared2 = shared.clone();
+            let svc = svc.clone();
+            shared.tracker.spawn(async move {
+                process(&shared2, &svc, delivery).await;
+                drop(permit);
+            });
+        }
+    }
+}
+
+/// Why an input cannot be processed at all.
+fn unusable<T>(shared: &Shared<T>, svc: &Service, delivery: &impl Delivery) -> Result<Document, String> {
+    let msg = delivery.message();
+    let doc = shared
+        .codec
+        .decode_as(&msg.payload, msg.headers.get(headers::CONTENT_TYPE))
+        .map_err(|e| format!("undecodable: {e}"))?;
+    headers::verify(&msg.headers, &doc).map_err(|e| format!("headers disagree with the body: {e}"))?;
+    if doc.status.is_terminal() {
+        return Err(format!(
+            "order {} is already {}; a terminal document is no work",
+            doc.id, doc.status
+        ));
+    }
+    let Some(target) = doc.target() else {
+        return Err("document has no current step".into());
+    };
+    if target.service != &svc.service {
+        return Err(format!(
+            "hop addressed to `{}` arrived on `{}`",
+            target.service, svc.service
+        ));
+    }
+    if let Some(accept) = &shared.accept {
+        if !accept.contains(&(doc.route.workflow.clone(), doc.route.version)) {
+            return Err(format!(
+                "unknown workflow `{}` version {}",
+                doc.route.workflow, doc.route.version
+            ));
+        }
+    }
+    Ok(doc)
+}
+
+async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::Consumer as Consumer>::Delivery) {
+    let mut doc = match unusable(shared, svc, &delivery) {
+        Ok(doc) => doc,
+        Err(reason) => return dead_letter(shared, svc, delivery, reason).await,
+    };
+    if let Some(due) = doc.not_before {
+        let now = Timestamp::now();
+        if due > now {
+            return hand_back(shared, svc, delivery, Some(due.since(now)), "not due yet").await;
+        }
+    }
+    let Some(target) = doc.target() else { return };
+    let kind = target.kind;
+    let step = target.step.clone();
+    let timeout = doc
+        .route
+        .step_by_name(&step)
+        .map(|s| s.timeout())
+        .unwrap_or(DEFAULT_STEP_TIMEOUT);
+    let ctx = StepContext {
+        order_id: doc.id,
+        workflow: doc.route.workflow.clone(),
+        version: doc.route.version,
+        visit: doc.visits(&step) + u32::from(kind == StepKind::Forward && doc.attempt == 1),
+        step: step.clone(),
+        kind,
+        attempt: doc.attempt,
+        deadline: tokio::time::Instant::now() + timeout,
+        worker: shared.worker.clone(),
+    };
+    let span = tracing::info_span!(
+        "step",
+        order_id = %doc.id,
+        step = %step,
+        attempt = doc.attempt,
+        kind = ?kind,
+        hop = doc.hop,
+    );
+    async {
+        WorkerStats::bump(&shared.stats.steps);
+        let started_at = Timestamp::now();
+        let fut = svc.handler.handle(ctx, doc.payload.clone());
+        let result = run_guarded(fut, timeout, &delivery, shared.ack_wait).await;
+        let ended_at = Timestamp::now();
+        let result = match result {
+            Ok(out) => {
+                if let Some(p) = out.payload {
+                    doc.payload = p;
+                }
+                StepResult::Outcome {
+                    outcome: out.outcome,
+                    detail: out.detail,
+                }
+            }
+            Err(e) if e.transient => StepResult::Transient(e.message),
+            Err(e) => StepResult::Permanent(e.message),
+        };
+        tracing::debug!(?result, "step ran");
+        let attempt = Attempt {
+            result,
+            worker: shared.worker.clone(),
+            started_at,
+            ended_at,
+            jitter: fastrand::f64(),
+        };
+        let decision = match transition::apply(&mut doc, attempt) {
+            Ok(d) => d,
+            Err(e) => return dead_letter(shared, svc, delivery, e.to_string()).await,
+        };
+        let subject = match &decision {
+            Decision::Hop { service, .. } => subject::hop(service),
+            Decision::Finish(status) => {
+                tracing::debug!(%status, "order finished");
+                subject::done(&doc.route.workflow)
+            }
+        };
+        let body = match shared.codec.encode(&doc, shared.format) {
+            Ok(b) => b,
+            Err(e) => {
+                let reason = format!("the next hop cannot be encoded: {e}");
+                return dead_letter(shared, svc, delivery, reason).await;
+            }
+        };
+        let out = Outgoing {
+            subject,
+            msg_id: Some(
+                DedupId {
+                    order: doc.id,
+                    hop: doc.hop,
+                }
+                .to_string(),
+            ),
+            headers: headers::for_hop(&doc, shared.format),
+            payload: Bytes::from(body),
+        };
+        match shared.transport.publish(out).await {
+            Ok(ack) => {
+                WorkerStats::bump(if ack.duplicate {
+                    &shared.stats.duplicates
+                } else {
+                    &shared.stats.published
+                });
+                if let Err(e) = delivery.ack().await {
+                    // The output is stored; a redelivery will be a duplicate.
+                    tracing::warn!(error = %e, "ack failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "publishing the next hop failed");
+                hand_back(
+                    shared,
+                    svc,
+                    delivery,
+                    Some(Duration::from_millis(250)),
+                    &format!("publish failed: {e}"),
+                )
+                .await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Runs the handler under its timeout, turning a panic into a transient
+/// error and keeping the delivery alive while the step runs long.
+async fn run_guarded(
+    fut: BoxFuture<Result<StepOutput, StepError>>,
+    timeout: Duration,
+    delivery: &impl Delivery,
+    ack_wait: Duration,
+) -> Result<StepOutput, StepError> {
+    let guarded = tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind());
+    let outcome = if timeout > ack_wait / 2 {
+        tokio::pin!(guarded);
+        let mut tick = tokio::time::interval(ack_wait / 3);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                r = &mut guarded => break r,
+                _ = tick.tick() => {
+                    if let Err(e) = delivery.in_progress().await {
+                        tracing::warn!(error = %e, "could not extend the ack deadline");
+                    }
+                }
+            }
+        }
+    } else {
+        guarded.await
+    };
+    match outcome {
+        Ok(Ok(r)) => r,
+        Ok(Err(panic)) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a non-string panic".into());
+            tracing::error!(panic = %what, "step handler panicked");
+            Err(StepError::transient(format!("handler panicked: {what}")))
+        }
+        Err(_) => Err(StepError::transient(format!(
+            "timed out after {} ms",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+/// Hands a delivery back for later, unless its deliveries are used up, in
+/// which case it becomes a dead letter.
+async fn hand_back<T: Transport>(
+    shared: &Shared<T>,
+    svc: &Service,
+    delivery: <T::Consumer as Consumer>::Delivery,
+    delay: Option<Duration>,
+    why: &str,
+) {
+    if delivery.delivered() >= shared.max_deliver {
+        let reason = format!(
+            "{why}, on delivery {} of at most {}",
+            delivery.delivered(),
+            shared.max_deliver
+        );
+        return dead_letter(shared, svc, delivery, reason).await;
+    }
+    WorkerStats::bump(&shared.stats.naks);
+    if let Err(e) = delivery.nak(delay).await {
+        tracing::warn!(error = %e, "nak failed; the ack deadline will bring the message back");
+    }
+}
+
+async fn dead_letter<T: Transport>(
+    shared: &Shared<T>,
+    svc: &Service,
+    delivery: <T::Consumer as Consumer>::Delivery,
+    reason: String,
+) {
+    tracing::warn!(service = %svc.service, %reason, "dead-lettering a message");
+    let letter = DeadLetter {
+        message: delivery.message().clone(),
+        reason,
+        consumer: subject::service_consumer(&svc.service),
+    };
+    match shared.transport.dead_letter(letter).await {
+        Ok(()) => {
+            WorkerStats::bump(&shared.stats.dead_lettered);
+            if let Err(e) = delivery.term().await {
+                tracing::warn!(error = %e, "term failed after dead-lettering");
+            }
+        }
+        Err(e) => {
+            // Never drop: leave it for a later delivery to try again.
+            tracing::error!(error = %e, "could not store the dead letter; handing the message back");
+            let _ = delivery.nak(Some(Duration::from_secs(1))).await;
+        }
+    }
+}
