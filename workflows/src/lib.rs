@@ -1,1 +1,211 @@
+//! The order domain: the [`Order`] payload, the `order` workflow, and the
+//! generator of example order flows.
+//!
+//! The JSON form of [`Order`] is a public interface (example files, clients
+//! in other languages):
+//!
+//! ```json
+//! {"customer": "c-17", "items": [{"sku": "SKU-1", "qty": 2, "unit_price_cents": 1299}],
+//!  "payment": {"card": "4242424242424242"}, "ship_to": {"country": "DE", "zip": "10115"}}
+//! ```
 
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use waybill::{Backoff, DefinitionError, Registry, Then, Workflow, WorkflowPayload};
+
+pub mod samples;
+
+/// The name of the order workflow.
+pub const ORDER: &str = "order";
+
+/// One order: who, what, how paid, where to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Order {
+    pub customer: String,
+    pub items: Vec<Item>,
+    pub payment: PaymentInfo,
+    pub ship_to: Address,
+}
+
+/// One line of an order. Quantities and prices are signed on the wire so a
+/// negative one is refused with a message naming it, not a parse error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Item {
+    pub sku: String,
+    pub qty: i64,
+    pub unit_price_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PaymentInfo {
+    pub card: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Address {
+    pub country: String,
+    pub zip: String,
+}
+
+/// Why an order is refused; the message names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct InvalidOrder {
+    pub field: String,
+    pub problem: String,
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> InvalidOrder {
+    InvalidOrder {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}
+
+impl Order {
+    /// Checks the order's business rules.
+    pub fn check(&self) -> Result<(), InvalidOrder> {
+        if self.customer.trim().is_empty() {
+            return Err(invalid("customer", "must not be empty"));
+        }
+        if self.items.is_empty() {
+            return Err(invalid("items", "an order needs at least one item"));
+        }
+        for (i, item) in self.items.iter().enumerate() {
+            if item.sku.trim().is_empty() {
+                return Err(invalid(format!("items[{i}].sku"), "must not be empty"));
+            }
+            if item.qty < 1 {
+                return Err(invalid(format!("items[{i}].qty"), format!("must be at least 1, got {}", item.qty)));
+            }
+            if item.unit_price_cents < 0 {
+                return Err(invalid(
+                    format!("items[{i}].unit_price_cents"),
+                    format!("must not be negative, got {}", item.unit_price_cents),
+                ));
+            }
+        }
+        if self.payment.card.trim().is_empty() {
+            return Err(invalid("payment.card", "must not be empty"));
+        }
+        if self.ship_to.country.trim().is_empty() {
+            return Err(invalid("ship_to.country", "must not be empty"));
+        }
+        self.total_cents()?;
+        Ok(())
+    }
+
+    /// Σ quantity × unit price, in cents.
+    pub fn total_cents(&self) -> Result<i64, InvalidOrder> {
+        self.items.iter().try_fold(0i64, |sum, item| {
+            item.qty
+                .checked_mul(item.unit_price_cents)
+                .and_then(|line| sum.checked_add(line))
+                .ok_or_else(|| invalid("items", "the order total does not fit in 64 bits"))
+        })
+    }
+}
+
+impl WorkflowPayload for Order {
+    fn validate(&self) -> Result<(), String> {
+        self.check().map_err(|e| e.to_string())
+    }
+}
+
+/// The `order` workflow, version 1: charge the card, reserve the stock, ship.
+/// A declined card fails the order; missing stock or a failed shipment undoes
+/// what was done (release, refund) and ends it `compensated`.
+pub fn order_v1() -> Result<Workflow, DefinitionError> {
+    Workflow::builder(ORDER, 1)
+        .step("charge", "payment.charge")
+        .compensate("payment.refund")
+        .retry(Backoff::exponential(5, Duration::from_millis(20)))
+        .on("declined", Then::Fail)
+        .step("reserve", "inventory.reserve")
+        .compensate("inventory.release")
+        .retry(Backoff::exponential(5, Duration::from_millis(20)))
+        .on("out_of_stock", Then::Fail)
+        .step("ship", "shipping.dispatch")
+        .retry(Backoff::exponential(5, Duration::from_millis(20)))
+        .timeout(Duration::from_secs(30))
+        .build()
+}
+
+/// A registry holding every workflow this crate defines, current versions
+/// last.
+pub fn registry() -> Result<Registry, DefinitionError> {
+    let mut r = Registry::new();
+    r.register::<Order>(order_v1()?);
+    Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = r#"{"customer": "c-17", "items": [{"sku": "SKU-1", "qty": 2, "unit_price_cents": 1299}],
+ "payment": {"card": "4242424242424242"}, "ship_to": {"country": "DE", "zip": "10115"}}"#;
+
+    #[test]
+    fn the_documented_json_form_parses_and_round_trips() {
+        let o: Order = serde_json::from_str(EXAMPLE).unwrap();
+        assert_eq!(o.total_cents().unwrap(), 2598);
+        o.check().unwrap();
+        let back: serde_json::Value = serde_json::to_value(&o).unwrap();
+        let want: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
+        assert_eq!(back, want);
+    }
+
+    #[test]
+    fn invalid_orders_name_the_field() {
+        let base: Order = serde_json::from_str(EXAMPLE).unwrap();
+        let cases: Vec<(Box<dyn Fn(&mut Order)>, &str)> = vec![
+            (Box::new(|o| o.items.clear()), "items: an order needs at least one item"),
+            (Box::new(|o| o.items[0].qty = 0), "items[0].qty: must be at least 1, got 0"),
+            (Box::new(|o| o.items[0].qty = -3), "items[0].qty: must be at least 1, got -3"),
+            (
+                Box::new(|o| o.items[0].unit_price_cents = -1),
+                "items[0].unit_price_cents: must not be negative, got -1",
+            ),
+            (Box::new(|o| o.customer.clear()), "customer: must not be empty"),
+            (Box::new(|o| o.payment.card.clear()), "payment.card: must not be empty"),
+            (Box::new(|o| o.items[0].sku.clear()), "items[0].sku: must not be empty"),
+            (
+                Box::new(|o| {
+                    o.items[0].qty = i64::MAX;
+                    o.items[0].unit_price_cents = 2;
+                }),
+                "items: the order total does not fit in 64 bits",
+            ),
+        ];
+        for (change, want) in cases {
+            let mut o = base.clone();
+            change(&mut o);
+            assert_eq!(o.check().unwrap_err().to_string(), want);
+        }
+    }
+
+    #[test]
+    fn registry_refuses_bad_json_with_clear_errors() {
+        let r = registry().unwrap();
+        let e = r.prepare_json("order", br#"{"customer":"c"}"#).unwrap_err().to_string();
+        assert!(e.contains("missing field `items`"), "{e}");
+        let e = r
+            .prepare_json("order", EXAMPLE.replace("\"qty\": 2", "\"qty\": -2").as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("items[0].qty"), "{e}");
+        let e = r.prepare_json("order", EXAMPLE.replace("c-17", "c-17\", \"extra\": \"1").as_bytes());
+        assert!(e.unwrap_err().to_string().contains("unknown field `extra`"));
+        let e = r.prepare_json("refund", EXAMPLE.as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("unknown workflow `refund`"));
+        let e = r.prepare_json("order", br#"{"customer":"c","items":"many"}"#).unwrap_err().to_string();
+        assert!(e.contains("invalid type"), "{e}");
+        assert!(r.prepare_json("order", EXAMPLE.as_bytes()).is_ok());
+    }
+}

@@ -1,1 +1,205 @@
-fn main() {}
+//! The `waybill` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use waybill_workers::replay::{self, EmbeddedRuntime, FileReport, ReplayOptions};
+use waybill_workflows::samples::{self, Kind};
+
+#[derive(Parser, Debug)]
+#[command(name = "waybill", version, about = "Waybill: workflows whose documents carry their own route")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Replay order flows (JSON Lines files, or folders of them) on the
+    /// embedded default: workers in this process, no server. Exits non-zero
+    /// if any order ends other than its `expect` field says.
+    Replay {
+        /// Files or folders of `.jsonl` order flows.
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Initial stock, a JSON object of SKU → units.
+        #[arg(long, default_value = "examples/stock.json")]
+        stock: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Orders in flight at once.
+        #[arg(long, default_value_t = 2048)]
+        in_flight: usize,
+        /// Steps the in-process worker runs at once.
+        #[arg(long, default_value_t = 512)]
+        concurrency: usize,
+        /// Seconds an order may take before it counts as not finished.
+        #[arg(long, default_value_t = 60)]
+        order_timeout: u64,
+        /// Do not draw a progress bar.
+        #[arg(long)]
+        no_progress: bool,
+    },
+    /// Print generated example order flows (JSON Lines) to standard output.
+    ExampleOrders {
+        #[arg(long, default_value_t = 1000)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, value_enum, default_value_t = KindArg::Mixed)]
+        kind: KindArg,
+    },
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum KindArg {
+    Mixed,
+    Happy,
+    Declined,
+    OutOfStock,
+    Unshippable,
+    Transient,
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::ExampleOrders { count, seed, kind } => {
+            let orders = match kind {
+                KindArg::Mixed => samples::mixed(count, seed),
+                KindArg::Happy => samples::of_kind(Kind::Happy, count, seed),
+                KindArg::Declined => samples::of_kind(Kind::Declined, count, seed),
+                KindArg::OutOfStock => samples::of_kind(Kind::OutOfStock, count, seed),
+                KindArg::Unshippable => samples::of_kind(Kind::Unshippable, count, seed),
+                KindArg::Transient => samples::of_kind(Kind::Transient, count, seed),
+            };
+            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+            for s in orders {
+                writeln!(out, "{}", s.to_line())?;
+            }
+            out.flush()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay {
+            paths,
+            stock,
+            json,
+            in_flight,
+            concurrency,
+            order_timeout,
+            no_progress,
+        } => {
+            let opts = ReplayOptions {
+                in_flight,
+                concurrency,
+                order_timeout: Duration::from_secs(order_timeout),
+            };
+            let registry = waybill_workflows::registry().context("the built-in workflows do not build")?;
+            let stock = replay::load_stock(&stock)?;
+            let files = replay::expand(&paths)?
+                .iter()
+                .map(|p| replay::load(p, &registry))
+                .collect::<Result<Vec<_>, _>>()?;
+            let total: usize = files.iter().map(|f| f.orders.len()).sum();
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            let (reports, dead) = rt.block_on(async {
+                let engine = EmbeddedRuntime::start(stock, &opts).await?;
+                let bar = if no_progress || json {
+                    ProgressBar::hidden()
+                } else {
+                    ProgressBar::new(total as u64)
+                };
+                bar.set_style(
+                    ProgressStyle::with_template("{msg:30!} [{bar:40}] {pos}/{len} orders ({per_sec})")
+                        .unwrap_or_else(|_| ProgressStyle::default_bar())
+                        .progress_chars("=> "),
+                );
+                let mut reports = Vec::new();
+                for f in &files {
+                    let label = f.path.display().to_string();
+                    bar.set_message(label.clone());
+                    reports.push(engine.run(&label, &f.orders, &opts, || bar.inc(1)).await);
+                }
+                bar.finish_and_clear();
+                let dead = engine.transport.dead_letters();
+                engine.shutdown().await;
+                anyhow::Ok((reports, dead))
+            })?;
+            let ok = reports.iter().all(FileReport::ok) && dead.is_empty();
+            if json {
+                let dead: Vec<_> = dead
+                    .iter()
+                    .map(|d| serde_json::json!({"subject": d.message.subject, "reason": d.reason}))
+                    .collect();
+                let out = serde_json::json!({"ok": ok, "files": reports, "dead_letters": dead});
+                println!("{}", serde_json::to_string_pretty(&out)?);
+            } else {
+                print_table(&reports);
+                for d in &dead {
+                    println!("dead letter on {}: {}", d.message.subject, d.reason);
+                }
+                println!("{}", if ok { "all orders ended as expected" } else { "MISMATCHES: see above" });
+            }
+            Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+        }
+    }
+}
+
+fn print_table(reports: &[FileReport]) {
+    let width = reports.iter().map(|r| r.file.len()).max().unwrap_or(4).max(4);
+    println!(
+        "{:<width$}  {:>7}  {:>9}  {:>6}  {:>11}  {:>10}  {:>9}  {:>7}  {:>7}",
+        "file", "orders", "completed", "failed", "compensated", "mismatches", "orders/s", "p50 ms", "p99 ms"
+    );
+    for r in reports {
+        println!(
+            "{:<width$}  {:>7}  {:>9}  {:>6}  {:>11}  {:>10}  {:>9.0}  {:>7.2}  {:>7.2}",
+            r.file,
+            r.orders,
+            r.completed,
+            r.failed,
+            r.compensated,
+            r.mismatches.len(),
+            r.orders_per_sec,
+            r.p50_ms,
+            r.p99_ms
+        );
+    }
+    for r in reports {
+        for m in &r.mismatches {
+            let actual = m.actual.map_or("unfinished".to_owned(), |s| s.to_string());
+            println!(
+                "mismatch: {} line {} (order {}): expected {}, got {}: {}",
+                r.file,
+                m.line,
+                m.order_id.as_deref().unwrap_or("-"),
+                m.expected,
+                actual,
+                m.detail
+            );
+        }
+    }
+}

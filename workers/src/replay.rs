@@ -1,0 +1,344 @@
+//! Replaying example order flows on the embedded default: every order of a
+//! JSON Lines file is started, followed to its end, and compared with the
+//! `expect` field of its line.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use serde::Serialize;
+use waybill::transport::Embedded;
+use waybill::{Client, Document, OrderId, Payload, Registry, Status, Worker, WorkerHandle, Workflow};
+
+use crate::services::MemoryServices;
+
+/// Why a replay could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}, line {line}: {message}", path.display())]
+    Line { path: PathBuf, line: usize, message: String },
+    #[error("{}: no order flows found (expected .jsonl files)", path.display())]
+    Empty { path: PathBuf },
+    #[error("stock file {}: {message}", path.display())]
+    Stock { path: PathBuf, message: String },
+    #[error("could not start the embedded runtime: {0}")]
+    Start(String),
+}
+
+/// One order read from a file, validated and ready to start.
+#[derive(Debug, Clone)]
+pub struct PreparedOrder {
+    pub line: usize,
+    pub expect: Status,
+    pub workflow: Workflow,
+    pub payload: Payload,
+}
+
+/// The orders of one file.
+#[derive(Debug, Clone)]
+pub struct FlowFile {
+    pub path: PathBuf,
+    pub orders: Vec<PreparedOrder>,
+}
+
+/// The `.jsonl` files named, folders expanded (sorted by name).
+pub fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReplayError> {
+    let mut out = Vec::new();
+    for p in paths {
+        let meta = std::fs::metadata(p).map_err(|source| ReplayError::Io {
+            path: p.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+                .map_err(|source| ReplayError::Io {
+                    path: p.clone(),
+                    source,
+                })?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|f| f.extension().is_some_and(|x| x == "jsonl"))
+                .collect();
+            if files.is_empty() {
+                return Err(ReplayError::Empty { path: p.clone() });
+            }
+            files.sort();
+            out.extend(files);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// Reads and validates one file of order flows. Each non-blank line is a JSON
+/// object: the order, plus `expect` (the terminal status it must reach) and
+/// optionally `workflow` (default `order`).
+pub fn load(path: &Path, registry: &Registry) -> Result<FlowFile, ReplayError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ReplayError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let mut orders = Vec::new();
+    for (i, raw) in text.lines().enumerate() {
+        let line = i + 1;
+        if raw.trim().is_empty() {
+            continue;
+        }
+        let err = |message: String| ReplayError::Line {
+            path: path.to_owned(),
+            line,
+            message,
+        };
+        let value: serde_json::Value = serde_json::from_str(raw).map_err(|e| err(format!("not JSON: {e}")))?;
+        let serde_json::Value::Object(mut map) = value else {
+            return Err(err("expected a JSON object (an order with an `expect` field)".into()));
+        };
+        let expect = match map.remove("expect") {
+            Some(serde_json::Value::String(s)) => s.parse::<Status>().map_err(|e| err(e.to_string()))?,
+            Some(other) => return Err(err(format!("`expect` must be a string, got {other}"))),
+            None => return Err(err("missing field `expect`".into())),
+        };
+        if !expect.is_terminal() {
+            return Err(err(format!("`expect` must be a terminal status, got `{expect}`")));
+        }
+        let workflow = match map.remove("workflow") {
+            Some(serde_json::Value::String(s)) => s,
+            Some(other) => return Err(err(format!("`workflow` must be a string, got {other}"))),
+            None => waybill_workflows::ORDER.to_owned(),
+        };
+        let json = serde_json::to_vec(&map).map_err(|e| err(e.to_string()))?;
+        let (workflow, payload) = registry.prepare_json(&workflow, &json).map_err(|e| err(e.to_string()))?;
+        orders.push(PreparedOrder {
+            line,
+            expect,
+            workflow,
+            payload,
+        });
+    }
+    if orders.is_empty() {
+        return Err(ReplayError::Empty { path: path.to_owned() });
+    }
+    Ok(FlowFile {
+        path: path.to_owned(),
+        orders,
+    })
+}
+
+/// Reads a stock file: a JSON object of SKU → units.
+pub fn load_stock(path: &Path) -> Result<HashMap<String, i64>, ReplayError> {
+    let err = |message: String| ReplayError::Stock {
+        path: path.to_owned(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let stock: HashMap<String, i64> =
+        serde_json::from_str(&text).map_err(|e| err(format!("expected {{\"SKU\": units, …}}: {e}")))?;
+    if let Some((sku, n)) = stock.iter().find(|(_, &n)| n < 0) {
+        return Err(err(format!("{sku} has negative stock {n}")));
+    }
+    Ok(stock)
+}
+
+/// How a replay runs.
+#[derive(Debug, Clone)]
+pub struct ReplayOptions {
+    /// Orders started and not yet finished, at most.
+    pub in_flight: usize,
+    /// Steps the worker runs at once.
+    pub concurrency: usize,
+    /// Longest an order may take before it counts as not finished.
+    pub order_timeout: Duration,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        Self {
+            in_flight: 2048,
+            concurrency: 512,
+            order_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// An order that did not end as its line expected.
+#[derive(Debug, Clone, Serialize)]
+pub struct Mismatch {
+    pub line: usize,
+    pub order_id: Option<String>,
+    pub expected: Status,
+    /// The status reached, or `None` if the order did not finish.
+    pub actual: Option<Status>,
+    pub detail: String,
+}
+
+/// The result of replaying one file.
+#[derive(Debug, Clone, Serialize)]
+pub struct FileReport {
+    pub file: String,
+    pub orders: usize,
+    pub completed: usize,
+    pub failed: usize,
+    pub compensated: usize,
+    pub cancelled: usize,
+    pub mismatches: Vec<Mismatch>,
+    pub seconds: f64,
+    pub orders_per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+impl FileReport {
+    pub fn ok(&self) -> bool {
+        self.mismatches.is_empty()
+    }
+}
+
+/// Percentile `p` (0–100) of sorted microsecond samples, in milliseconds.
+pub fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted_us.len() as f64 * p / 100.0).ceil() as usize).clamp(1, sorted_us.len()) - 1;
+    sorted_us[idx] as f64 / 1000.0
+}
+
+/// The embedded default: one transport, one worker serving the five
+/// reference services, one client, all in this process.
+#[derive(Debug)]
+pub struct EmbeddedRuntime {
+    pub transport: Embedded,
+    pub client: Client<Embedded>,
+    pub services: MemoryServices,
+    worker: WorkerHandle,
+}
+
+impl EmbeddedRuntime {
+    pub async fn start(stock: HashMap<String, i64>, opts: &ReplayOptions) -> Result<Self, ReplayError> {
+        let transport = Embedded::new();
+        let services = MemoryServices::new(stock);
+        let worker = services
+            .serve(Worker::builder(transport.clone()).concurrency(opts.concurrency))
+            .start()
+            .await
+            .map_err(|e| ReplayError::Start(e.to_string()))?;
+        let client = Client::connect(transport.clone())
+            .await
+            .map_err(|e| ReplayError::Start(e.to_string()))?;
+        Ok(Self {
+            transport,
+            client,
+            services,
+            worker,
+        })
+    }
+
+    /// Runs `orders` with at most `opts.in_flight` at once; `on_done` is
+    /// called as each one finishes.
+    pub async fn run(
+        &self,
+        label: &str,
+        orders: &[PreparedOrder],
+        opts: &ReplayOptions,
+        mut on_done: impl FnMut(),
+    ) -> FileReport {
+        let began = Instant::now();
+        let mut latencies = Vec::with_capacity(orders.len());
+        let mut by_status: BTreeMap<Status, usize> = BTreeMap::new();
+        let mut mismatches = Vec::new();
+        let mut pending = FuturesUnordered::new();
+        let mut next = 0;
+        let window = opts.in_flight.max(1);
+        loop {
+            while next < orders.len() && pending.len() < window {
+                let o = &orders[next];
+                next += 1;
+                let started = Instant::now();
+                match self.client.start(&o.workflow, o.payload.clone()).await {
+                    Ok(id) => {
+                        let client = self.client.clone();
+                        let timeout = opts.order_timeout;
+                        pending.push(async move {
+                            let r = tokio::time::timeout(timeout, client.wait(id)).await;
+                            (o, id, started, r)
+                        });
+                    }
+                    Err(e) => mismatches.push(Mismatch {
+                        line: o.line,
+                        order_id: None,
+                        expected: o.expect,
+                        actual: None,
+                        detail: format!("could not start: {e}"),
+                    }),
+                }
+            }
+            let Some((o, id, started, result)) = pending.next().await else {
+                break;
+            };
+            on_done();
+            match result {
+                Ok(Ok(doc)) => {
+                    latencies.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+                    *by_status.entry(doc.status).or_default() += 1;
+                    if doc.status != o.expect {
+                        mismatches.push(mismatch(o, id, &doc));
+                    }
+                }
+                Ok(Err(e)) => mismatches.push(Mismatch {
+                    line: o.line,
+                    order_id: Some(id.to_string()),
+                    expected: o.expect,
+                    actual: None,
+                    detail: e.to_string(),
+                }),
+                Err(_) => mismatches.push(Mismatch {
+                    line: o.line,
+                    order_id: Some(id.to_string()),
+                    expected: o.expect,
+                    actual: None,
+                    detail: format!("did not finish within {} s", opts.order_timeout.as_secs()),
+                }),
+            }
+        }
+        let seconds = began.elapsed().as_secs_f64();
+        latencies.sort_unstable();
+        mismatches.sort_by_key(|m| m.line);
+        let count = |s| by_status.get(&s).copied().unwrap_or(0);
+        FileReport {
+            file: label.to_owned(),
+            orders: orders.len(),
+            completed: count(Status::Completed),
+            failed: count(Status::Failed),
+            compensated: count(Status::Compensated),
+            cancelled: count(Status::Cancelled),
+            mismatches,
+            seconds,
+            orders_per_sec: if seconds > 0.0 { orders.len() as f64 / seconds } else { 0.0 },
+            p50_ms: percentile_ms(&latencies, 50.0),
+            p99_ms: percentile_ms(&latencies, 99.0),
+        }
+    }
+
+    /// Stops the worker (letting steps in flight finish) and the client.
+    pub async fn shutdown(self) {
+        self.worker.shutdown().await;
+        self.client.close().await;
+    }
+}
+
+fn mismatch(o: &PreparedOrder, id: OrderId, doc: &Arc<Document>) -> Mismatch {
+    Mismatch {
+        line: o.line,
+        order_id: Some(id.to_string()),
+        expected: o.expect,
+        actual: Some(doc.status),
+        detail: doc.failure.clone().unwrap_or_default(),
+    }
+}

@@ -1,0 +1,73 @@
+//! `shipping.dispatch`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+
+use waybill::{OrderId, Payload, StepContext, StepError, StepOutput};
+
+use super::order_of;
+
+/// The tracking number of an order: derived from its id, so a redelivered
+/// dispatch gives the same one.
+pub fn tracking_number(order: OrderId) -> String {
+    let hex = order.as_uuid().simple().to_string().to_uppercase();
+    format!("WB{}", &hex[20..])
+}
+
+/// Where shipments are recorded.
+pub trait ShipmentLog: Send + Sync + 'static {
+    /// Records the shipment of `order` unless it is recorded; returns its
+    /// tracking number.
+    fn record(&self, order: OrderId, tracking: String) -> impl Future<Output = Result<String, String>> + Send;
+}
+
+/// Shipments in memory.
+#[derive(Debug, Default)]
+pub struct MemoryShipments {
+    shipments: Mutex<HashMap<OrderId, String>>,
+}
+
+impl MemoryShipments {
+    pub fn count(&self) -> usize {
+        self.shipments.lock().map(|s| s.len()).unwrap_or(0)
+    }
+}
+
+impl ShipmentLog for MemoryShipments {
+    async fn record(&self, order: OrderId, tracking: String) -> Result<String, String> {
+        let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(s.entry(order).or_insert(tracking).clone())
+    }
+}
+
+/// The shipping service.
+#[derive(Debug)]
+pub struct ShippingService<S> {
+    log: S,
+}
+
+impl<S: ShipmentLog> ShippingService<S> {
+    pub fn new(log: S) -> Self {
+        Self { log }
+    }
+
+    pub fn log(&self) -> &S {
+        &self.log
+    }
+
+    /// Dispatches the order; country `XX` cannot be shipped to (a permanent
+    /// failure).
+    pub async fn dispatch(&self, ctx: StepContext, payload: Payload) -> Result<StepOutput, StepError> {
+        let order = order_of(&payload)?;
+        if order.ship_to.country == "XX" {
+            return Err(StepError::permanent("cannot ship to country XX"));
+        }
+        let tracking = self
+            .log
+            .record(ctx.order_id, tracking_number(ctx.order_id))
+            .await
+            .map_err(StepError::transient)?;
+        Ok(StepOutput::ok().with_detail(tracking))
+    }
+}
