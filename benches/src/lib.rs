@@ -1,1 +1,1 @@
-
+//! Shared pieces of Waybill's benchmarks. See `benches/README.md`.

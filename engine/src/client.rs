@@ -113,7 +113,7 @@ impl<T: Transport> Client<T> {
         workflow: &Workflow,
         payload: Payload,
     ) -> Result<PublishAck, StartError> {
-        let doc = Document::new(id, workflow.route().clone(), payload);
+        let doc = Document::new(id, workflow.shared_route(), payload);
         let body = self.inner.codec.encode(&doc, self.inner.format)?;
         let first = &workflow.route().steps[0];
         slots(&self.inner).entry(id).or_insert(Slot::Started);

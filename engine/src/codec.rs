@@ -1,17 +1,31 @@
 //! The one versioned wire format of a document.
 //!
-//! Binary (the default) is `WB`, one envelope-version byte, then the document
-//! in postcard. JSON, for clients in other languages, is the document as a
-//! JSON object with an `"envelope"` version field. Decoding is bounded by a
-//! size limit and never panics: anything malformed is a [`DecodeError`].
+//! Binary (the default), envelope version 1:
 //!
-//! Internal structs do not quietly become the wire format: [`Document`] is
-//! the wire format, and [`ENVELOPE_VERSION`] changes when it does.
+//! ```text
+//! "WB" | version (1 byte) | route length (varint) | route (postcard) | body (postcard)
+//! ```
+//!
+//! The body is every field of the document but the route, in the order of
+//! [`WireBody`]. The route has a section of its own because it is the same in
+//! every document of one workflow version: decoders intern it by its bytes
+//! (checked once, then shared), so a hop does not re-read its route.
+//!
+//! JSON, for clients in other languages, is one object: `"envelope": 1`, the
+//! route under `"route"`, and the body's fields.
+//!
+//! Decoding is bounded by a size limit and never panics: anything malformed
+//! is a [`DecodeError`]. The wire structs live here and only here;
+//! [`ENVELOPE_VERSION`] changes when they do.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use serde::{Deserialize, Serialize};
 
-use crate::document::Document;
-use crate::workflow::DefinitionError;
+use crate::document::{Compensation, Document, Payload, Status, StepRecord, Timestamp};
+use crate::id::OrderId;
+use crate::workflow::{DefinitionError, Route};
 
 /// The version of the document envelope this build writes and reads.
 pub const ENVELOPE_VERSION: u8 = 1;
@@ -101,11 +115,81 @@ impl Default for Codec {
     }
 }
 
+/// The document's fields other than the route, as they are written.
+#[derive(Serialize)]
+struct WireBodyRef<'a> {
+    id: &'a OrderId,
+    hop: u32,
+    status: Status,
+    step: u16,
+    attempt: u32,
+    not_before: Option<Timestamp>,
+    history: &'a [StepRecord],
+    owed: &'a [Compensation],
+    failure: &'a Option<String>,
+    created_at: Timestamp,
+    payload: &'a Payload,
+}
+
+/// The document's fields other than the route, as they are read.
+#[derive(Deserialize)]
+struct WireBody {
+    id: OrderId,
+    hop: u32,
+    status: Status,
+    step: u16,
+    attempt: u32,
+    not_before: Option<Timestamp>,
+    history: Vec<StepRecord>,
+    owed: Vec<Compensation>,
+    failure: Option<String>,
+    created_at: Timestamp,
+    payload: Payload,
+}
+
+impl<'a> WireBodyRef<'a> {
+    fn of(d: &'a Document) -> Self {
+        Self {
+            id: &d.id,
+            hop: d.hop,
+            status: d.status,
+            step: d.step,
+            attempt: d.attempt,
+            not_before: d.not_before,
+            history: &d.history,
+            owed: &d.owed,
+            failure: &d.failure,
+            created_at: d.created_at,
+            payload: &d.payload,
+        }
+    }
+}
+
+impl WireBody {
+    fn with_route(self, route: Arc<Route>) -> Document {
+        Document {
+            id: self.id,
+            route,
+            hop: self.hop,
+            status: self.status,
+            step: self.step,
+            attempt: self.attempt,
+            not_before: self.not_before,
+            history: self.history,
+            owed: self.owed,
+            failure: self.failure,
+            created_at: self.created_at,
+            payload: self.payload,
+        }
+    }
+}
+
 #[derive(Serialize)]
 struct JsonOut<'a> {
     envelope: u8,
+    route: &'a Route,
     #[serde(flatten)]
-    doc: &'a Document,
+    body: WireBodyRef<'a>,
 }
 
 #[derive(Deserialize)]
@@ -117,8 +201,111 @@ struct JsonVersion {
 struct JsonIn {
     #[allow(dead_code)]
     envelope: u64,
+    route: Route,
     #[serde(flatten)]
-    doc: Document,
+    body: WireBody,
+}
+
+/// Routes already seen, by their encoded bytes (decoding) and by identity
+/// (encoding). Bounded: cleared when full, which only costs re-reading.
+struct Routes {
+    by_bytes: HashMap<Box<[u8]>, Arc<Route>>,
+    /// Keyed by the `Arc`'s address; the entry holds the `Arc`, so the
+    /// address cannot be reused while it is cached.
+    by_ptr: HashMap<usize, (Arc<Route>, Arc<[u8]>)>,
+}
+
+const ROUTE_CACHE: usize = 1024;
+
+static ROUTES: RwLock<Option<Routes>> = RwLock::new(None);
+
+fn route_bytes(route: &Arc<Route>) -> Result<Arc<[u8]>, EncodeError> {
+    let key = Arc::as_ptr(route) as usize;
+    if let Some(hit) = ROUTES
+        .read()
+        .ok()
+        .and_then(|g| g.as_ref().and_then(|r| r.by_ptr.get(&key).map(|e| e.1.clone())))
+    {
+        return Ok(hit);
+    }
+    let bytes: Arc<[u8]> = postcard::to_stdvec(&**route)
+        .map_err(|e| EncodeError::Failed(e.to_string()))?
+        .into();
+    if let Ok(mut g) = ROUTES.write() {
+        let r = g.get_or_insert_with(|| Routes {
+            by_bytes: HashMap::new(),
+            by_ptr: HashMap::new(),
+        });
+        if r.by_ptr.len() >= ROUTE_CACHE {
+            r.by_ptr.clear();
+        }
+        r.by_ptr.insert(key, (route.clone(), bytes.clone()));
+    }
+    Ok(bytes)
+}
+
+/// The route encoded as `bytes`: from the cache, or decoded, checked and
+/// cached.
+fn intern_route(bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
+    if let Some(hit) = ROUTES
+        .read()
+        .ok()
+        .and_then(|g| g.as_ref().and_then(|r| r.by_bytes.get(bytes).cloned()))
+    {
+        return Ok(hit);
+    }
+    let route: Route = match postcard::take_from_bytes(bytes) {
+        Ok((route, [])) => route,
+        Ok((_, rest)) => return Err(DecodeError::Malformed(format!("route has {} trailing bytes", rest.len()))),
+        Err(postcard::Error::DeserializeUnexpectedEnd) => return Err(DecodeError::Truncated),
+        Err(e) => return Err(DecodeError::Malformed(format!("route: {e}"))),
+    };
+    route.check_structure()?;
+    let route = Arc::new(route);
+    if let Ok(mut g) = ROUTES.write() {
+        let r = g.get_or_insert_with(|| Routes {
+            by_bytes: HashMap::new(),
+            by_ptr: HashMap::new(),
+        });
+        if r.by_bytes.len() >= ROUTE_CACHE {
+            r.by_bytes.clear();
+        }
+        r.by_bytes.insert(bytes.into(), route.clone());
+        if r.by_ptr.len() < ROUTE_CACHE {
+            r.by_ptr
+                .insert(Arc::as_ptr(&route) as usize, (route.clone(), Arc::from(bytes)));
+        }
+    }
+    Ok(route)
+}
+
+/// Reads a postcard varint (u32) from the front of `bytes`.
+fn take_varint(bytes: &[u8]) -> Result<(usize, &[u8]), DecodeError> {
+    let mut value: u64 = 0;
+    for (i, &b) in bytes.iter().enumerate().take(5) {
+        value |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            let n = usize::try_from(value).map_err(|_| DecodeError::Malformed("route length overflows".into()))?;
+            return Ok((n, &bytes[i + 1..]));
+        }
+    }
+    if bytes.len() < 5 {
+        Err(DecodeError::Truncated)
+    } else {
+        Err(DecodeError::Malformed("route length is not a valid varint".into()))
+    }
+}
+
+fn put_varint(out: &mut Vec<u8>, mut n: usize) {
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(b);
+            return;
+        }
+        out.push(b | 0x80);
+    }
 }
 
 impl Codec {
@@ -133,14 +320,20 @@ impl Codec {
     pub fn encode(&self, doc: &Document, format: Format) -> Result<Vec<u8>, EncodeError> {
         let bytes = match format {
             Format::Postcard => {
-                let mut out = Vec::with_capacity(256 + doc.payload.bytes.len());
+                let route = route_bytes(&doc.route)?;
+                // Room for the payload and the history, so it rarely grows.
+                let mut out =
+                    Vec::with_capacity(64 + route.len() + doc.payload.bytes.len() + 96 * (doc.history.len() + 1));
                 out.extend_from_slice(&MAGIC);
                 out.push(ENVELOPE_VERSION);
-                postcard::to_extend(doc, out).map_err(|e| EncodeError::Failed(e.to_string()))?
+                put_varint(&mut out, route.len());
+                out.extend_from_slice(&route);
+                postcard::to_extend(&WireBodyRef::of(doc), out).map_err(|e| EncodeError::Failed(e.to_string()))?
             }
             Format::Json => serde_json::to_vec(&JsonOut {
                 envelope: ENVELOPE_VERSION,
-                doc,
+                route: &doc.route,
+                body: WireBodyRef::of(doc),
             })
             .map_err(|e| EncodeError::Failed(e.to_string()))?,
         };
@@ -193,8 +386,14 @@ fn decode_postcard(bytes: &[u8]) -> Result<Document, DecodeError> {
     if bytes[2] != ENVELOPE_VERSION {
         return Err(DecodeError::UnknownVersion(u64::from(bytes[2])));
     }
-    match postcard::take_from_bytes::<Document>(&bytes[3..]) {
-        Ok((doc, [])) => Ok(doc),
+    let (route_len, rest) = take_varint(&bytes[3..])?;
+    if route_len > rest.len() {
+        return Err(DecodeError::Truncated);
+    }
+    let (route, body) = rest.split_at(route_len);
+    let route = intern_route(route)?;
+    match postcard::take_from_bytes::<WireBody>(body) {
+        Ok((body, [])) => Ok(body.with_route(route)),
         Ok((_, rest)) => Err(DecodeError::TrailingBytes(rest.len())),
         Err(postcard::Error::DeserializeUnexpectedEnd) => Err(DecodeError::Truncated),
         Err(e) => Err(DecodeError::Malformed(e.to_string())),
@@ -207,7 +406,8 @@ fn decode_json(bytes: &[u8]) -> Result<Document, DecodeError> {
         return Err(DecodeError::UnknownVersion(v.envelope));
     }
     let doc: JsonIn = serde_json::from_slice(bytes).map_err(json_err)?;
-    Ok(doc.doc)
+    doc.route.check_structure()?;
+    Ok(doc.body.with_route(Arc::new(doc.route)))
 }
 
 fn json_err(e: serde_json::Error) -> DecodeError {
@@ -220,7 +420,6 @@ fn json_err(e: serde_json::Error) -> DecodeError {
 
 /// What must hold of any document before a worker follows it.
 fn check(doc: &Document) -> Result<(), DecodeError> {
-    doc.route.check_structure()?;
     if usize::from(doc.step) >= doc.route.steps.len() {
         return Err(DecodeError::Inconsistent(format!(
             "cursor at step {} of a {}-step route",
@@ -255,7 +454,7 @@ mod tests {
             .unwrap();
         Document::new(
             OrderId::new(),
-            wf.route().clone(),
+            wf.shared_route(),
             Payload::postcard(&("c-17", 3u32)).unwrap(),
         )
     }
@@ -349,7 +548,7 @@ mod tests {
         ));
 
         let mut d = doc();
-        d.route.steps.clear();
+        Arc::make_mut(&mut d.route).steps.clear();
         let bin = c.encode(&d, Format::Postcard).unwrap();
         assert!(matches!(
             c.decode(&bin, Format::Postcard),

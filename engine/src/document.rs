@@ -6,6 +6,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
@@ -166,6 +167,25 @@ impl Payload {
         })
     }
 
+    /// Decodes the payload as a `T` that may borrow from it (`&str` fields,
+    /// no copies): the cheap way for a handler to read what it needs.
+    /// Postcard payloads only borrow; JSON ones may need owned fields.
+    pub fn decode_borrowed<'a, T: Deserialize<'a>>(&'a self) -> Result<T, PayloadError> {
+        let err = |detail: String| PayloadError::Decode {
+            content_type: self.content_type.as_str(),
+            ty: std::any::type_name::<T>(),
+            detail,
+        };
+        match self.content_type {
+            ContentType::Postcard => match postcard::take_from_bytes(&self.bytes) {
+                Ok((v, [])) => Ok(v),
+                Ok((_, rest)) => Err(err(format!("{} trailing bytes", rest.len()))),
+                Err(e) => Err(err(e.to_string())),
+            },
+            ContentType::Json => serde_json::from_slice(&self.bytes).map_err(|e| err(e.to_string())),
+        }
+    }
+
     /// Decodes the payload as `T`, whichever content type it has.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
         let err = |detail: String| PayloadError::Decode {
@@ -295,7 +315,7 @@ pub enum StepKind {
 #[serde(rename_all = "lowercase")]
 pub enum AttemptResult {
     /// The handler reported a business outcome (`ok`, `declined`, …).
-    Outcome(String),
+    Outcome(compact_str::CompactString),
     /// The handler failed; `transient` errors may be retried.
     Error { message: String, transient: bool },
 }
@@ -309,7 +329,7 @@ pub struct StepRecord {
     pub attempt: u32,
     pub result: AttemptResult,
     /// Anything the handler chose to record, such as a tracking number.
-    pub detail: Option<String>,
+    pub detail: Option<compact_str::CompactString>,
     pub started_at: Timestamp,
     pub ended_at: Timestamp,
     pub worker: WorkerId,
@@ -323,11 +343,15 @@ pub struct Compensation {
 }
 
 /// One workflow instance with everything it needs to travel on its own.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+///
+/// Its wire form is defined in [`crate::codec`], not by this struct: the
+/// route, identical in every document of one workflow version, is shared
+/// (`Arc`) and travels as a section of its own that decoders intern.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Document {
     pub id: OrderId,
     /// The route the order was started with (name and version included).
-    pub route: Route,
+    pub route: Arc<Route>,
     /// How many hops were published before this one; the deduplication id of
     /// this hop is `<id>:<hop>`.
     pub hop: u32,
@@ -349,7 +373,7 @@ pub struct Document {
 
 impl Document {
     /// A new document at hop 0, about to run the route's first step.
-    pub fn new(id: OrderId, route: Route, payload: Payload) -> Self {
+    pub fn new(id: OrderId, route: Arc<Route>, payload: Payload) -> Self {
         Self {
             id,
             route,

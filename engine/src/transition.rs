@@ -22,6 +22,8 @@
 
 use std::time::Duration;
 
+use compact_str::CompactString;
+
 use crate::document::{AttemptResult, Compensation, Document, Status, StepKind, StepRecord, Timestamp};
 use crate::id::{Outcome, ServiceSubject, WorkerId};
 use crate::workflow::{Backoff, Next};
@@ -31,7 +33,10 @@ use crate::workflow::{Backoff, Next};
 pub enum StepResult {
     /// A business outcome (`ok`, `declined`, …) and an optional detail to
     /// record (such as a tracking number).
-    Outcome { outcome: String, detail: Option<String> },
+    Outcome {
+        outcome: CompactString,
+        detail: Option<CompactString>,
+    },
     /// A failure worth retrying (a gateway timeout, a lost connection).
     Transient(String),
     /// A failure retrying will not fix.
@@ -41,14 +46,14 @@ pub enum StepResult {
 impl StepResult {
     pub fn ok() -> Self {
         StepResult::Outcome {
-            outcome: "ok".into(),
+            outcome: CompactString::const_new("ok"),
             detail: None,
         }
     }
 
-    pub fn outcome(name: impl Into<String>) -> Self {
+    pub fn outcome(name: impl AsRef<str>) -> Self {
         StepResult::Outcome {
-            outcome: name.into(),
+            outcome: CompactString::new(name.as_ref()),
             detail: None,
         }
     }
@@ -180,13 +185,13 @@ pub fn apply(doc: &mut Document, attempt: Attempt) -> Result<Decision, Transitio
     Ok(decision)
 }
 
-fn forward(doc: &mut Document, outcome: String) -> Decision {
+fn forward(doc: &mut Document, outcome: CompactString) -> Decision {
     let Some(step) = doc.current_step() else {
         return fail(doc, format!("cursor {} is outside the route", doc.step));
     };
     let step_name = step.name.clone();
     let compensate = step.compensate.clone();
-    let next = match Outcome::new(outcome.clone()) {
+    let next = match Outcome::new(&outcome) {
         Ok(o) => step.next_for(&o),
         Err(e) => return fail(doc, format!("step `{step_name}` returned an invalid outcome: {e}")),
     };
@@ -281,7 +286,7 @@ mod tests {
             .step("ship", "shipping.dispatch")
             .build()
             .unwrap();
-        Document::new(OrderId::new(), wf.route().clone(), Payload::postcard(&()).unwrap())
+        Document::new(OrderId::new(), wf.shared_route(), Payload::postcard(&()).unwrap())
     }
 
     fn run(doc: &mut Document, result: StepResult) -> Decision {
@@ -411,7 +416,7 @@ mod tests {
             .on("again", Then::step("check"))
             .build()
             .unwrap();
-        let mut d = Document::new(OrderId::new(), wf.route().clone(), Payload::postcard(&()).unwrap());
+        let mut d = Document::new(OrderId::new(), wf.shared_route(), Payload::postcard(&()).unwrap());
         assert_eq!(run(&mut d, StepResult::outcome("again")), hop("s.check"));
         assert_eq!(run(&mut d, StepResult::outcome("again")), hop("s.check"));
         assert_eq!(

@@ -25,8 +25,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use compact_str::CompactString;
+use futures::stream::{FuturesUnordered, StreamExt};
 use futures::FutureExt;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -96,8 +97,8 @@ impl StepContext {
 /// detail for the history.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepOutput {
-    outcome: String,
-    detail: Option<String>,
+    outcome: CompactString,
+    detail: Option<CompactString>,
     payload: Option<Payload>,
 }
 
@@ -108,17 +109,17 @@ impl StepOutput {
     }
 
     /// A named business outcome, mapped by the route (`declined`, …).
-    pub fn outcome(name: impl Into<String>) -> Self {
+    pub fn outcome(name: impl AsRef<str>) -> Self {
         Self {
-            outcome: name.into(),
+            outcome: CompactString::new(name.as_ref()),
             detail: None,
             payload: None,
         }
     }
 
     /// Records `detail` (a tracking number, a receipt) in the history.
-    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
-        self.detail = Some(detail.into());
+    pub fn with_detail(mut self, detail: impl AsRef<str>) -> Self {
+        self.detail = Some(CompactString::new(detail.as_ref()));
         self
     }
 
@@ -285,7 +286,7 @@ impl<T: Transport> WorkerBuilder<T> {
         self
     }
 
-    /// Steps run at once, across all services.
+    /// Steps run at once, per service subject.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
         self
@@ -353,9 +354,8 @@ impl<T: Transport> WorkerBuilder<T> {
             ack_wait: self.ack_wait,
             max_deliver: self.max_deliver,
             batch: self.batch,
-            permits: Arc::new(Semaphore::new(self.concurrency)),
+            concurrency: self.concurrency,
             cancel: cancel.clone(),
-            tracker: tracker.clone(),
         });
         let mut consumers = Vec::with_capacity(services.len());
         for svc in &services {
@@ -429,62 +429,55 @@ struct Shared<T> {
     ack_wait: Duration,
     max_deliver: u32,
     batch: usize,
-    permits: Arc<Semaphore>,
+    concurrency: usize,
     cancel: CancellationToken,
-    tracker: TaskTracker,
 }
 
-/// Fetches work for one service while permits allow, and runs each message
-/// in a task of its own.
+/// Fetches work for one service and runs up to `concurrency` steps at once,
+/// driving them inside this task (no task per message: the hot path of the
+/// embedded default is measured in microseconds).
 async fn pump<T: Transport>(shared: Arc<Shared<T>>, svc: Arc<Service>, mut consumer: T::Consumer) {
+    let mut running = FuturesUnordered::new();
     let mut failures = 0u32;
+    let limit = shared.concurrency;
     loop {
-        let first = tokio::select! {
-            biased;
-            _ = shared.cancel.cancelled() => return,
-            p = shared.permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => return, // semaphore closed: shutting down
-            },
-        };
-        let mut permits: Vec<OwnedSemaphorePermit> = vec![first];
-        while permits.len() < shared.batch {
-            match shared.permits.clone().try_acquire_owned() {
-                Ok(p) => permits.push(p),
-                Err(_) => break,
-            }
+        let room = limit - running.len();
+        let fetching = room > 0 && !shared.cancel.is_cancelled();
+        if !fetching && running.is_empty() {
+            return;
         }
-        let batch = tokio::select! {
+        tokio::select! {
             biased;
-            _ = shared.cancel.cancelled() => return,
-            r = consumer.fetch(permits.len()) => r,
-        };
-        let deliveries = match batch {
-            Ok(d) => {
-                failures = 0;
-                d
-            }
-            Err(e) => {
-                failures += 1;
-                let wait = Duration::from_millis(50 * u64::from(failures.min(40)));
-                tracing::warn!(error = %e, retry_in = ?wait, "fetch failed");
-                if !e.is_retryable() && failures > 20 {
-                    tracing::error!(error = %e, "giving up on this service");
-                    return;
+            Some(()) = running.next(), if !running.is_empty() => {}
+            _ = shared.cancel.cancelled(), if fetching => {}
+            batch = consumer.fetch(room.min(shared.batch)), if fetching => match batch {
+                Ok(deliveries) => {
+                    failures = 0;
+                    for d in deliveries {
+                        running.push(process(&shared, &svc, d));
+                    }
                 }
-                tokio::select! {
-                    _ = shared.cancel.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => continue,
+                Err(e) => {
+                    failures += 1;
+                    let wait = Duration::from_millis(50 * u64::from(failures.min(40)));
+                    tracing::warn!(error = %e, retry_in = ?wait, "fetch failed");
+                    if !e.is_retryable() && failures > 20 {
+                        tracing::error!(error = %e, "giving up on this service");
+                        shared.cancel.cancel();
+                        continue;
+                    }
+                    // Keep finishing what runs while waiting to fetch again.
+                    let pause = tokio::time::sleep(wait);
+                    tokio::pin!(pause);
+                    loop {
+                        tokio::select! {
+                            _ = &mut pause => break,
+                            _ = shared.cancel.cancelled() => break,
+                            Some(()) = running.next(), if !running.is_empty() => {}
+                        }
+                    }
                 }
-            }
-        };
-        for (delivery, permit) in deliveries.into_iter().zip(permits.drain(..)) {
-            let shared2 = shared.clone();
-            let svc = svc.clone();
-            shared.tracker.spawn(async move {
-                process(&shared2, &svc, delivery).await;
-                drop(permit);
-            });
+            },
         }
     }
 }
@@ -655,23 +648,31 @@ async fn run_guarded(
     delivery: &impl Delivery,
     ack_wait: Duration,
 ) -> Result<StepOutput, StepError> {
-    let guarded = tokio::time::timeout(timeout, AssertUnwindSafe(fut).catch_unwind());
-    let outcome = if timeout > ack_wait / 2 {
-        tokio::pin!(guarded);
-        let mut tick = tokio::time::interval(ack_wait / 3);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                r = &mut guarded => break r,
-                _ = tick.tick() => {
-                    if let Err(e) = delivery.in_progress().await {
-                        tracing::warn!(error = %e, "could not extend the ack deadline");
+    let mut fut = AssertUnwindSafe(fut).catch_unwind();
+    // Most handlers of an in-process service finish on their first poll:
+    // those need no timer at all.
+    let outcome = match futures::poll!(&mut fut) {
+        std::task::Poll::Ready(r) => Ok(r),
+        std::task::Poll::Pending => {
+            let guarded = tokio::time::timeout(timeout, fut);
+            if timeout > ack_wait / 2 {
+                tokio::pin!(guarded);
+                let mut tick = tokio::time::interval(ack_wait / 3);
+                tick.tick().await;
+                loop {
+                    tokio::select! {
+                        r = &mut guarded => break r,
+                        _ = tick.tick() => {
+                            if let Err(e) = delivery.in_progress().await {
+                                tracing::warn!(error = %e, "could not extend the ack deadline");
+                            }
+                        }
                     }
                 }
+            } else {
+                guarded.await
             }
         }
-    } else {
-        guarded.await
     };
     match outcome {
         Ok(Ok(r)) => r,

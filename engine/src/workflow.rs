@@ -454,6 +454,11 @@ impl Workflow {
         &self.route
     }
 
+    /// The shared route, as documents carry it.
+    pub fn shared_route(&self) -> Arc<Route> {
+        self.route.clone()
+    }
+
     /// Every service subject the route can send a document to (steps and
     /// compensations), without repeats.
     pub fn services(&self) -> Vec<ServiceSubject> {

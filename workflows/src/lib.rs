@@ -9,6 +9,7 @@
 //!  "payment": {"card": "4242424242424242"}, "ship_to": {"country": "DE", "zip": "10115"}}
 //! ```
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -111,6 +112,56 @@ impl Order {
     }
 }
 
+/// A borrowed view of an encoded [`Order`]: the same fields, read without
+/// copying strings. Handlers that only read an order use it
+/// (`payload.decode_borrowed::<OrderView>()`); the field order matches
+/// [`Order`], which a test checks.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct OrderView<'a> {
+    #[serde(borrow)]
+    pub customer: Cow<'a, str>,
+    #[serde(borrow)]
+    pub items: Vec<ItemView<'a>>,
+    #[serde(borrow)]
+    pub payment: PaymentView<'a>,
+    #[serde(borrow)]
+    pub ship_to: AddressView<'a>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ItemView<'a> {
+    #[serde(borrow)]
+    pub sku: Cow<'a, str>,
+    pub qty: i64,
+    pub unit_price_cents: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PaymentView<'a> {
+    #[serde(borrow)]
+    pub card: Cow<'a, str>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AddressView<'a> {
+    #[serde(borrow)]
+    pub country: Cow<'a, str>,
+    #[serde(borrow)]
+    pub zip: Cow<'a, str>,
+}
+
+impl OrderView<'_> {
+    /// Σ quantity × unit price, in cents.
+    pub fn total_cents(&self) -> Result<i64, InvalidOrder> {
+        self.items.iter().try_fold(0i64, |sum, item| {
+            item.qty
+                .checked_mul(item.unit_price_cents)
+                .and_then(|line| sum.checked_add(line))
+                .ok_or_else(|| invalid("items", "the order total does not fit in 64 bits"))
+        })
+    }
+}
+
 impl WorkflowPayload for Order {
     fn validate(&self) -> Result<(), String> {
         self.check().map_err(|e| e.to_string())
@@ -159,6 +210,20 @@ mod tests {
         let back: serde_json::Value = serde_json::to_value(&o).unwrap();
         let want: serde_json::Value = serde_json::from_str(EXAMPLE).unwrap();
         assert_eq!(back, want);
+    }
+
+    #[test]
+    fn the_borrowed_view_reads_both_encodings() {
+        let o: Order = serde_json::from_str(EXAMPLE).unwrap();
+        for p in [waybill::Payload::postcard(&o).unwrap(), waybill::Payload::json(&o).unwrap()] {
+            let v: OrderView = p.decode_borrowed().unwrap();
+            assert_eq!(v.customer, o.customer);
+            assert_eq!(v.items.len(), 1);
+            assert_eq!(v.items[0].sku, "SKU-1");
+            assert_eq!(v.total_cents().unwrap(), o.total_cents().unwrap());
+            assert_eq!(v.payment.card, o.payment.card);
+            assert_eq!((v.ship_to.country.as_ref(), v.ship_to.zip.as_ref()), ("DE", "10115"));
+        }
     }
 
     #[test]

@@ -17,6 +17,7 @@
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -61,8 +62,62 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct Dedup {
-    ids: HashMap<Arc<str>, u64>,
-    order: VecDeque<(Instant, Arc<str>)>,
+    ids: HashMap<DedupKey, u64, BuildHasherDefault<KeyHasher>>,
+    order: VecDeque<(Instant, DedupKey)>,
+}
+
+/// A message id, kept compact: Waybill's own `<uuid>:<hop>` ids as numbers
+/// (no allocation, cheap to hash), anything else as text.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum DedupKey {
+    Hop(u128, u32),
+    Text(Arc<str>),
+}
+
+impl DedupKey {
+    fn of(id: &str) -> Self {
+        if let Some((text, hop)) = id.split_once(':') {
+            // Only the canonical form (as OrderId prints it) maps to a number,
+            // so two different texts never share a key.
+            let canonical = text.len() == 36 && !text.bytes().any(|b| b.is_ascii_uppercase());
+            let canonical_hop = !hop.starts_with(['0', '+']) || hop == "0";
+            if let (true, true, Ok(order), Ok(hop)) =
+                (canonical, canonical_hop, uuid::Uuid::try_parse(text), hop.parse::<u32>())
+            {
+                return DedupKey::Hop(order.as_u128(), hop);
+            }
+        }
+        DedupKey::Text(id.into())
+    }
+}
+
+/// A fast multiplicative hasher for dedup keys. Ids are UUIDs whose low bits
+/// are random; the embedded transport serves one process, so hash flooding
+/// is not a concern here.
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut buf = [0u8; 8];
+            buf[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(buf));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+    fn write_u128(&mut self, n: u128) {
+        self.write_u64(n as u64);
+        self.write_u64((n >> 64) as u64);
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
 }
 
 #[derive(Debug, Default)]
@@ -231,20 +286,21 @@ impl ConsumerState {
                 q.ready.push_back(d.pending);
             }
         }
-        while q.deadlines.front().is_some_and(|d| d.0 <= now) {
-            let Some((_, seq, token)) = q.deadlines.pop_front() else {
-                break;
-            };
-            // An entry is stale when its delivery was settled or extended.
-            let current = q
-                .inflight
-                .get(&seq)
-                .is_some_and(|i| i.token == token && i.deadline <= now);
-            if !current {
-                continue;
-            }
-            if let Some(inf) = q.inflight.remove(&seq) {
-                self.requeue(q, inf, None, "its ack deadline passed");
+        while let Some(&(at, seq, token)) = q.deadlines.front() {
+            // An entry is stale when its delivery was settled or its deadline
+            // extended; stale entries are dropped early so the list stays
+            // as short as the deliveries in flight.
+            match q.inflight.get(&seq).filter(|i| i.token == token) {
+                Some(i) if i.deadline == at && at > now => break,
+                Some(i) if i.deadline == at => {
+                    q.deadlines.pop_front();
+                    if let Some(inf) = q.inflight.remove(&seq) {
+                        self.requeue(q, inf, None, "its ack deadline passed");
+                    }
+                }
+                _ => {
+                    q.deadlines.pop_front();
+                }
             }
         }
     }
@@ -400,16 +456,16 @@ impl Transport for Embedded {
                         d.ids.remove(&old);
                     }
                 }
-                if let Some(&seq) = d.ids.get(id.as_str()) {
+                let key = DedupKey::of(&id);
+                if let Some(&seq) = d.ids.get(&key) {
                     return Ok(PublishAck {
                         sequence: seq,
                         duplicate: true,
                     });
                 }
                 let seq = self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1;
-                let id: Arc<str> = id.into();
-                d.ids.insert(id.clone(), seq);
-                d.order.push_back((now, id));
+                d.ids.insert(key.clone(), seq);
+                d.order.push_back((now, key));
                 seq
             }
             None => self.inner.seq.fetch_add(1, Ordering::Relaxed) + 1,

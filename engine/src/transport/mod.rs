@@ -55,7 +55,11 @@ impl Error {
 
 /// Message headers: an ordered list of name/value pairs.
 #[derive(Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(Cow<'static, str>, String)>);
+pub struct Headers(Vec<(Cow<'static, str>, HeaderValue)>);
+
+/// A header value: short values and `&'static str` values are stored
+/// without allocating.
+pub type HeaderValue = compact_str::CompactString;
 
 impl Headers {
     pub fn new() -> Self {
@@ -67,13 +71,19 @@ impl Headers {
     }
 
     /// Sets `name` (replacing any value it had).
-    pub fn insert(&mut self, name: impl Into<Cow<'static, str>>, value: impl Into<String>) {
+    pub fn insert(&mut self, name: impl Into<Cow<'static, str>>, value: impl Into<HeaderValue>) {
         let name = name.into();
         let value = value.into();
         match self.0.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
             Some(slot) => slot.1 = value,
             None => self.0.push((name, value)),
         }
+    }
+
+    /// Adds `name` without looking for an earlier value (for building
+    /// headers whose names are known to be distinct).
+    pub fn append(&mut self, name: impl Into<Cow<'static, str>>, value: impl Into<HeaderValue>) {
+        self.0.push((name.into(), value.into()));
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {

@@ -173,10 +173,10 @@ impl StockStore for MemoryStock {
 }
 
 /// The quantities an order asks for, per SKU (lines of one SKU added up).
-pub fn lines_of(order: &waybill_workflows::Order) -> Result<BTreeMap<String, i64>, StepError> {
+pub fn lines_of(order: &waybill_workflows::OrderView<'_>) -> Result<BTreeMap<String, i64>, StepError> {
     let mut lines = BTreeMap::new();
     for item in &order.items {
-        let q = lines.entry(item.sku.clone()).or_insert(0i64);
+        let q = lines.entry(item.sku.to_string()).or_insert(0i64);
         *q = q
             .checked_add(item.qty)
             .ok_or_else(|| StepError::permanent(format!("quantity of {} overflows", item.sku)))?;

@@ -17,12 +17,12 @@ pub use shipping::{tracking_number, MemoryShipments, ShipmentLog, ShippingServic
 
 use waybill::transport::Transport;
 use waybill::{Payload, StepContext, StepError, WorkerBuilder};
-use waybill_workflows::Order;
+use waybill_workflows::OrderView;
 
-/// Decodes the order a step works on; a payload that is not an order is a
-/// permanent error.
-pub(crate) fn order_of(payload: &Payload) -> Result<Order, StepError> {
-    Ok(payload.decode::<Order>()?)
+/// Reads the order a step works on (without copying it); a payload that is
+/// not an order is a permanent error.
+pub(crate) fn order_of(payload: &Payload) -> Result<OrderView<'_>, StepError> {
+    Ok(payload.decode_borrowed::<OrderView>()?)
 }
 
 /// The three services with in-memory state, as the embedded default runs

@@ -118,7 +118,7 @@ impl<L: Ledger> PaymentService<L> {
     /// ending `0119` fails at the gateway on its first two attempts.
     pub async fn charge(&self, ctx: StepContext, payload: Payload) -> Result<StepOutput, StepError> {
         let order = order_of(&payload)?;
-        let card = order.payment.card.as_str();
+        let card: &str = &order.payment.card;
         if card.ends_with("0002") {
             return Ok(StepOutput::outcome("declined").with_detail("card declined"));
         }
