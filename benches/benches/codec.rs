@@ -49,14 +49,14 @@ fn codec(c: &mut Criterion) {
     }
     c.bench_function("transition/ok", |b| {
         b.iter_batched(
-            || typical(),
+            typical,
             |mut d| transition::apply(&mut d, attempt(StepResult::ok())).expect("running"),
             criterion::BatchSize::SmallInput,
         )
     });
     c.bench_function("transition/permanent_failure", |b| {
         b.iter_batched(
-            || typical(),
+            typical,
             |mut d| transition::apply(&mut d, attempt(StepResult::Permanent("no".into()))).expect("running"),
             criterion::BatchSize::SmallInput,
         )

@@ -256,7 +256,12 @@ fn intern_route(bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
     }
     let route: Route = match postcard::take_from_bytes(bytes) {
         Ok((route, [])) => route,
-        Ok((_, rest)) => return Err(DecodeError::Malformed(format!("route has {} trailing bytes", rest.len()))),
+        Ok((_, rest)) => {
+            return Err(DecodeError::Malformed(format!(
+                "route has {} trailing bytes",
+                rest.len()
+            )))
+        }
         Err(postcard::Error::DeserializeUnexpectedEnd) => return Err(DecodeError::Truncated),
         Err(e) => return Err(DecodeError::Malformed(format!("route: {e}"))),
     };

@@ -29,7 +29,10 @@ pub fn for_hop(doc: &Document, format: Format) -> Headers {
     h.append(WORKFLOW, CompactString::new(doc.route.workflow.as_str()));
     h.append(VERSION, doc.route.version.to_compact_string());
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    h.append(ORDER, CompactString::new(doc.id.as_uuid().hyphenated().encode_lower(&mut buf)));
+    h.append(
+        ORDER,
+        CompactString::new(doc.id.as_uuid().hyphenated().encode_lower(&mut buf)),
+    );
     h.append(HOP, doc.hop.to_compact_string());
     if let Some(t) = doc.target() {
         h.append(SERVICE, CompactString::new(t.service.as_str()));

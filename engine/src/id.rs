@@ -54,9 +54,9 @@ fn check_dotted(kind: &'static str, name: &str, allow_dots: bool) -> Result<(), 
     for &b in name.as_bytes() {
         let dot = b == b'.';
         if !(b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (allow_dots && dot)) {
-            let bad = name.chars().find(|&c| {
-                !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || (allow_dots && c == '.'))
-            });
+            let bad = name
+                .chars()
+                .find(|&c| !(c.is_ascii_alphanumeric() || c == '-' || c == '_' || (allow_dots && c == '.')));
             return Err(NameError::BadCharacter {
                 kind,
                 name: name.to_owned(),

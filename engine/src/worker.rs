@@ -228,6 +228,7 @@ pub struct WorkerBuilder<T> {
     id: WorkerId,
     concurrency: usize,
     batch: usize,
+    pumps: usize,
     ack_wait: Duration,
     max_deliver: u32,
     codec: Codec,
@@ -257,6 +258,7 @@ impl Worker {
             id: WorkerId::from_process(),
             concurrency: 256,
             batch: 64,
+            pumps: std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
             codec: Codec::default(),
@@ -289,6 +291,14 @@ impl<T: Transport> WorkerBuilder<T> {
     /// Steps run at once, per service subject.
     pub fn concurrency(mut self, n: usize) -> Self {
         self.concurrency = n;
+        self
+    }
+
+    /// Fetch loops per service, each on its own handle of the service's
+    /// consumer (default: one per core, at most 8). The concurrency is
+    /// shared among them.
+    pub fn pumps(mut self, n: usize) -> Self {
+        self.pumps = n.max(1);
         self
     }
 
@@ -354,27 +364,36 @@ impl<T: Transport> WorkerBuilder<T> {
             ack_wait: self.ack_wait,
             max_deliver: self.max_deliver,
             batch: self.batch,
-            concurrency: self.concurrency,
             cancel: cancel.clone(),
         });
+        // Open every consumer before serving any: a misconfigured one fails
+        // the start with nothing running.
         let mut consumers = Vec::with_capacity(services.len());
-        for svc in &services {
+        for svc in services {
             let mut cfg = ConsumerConfig::new(subject::service_consumer(&svc.service), subject::hop(&svc.service));
             cfg.ack_wait = shared.ack_wait;
             cfg.max_deliver = shared.max_deliver;
-            let consumer = shared
-                .transport
-                .consumer(cfg)
-                .await
-                .map_err(|source| WorkerError::Consumer {
-                    service: svc.service.to_string(),
-                    source,
-                })?;
-            consumers.push(consumer);
+            let mut handles = Vec::with_capacity(self.pumps);
+            for _ in 0..self.pumps {
+                let consumer =
+                    shared
+                        .transport
+                        .consumer(cfg.clone())
+                        .await
+                        .map_err(|source| WorkerError::Consumer {
+                            service: svc.service.to_string(),
+                            source,
+                        })?;
+                handles.push(consumer);
+            }
+            consumers.push((Arc::new(svc), handles));
         }
-        for (svc, consumer) in services.into_iter().zip(consumers) {
-            let span = tracing::info_span!("pump", service = %svc.service);
-            tracker.spawn(pump(shared.clone(), Arc::new(svc), consumer).instrument(span));
+        let per_pump = self.concurrency.div_ceil(self.pumps).max(1);
+        for (svc, handles) in consumers {
+            for (n, consumer) in handles.into_iter().enumerate() {
+                let span = tracing::info_span!("pump", service = %svc.service, pump = n);
+                tracker.spawn(pump(shared.clone(), svc.clone(), consumer, per_pump).instrument(span));
+            }
         }
         Ok(WorkerHandle {
             cancel,
@@ -429,17 +448,15 @@ struct Shared<T> {
     ack_wait: Duration,
     max_deliver: u32,
     batch: usize,
-    concurrency: usize,
     cancel: CancellationToken,
 }
 
 /// Fetches work for one service and runs up to `concurrency` steps at once,
 /// driving them inside this task (no task per message: the hot path of the
 /// embedded default is measured in microseconds).
-async fn pump<T: Transport>(shared: Arc<Shared<T>>, svc: Arc<Service>, mut consumer: T::Consumer) {
+async fn pump<T: Transport>(shared: Arc<Shared<T>>, svc: Arc<Service>, mut consumer: T::Consumer, limit: usize) {
     let mut running = FuturesUnordered::new();
     let mut failures = 0u32;
-    let limit = shared.concurrency;
     loop {
         let room = limit - running.len();
         let fetching = room > 0 && !shared.cancel.is_cancelled();

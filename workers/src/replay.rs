@@ -24,7 +24,11 @@ pub enum ReplayError {
         source: std::io::Error,
     },
     #[error("{}, line {line}: {message}", path.display())]
-    Line { path: PathBuf, line: usize, message: String },
+    Line {
+        path: PathBuf,
+        line: usize,
+        message: String,
+    },
     #[error("{}: no order flows found (expected .jsonl files)", path.display())]
     Empty { path: PathBuf },
     #[error("stock file {}: {message}", path.display())]
@@ -115,7 +119,9 @@ pub fn load(path: &Path, registry: &Registry) -> Result<FlowFile, ReplayError> {
             None => waybill_workflows::ORDER.to_owned(),
         };
         let json = serde_json::to_vec(&map).map_err(|e| err(e.to_string()))?;
-        let (workflow, payload) = registry.prepare_json(&workflow, &json).map_err(|e| err(e.to_string()))?;
+        let (workflow, payload) = registry
+            .prepare_json(&workflow, &json)
+            .map_err(|e| err(e.to_string()))?;
         orders.push(PreparedOrder {
             line,
             expect,
@@ -332,7 +338,9 @@ impl EmbeddedRuntime {
                 }
             };
             progressed = true;
-            let Some((o, started)) = in_flight.remove(&id) else { continue };
+            let Some((o, started)) = in_flight.remove(&id) else {
+                continue;
+            };
             finished_at.push(began.elapsed());
             on_done();
             match result {
@@ -365,7 +373,11 @@ impl EmbeddedRuntime {
             cancelled: count(Status::Cancelled),
             mismatches,
             seconds,
-            orders_per_sec: if seconds > 0.0 { orders.len() as f64 / seconds } else { 0.0 },
+            orders_per_sec: if seconds > 0.0 {
+                orders.len() as f64 / seconds
+            } else {
+                0.0
+            },
             steady_orders_per_sec: steady_rate(&finished_at),
             p50_ms: percentile_ms(&latencies, 50.0),
             p99_ms: percentile_ms(&latencies, 99.0),

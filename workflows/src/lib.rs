@@ -82,7 +82,10 @@ impl Order {
                 return Err(invalid(format!("items[{i}].sku"), "must not be empty"));
             }
             if item.qty < 1 {
-                return Err(invalid(format!("items[{i}].qty"), format!("must be at least 1, got {}", item.qty)));
+                return Err(invalid(
+                    format!("items[{i}].qty"),
+                    format!("must be at least 1, got {}", item.qty),
+                ));
             }
             if item.unit_price_cents < 0 {
                 return Err(invalid(
@@ -215,7 +218,10 @@ mod tests {
     #[test]
     fn the_borrowed_view_reads_both_encodings() {
         let o: Order = serde_json::from_str(EXAMPLE).unwrap();
-        for p in [waybill::Payload::postcard(&o).unwrap(), waybill::Payload::json(&o).unwrap()] {
+        for p in [
+            waybill::Payload::postcard(&o).unwrap(),
+            waybill::Payload::json(&o).unwrap(),
+        ] {
             let v: OrderView = p.decode_borrowed().unwrap();
             assert_eq!(v.customer, o.customer);
             assert_eq!(v.items.len(), 1);
@@ -229,10 +235,17 @@ mod tests {
     #[test]
     fn invalid_orders_name_the_field() {
         let base: Order = serde_json::from_str(EXAMPLE).unwrap();
-        let cases: Vec<(Box<dyn Fn(&mut Order)>, &str)> = vec![
+        type Change = Box<dyn Fn(&mut Order)>;
+        let cases: Vec<(Change, &str)> = vec![
             (Box::new(|o| o.items.clear()), "items: an order needs at least one item"),
-            (Box::new(|o| o.items[0].qty = 0), "items[0].qty: must be at least 1, got 0"),
-            (Box::new(|o| o.items[0].qty = -3), "items[0].qty: must be at least 1, got -3"),
+            (
+                Box::new(|o| o.items[0].qty = 0),
+                "items[0].qty: must be at least 1, got 0",
+            ),
+            (
+                Box::new(|o| o.items[0].qty = -3),
+                "items[0].qty: must be at least 1, got -3",
+            ),
             (
                 Box::new(|o| o.items[0].unit_price_cents = -1),
                 "items[0].unit_price_cents: must not be negative, got -1",
@@ -269,7 +282,10 @@ mod tests {
         assert!(e.unwrap_err().to_string().contains("unknown field `extra`"));
         let e = r.prepare_json("refund", EXAMPLE.as_bytes()).unwrap_err();
         assert!(e.to_string().contains("unknown workflow `refund`"));
-        let e = r.prepare_json("order", br#"{"customer":"c","items":"many"}"#).unwrap_err().to_string();
+        let e = r
+            .prepare_json("order", br#"{"customer":"c","items":"many"}"#)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("invalid type"), "{e}");
         assert!(r.prepare_json("order", EXAMPLE.as_bytes()).is_ok());
     }

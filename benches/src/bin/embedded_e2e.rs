@@ -57,7 +57,11 @@ fn main() -> anyhow::Result<()> {
             })
             .await?
         })?;
-        anyhow::ensure!(report.ok(), "run {run}: {} orders did not end as expected", report.mismatches.len());
+        anyhow::ensure!(
+            report.ok(),
+            "run {run}: {} orders did not end as expected",
+            report.mismatches.len()
+        );
         println!(
             "run {run}: {} orders in {:.2} s: {:.0} orders/s overall, {:.0} orders/s sustained, p50 {:.2} ms, p99 {:.2} ms",
             report.orders,
@@ -67,7 +71,12 @@ fn main() -> anyhow::Result<()> {
             report.p50_ms,
             report.p99_ms
         );
-        rates.push((report.orders_per_sec, report.steady_orders_per_sec, report.p50_ms, report.p99_ms));
+        rates.push((
+            report.orders_per_sec,
+            report.steady_orders_per_sec,
+            report.p50_ms,
+            report.p99_ms,
+        ));
     }
     let median = |f: fn(&(f64, f64, f64, f64)) -> f64| {
         let mut v: Vec<f64> = rates.iter().map(f).collect();

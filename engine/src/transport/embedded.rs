@@ -81,9 +81,12 @@ impl DedupKey {
             // so two different texts never share a key.
             let canonical = text.len() == 36 && !text.bytes().any(|b| b.is_ascii_uppercase());
             let canonical_hop = !hop.starts_with(['0', '+']) || hop == "0";
-            if let (true, true, Ok(order), Ok(hop)) =
-                (canonical, canonical_hop, uuid::Uuid::try_parse(text), hop.parse::<u32>())
-            {
+            if let (true, true, Ok(order), Ok(hop)) = (
+                canonical,
+                canonical_hop,
+                uuid::Uuid::try_parse(text),
+                hop.parse::<u32>(),
+            ) {
                 return DedupKey::Hop(order.as_u128(), hop);
             }
         }

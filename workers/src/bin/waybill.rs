@@ -16,7 +16,11 @@ use waybill_workers::replay::{self, EmbeddedRuntime, FileReport, ReplayOptions};
 use waybill_workflows::samples::{self, Kind};
 
 #[derive(Parser, Debug)]
-#[command(name = "waybill", version, about = "Waybill: workflows whose documents carry their own route")]
+#[command(
+    name = "waybill",
+    version,
+    about = "Waybill: workflows whose documents carry their own route"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -165,7 +169,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 for d in &dead {
                     println!("dead letter on {}: {}", d.message.subject, d.reason);
                 }
-                println!("{}", if ok { "all orders ended as expected" } else { "MISMATCHES: see above" });
+                println!(
+                    "{}",
+                    if ok {
+                        "all orders ended as expected"
+                    } else {
+                        "MISMATCHES: see above"
+                    }
+                );
             }
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }

@@ -123,7 +123,9 @@ impl<L: Ledger> PaymentService<L> {
             return Ok(StepOutput::outcome("declined").with_detail("card declined"));
         }
         if card.ends_with("0119") && ctx.attempt <= 2 {
-            return Err(StepError::transient("payment gateway unavailable (simulated for cards ending 0119)"));
+            return Err(StepError::transient(
+                "payment gateway unavailable (simulated for cards ending 0119)",
+            ));
         }
         let amount = order.total_cents().map_err(|e| StepError::permanent(e.to_string()))?;
         let entry = self

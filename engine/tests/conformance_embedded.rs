@@ -1,0 +1,113 @@
+//! The transport conformance suite against the embedded transport, plus what
+//! only the embedded transport promises (dead letters for exhausted
+//! deliveries). Time is paused: waits of seconds cost nothing.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use waybill::transport::{conformance, Consumer, ConsumerConfig, Embedded, Headers, Outgoing, Transport};
+
+#[tokio::test(start_paused = true)]
+async fn ack_settles() {
+    conformance::ack_settles(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn nak_with_delay_redelivers_later() {
+    conformance::nak_with_delay_redelivers_later(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn ack_deadline_redelivers() {
+    conformance::ack_deadline_redelivers(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_deliver_is_respected() {
+    conformance::max_deliver_is_respected(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn term_stops_redelivery() {
+    conformance::term_stops_redelivery(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn duplicates_are_dropped() {
+    conformance::duplicates_are_dropped(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shared_consumer_splits_work() {
+    conformance::shared_consumer_splits_work(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn earlier_messages_reach_a_new_consumer() {
+    conformance::earlier_messages_reach_a_new_consumer(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_checks_share_one_transport() {
+    conformance::run_all(&Embedded::new()).await;
+}
+
+fn msg(subject: &str, body: &'static str) -> Outgoing {
+    Outgoing {
+        subject: subject.into(),
+        msg_id: None,
+        headers: Headers::new(),
+        payload: Bytes::from_static(body.as_bytes()),
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_deliveries_become_a_dead_letter_with_the_reason() {
+    let t = Embedded::new();
+    let mut cfg = ConsumerConfig::new("poison", "x.poison");
+    cfg.ack_wait = Duration::from_secs(1);
+    cfg.max_deliver = 3;
+    let mut c = t.consumer(cfg).await.unwrap();
+    t.publish(msg("x.poison", "crash me")).await.unwrap();
+    for _ in 0..3 {
+        // Taken and never settled, as by a worker that crashes.
+        let d = c.fetch(1).await.unwrap();
+        drop(d);
+    }
+    // Consumers notice the expired last delivery while they fetch: it is
+    // not delivered a fourth time, and becomes a dead letter.
+    let again = tokio::time::timeout(Duration::from_secs(5), c.fetch(1)).await;
+    assert!(again.is_err(), "delivered past max_deliver");
+    tokio::time::timeout(Duration::from_secs(5), t.wait_for_dead_letters(1))
+        .await
+        .expect("the message should be dead-lettered");
+    let dead = t.dead_letters();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].message.payload, Bytes::from_static(b"crash me"));
+    assert_eq!(dead[0].consumer, "poison");
+    assert!(dead[0].reason.contains("delivered 3 times"), "{}", dead[0].reason);
+    assert_eq!(t.consumer_stats("poison").unwrap().unacked(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_consumer_refuses_a_changed_configuration() {
+    let t = Embedded::new();
+    t.consumer(ConsumerConfig::new("c", "a.b")).await.unwrap();
+    let e = t.consumer(ConsumerConfig::new("c", "a.c")).await.unwrap_err();
+    assert!(e.to_string().contains("different configuration"), "{e}");
+    let e = t.consumer(ConsumerConfig::new("d", "a.*")).await.unwrap_err();
+    assert!(e.to_string().contains("filter subject"), "{e}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn oversized_messages_are_refused() {
+    let t = Embedded::with_config(waybill::transport::EmbeddedConfig {
+        max_message_size: 8,
+        ..Default::default()
+    });
+    let e = t.publish(msg("a.b", "far too long a message")).await.unwrap_err();
+    assert!(matches!(e, waybill::transport::Error::TooLarge { .. }), "{e}");
+    assert!(!e.is_retryable());
+}

@@ -1,0 +1,244 @@
+//! Properties of routes, transitions and the codec, over generated inputs.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::time::Duration;
+
+use proptest::prelude::*;
+use waybill::transition::{apply, Attempt, Decision, StepResult};
+use waybill::{
+    AttemptResult, Backoff, Codec, Document, Format, OrderId, Payload, Status, StepKind, Then, Timestamp, WorkerId,
+    Workflow,
+};
+
+/// A definition drawn at random; many do not build (unreachable steps,
+/// unbounded loops), and those are skipped.
+#[derive(Debug, Clone)]
+struct Def {
+    steps: Vec<StepDef>,
+}
+
+#[derive(Debug, Clone)]
+struct StepDef {
+    compensated: bool,
+    attempts: u32,
+    max_visits: Option<u32>,
+    branches: Vec<(u8, BranchTo)>,
+}
+
+#[derive(Debug, Clone)]
+enum BranchTo {
+    Step(usize),
+    Fail,
+    Complete,
+    Continue,
+}
+
+const OUTCOMES: [&str; 3] = ["ok", "alt", "odd"];
+
+fn step_def(n: usize) -> impl Strategy<Value = StepDef> {
+    let branch = prop_oneof![
+        (0..n).prop_map(BranchTo::Step),
+        Just(BranchTo::Fail),
+        Just(BranchTo::Complete),
+        Just(BranchTo::Continue),
+    ];
+    (
+        any::<bool>(),
+        1u32..4,
+        proptest::option::of(1u32..4),
+        proptest::collection::vec((0u8..3, branch), 0..3),
+    )
+        .prop_map(|(compensated, attempts, max_visits, branches)| StepDef {
+            compensated,
+            attempts,
+            max_visits,
+            branches,
+        })
+}
+
+fn def() -> impl Strategy<Value = Def> {
+    (1usize..6).prop_flat_map(|n| proptest::collection::vec(step_def(n), n).prop_map(|steps| Def { steps }))
+}
+
+fn build(d: &Def) -> Option<Workflow> {
+    let mut b = Workflow::builder("prop", 1);
+    for (i, s) in d.steps.iter().enumerate() {
+        b = b
+            .step(format!("s{i}"), format!("svc.s{i}"))
+            .retry(Backoff::fixed(s.attempts, Duration::from_millis(1)));
+        if s.compensated {
+            b = b.compensate(format!("svc.undo{i}"));
+        }
+        if let Some(v) = s.max_visits {
+            b = b.max_visits(v);
+        }
+        let mut seen = Vec::new();
+        for (o, to) in &s.branches {
+            if seen.contains(o) {
+                continue;
+            }
+            seen.push(*o);
+            let then = match to {
+                BranchTo::Step(j) => Then::step(format!("s{j}")),
+                BranchTo::Fail => Then::Fail,
+                BranchTo::Complete => Then::Complete,
+                BranchTo::Continue => Then::Continue,
+            };
+            b = b.on(OUTCOMES[usize::from(*o)], then);
+        }
+    }
+    b.build().ok()
+}
+
+/// What a handler does on one attempt, drawn at random.
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    Outcome(u8),
+    Transient,
+    Permanent,
+}
+
+fn act() -> impl Strategy<Value = Act> {
+    prop_oneof![
+        6 => (0u8..3).prop_map(Act::Outcome),
+        2 => Just(Act::Transient),
+        1 => Just(Act::Permanent),
+    ]
+}
+
+fn attempt(result: StepResult) -> Attempt {
+    Attempt {
+        result,
+        worker: WorkerId::new("prop"),
+        started_at: Timestamp(1),
+        ended_at: Timestamp(2),
+        jitter: 0.5,
+    }
+}
+
+/// Drives a document to its end with the given acts (cycled), compensations
+/// always succeeding; returns the final document and how many attempts ran.
+fn drive(wf: &Workflow, acts: &[Act]) -> (Document, usize) {
+    let mut doc = Document::new(OrderId::new(), wf.shared_route(), Payload::postcard(&()).unwrap());
+    let mut n = 0;
+    loop {
+        let before = doc.history.len();
+        let result = match doc.status {
+            Status::Compensating => StepResult::ok(),
+            _ => match acts[n % acts.len()] {
+                Act::Outcome(o) => StepResult::outcome(OUTCOMES[usize::from(o)]),
+                Act::Transient => StepResult::Transient("flaky".into()),
+                Act::Permanent => StepResult::Permanent("broken".into()),
+            },
+        };
+        let decision = apply(&mut doc, attempt(result)).expect("a running document accepts a result");
+        n += 1;
+        assert_eq!(doc.history.len(), before + 1, "one record per executed attempt");
+        assert_eq!(doc.hop as usize, n, "one hop per attempt");
+        if let Decision::Finish(status) = decision {
+            assert_eq!(status, doc.status);
+            assert!(status.is_terminal());
+            return (doc, n);
+        }
+        // No valid route runs forever: each step runs at most
+        // (visits bound or 1) × attempts times, plus compensations.
+        assert!(n < 10_000, "route did not terminate");
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_valid_route_terminates(d in def(), acts in proptest::collection::vec(act(), 1..12)) {
+        let Some(wf) = build(&d) else { return Ok(()) };
+        let (doc, _) = drive(&wf, &acts);
+        prop_assert!(doc.status.is_terminal());
+    }
+
+    #[test]
+    fn compensations_run_newest_first_once_per_completed_step(
+        d in def(),
+        acts in proptest::collection::vec(act(), 1..12),
+    ) {
+        let Some(wf) = build(&d) else { return Ok(()) };
+        let (doc, _) = drive(&wf, &acts);
+        // Steps that completed and owe an undo: forward records whose outcome
+        // moved the order on (not a failing or unmapped outcome).
+        let route = &doc.route;
+        let mut owed = Vec::new();
+        let mut undone = Vec::new();
+        for r in &doc.history {
+            match (r.kind, &r.result) {
+                (StepKind::Forward, AttemptResult::Outcome(o)) => {
+                    let step = route.step_by_name(&r.step).unwrap();
+                    let moved_on = match step.next_for(&o.parse().unwrap()) {
+                        Some(waybill::Next::Fail) | None => false,
+                        Some(_) => true,
+                    };
+                    if moved_on && step.compensate.is_some() {
+                        owed.push(r.step.clone());
+                    }
+                }
+                (StepKind::Compensation, _) => undone.push(r.step.clone()),
+                _ => {}
+            }
+        }
+        match doc.status {
+            Status::Completed => prop_assert!(undone.is_empty(), "a completed order undid something"),
+            Status::Compensated => {
+                owed.reverse();
+                prop_assert_eq!(undone, owed, "compensations must run newest first, once each");
+            }
+            Status::Failed => prop_assert!(undone.is_empty() && owed.is_empty()),
+            other => prop_assert!(false, "unexpected status {other}"),
+        }
+    }
+
+    #[test]
+    fn decoding_random_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let c = Codec::default();
+        let _ = c.decode(&bytes, Format::Postcard);
+        let _ = c.decode(&bytes, Format::Json);
+        let mut framed = b"WB\x01".to_vec();
+        framed.extend_from_slice(&bytes);
+        let _ = c.decode(&framed, Format::Postcard);
+    }
+
+    #[test]
+    fn decoding_mutated_documents_never_panics(
+        d in def(),
+        acts in proptest::collection::vec(act(), 1..6),
+        flips in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 1..8),
+        cut in any::<prop::sample::Index>(),
+    ) {
+        let Some(wf) = build(&d) else { return Ok(()) };
+        let (doc, _) = drive(&wf, &acts);
+        let c = Codec::default();
+        for format in [Format::Postcard, Format::Json] {
+            let bytes = c.encode(&doc, format).unwrap();
+            prop_assert_eq!(&c.decode(&bytes, format).unwrap(), &doc);
+            let mut m = bytes.clone();
+            for (at, v) in &flips {
+                let i = at.index(m.len());
+                m[i] ^= v;
+            }
+            let _ = c.decode(&m, format);
+            let _ = c.decode(&bytes[..cut.index(bytes.len())], format);
+        }
+    }
+}
+
+#[test]
+fn the_generator_makes_mostly_buildable_routes() {
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::TestRunner;
+    let mut runner = TestRunner::deterministic();
+    let strategy = def();
+    let built = (0..400)
+        .filter(|_| build(&strategy.new_tree(&mut runner).unwrap().current()).is_some())
+        .count();
+    // Otherwise the properties above would test little.
+    assert!(built > 100, "only {built} of 400 generated routes build");
+}

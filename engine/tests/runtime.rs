@@ -1,0 +1,803 @@
+//! The worker runtime and the client on the embedded transport: the tier of
+//! tests that needs no server. Every wait has a deadline; durations are
+//! milliseconds (retry due-times are wall-clock, as they travel between
+//! hosts, so these tests run in real time).
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use waybill::transport::{
+    ConsumerConfig, DeadLetter, Embedded, Error as TransportError, Headers, Outgoing, PublishAck, Transport,
+};
+use waybill::{
+    headers, subject, AttemptResult, Backoff, Client, Codec, Document, Format, OrderId, Payload, Registry, Status,
+    StepContext, StepError, StepKind, StepOutput, Then, Worker, WorkerBuilder, WorkerError, WorkerHandle, Workflow,
+    WorkflowName, WorkflowPayload,
+};
+
+const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The payload of these tests: what the handlers should do.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+struct Script {
+    name: String,
+    /// Transient failures of step `b` before it succeeds.
+    b_flaky: u32,
+    /// Step `c` fails permanently.
+    c_fails: bool,
+    /// Step `b` panics (on every attempt).
+    b_panics: bool,
+    /// Step `b` hangs past its timeout.
+    b_hangs: bool,
+    /// Step `a` reports this outcome instead of `ok`.
+    a_outcome: Option<String>,
+}
+
+impl WorkflowPayload for Script {
+    fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() {
+            return Err("name: must not be empty".into());
+        }
+        Ok(())
+    }
+}
+
+fn script(name: &str) -> Script {
+    Script {
+        name: name.into(),
+        ..Script::default()
+    }
+}
+
+fn three_steps() -> Workflow {
+    Workflow::builder("trip", 1)
+        .step("a", "t.a")
+        .compensate("t.undo_a")
+        .on("skip", Then::step("c"))
+        .on("refused", Then::Fail)
+        .step("b", "t.b")
+        .compensate("t.undo_b")
+        .retry(Backoff::fixed(3, Duration::from_millis(5)))
+        .timeout(Duration::from_millis(100))
+        .step("c", "t.c")
+        .retry(Backoff::fixed(2, Duration::from_millis(5)))
+        .build()
+        .unwrap()
+}
+
+/// Calls per idempotency key: how often each handler ran, and (below) how
+/// often its effect was applied.
+#[derive(Default)]
+struct Log {
+    calls: Mutex<Vec<(String, u32, String)>>,
+    effects: Mutex<HashMap<String, u32>>,
+}
+
+impl Log {
+    fn call(&self, ctx: &StepContext) {
+        self.calls
+            .lock()
+            .unwrap()
+            .push((ctx.step.to_string(), ctx.attempt, ctx.idempotency_key().to_string()));
+    }
+    /// The handler reached its effect: counted per idempotency key, so a
+    /// step run twice shows up as 2.
+    fn effect(&self, ctx: &StepContext) {
+        *self
+            .effects
+            .lock()
+            .unwrap()
+            .entry(ctx.idempotency_key().to_string())
+            .or_insert(0) += 1;
+    }
+    fn calls_of(&self, step: &str) -> usize {
+        self.calls.lock().unwrap().iter().filter(|c| c.0 == step).count()
+    }
+}
+
+fn serve<T: Transport>(b: WorkerBuilder<T>, log: &Arc<Log>) -> WorkerBuilder<T> {
+    let (l1, l2, l3, l4, l5) = (log.clone(), log.clone(), log.clone(), log.clone(), log.clone());
+    b.serve("t.a", move |ctx: StepContext, p: Payload| {
+        let log = l1.clone();
+        async move {
+            log.call(&ctx);
+            let s: Script = p.decode()?;
+            log.effect(&ctx);
+            Ok(match s.a_outcome {
+                Some(o) => StepOutput::outcome(o),
+                None => StepOutput::ok().with_detail(format!("a for {}", s.name)),
+            })
+        }
+    })
+    .serve("t.b", move |ctx: StepContext, p: Payload| {
+        let log = l2.clone();
+        async move {
+            log.call(&ctx);
+            let s: Script = p.decode()?;
+            if s.b_panics {
+                panic!("b exploded for {}", s.name);
+            }
+            if s.b_hangs {
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            if ctx.attempt <= s.b_flaky {
+                return Err(StepError::transient(format!("b flaked on attempt {}", ctx.attempt)));
+            }
+            log.effect(&ctx);
+            Ok(StepOutput::ok())
+        }
+    })
+    .serve("t.c", move |ctx: StepContext, p: Payload| {
+        let log = l3.clone();
+        async move {
+            log.call(&ctx);
+            let s: Script = p.decode()?;
+            if s.c_fails {
+                return Err(StepError::permanent("c cannot be done"));
+            }
+            log.effect(&ctx);
+            Ok(StepOutput::ok())
+        }
+    })
+    .serve("t.undo_a", move |ctx: StepContext, _p: Payload| {
+        let log = l4.clone();
+        async move {
+            log.call(&ctx);
+            log.effect(&ctx);
+            Ok(StepOutput::ok())
+        }
+    })
+    .serve("t.undo_b", move |ctx: StepContext, _p: Payload| {
+        let log = l5.clone();
+        async move {
+            log.call(&ctx);
+            log.effect(&ctx);
+            Ok(StepOutput::ok())
+        }
+    })
+}
+
+struct Harness {
+    transport: Embedded,
+    client: Client<Embedded>,
+    worker: Option<WorkerHandle>,
+    log: Arc<Log>,
+    registry: Registry,
+}
+
+impl Harness {
+    async fn new() -> Self {
+        Self::with(|b| b).await
+    }
+
+    async fn with(configure: impl FnOnce(WorkerBuilder<Embedded>) -> WorkerBuilder<Embedded>) -> Self {
+        let transport = Embedded::new();
+        let log = Arc::new(Log::default());
+        let worker = configure(serve(Worker::builder(transport.clone()), &log))
+            .start()
+            .await
+            .unwrap();
+        let client = Client::connect(transport.clone()).await.unwrap();
+        let mut registry = Registry::new();
+        registry.register::<Script>(three_steps());
+        Self {
+            transport,
+            client,
+            worker: Some(worker),
+            log,
+            registry,
+        }
+    }
+
+    async fn start(&self, s: &Script) -> OrderId {
+        let (wf, payload) = self.registry.prepare("trip", s).unwrap();
+        self.client.start(&wf, payload).await.unwrap()
+    }
+
+    /// Starts an order and waits for its end: the one check most tests use.
+    async fn check(&self, s: &Script, want: Status) -> Arc<Document> {
+        let id = self.start(s).await;
+        let doc = self.finish(id).await;
+        assert_eq!(
+            doc.status, want,
+            "order {} ended {}: {:?}",
+            s.name, doc.status, doc.failure
+        );
+        doc
+    }
+
+    async fn finish(&self, id: OrderId) -> Arc<Document> {
+        tokio::time::timeout(DEADLINE, self.client.wait(id))
+            .await
+            .expect("the order should finish")
+            .unwrap()
+    }
+
+    async fn stop(mut self) {
+        if let Some(w) = self.worker.take() {
+            w.shutdown().await;
+        }
+        self.client.close().await;
+    }
+}
+
+fn steps(doc: &Document) -> Vec<(String, StepKind, u32)> {
+    doc.history
+        .iter()
+        .map(|r| (r.step.to_string(), r.kind, r.attempt))
+        .collect()
+}
+
+use StepKind::{Compensation as Undo, Forward as Fwd};
+
+fn s(name: &str, kind: StepKind, attempt: u32) -> (String, StepKind, u32) {
+    (name.into(), kind, attempt)
+}
+
+#[tokio::test]
+async fn happy_path_runs_every_step_once_and_records_it() {
+    let h = Harness::new().await;
+    let doc = h.check(&script("ok"), Status::Completed).await;
+    assert_eq!(steps(&doc), [s("a", Fwd, 1), s("b", Fwd, 1), s("c", Fwd, 1)]);
+    assert_eq!(doc.hop, 3, "three hops after the start");
+    assert_eq!(doc.detail_of("a"), Some("a for ok"));
+    assert!(doc.owed.is_empty());
+    assert!(doc
+        .history
+        .iter()
+        .all(|r| r.ended_at >= r.started_at && !r.worker.as_str().is_empty()));
+    let keys: Vec<String> = h.log.calls.lock().unwrap().iter().map(|c| c.2.clone()).collect();
+    assert_eq!(
+        keys,
+        [
+            format!("{}:a", doc.id),
+            format!("{}:b", doc.id),
+            format!("{}:c", doc.id)
+        ]
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn transient_errors_are_retried_with_the_same_idempotency_key() {
+    let h = Harness::new().await;
+    let doc = h
+        .check(
+            &Script {
+                b_flaky: 2,
+                ..script("flaky")
+            },
+            Status::Completed,
+        )
+        .await;
+    assert_eq!(
+        steps(&doc),
+        [
+            s("a", Fwd, 1),
+            s("b", Fwd, 1),
+            s("b", Fwd, 2),
+            s("b", Fwd, 3),
+            s("c", Fwd, 1)
+        ]
+    );
+    assert!(
+        matches!(&doc.history[1].result, AttemptResult::Error { transient: true, message } if message.contains("attempt 1"))
+    );
+    let calls = h.log.calls.lock().unwrap().clone();
+    let b_keys: Vec<&String> = calls.iter().filter(|c| c.0 == "b").map(|c| &c.2).collect();
+    assert_eq!(b_keys.len(), 3);
+    assert!(b_keys.iter().all(|k| **k == format!("{}:b", doc.id)));
+    // The retries waited their backoff.
+    assert!(doc.history[2].started_at.since(doc.history[1].ended_at) >= Duration::from_millis(5));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_late_permanent_failure_compensates_newest_first() {
+    let h = Harness::new().await;
+    let doc = h
+        .check(
+            &Script {
+                c_fails: true,
+                ..script("late")
+            },
+            Status::Compensated,
+        )
+        .await;
+    assert_eq!(
+        steps(&doc),
+        [
+            s("a", Fwd, 1),
+            s("b", Fwd, 1),
+            s("c", Fwd, 1),
+            s("b", Undo, 1),
+            s("a", Undo, 1)
+        ]
+    );
+    assert!(doc.failure.as_deref().unwrap().contains("c cannot be done"));
+    let effects = h.log.effects.lock().unwrap().clone();
+    assert_eq!(effects.get(&format!("{}:b:undo", doc.id)), Some(&1));
+    assert_eq!(effects.get(&format!("{}:a:undo", doc.id)), Some(&1));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn outcomes_branch_as_the_route_says() {
+    let h = Harness::new().await;
+    let doc = h
+        .check(
+            &Script {
+                a_outcome: Some("skip".into()),
+                ..script("skip")
+            },
+            Status::Completed,
+        )
+        .await;
+    assert_eq!(steps(&doc), [s("a", Fwd, 1), s("c", Fwd, 1)]);
+
+    let doc = h
+        .check(
+            &Script {
+                a_outcome: Some("refused".into()),
+                ..script("refused")
+            },
+            Status::Failed,
+        )
+        .await;
+    assert_eq!(steps(&doc), [s("a", Fwd, 1)], "a refused outcome owes no compensation");
+
+    let doc = h
+        .check(
+            &Script {
+                a_outcome: Some("surprise".into()),
+                ..script("unmapped")
+            },
+            Status::Failed,
+        )
+        .await;
+    assert!(doc.failure.as_deref().unwrap().contains("does not map"));
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_hanging_step_times_out_and_is_retried_then_compensated() {
+    let h = Harness::new().await;
+    let doc = h
+        .check(
+            &Script {
+                b_hangs: true,
+                ..script("hang")
+            },
+            Status::Compensated,
+        )
+        .await;
+    assert_eq!(
+        steps(&doc),
+        [
+            s("a", Fwd, 1),
+            s("b", Fwd, 1),
+            s("b", Fwd, 2),
+            s("b", Fwd, 3),
+            s("a", Undo, 1)
+        ]
+    );
+    assert!(
+        doc.failure.as_deref().unwrap().contains("timed out after 100 ms"),
+        "{:?}",
+        doc.failure
+    );
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn a_panicking_handler_is_retried_and_the_worker_survives() {
+    let h = Harness::new().await;
+    let doc = h
+        .check(
+            &Script {
+                b_panics: true,
+                ..script("boom")
+            },
+            Status::Compensated,
+        )
+        .await;
+    assert_eq!(h.log.calls_of("b"), 3);
+    assert!(doc
+        .failure
+        .as_deref()
+        .unwrap()
+        .contains("handler panicked: b exploded for boom"));
+    // Other orders are unaffected, before and after.
+    h.check(&script("after"), Status::Completed).await;
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_payload_is_refused_at_start() {
+    let h = Harness::new().await;
+    let e = h.registry.prepare("trip", &script("")).unwrap_err();
+    assert_eq!(e.to_string(), "invalid trip payload: name: must not be empty");
+    let e = h.registry.prepare_json("trip", br#"{"name": 7}"#).unwrap_err();
+    assert!(e.to_string().contains("invalid type"), "{e}");
+    let e = h.registry.prepare_json("nope", b"{}").unwrap_err();
+    assert_eq!(e.to_string(), "unknown workflow `nope`");
+    assert_eq!(h.transport.stored(), 0, "nothing was started");
+    h.stop().await;
+}
+
+/// A raw message on a hop subject, as any client could publish it.
+fn raw(service: &str, headers: Headers, body: Vec<u8>) -> Outgoing {
+    Outgoing {
+        subject: format!("waybill.hop.{service}"),
+        msg_id: None,
+        headers,
+        payload: Bytes::from(body),
+    }
+}
+
+fn doc_for(wf: &Workflow) -> Document {
+    Document::new(
+        OrderId::new(),
+        wf.shared_route(),
+        Payload::postcard(&script("raw")).unwrap(),
+    )
+}
+
+fn good_headers(doc: &Document) -> Headers {
+    headers::for_hop(doc, Format::Postcard)
+}
+
+#[tokio::test]
+async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_carries_on() {
+    let other = Workflow::builder("unknown", 1).step("a", "t.a").build().unwrap();
+    let known = [(WorkflowName::new("trip").unwrap(), 1)];
+    let h = Harness::with(|b| b.codec(Codec::with_max_size(4096)).accept(known)).await;
+    let codec = Codec::default();
+    let wf = three_steps();
+
+    let good = doc_for(&wf);
+    let bytes = codec.encode(&good, Format::Postcard).unwrap();
+    let mut cases: Vec<(Outgoing, &str)> = Vec::new();
+    cases.push((
+        raw("t.a", good_headers(&good), b"\x00\xffrandom garbage".to_vec()),
+        "bad magic",
+    ));
+    cases.push((
+        raw("t.a", good_headers(&good), bytes[..bytes.len() / 2].to_vec()),
+        "truncated",
+    ));
+    let mut v9 = bytes.clone();
+    v9[2] = 9;
+    cases.push((raw("t.a", good_headers(&good), v9), "envelope version 9"));
+    let mut wrong_ct = good_headers(&good);
+    wrong_ct.insert(headers::CONTENT_TYPE, "text/plain");
+    cases.push((
+        raw("t.a", wrong_ct, bytes.clone()),
+        "unknown document content type `text/plain`",
+    ));
+    let mut no_ct = Headers::new();
+    for (n, v) in good_headers(&good).iter() {
+        if n != headers::CONTENT_TYPE {
+            no_ct.insert(n.to_owned(), v);
+        }
+    }
+    cases.push((raw("t.a", no_ct, bytes.clone()), "no content type"));
+    cases.push((
+        raw("t.a", good_headers(&good), vec![b'W'; 5000]),
+        "over the limit of 4096",
+    ));
+    let mut lying = good_headers(&good);
+    lying.insert(headers::HOP, "7");
+    cases.push((raw("t.a", lying, bytes.clone()), "header `Waybill-Hop` says `7`"));
+    let mut done = doc_for(&wf);
+    done.status = Status::Completed;
+    cases.push((
+        raw(
+            "t.a",
+            good_headers(&done),
+            codec.encode(&done, Format::Postcard).unwrap(),
+        ),
+        "already completed",
+    ));
+    cases.push((
+        raw("t.b", good_headers(&good), bytes.clone()),
+        "addressed to `t.a` arrived on `t.b`",
+    ));
+    let stranger = doc_for(&other);
+    cases.push((
+        raw(
+            "t.a",
+            good_headers(&stranger),
+            codec.encode(&stranger, Format::Postcard).unwrap(),
+        ),
+        "unknown workflow `unknown` version 1",
+    ));
+    let json = codec.encode(&good, Format::Json).unwrap();
+    cases.push((raw("t.a", good_headers(&good), json), "bad magic"));
+
+    let n = cases.len();
+    let expected: Vec<&str> = cases.iter().map(|c| c.1).collect();
+    for (msg, _) in cases {
+        h.transport.publish(msg).await.unwrap();
+    }
+    tokio::time::timeout(DEADLINE, h.transport.wait_for_dead_letters(n))
+        .await
+        .expect("every bad message should be dead-lettered");
+    let dead: Vec<DeadLetter> = h.transport.dead_letters();
+    assert_eq!(dead.len(), n);
+    for want in expected {
+        assert!(
+            dead.iter().any(|d| d.reason.contains(want)),
+            "no dead letter says {want:?}; got {:#?}",
+            dead.iter().map(|d| &d.reason).collect::<Vec<_>>()
+        );
+    }
+    // The dead letter keeps the message as it came.
+    assert!(dead
+        .iter()
+        .any(|d| d.message.payload.as_ref() == b"\x00\xffrandom garbage"));
+    // And the worker is still serving.
+    h.check(&script("after garbage"), Status::Completed).await;
+    assert_eq!(h.transport.dead_letters().len(), n);
+    h.stop().await;
+}
+
+/// A transport whose next publishes fail: the output of a step is lost, as
+/// when a worker dies between running a step and storing its result.
+#[derive(Clone)]
+struct Flaky {
+    inner: Embedded,
+    subject: String,
+    failures_left: Arc<AtomicUsize>,
+}
+
+impl Transport for Flaky {
+    type Consumer = <Embedded as Transport>::Consumer;
+
+    async fn publish(&self, msg: Outgoing) -> Result<PublishAck, TransportError> {
+        if msg.subject == self.subject
+            && self
+                .failures_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(TransportError::TimedOut("simulated lost publish".into()));
+        }
+        self.inner.publish(msg).await
+    }
+
+    async fn consumer(&self, config: ConsumerConfig) -> Result<Self::Consumer, TransportError> {
+        self.inner.consumer(config).await
+    }
+
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), TransportError> {
+        self.inner.dead_letter(letter).await
+    }
+}
+
+#[tokio::test]
+async fn a_lost_output_is_redelivered_and_its_effect_happens_once() {
+    let inner = Embedded::new();
+    let flaky = Flaky {
+        inner: inner.clone(),
+        subject: "waybill.hop.t.c".into(),
+        failures_left: Arc::new(AtomicUsize::new(2)),
+    };
+    let log = Arc::new(Log::default());
+    let worker = serve(Worker::builder(flaky.clone()), &log).start().await.unwrap();
+    let client = Client::connect(inner.clone()).await.unwrap();
+    let wf = three_steps();
+    let id = client
+        .start(&wf, Payload::postcard(&script("lost")).unwrap())
+        .await
+        .unwrap();
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Completed);
+    // Step b ran three times (its output was lost twice), each time with the
+    // same idempotency key, so an idempotent service applies it once ...
+    let calls = log.calls.lock().unwrap().clone();
+    let b: Vec<_> = calls.iter().filter(|c| c.0 == "b").collect();
+    assert_eq!(b.len(), 3);
+    assert!(b.iter().all(|c| c.1 == 1 && c.2 == format!("{id}:b")), "{b:?}");
+    // ... and the order moved on once: one b in the history, one c.
+    assert_eq!(steps(&doc), [s("a", Fwd, 1), s("b", Fwd, 1), s("c", Fwd, 1)]);
+    assert_eq!(log.calls_of("c"), 1);
+    assert!(worker.stats().naks.load(Ordering::Relaxed) >= 2);
+    worker.shutdown().await;
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_republished_hop_is_not_done_twice() {
+    let h = Harness::new().await;
+    let id = OrderId::new();
+    let wf = three_steps();
+    let payload = Payload::postcard(&script("twice")).unwrap();
+    let first = h.client.start_with_id(id, &wf, payload.clone()).await.unwrap();
+    let again = h.client.start_with_id(id, &wf, payload).await.unwrap();
+    assert!(!first.duplicate && again.duplicate);
+    h.finish(id).await;
+    assert_eq!(h.log.calls_of("a"), 1);
+    h.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_finishes_work_in_flight_and_loses_nothing() {
+    let transport = Embedded::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Arc::new(tokio::sync::Notify::new());
+    let running = Arc::new(AtomicUsize::new(0));
+    let log = Arc::new(Log::default());
+    let slow_a = {
+        let (gate, started, running) = (gate.clone(), started.clone(), running.clone());
+        move |_ctx: StepContext, _p: Payload| {
+            let (gate, started, running) = (gate.clone(), started.clone(), running.clone());
+            async move {
+                running.fetch_add(1, Ordering::SeqCst);
+                started.notify_one();
+                let _permit = gate.acquire().await.map_err(|_| StepError::transient("closed"))?;
+                Ok(StepOutput::ok())
+            }
+        }
+    };
+    let worker = Worker::builder(transport.clone())
+        .serve("t.a", slow_a)
+        .concurrency(4)
+        .pumps(1)
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let wf = three_steps();
+    let mut ids = Vec::new();
+    for i in 0..20 {
+        ids.push(
+            client
+                .start(&wf, Payload::postcard(&script(&format!("o{i}"))).unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    // Wait until the worker holds four steps in flight.
+    tokio::time::timeout(DEADLINE, async {
+        while running.load(Ordering::SeqCst) < 4 {
+            started.notified().await;
+        }
+    })
+    .await
+    .unwrap();
+    let stopping = tokio::spawn(worker.shutdown());
+    gate.add_permits(1000);
+    tokio::time::timeout(DEADLINE, stopping).await.unwrap().unwrap();
+
+    // Whatever was in flight finished and moved on; the rest waits, unacked.
+    let a = transport
+        .consumer_stats(&subject::service_consumer(&"t.a".parse().unwrap()))
+        .unwrap();
+    assert_eq!(a.in_flight, 0, "nothing is left half-done");
+    let done = running.load(Ordering::SeqCst);
+    assert!(done >= 4);
+    assert_eq!(
+        a.unacked() + done,
+        20,
+        "every order is either done with a or still waiting for it"
+    );
+    let moved_on = transport.consumer_stats("wb_t_b").map_or(0, |s| s.unacked());
+    assert_eq!(moved_on, done, "each step that finished stored its next hop");
+
+    // A new worker picks up the rest and every order completes.
+    let worker = serve(Worker::builder(transport.clone()), &log).start().await.unwrap();
+    for id in ids {
+        let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+        assert_eq!(doc.status, Status::Completed);
+        assert_eq!(doc.history.iter().filter(|r| r.step.as_str() == "a").count(), 1);
+    }
+    worker.shutdown().await;
+    client.close().await;
+}
+
+#[tokio::test]
+async fn orders_in_flight_keep_the_route_they_started_with() {
+    let transport = Embedded::new();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let mut registry = Registry::new();
+    let v1 = Workflow::builder("trip", 1)
+        .step("a", "t.a")
+        .step("b", "t.b")
+        .build()
+        .unwrap();
+    let v2 = Workflow::builder("trip", 2)
+        .step("a", "t.a")
+        .step("c", "t.c")
+        .step("b", "t.b")
+        .build()
+        .unwrap();
+    registry.register::<Script>(v1);
+    // Version-1 orders start, and wait in the stream: no worker runs yet.
+    let mut old = Vec::new();
+    for i in 0..5 {
+        let (wf, p) = registry.prepare("trip", &script(&format!("v1-{i}"))).unwrap();
+        old.push(client.start(&wf, p).await.unwrap());
+    }
+    // The definition changes; new orders take version 2.
+    registry.register::<Script>(v2);
+    let mut new = Vec::new();
+    for i in 0..5 {
+        let (wf, p) = registry.prepare("trip", &script(&format!("v2-{i}"))).unwrap();
+        new.push(client.start(&wf, p).await.unwrap());
+    }
+    let log = Arc::new(Log::default());
+    let worker = serve(
+        Worker::builder(transport.clone()).accept(registry.versions().collect::<Vec<_>>()),
+        &log,
+    )
+    .start()
+    .await
+    .unwrap();
+    for (ids, version, route) in [(old, 1, vec!["a", "b"]), (new, 2, vec!["a", "c", "b"])] {
+        for id in ids {
+            let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+            assert_eq!(doc.status, Status::Completed);
+            assert_eq!(doc.route.version, version);
+            let ran: Vec<&str> = doc.history.iter().map(|r| r.step.as_str()).collect();
+            assert_eq!(ran, route);
+        }
+    }
+    worker.shutdown().await;
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_worker_without_a_sound_configuration_does_not_start() {
+    let t = Embedded::new();
+    let e = Worker::builder(t.clone()).start().await.unwrap_err();
+    assert!(matches!(e, WorkerError::NoServices), "{e}");
+    let noop = |_c: StepContext, _p: Payload| async { Ok(StepOutput::ok()) };
+    let e = Worker::builder(t.clone())
+        .serve("bad subject", noop)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("bad subject"), "{e}");
+    let e = Worker::builder(t.clone())
+        .serve("t.a", noop)
+        .serve("t.a", noop)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, WorkerError::DuplicateService(_)), "{e}");
+    let e = Worker::builder(t)
+        .serve("t.a", noop)
+        .concurrency(0)
+        .start()
+        .await
+        .unwrap_err();
+    assert!(matches!(e, WorkerError::ZeroConcurrency), "{e}");
+}
+
+#[tokio::test]
+async fn many_orders_all_finish_once() {
+    let h = Harness::new().await;
+    let mut ids = Vec::new();
+    for i in 0..500 {
+        let sc = Script {
+            c_fails: i % 5 == 0,
+            b_flaky: u32::from(i % 7 == 0),
+            ..script(&format!("bulk-{i}"))
+        };
+        ids.push((h.start(&sc).await, sc.c_fails));
+    }
+    for (id, fails) in ids {
+        let doc = h.finish(id).await;
+        let want = if fails { Status::Compensated } else { Status::Completed };
+        assert_eq!(doc.status, want);
+    }
+    // Every effect once per key.
+    assert!(h.log.effects.lock().unwrap().values().all(|&n| n == 1));
+    h.stop().await;
+}

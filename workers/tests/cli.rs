@@ -1,0 +1,83 @@
+//! The `waybill` command as a user runs it.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn waybill(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_waybill"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("the waybill binary runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn replay_of_the_examples_succeeds_and_prints_a_table() {
+    let out = waybill(&["replay", "--no-progress", "examples/orders"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}\n{}", text(&out.stderr));
+    assert!(stdout.contains("orders/s") && stdout.contains("p99 ms"), "{stdout}");
+    assert!(stdout.contains("examples/orders/mixed.jsonl"), "{stdout}");
+    assert!(stdout.contains("all orders ended as expected"), "{stdout}");
+}
+
+#[test]
+fn replay_reports_json() {
+    let out = waybill(&["replay", "--json", "examples/orders/declined.jsonl"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["files"][0]["failed"], v["files"][0]["orders"]);
+    assert!(v["files"][0]["p99_ms"].is_number());
+}
+
+#[test]
+fn a_mismatch_is_named_and_fails_the_run() {
+    let dir = std::env::temp_dir().join(format!("waybill-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("wrong.jsonl");
+    let line = r#"{"expect":"completed","customer":"c","items":[{"sku":"A","qty":1,"unit_price_cents":1}],"payment":{"card":"4000000000000002"},"ship_to":{"country":"DE","zip":"1"}}"#;
+    std::fs::write(&file, format!("{line}\n")).unwrap();
+    let out = waybill(&["replay", "--no-progress", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("line 1") && stdout.contains("expected completed, got failed"),
+        "{stdout}"
+    );
+
+    std::fs::write(&file, "{oops\n").unwrap();
+    let out = waybill(&["replay", "--no-progress", file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("wrong.jsonl, line 1: not JSON"), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let out = waybill(&["replay", "no/such/file.jsonl"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no/such/file.jsonl"));
+}
+
+#[test]
+fn example_orders_are_generated_on_demand() {
+    let out = waybill(&["example-orders", "--count", "5", "--kind", "unshippable"]);
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 5);
+    assert!(lines
+        .iter()
+        .all(|l| l["expect"] == "compensated" && l["ship_to"]["country"] == "XX"));
+}

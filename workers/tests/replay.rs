@@ -1,0 +1,143 @@
+//! The example order flows replayed on the embedded default, with the
+//! invariants that show nothing was lost or done twice.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use waybill::Status;
+use waybill_workers::replay::{self, EmbeddedRuntime, ReplayOptions};
+use waybill_workflows::Order;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_ends_as_expected_and_money_and_stock_add_up() {
+    let registry = waybill_workflows::registry().unwrap();
+    let files: Vec<_> = replay::expand(&[root().join("examples/orders")])
+        .unwrap()
+        .iter()
+        .map(|p| replay::load(p, &registry).unwrap())
+        .collect();
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.path.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in ["happy", "declined", "out-of-stock", "unshippable", "transient", "mixed"] {
+        assert!(
+            names.iter().any(|n| n.starts_with(want)),
+            "no {want} example file in {names:?}"
+        );
+    }
+    let mixed = files.iter().find(|f| f.path.ends_with("mixed.jsonl")).unwrap();
+    assert!(mixed.orders.len() >= 1000);
+
+    let stock = replay::load_stock(&root().join("examples/stock.json")).unwrap();
+    let opts = ReplayOptions::default();
+    let engine = EmbeddedRuntime::start(stock.clone(), &opts).await.unwrap();
+    let mut by_status: HashMap<Status, usize> = HashMap::new();
+    let mut completed_qty: HashMap<String, i64> = HashMap::new();
+    for f in &files {
+        let report = engine.run(&f.path.display().to_string(), &f.orders, &opts, || {}).await;
+        assert!(report.ok(), "{}: {:#?}", report.file, report.mismatches);
+        assert_eq!(report.orders, f.orders.len());
+        assert_eq!(report.completed + report.failed + report.compensated, report.orders);
+        for o in &f.orders {
+            *by_status.entry(o.expect).or_default() += 1;
+            if o.expect == Status::Completed {
+                let order: Order = o.payload.decode().unwrap();
+                for item in order.items {
+                    *completed_qty.entry(item.sku).or_default() += item.qty;
+                }
+            }
+        }
+    }
+    assert!(
+        engine.transport.dead_letters().is_empty(),
+        "{:#?}",
+        engine.transport.dead_letters()
+    );
+
+    // Money: each completed order charged once, each compensated one charged
+    // and refunded once, each failed (declined) one never charged.
+    let ledger = engine.services.payment.ledger();
+    let completed = by_status[&Status::Completed] as u64;
+    let compensated = by_status[&Status::Compensated] as u64;
+    assert_eq!(ledger.charges_applied(), completed + compensated);
+    assert_eq!(ledger.refunds_applied(), compensated);
+    let entries = ledger.snapshot();
+    assert_eq!(
+        entries.values().filter(|e| e.charged && !e.refunded).count() as u64,
+        completed
+    );
+
+    // Stock: conserved for every SKU, and what stays reserved is exactly what
+    // completed orders took.
+    let inventory = engine.services.inventory.stock();
+    for (sku, level) in inventory.levels() {
+        assert_eq!(
+            level.available + level.reserved,
+            inventory.initial(&sku),
+            "{sku} is not conserved"
+        );
+        assert_eq!(level.reserved, completed_qty.get(&sku).copied().unwrap_or(0), "{sku}");
+    }
+    assert_eq!(engine.services.shipping.log().count() as u64, completed);
+    engine.shutdown().await;
+}
+
+#[test]
+fn a_bad_line_is_an_error_naming_the_file_and_line() {
+    let dir = std::env::temp_dir().join(format!("waybill-replay-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let registry = waybill_workflows::registry().unwrap();
+    let good = r#"{"expect":"completed","customer":"c","items":[{"sku":"A","qty":1,"unit_price_cents":1}],"payment":{"card":"4242"},"ship_to":{"country":"DE","zip":"1"}}"#;
+    let cases = [
+        ("not json", "line 2: not JSON"),
+        ("[1,2]", "line 2: expected a JSON object"),
+        (
+            &good.replace(r#""expect":"completed","#, ""),
+            "line 2: missing field `expect`",
+        ),
+        (&good.replace("completed", "done"), "line 2: unknown status `done`"),
+        (
+            &good.replace("completed", "running"),
+            "line 2: `expect` must be a terminal status",
+        ),
+        (
+            &good.replace(r#""qty":1"#, r#""qty":0"#),
+            "line 2: invalid order payload: items[0].qty",
+        ),
+        (
+            &good.replace(r#""expect""#, r#""workflow":"nope","expect""#),
+            "line 2: unknown workflow `nope`",
+        ),
+    ];
+    for (i, (bad, want)) in cases.iter().enumerate() {
+        let path = dir.join(format!("bad{i}.jsonl"));
+        std::fs::write(&path, format!("{good}\n{bad}\n")).unwrap();
+        let e = replay::load(&path, &registry).unwrap_err().to_string();
+        assert!(
+            e.contains(&path.display().to_string()) && e.contains(want),
+            "{e:?} should say {want:?}"
+        );
+    }
+    let empty = dir.join("empty.jsonl");
+    std::fs::write(&empty, "\n\n").unwrap();
+    assert!(replay::load(&empty, &registry)
+        .unwrap_err()
+        .to_string()
+        .contains("no order flows"));
+    let e = replay::expand(&[dir.join("missing.jsonl")]).unwrap_err().to_string();
+    assert!(e.contains("missing.jsonl"), "{e}");
+    let bad_stock = dir.join("stock.json");
+    std::fs::write(&bad_stock, r#"{"A": -1}"#).unwrap();
+    assert!(replay::load_stock(&bad_stock)
+        .unwrap_err()
+        .to_string()
+        .contains("negative stock"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
