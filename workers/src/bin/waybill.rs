@@ -133,18 +133,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .collect::<Result<Vec<_>, _>>()?;
             let total: usize = files.iter().map(|f| f.orders.len()).sum();
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-            let (reports, dead) = rt.block_on(async {
+            let bar = if no_progress || json {
+                ProgressBar::hidden()
+            } else {
+                ProgressBar::new(total as u64)
+            };
+            bar.set_style(
+                ProgressStyle::with_template("{msg:30!} [{bar:40}] {pos}/{len} orders ({per_sec})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            // The replay runs as a task on the runtime's workers rather than on
+            // this thread: waking another thread for every finished order
+            // would cost more than the order.
+            let task = async move {
                 let engine = EmbeddedRuntime::start(stock, &opts).await?;
-                let bar = if no_progress || json {
-                    ProgressBar::hidden()
-                } else {
-                    ProgressBar::new(total as u64)
-                };
-                bar.set_style(
-                    ProgressStyle::with_template("{msg:30!} [{bar:40}] {pos}/{len} orders ({per_sec})")
-                        .unwrap_or_else(|_| ProgressStyle::default_bar())
-                        .progress_chars("=> "),
-                );
                 let mut reports = Vec::new();
                 for f in &files {
                     let label = f.path.display().to_string();
@@ -155,7 +158,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let dead = engine.transport.dead_letters();
                 engine.shutdown().await;
                 anyhow::Ok((reports, dead))
-            })?;
+            };
+            let (reports, dead) = rt.block_on(async { tokio::spawn(task).await })??;
             let ok = reports.iter().all(FileReport::ok) && dead.is_empty();
             if json {
                 let dead: Vec<_> = dead
