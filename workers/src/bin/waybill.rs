@@ -35,9 +35,11 @@ enum Command {
         /// Files or folders of `.jsonl` order flows.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Initial stock, a JSON object of SKU → units.
-        #[arg(long, default_value = "examples/stock.json")]
-        stock: PathBuf,
+        /// Initial stock, a JSON object of SKU → units. Default: the
+        /// `stock.json` beside the first path (or its parent folder), else
+        /// `examples/stock.json`.
+        #[arg(long)]
+        stock: Option<PathBuf>,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -126,7 +128,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 order_timeout: Duration::from_secs(order_timeout),
             };
             let registry = waybill_workflows::registry().context("the built-in workflows do not build")?;
-            let stock = replay::load_stock(&stock)?;
+            let stock_path = match stock {
+                Some(p) => p,
+                None => find_stock(&paths).context(
+                    "no stock.json beside the order flows nor in examples/; pass --stock FILE (a JSON object of SKU → units)",
+                )?,
+            };
+            let stock = replay::load_stock(&stock_path)?;
             let files = replay::expand(&paths)?
                 .iter()
                 .map(|p| replay::load(p, &registry))
@@ -185,6 +193,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
+}
+
+/// The `stock.json` that goes with the order flows at `paths`.
+fn find_stock(paths: &[PathBuf]) -> Option<PathBuf> {
+    let first = paths.first()?;
+    let dir = if first.is_dir() { Some(first.as_path()) } else { first.parent() };
+    let mut candidates: Vec<PathBuf> = dir
+        .into_iter()
+        .flat_map(|d| [d.join("stock.json"), d.join("..").join("stock.json")])
+        .collect();
+    candidates.push(PathBuf::from("examples/stock.json"));
+    candidates.into_iter().find(|p| p.is_file())
 }
 
 fn print_table(reports: &[FileReport]) {
