@@ -3,7 +3,6 @@
 //! A client follows the terminal hops (`waybill.done.>`) on a consumer of its
 //! own and hands each finished document to whoever waits for that order.
 
-use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -14,6 +13,7 @@ use tracing::Instrument;
 
 use crate::codec::{Codec, Format};
 use crate::document::{Document, Payload};
+use crate::hash::FastMap;
 use crate::headers;
 use crate::id::{DedupId, OrderId};
 use crate::registry::StartError;
@@ -41,7 +41,7 @@ struct Inner<T> {
     transport: T,
     codec: Codec,
     format: Format,
-    slots: Mutex<HashMap<OrderId, Slot>>,
+    slots: Mutex<FastMap<OrderId, Slot>>,
 }
 
 /// Starts orders and waits for them. Cheap to clone.
@@ -67,7 +67,7 @@ impl<T> std::fmt::Debug for Client<T> {
     }
 }
 
-fn slots<T>(inner: &Inner<T>) -> std::sync::MutexGuard<'_, HashMap<OrderId, Slot>> {
+fn slots<T>(inner: &Inner<T>) -> std::sync::MutexGuard<'_, FastMap<OrderId, Slot>> {
     inner.slots.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -87,7 +87,7 @@ impl<T: Transport> Client<T> {
             transport,
             codec,
             format,
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(FastMap::default()),
         });
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();

@@ -16,10 +16,12 @@
 //! - `client`: start orders and wait for their end ([`Client`]).
 //! - `registry`: the workflows a process can start, with payload validation.
 //! - [`subject`] and [`headers`]: every subject name and header, in one place.
+//! - [`hash`]: a fast hasher for maps keyed by Waybill's ids.
 
 mod client;
 pub mod codec;
 mod document;
+pub mod hash;
 pub mod headers;
 pub mod id;
 mod registry;

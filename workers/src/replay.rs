@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
+use waybill::hash::FastMap;
 use waybill::transport::Embedded;
 use waybill::{Client, Document, OrderId, Payload, Registry, Status, Worker, WorkerHandle, Workflow};
 
@@ -287,7 +288,7 @@ impl EmbeddedRuntime {
         // Orders in flight, to name the ones that never finish. One stall
         // timer for the whole run, not one per order: the run ends with the
         // rest reported unfinished when no order finished for `order_timeout`.
-        let mut in_flight: HashMap<OrderId, (&PreparedOrder, Instant)> = HashMap::new();
+        let mut in_flight: FastMap<OrderId, (&PreparedOrder, Instant)> = FastMap::default();
         let stall = tokio::time::sleep(opts.order_timeout);
         tokio::pin!(stall);
         let mut progressed = false;

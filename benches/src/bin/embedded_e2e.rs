@@ -4,6 +4,7 @@
 //! median of the runs.
 //!
 //! `cargo run --release -p waybill-benches --bin embedded_e2e -- [orders] [runs] [in_flight]`
+//! (set `WAYBILL_BENCH_ONE_THREAD=1` to run on one core)
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -41,7 +42,13 @@ fn main() -> anyhow::Result<()> {
         ..ReplayOptions::default()
     };
 
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    // WAYBILL_BENCH_ONE_THREAD=1 measures on one core (a current-thread
+    // runtime), for the cost per order without cross-thread traffic.
+    let rt = if std::env::var_os("WAYBILL_BENCH_ONE_THREAD").is_some() {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()?
+    } else {
+        tokio::runtime::Builder::new_multi_thread().enable_all().build()?
+    };
     let mut rates = Vec::new();
     for run in 1..=runs {
         let (stock, opts2, prepared2) = (stock.clone(), opts.clone(), prepared.clone());

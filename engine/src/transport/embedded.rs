@@ -17,7 +17,6 @@
 
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::Duration;
@@ -62,7 +61,7 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct Dedup {
-    ids: HashMap<DedupKey, u64, BuildHasherDefault<KeyHasher>>,
+    ids: HashMap<DedupKey, u64, crate::hash::FastState>,
     order: VecDeque<(Instant, DedupKey)>,
 }
 
@@ -91,35 +90,6 @@ impl DedupKey {
             }
         }
         DedupKey::Text(id.into())
-    }
-}
-
-/// A fast multiplicative hasher for dedup keys. Ids are UUIDs whose low bits
-/// are random; the embedded transport serves one process, so hash flooding
-/// is not a concern here.
-#[derive(Default)]
-struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut buf = [0u8; 8];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(buf));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-    fn write_u128(&mut self, n: u128) {
-        self.write_u64(n as u64);
-        self.write_u64((n >> 64) as u64);
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
     }
 }
 

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+use waybill::hash::FastMap;
 use waybill::{OrderId, Payload, StepContext, StepError, StepOutput};
 
 use super::order_of;
@@ -66,7 +67,7 @@ struct Held {
 #[derive(Debug, Default)]
 struct StockState {
     levels: HashMap<String, Level>,
-    orders: HashMap<OrderId, Held>,
+    orders: FastMap<OrderId, Held>,
 }
 
 /// Stock in memory.

@@ -1,11 +1,11 @@
 //! `payment.charge` and `payment.refund`.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
+use waybill::hash::FastMap;
 use waybill::{OrderId, Payload, StepContext, StepError, StepOutput};
 
 use super::order_of;
@@ -40,13 +40,13 @@ pub trait Ledger: Send + Sync + 'static {
 /// A ledger in memory, with counters of the effects it applied.
 #[derive(Debug, Default)]
 pub struct MemoryLedger {
-    entries: Mutex<HashMap<OrderId, PaymentEntry>>,
+    entries: Mutex<FastMap<OrderId, PaymentEntry>>,
     charges: AtomicU64,
     refunds: AtomicU64,
 }
 
 impl MemoryLedger {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<OrderId, PaymentEntry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, FastMap<OrderId, PaymentEntry>> {
         self.entries.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -61,7 +61,7 @@ impl MemoryLedger {
     }
 
     /// A copy of every entry.
-    pub fn snapshot(&self) -> HashMap<OrderId, PaymentEntry> {
+    pub fn snapshot(&self) -> FastMap<OrderId, PaymentEntry> {
         self.lock().clone()
     }
 }

@@ -1,9 +1,9 @@
 //! `shipping.dispatch`.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Mutex;
 
+use waybill::hash::FastMap;
 use waybill::{OrderId, Payload, StepContext, StepError, StepOutput};
 
 use super::order_of;
@@ -25,7 +25,7 @@ pub trait ShipmentLog: Send + Sync + 'static {
 /// Shipments in memory.
 #[derive(Debug, Default)]
 pub struct MemoryShipments {
-    shipments: Mutex<HashMap<OrderId, String>>,
+    shipments: Mutex<FastMap<OrderId, String>>,
 }
 
 impl MemoryShipments {
