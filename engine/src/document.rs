@@ -433,6 +433,61 @@ impl Document {
     }
 }
 
+/// A readable record of a document: its status, why it failed, and one line
+/// per step attempt. `doc.journal().to_string()`.
+#[derive(Debug, Clone, Copy)]
+pub struct Journal<'a>(&'a Document);
+
+impl Document {
+    /// The document as a readable record (see [`Journal`]).
+    pub fn journal(&self) -> Journal<'_> {
+        Journal(self)
+    }
+}
+
+impl fmt::Display for Journal<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let d = self.0;
+        write!(f, "{} v{}: {}", d.route.workflow, d.route.version, d.status)?;
+        if let Some(why) = &d.failure {
+            write!(f, " ({why})")?;
+        }
+        writeln!(f)?;
+        for (i, r) in d.history.iter().enumerate() {
+            let kind = match r.kind {
+                StepKind::Forward => "",
+                StepKind::Compensation => "undo ",
+            };
+            let result = match &r.result {
+                AttemptResult::Outcome(o) => o.to_string(),
+                AttemptResult::Error { message, transient } => {
+                    format!(
+                        "{} error: {message}",
+                        if *transient { "transient" } else { "permanent" }
+                    )
+                }
+            };
+            write!(
+                f,
+                "  {:>2}. {kind}{} ({}) attempt {}: {result}",
+                i + 1,
+                r.step,
+                r.service,
+                r.attempt
+            )?;
+            if let Some(detail) = &r.detail {
+                write!(f, " [{detail}]")?;
+            }
+            writeln!(f)?;
+        }
+        if !d.owed.is_empty() && d.status.is_terminal() {
+            let owed: Vec<&str> = d.owed.iter().map(|c| c.service.as_str()).collect();
+            writeln!(f, "  still owed: {}", owed.join(", "))?;
+        }
+        Ok(())
+    }
+}
+
 /// What the current hop asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Target<'a> {

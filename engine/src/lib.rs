@@ -34,8 +34,8 @@ mod workflow;
 pub use client::{Client, ClientError};
 pub use codec::{Codec, DecodeError, EncodeError, Format};
 pub use document::{
-    AttemptResult, Compensation, ContentType, Document, Payload, PayloadError, Status, StepKind, StepRecord, Target,
-    Timestamp, UnknownStatus,
+    AttemptResult, Compensation, ContentType, Document, Journal, Payload, PayloadError, Status, StepKind, StepRecord,
+    Target, Timestamp, UnknownStatus,
 };
 pub use id::{DedupId, NameError, OrderId, Outcome, ServiceSubject, StepName, WorkerId, WorkflowName};
 pub use registry::{Registry, StartError, WorkflowPayload};

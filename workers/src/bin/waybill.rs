@@ -198,7 +198,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 /// The `stock.json` that goes with the order flows at `paths`.
 fn find_stock(paths: &[PathBuf]) -> Option<PathBuf> {
     let first = paths.first()?;
-    let dir = if first.is_dir() { Some(first.as_path()) } else { first.parent() };
+    let dir = if first.is_dir() {
+        Some(first.as_path())
+    } else {
+        first.parent()
+    };
     let mut candidates: Vec<PathBuf> = dir
         .into_iter()
         .flat_map(|d| [d.join("stock.json"), d.join("..").join("stock.json")])
