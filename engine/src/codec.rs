@@ -24,6 +24,7 @@ use std::sync::{Arc, RwLock};
 use serde::{Deserialize, Serialize};
 
 use crate::document::{Compensation, Document, Payload, Status, StepRecord, Timestamp};
+use crate::hash::FastState;
 use crate::id::OrderId;
 use crate::workflow::{DefinitionError, Route};
 
@@ -208,11 +209,12 @@ struct JsonIn {
 
 /// Routes already seen, by their encoded bytes (decoding) and by identity
 /// (encoding). Bounded: cleared when full, which only costs re-reading.
+#[derive(Default)]
 struct Routes {
-    by_bytes: HashMap<Box<[u8]>, Arc<Route>>,
+    by_bytes: HashMap<Box<[u8]>, Arc<Route>, FastState>,
     /// Keyed by the `Arc`'s address; the entry holds the `Arc`, so the
     /// address cannot be reused while it is cached.
-    by_ptr: HashMap<usize, (Arc<Route>, Arc<[u8]>)>,
+    by_ptr: HashMap<usize, (Arc<Route>, Arc<[u8]>), FastState>,
 }
 
 const ROUTE_CACHE: usize = 1024;
@@ -232,10 +234,7 @@ fn route_bytes(route: &Arc<Route>) -> Result<Arc<[u8]>, EncodeError> {
         .map_err(|e| EncodeError::Failed(e.to_string()))?
         .into();
     if let Ok(mut g) = ROUTES.write() {
-        let r = g.get_or_insert_with(|| Routes {
-            by_bytes: HashMap::new(),
-            by_ptr: HashMap::new(),
-        });
+        let r = g.get_or_insert_with(Routes::default);
         if r.by_ptr.len() >= ROUTE_CACHE {
             r.by_ptr.clear();
         }
@@ -268,10 +267,7 @@ fn intern_route(bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
     route.check_structure()?;
     let route = Arc::new(route);
     if let Ok(mut g) = ROUTES.write() {
-        let r = g.get_or_insert_with(|| Routes {
-            by_bytes: HashMap::new(),
-            by_ptr: HashMap::new(),
-        });
+        let r = g.get_or_insert_with(Routes::default);
         if r.by_bytes.len() >= ROUTE_CACHE {
             r.by_bytes.clear();
         }

@@ -536,12 +536,12 @@ fn unusable<T>(shared: &Shared<T>, svc: &Service, delivery: &impl Delivery) -> R
 async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::Consumer as Consumer>::Delivery) {
     let mut doc = match unusable(shared, svc, &delivery) {
         Ok(doc) => doc,
-        Err(reason) => return dead_letter(shared, svc, delivery, reason).await,
+        Err(reason) => return Box::pin(dead_letter(shared, svc, delivery, reason)).await,
     };
     if let Some(due) = doc.not_before {
         let now = Timestamp::now();
         if due > now {
-            return hand_back(shared, svc, delivery, Some(due.since(now)), "not due yet").await;
+            return Box::pin(hand_back(shared, svc, delivery, Some(due.since(now)), "not due yet")).await;
         }
     }
     let Some(target) = doc.target() else { return };
@@ -600,7 +600,7 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
         };
         let decision = match transition::apply(&mut doc, attempt) {
             Ok(d) => d,
-            Err(e) => return dead_letter(shared, svc, delivery, e.to_string()).await,
+            Err(e) => return Box::pin(dead_letter(shared, svc, delivery, e.to_string())).await,
         };
         let subject = match &decision {
             Decision::Hop { service, .. } => subject::hop(service),
@@ -613,7 +613,7 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
             Ok(b) => b,
             Err(e) => {
                 let reason = format!("the next hop cannot be encoded: {e}");
-                return dead_letter(shared, svc, delivery, reason).await;
+                return Box::pin(dead_letter(shared, svc, delivery, reason)).await;
             }
         };
         let out = Outgoing {
@@ -667,29 +667,11 @@ async fn run_guarded(
 ) -> Result<StepOutput, StepError> {
     let mut fut = AssertUnwindSafe(fut).catch_unwind();
     // Most handlers of an in-process service finish on their first poll:
-    // those need no timer at all.
+    // those need no timer at all, and the slow path's state is boxed so it
+    // does not weigh on every step.
     let outcome = match futures::poll!(&mut fut) {
         std::task::Poll::Ready(r) => Ok(r),
-        std::task::Poll::Pending => {
-            let guarded = tokio::time::timeout(timeout, fut);
-            if timeout > ack_wait / 2 {
-                tokio::pin!(guarded);
-                let mut tick = tokio::time::interval(ack_wait / 3);
-                tick.tick().await;
-                loop {
-                    tokio::select! {
-                        r = &mut guarded => break r,
-                        _ = tick.tick() => {
-                            if let Err(e) = delivery.in_progress().await {
-                                tracing::warn!(error = %e, "could not extend the ack deadline");
-                            }
-                        }
-                    }
-                }
-            } else {
-                guarded.await
-            }
-        }
+        std::task::Poll::Pending => Box::pin(wait_guarded(fut, timeout, delivery, ack_wait)).await,
     };
     match outcome {
         Ok(Ok(r)) => r,
@@ -706,6 +688,33 @@ async fn run_guarded(
             "timed out after {} ms",
             timeout.as_millis()
         ))),
+    }
+}
+
+/// The rest of a handler that did not finish at once: under its timeout,
+/// keeping the delivery alive with progress acks when the step runs long.
+async fn wait_guarded<F: std::future::Future + Unpin>(
+    fut: F,
+    timeout: Duration,
+    delivery: &impl Delivery,
+    ack_wait: Duration,
+) -> Result<F::Output, tokio::time::error::Elapsed> {
+    let guarded = tokio::time::timeout(timeout, fut);
+    if timeout <= ack_wait / 2 {
+        return guarded.await;
+    }
+    tokio::pin!(guarded);
+    let mut tick = tokio::time::interval(ack_wait / 3);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut guarded => return r,
+            _ = tick.tick() => {
+                if let Err(e) = delivery.in_progress().await {
+                    tracing::warn!(error = %e, "could not extend the ack deadline");
+                }
+            }
+        }
     }
 }
 

@@ -18,7 +18,9 @@
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -54,8 +56,14 @@ pub struct Embedded {
 struct Inner {
     config: EmbeddedConfig,
     seq: AtomicU64,
-    dedup: Mutex<Dedup>,
-    routing: RwLock<Routing>,
+    /// Deduplication, in shards by key so publishers on different threads
+    /// rarely wait for each other.
+    dedup: [Mutex<Dedup>; DEDUP_SHARDS],
+    /// What every publish reads: the consumers, as a snapshot swapped on
+    /// change (reads take no lock).
+    consumers: ArcSwap<Vec<Arc<ConsumerState>>>,
+    /// Changes to the consumers, and messages no consumer took yet.
+    routing: Mutex<Routing>,
     dead: Arc<DeadLetters>,
 }
 
@@ -74,6 +82,14 @@ enum DedupKey {
 }
 
 impl DedupKey {
+    fn shard(&self) -> usize {
+        let h = match self {
+            DedupKey::Hop(order, hop) => (*order as u64) ^ u64::from(*hop).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            DedupKey::Text(t) => t.bytes().fold(0u64, |h, b| h.rotate_left(5) ^ u64::from(b)),
+        };
+        (h % DEDUP_SHARDS as u64) as usize
+    }
+
     fn of(id: &str) -> Self {
         if let Some((text, hop)) = id.split_once(':') {
             // Only the canonical form (as OrderId prints it) maps to a number,
@@ -95,9 +111,10 @@ impl DedupKey {
 
 #[derive(Debug, Default)]
 struct Routing {
-    consumers: Vec<Arc<ConsumerState>>,
     unclaimed: VecDeque<Arc<Stored>>,
 }
+
+const DEDUP_SHARDS: usize = 16;
 
 #[derive(Debug)]
 struct DeadLetters {
@@ -210,7 +227,7 @@ struct Inflight {
 struct Queue {
     ready: VecDeque<Pending>,
     delayed: BinaryHeap<Due>,
-    inflight: HashMap<u64, Inflight>,
+    inflight: HashMap<u64, Inflight, crate::hash::FastState>,
     /// (deadline, sequence, token), in deadline order: the ack wait is the
     /// same for every delivery of a consumer, so appending keeps it sorted.
     deadlines: VecDeque<(Instant, u64, u64)>,
@@ -325,8 +342,9 @@ impl Embedded {
             inner: Arc::new(Inner {
                 config,
                 seq: AtomicU64::new(0),
-                dedup: Mutex::new(Dedup::default()),
-                routing: RwLock::new(Routing::default()),
+                dedup: std::array::from_fn(|_| Mutex::new(Dedup::default())),
+                consumers: ArcSwap::from_pointee(Vec::new()),
+                routing: Mutex::new(Routing::default()),
                 dead: Arc::new(DeadLetters {
                     letters: Mutex::new(Vec::new()),
                     count,
@@ -349,8 +367,8 @@ impl Embedded {
 
     /// The state of a durable consumer, if it exists.
     pub fn consumer_stats(&self, durable: &str) -> Option<ConsumerStats> {
-        let routing = self.inner.routing.read().unwrap_or_else(|p| p.into_inner());
-        let c = routing.consumers.iter().find(|c| c.config.durable == durable)?;
+        let consumers = self.inner.consumers.load();
+        let c = consumers.iter().find(|c| c.config.durable == durable)?;
         let q = lock(&c.queue);
         Some(ConsumerStats {
             ready: q.ready.len(),
@@ -364,37 +382,20 @@ impl Embedded {
         self.inner.seq.load(Ordering::Relaxed)
     }
 
-    fn routing_read(&self) -> std::sync::RwLockReadGuard<'_, Routing> {
-        self.inner.routing.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn routing_write(&self) -> std::sync::RwLockWriteGuard<'_, Routing> {
-        self.inner.routing.write().unwrap_or_else(|p| p.into_inner())
-    }
-
     fn route(&self, stored: Arc<Stored>) {
-        {
-            let routing = self.routing_read();
-            let mut matched = false;
-            for c in routing
-                .consumers
-                .iter()
-                .filter(|c| c.filter.matches(&stored.message.subject))
-            {
-                c.push(stored.clone());
-                matched = true;
-            }
-            if matched {
-                return;
-            }
-        }
-        let mut routing = self.routing_write();
+        let subject = stored.message.subject.as_str();
         let mut matched = false;
-        for c in routing
-            .consumers
-            .iter()
-            .filter(|c| c.filter.matches(&stored.message.subject))
-        {
+        for c in self.inner.consumers.load().iter().filter(|c| c.filter.matches(subject)) {
+            c.push(stored.clone());
+            matched = true;
+        }
+        if matched {
+            return;
+        }
+        // No consumer yet: look again under the lock that consumer creation
+        // takes, so a message is never stranded between the two.
+        let mut routing = lock(&self.inner.routing);
+        for c in self.inner.consumers.load().iter().filter(|c| c.filter.matches(subject)) {
             c.push(stored.clone());
             matched = true;
         }
@@ -422,14 +423,14 @@ impl Transport for Embedded {
         let seq = match msg.msg_id {
             Some(id) => {
                 let now = Instant::now();
-                let mut d = lock(&self.inner.dedup);
+                let key = DedupKey::of(&id);
+                let mut d = lock(&self.inner.dedup[key.shard()]);
                 let window = self.inner.config.duplicate_window;
                 while d.order.front().is_some_and(|(t, _)| now.duration_since(*t) >= window) {
                     if let Some((_, old)) = d.order.pop_front() {
                         d.ids.remove(&old);
                     }
                 }
-                let key = DedupKey::of(&id);
                 if let Some(&seq) = d.ids.get(&key) {
                     return Ok(PublishAck {
                         sequence: seq,
@@ -474,8 +475,9 @@ impl Transport for Embedded {
             )));
         }
         let filter = Filter::parse(&config.filter)?;
-        let mut routing = self.routing_write();
-        if let Some(c) = routing.consumers.iter().find(|c| c.config.durable == config.durable) {
+        let mut routing = lock(&self.inner.routing);
+        let current = self.inner.consumers.load_full();
+        if let Some(c) = current.iter().find(|c| c.config.durable == config.durable) {
             if c.config != config {
                 return Err(Error::BadConfig(format!(
                     "consumer `{}` exists with a different configuration ({:?}, asked for {:?})",
@@ -499,7 +501,9 @@ impl Transport for Embedded {
                 routing.unclaimed.push_back(m);
             }
         }
-        routing.consumers.push(state.clone());
+        let mut next = Vec::clone(&current);
+        next.push(state.clone());
+        self.inner.consumers.store(Arc::new(next));
         Ok(EmbeddedConsumer { state })
     }
 

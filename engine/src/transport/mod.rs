@@ -87,9 +87,11 @@ impl Headers {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
+        // Names are case-insensitive; exact matches (the usual case) are
+        // found without folding case.
         self.0
             .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .find(|(n, _)| n.len() == name.len() && (n == name || n.eq_ignore_ascii_case(name)))
             .map(|(_, v)| v.as_str())
     }
 
