@@ -209,12 +209,15 @@ struct JsonIn {
 
 /// Routes already seen, by their encoded bytes (decoding) and by identity
 /// (encoding). Bounded: cleared when full, which only costs re-reading.
+/// A route and its encoded bytes.
+type EncodedRoute = (Arc<Route>, Arc<[u8]>);
+
 #[derive(Default)]
 struct Routes {
     by_bytes: HashMap<Box<[u8]>, Arc<Route>, FastState>,
     /// Keyed by the `Arc`'s address; the entry holds the `Arc`, so the
     /// address cannot be reused while it is cached.
-    by_ptr: HashMap<usize, (Arc<Route>, Arc<[u8]>), FastState>,
+    by_ptr: HashMap<usize, EncodedRoute, FastState>,
 }
 
 const ROUTE_CACHE: usize = 1024;
