@@ -188,19 +188,7 @@ impl Payload {
 
     /// Decodes the payload as `T`, whichever content type it has.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, PayloadError> {
-        let err = |detail: String| PayloadError::Decode {
-            content_type: self.content_type.as_str(),
-            ty: std::any::type_name::<T>(),
-            detail,
-        };
-        match self.content_type {
-            ContentType::Postcard => match postcard::take_from_bytes(&self.bytes) {
-                Ok((v, [])) => Ok(v),
-                Ok((_, rest)) => Err(err(format!("{} trailing bytes", rest.len()))),
-                Err(e) => Err(err(e.to_string())),
-            },
-            ContentType::Json => serde_json::from_slice(&self.bytes).map_err(|e| err(e.to_string())),
-        }
+        self.decode_borrowed()
     }
 }
 

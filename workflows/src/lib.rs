@@ -68,6 +68,15 @@ fn invalid(field: impl Into<String>, problem: impl Into<String>) -> InvalidOrder
     }
 }
 
+/// Σ quantity × unit price over (quantity, unit price) lines, without
+/// overflowing.
+fn total(lines: impl Iterator<Item = (i64, i64)>) -> Result<i64, InvalidOrder> {
+    lines
+        .map(|(qty, price)| qty.checked_mul(price))
+        .try_fold(0i64, |sum, line| line.and_then(|l| sum.checked_add(l)))
+        .ok_or_else(|| invalid("items", "the order total does not fit in 64 bits"))
+}
+
 impl Order {
     /// Checks the order's business rules.
     pub fn check(&self) -> Result<(), InvalidOrder> {
@@ -106,12 +115,7 @@ impl Order {
 
     /// Σ quantity × unit price, in cents.
     pub fn total_cents(&self) -> Result<i64, InvalidOrder> {
-        self.items.iter().try_fold(0i64, |sum, item| {
-            item.qty
-                .checked_mul(item.unit_price_cents)
-                .and_then(|line| sum.checked_add(line))
-                .ok_or_else(|| invalid("items", "the order total does not fit in 64 bits"))
-        })
+        total(self.items.iter().map(|i| (i.qty, i.unit_price_cents)))
     }
 }
 
@@ -156,12 +160,7 @@ pub struct AddressView<'a> {
 impl OrderView<'_> {
     /// Σ quantity × unit price, in cents.
     pub fn total_cents(&self) -> Result<i64, InvalidOrder> {
-        self.items.iter().try_fold(0i64, |sum, item| {
-            item.qty
-                .checked_mul(item.unit_price_cents)
-                .and_then(|line| sum.checked_add(line))
-                .ok_or_else(|| invalid("items", "the order total does not fit in 64 bits"))
-        })
+        total(self.items.iter().map(|i| (i.qty, i.unit_price_cents)))
     }
 }
 

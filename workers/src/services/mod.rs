@@ -25,6 +25,17 @@ pub(crate) fn order_of(payload: &Payload) -> Result<OrderView<'_>, StepError> {
     Ok(payload.decode_borrowed::<OrderView>()?)
 }
 
+/// A step handler calling `method` of the shared service `svc`.
+macro_rules! handler {
+    ($svc:expr, $method:ident) => {{
+        let svc = $svc.clone();
+        move |ctx: StepContext, payload: Payload| {
+            let svc = svc.clone();
+            async move { svc.$method(ctx, payload).await }
+        }
+    }};
+}
+
 /// The three services with in-memory state, as the embedded default runs
 /// them.
 #[derive(Debug, Clone)]
@@ -46,31 +57,11 @@ impl MemoryServices {
 
     /// Serves all five service subjects on `builder`.
     pub fn serve<T: Transport>(&self, builder: WorkerBuilder<T>) -> WorkerBuilder<T> {
-        let p = self.payment.clone();
-        let p2 = self.payment.clone();
-        let i = self.inventory.clone();
-        let i2 = self.inventory.clone();
-        let s = self.shipping.clone();
         builder
-            .serve("payment.charge", move |ctx: StepContext, pl: Payload| {
-                let p = p.clone();
-                async move { p.charge(ctx, pl).await }
-            })
-            .serve("payment.refund", move |ctx: StepContext, pl: Payload| {
-                let p = p2.clone();
-                async move { p.refund(ctx, pl).await }
-            })
-            .serve("inventory.reserve", move |ctx: StepContext, pl: Payload| {
-                let i = i.clone();
-                async move { i.reserve(ctx, pl).await }
-            })
-            .serve("inventory.release", move |ctx: StepContext, pl: Payload| {
-                let i = i2.clone();
-                async move { i.release(ctx, pl).await }
-            })
-            .serve("shipping.dispatch", move |ctx: StepContext, pl: Payload| {
-                let s = s.clone();
-                async move { s.dispatch(ctx, pl).await }
-            })
+            .serve("payment.charge", handler!(self.payment, charge))
+            .serve("payment.refund", handler!(self.payment, refund))
+            .serve("inventory.reserve", handler!(self.inventory, reserve))
+            .serve("inventory.release", handler!(self.inventory, release))
+            .serve("shipping.dispatch", handler!(self.shipping, dispatch))
     }
 }
