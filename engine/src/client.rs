@@ -39,6 +39,8 @@ enum Slot {
 
 struct Inner<T> {
     transport: T,
+    /// The client's own consumer of terminal hops, deleted on close.
+    durable: String,
     codec: Codec,
     format: Format,
     slots: Mutex<FastMap<OrderId, Slot>>,
@@ -78,13 +80,13 @@ impl<T: Transport> Client<T> {
     }
 
     pub async fn with_codec(transport: T, codec: Codec, format: Format) -> Result<Self, ClientError> {
-        let cfg = ConsumerConfig::new(
-            format!("wb_client_{}", uuid::Uuid::now_v7().simple()),
-            subject::all_done(),
-        );
-        let consumer = transport.consumer(cfg).await?;
+        let durable = format!("wb_client_{}", uuid::Uuid::now_v7().simple());
+        let consumer = transport
+            .consumer(ConsumerConfig::new(durable.clone(), subject::all_done()))
+            .await?;
         let inner = Arc::new(Inner {
             transport,
+            durable,
             codec,
             format,
             slots: Mutex::new(FastMap::default()),
@@ -155,12 +157,16 @@ impl<T: Transport> Client<T> {
         rx.await.map_err(|_| ClientError::Closed)
     }
 
-    /// Stops following finished orders; pending waits end with `Closed`.
+    /// Stops following finished orders and deletes the client's consumer;
+    /// pending waits end with `Closed`. Closes every clone of this client.
     pub async fn close(&self) {
         self.cancel.cancel();
         self.tracker.close();
         self.tracker.wait().await;
         slots(&self.inner).clear();
+        if let Err(e) = self.inner.transport.delete_consumer(&self.inner.durable).await {
+            tracing::warn!(error = %e, consumer = %self.inner.durable, "could not delete the client's consumer");
+        }
     }
 }
 

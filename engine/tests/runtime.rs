@@ -578,6 +578,10 @@ impl Transport for Flaky {
     async fn dead_letter(&self, letter: DeadLetter) -> Result<(), TransportError> {
         self.inner.dead_letter(letter).await
     }
+
+    async fn delete_consumer(&self, durable: &str) -> Result<(), TransportError> {
+        self.inner.delete_consumer(durable).await
+    }
 }
 
 #[tokio::test]
@@ -782,6 +786,22 @@ async fn a_worker_without_a_sound_configuration_does_not_start() {
         .await
         .unwrap_err();
     assert!(matches!(e, WorkerError::ZeroConcurrency), "{e}");
+}
+
+#[tokio::test]
+async fn a_closed_client_leaves_no_consumer_behind() {
+    let h = Harness::new().await;
+    let other = Client::connect(h.transport.clone()).await.unwrap();
+    other.close().await;
+    // The finished order reaches the open client; the closed one holds none.
+    h.check(&script("after close"), Status::Completed).await;
+    let leftover: Vec<_> = ["wb_t_a", "wb_t_b", "wb_t_c"]
+        .iter()
+        .map(|c| h.transport.consumer_stats(c).unwrap().unacked())
+        .collect();
+    assert_eq!(leftover, [0, 0, 0]);
+    assert_eq!(h.transport.consumers_matching("waybill.done.trip"), 1);
+    h.stop().await;
 }
 
 #[tokio::test]

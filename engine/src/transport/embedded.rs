@@ -377,6 +377,16 @@ impl Embedded {
         })
     }
 
+    /// How many consumers a message on `subject` would be delivered to.
+    pub fn consumers_matching(&self, subject: &str) -> usize {
+        self.inner
+            .consumers
+            .load()
+            .iter()
+            .filter(|c| c.filter.matches(subject))
+            .count()
+    }
+
     /// Messages stored so far (duplicates not counted).
     pub fn stored(&self) -> u64 {
         self.inner.seq.load(Ordering::Relaxed)
@@ -509,6 +519,20 @@ impl Transport for Embedded {
 
     async fn dead_letter(&self, letter: DeadLetter) -> Result<(), Error> {
         self.inner.dead.push(letter);
+        Ok(())
+    }
+
+    async fn delete_consumer(&self, durable: &str) -> Result<(), Error> {
+        let _routing = lock(&self.inner.routing);
+        let current = self.inner.consumers.load_full();
+        if current.iter().any(|c| c.config.durable == durable) {
+            let next: Vec<_> = current
+                .iter()
+                .filter(|c| c.config.durable != durable)
+                .cloned()
+                .collect();
+            self.inner.consumers.store(Arc::new(next));
+        }
         Ok(())
     }
 }

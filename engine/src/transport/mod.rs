@@ -189,6 +189,11 @@ pub trait Transport: Clone + Send + Sync + 'static {
 
     /// Stores a dead letter.
     fn dead_letter(&self, letter: DeadLetter) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Deletes a durable consumer and what it held for delivery (for
+    /// consumers of one process, such as a client's). Deleting one that does
+    /// not exist is not an error.
+    fn delete_consumer(&self, durable: &str) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 /// One process's handle on a durable consumer.
