@@ -82,7 +82,7 @@ impl<T: Transport> Client<T> {
     pub async fn with_codec(transport: T, codec: Codec, format: Format) -> Result<Self, ClientError> {
         let durable = format!("wb_client_{}", uuid::Uuid::now_v7().simple());
         let consumer = transport
-            .consumer(ConsumerConfig::new(durable.clone(), subject::all_done()))
+            .consumer(ConsumerConfig::new(durable.clone(), subject::all_done()).private())
             .await?;
         let inner = Arc::new(Inner {
             transport,

@@ -5,9 +5,8 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,152 +14,14 @@ use waybill::transport::{
     ConsumerConfig, DeadLetter, Embedded, Error as TransportError, Headers, Outgoing, PublishAck, Transport,
 };
 use waybill::{
-    headers, subject, AttemptResult, Backoff, Client, Codec, Document, Format, OrderId, Payload, Registry, Status,
-    StepContext, StepError, StepKind, StepOutput, Then, Worker, WorkerBuilder, WorkerError, WorkerHandle, Workflow,
-    WorkflowName, WorkflowPayload,
+    headers, subject, AttemptResult, Client, Codec, Document, Format, OrderId, Payload, Registry, Status, StepContext,
+    StepError, StepKind, StepOutput, Worker, WorkerBuilder, WorkerError, WorkerHandle, Workflow, WorkflowName,
 };
 
 const DEADLINE: Duration = Duration::from_secs(10);
 
-/// The payload of these tests: what the handlers should do.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-struct Script {
-    name: String,
-    /// Transient failures of step `b` before it succeeds.
-    b_flaky: u32,
-    /// Step `c` fails permanently.
-    c_fails: bool,
-    /// Step `b` panics (on every attempt).
-    b_panics: bool,
-    /// Step `b` hangs past its timeout.
-    b_hangs: bool,
-    /// Step `a` reports this outcome instead of `ok`.
-    a_outcome: Option<String>,
-}
-
-impl WorkflowPayload for Script {
-    fn validate(&self) -> Result<(), String> {
-        if self.name.is_empty() {
-            return Err("name: must not be empty".into());
-        }
-        Ok(())
-    }
-}
-
-fn script(name: &str) -> Script {
-    Script {
-        name: name.into(),
-        ..Script::default()
-    }
-}
-
-fn three_steps() -> Workflow {
-    Workflow::builder("trip", 1)
-        .step("a", "t.a")
-        .compensate("t.undo_a")
-        .on("skip", Then::step("c"))
-        .on("refused", Then::Fail)
-        .step("b", "t.b")
-        .compensate("t.undo_b")
-        .retry(Backoff::fixed(3, Duration::from_millis(5)))
-        .timeout(Duration::from_millis(100))
-        .step("c", "t.c")
-        .retry(Backoff::fixed(2, Duration::from_millis(5)))
-        .build()
-        .unwrap()
-}
-
-/// Calls per idempotency key: how often each handler ran, and (below) how
-/// often its effect was applied.
-#[derive(Default)]
-struct Log {
-    calls: Mutex<Vec<(String, u32, String)>>,
-    effects: Mutex<HashMap<String, u32>>,
-}
-
-impl Log {
-    fn call(&self, ctx: &StepContext) {
-        self.calls
-            .lock()
-            .unwrap()
-            .push((ctx.step.to_string(), ctx.attempt, ctx.idempotency_key().to_string()));
-    }
-    /// The handler reached its effect: counted per idempotency key, so a
-    /// step run twice shows up as 2.
-    fn effect(&self, ctx: &StepContext) {
-        *self
-            .effects
-            .lock()
-            .unwrap()
-            .entry(ctx.idempotency_key().to_string())
-            .or_insert(0) += 1;
-    }
-    fn calls_of(&self, step: &str) -> usize {
-        self.calls.lock().unwrap().iter().filter(|c| c.0 == step).count()
-    }
-}
-
-fn serve<T: Transport>(b: WorkerBuilder<T>, log: &Arc<Log>) -> WorkerBuilder<T> {
-    let (l1, l2, l3, l4, l5) = (log.clone(), log.clone(), log.clone(), log.clone(), log.clone());
-    b.serve("t.a", move |ctx: StepContext, p: Payload| {
-        let log = l1.clone();
-        async move {
-            log.call(&ctx);
-            let s: Script = p.decode()?;
-            log.effect(&ctx);
-            Ok(match s.a_outcome {
-                Some(o) => StepOutput::outcome(o),
-                None => StepOutput::ok().with_detail(format!("a for {}", s.name)),
-            })
-        }
-    })
-    .serve("t.b", move |ctx: StepContext, p: Payload| {
-        let log = l2.clone();
-        async move {
-            log.call(&ctx);
-            let s: Script = p.decode()?;
-            if s.b_panics {
-                panic!("b exploded for {}", s.name);
-            }
-            if s.b_hangs {
-                tokio::time::sleep(Duration::from_secs(3600)).await;
-            }
-            if ctx.attempt <= s.b_flaky {
-                return Err(StepError::transient(format!("b flaked on attempt {}", ctx.attempt)));
-            }
-            log.effect(&ctx);
-            Ok(StepOutput::ok())
-        }
-    })
-    .serve("t.c", move |ctx: StepContext, p: Payload| {
-        let log = l3.clone();
-        async move {
-            log.call(&ctx);
-            let s: Script = p.decode()?;
-            if s.c_fails {
-                return Err(StepError::permanent("c cannot be done"));
-            }
-            log.effect(&ctx);
-            Ok(StepOutput::ok())
-        }
-    })
-    .serve("t.undo_a", move |ctx: StepContext, _p: Payload| {
-        let log = l4.clone();
-        async move {
-            log.call(&ctx);
-            log.effect(&ctx);
-            Ok(StepOutput::ok())
-        }
-    })
-    .serve("t.undo_b", move |ctx: StepContext, _p: Payload| {
-        let log = l5.clone();
-        async move {
-            log.call(&ctx);
-            log.effect(&ctx);
-            Ok(StepOutput::ok())
-        }
-    })
-}
+mod common;
+use common::{script, serve, three_steps, Log, Script};
 
 struct Harness {
     transport: Embedded,

@@ -19,6 +19,10 @@ use super::{Consumer, ConsumerConfig, Delivery, Headers, Outgoing, Transport};
 /// How long a check waits for something that should happen.
 const PATIENCE: Duration = Duration::from_secs(10);
 
+/// Subjects the checks use: under `waybill.hop.`, so that a transport storing
+/// only Waybill's subjects stores them.
+const SUBJECT_PREFIX: &str = "waybill.hop.conformance_";
+
 fn unique(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::now_v7().simple())
 }
@@ -35,7 +39,7 @@ fn outgoing(subject: &str, body: &str, msg_id: Option<String>) -> Outgoing {
 }
 
 async fn setup<T: Transport>(t: &T, ack_wait: Duration, max_deliver: u32) -> (String, T::Consumer) {
-    let subject = unique("conformance.");
+    let subject = unique(SUBJECT_PREFIX);
     let mut cfg = ConsumerConfig::new(unique("c_"), subject.clone());
     cfg.ack_wait = ack_wait;
     cfg.max_deliver = max_deliver;
@@ -168,7 +172,7 @@ pub async fn duplicates_are_dropped<T: Transport>(t: &T) {
 /// Two handles on one durable consumer share its messages: each message goes
 /// to one of them, and all arrive.
 pub async fn shared_consumer_splits_work<T: Transport>(t: &T) {
-    let subject = unique("conformance.");
+    let subject = unique(SUBJECT_PREFIX);
     let cfg = ConsumerConfig::new(unique("c_"), subject.clone());
     let mut a = t.consumer(cfg.clone()).await.unwrap();
     let mut b = t.consumer(cfg).await.unwrap();
@@ -203,7 +207,7 @@ pub async fn shared_consumer_splits_work<T: Transport>(t: &T) {
 
 /// Messages published before the consumer existed are delivered to it.
 pub async fn earlier_messages_reach_a_new_consumer<T: Transport>(t: &T) {
-    let subject = unique("conformance.");
+    let subject = unique(SUBJECT_PREFIX);
     t.publish(outgoing(&subject, "early", None)).await.unwrap();
     let mut c = t.consumer(ConsumerConfig::new(unique("c_"), subject)).await.unwrap();
     let d = next(&mut c).await;

@@ -26,7 +26,9 @@ use std::time::Duration;
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
-use super::{Consumer, ConsumerConfig, DeadLetter, Delivery, Error, Message, Outgoing, PublishAck, Transport};
+use super::{
+    Consumer, ConsumerConfig, ConsumerKind, DeadLetter, Delivery, Error, Message, Outgoing, PublishAck, Transport,
+};
 
 /// Settings of an embedded transport.
 #[derive(Debug, Clone)]
@@ -503,12 +505,16 @@ impl Transport for Embedded {
             notify: Notify::new(),
             dead: self.inner.dead.clone(),
         });
-        let unclaimed = std::mem::take(&mut routing.unclaimed);
-        for m in unclaimed {
-            if state.filter.matches(&m.message.subject) {
-                state.push(m);
-            } else {
-                routing.unclaimed.push_back(m);
+        // A shared consumer takes what waited for one; a private one starts
+        // with what is published from now on.
+        if state.config.kind == ConsumerKind::Shared {
+            let unclaimed = std::mem::take(&mut routing.unclaimed);
+            for m in unclaimed {
+                if state.filter.matches(&m.message.subject) {
+                    state.push(m);
+                } else {
+                    routing.unclaimed.push_back(m);
+                }
             }
         }
         let mut next = Vec::clone(&current);

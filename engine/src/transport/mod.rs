@@ -9,7 +9,8 @@
 //! not delivered again. A message published with a deduplication id that was
 //! already stored (inside the duplicate window) is dropped.
 //!
-//! [`Embedded`] implements the seam in one process. The conformance suite in
+//! [`Embedded`] implements the seam in one process, [`Nats`] on NATS
+//! JetStream across hosts. The conformance suite in
 //! [`conformance`] checks any implementation against these rules.
 
 use std::borrow::Cow;
@@ -21,8 +22,10 @@ use bytes::Bytes;
 
 pub mod conformance;
 mod embedded;
+pub mod nats;
 
 pub use embedded::{Embedded, EmbeddedConfig};
+pub use nats::{Nats, NatsConfig};
 
 /// Why a transport operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -154,6 +157,21 @@ pub struct ConsumerConfig {
     pub ack_wait: Duration,
     /// Deliveries of one message at most.
     pub max_deliver: u32,
+    /// Shared by many processes, or private to one.
+    pub kind: ConsumerKind,
+}
+
+/// Who a consumer is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ConsumerKind {
+    /// Shared by every process that opens it (a service's work queue): it
+    /// starts at the first stored message and lives until deleted.
+    #[default]
+    Shared,
+    /// One process's own (a client following finished orders): it starts at
+    /// messages published from now on, and the server removes it some time
+    /// after its process stopped pulling.
+    Private,
 }
 
 impl ConsumerConfig {
@@ -163,7 +181,14 @@ impl ConsumerConfig {
             filter: filter.into(),
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
+            kind: ConsumerKind::Shared,
         }
+    }
+
+    /// A consumer private to this process (see [`ConsumerKind::Private`]).
+    pub fn private(mut self) -> Self {
+        self.kind = ConsumerKind::Private;
+        self
     }
 }
 

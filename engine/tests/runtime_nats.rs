@@ -1,0 +1,130 @@
+//! The worker runtime and the client on NATS JetStream, against a throwaway
+//! nats-server: the same workflow as the embedded runtime tests, now with
+//! two worker processes' worth of workers sharing the consumers, and dead
+//! letters stored in the WAYBILL_DLQ stream with their reason.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use waybill::transport::nats::{Nats, NatsConfig, DLQ_STREAM};
+use waybill::transport::{Headers, Outgoing, Transport};
+use waybill::{headers, Client, Payload, Status, Worker, WorkerId};
+use waybill_testkit::NatsServer;
+
+use common::{script, serve, three_steps, Log, Script};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_run_to_their_end_across_two_workers() {
+    let server = NatsServer::start();
+    let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    let log = Arc::new(Log::default());
+    // Two workers, as two processes would be: they share every consumer.
+    let w1 = serve(Worker::builder(t.clone()).id(WorkerId::new("w1")), &log)
+        .start()
+        .await
+        .unwrap();
+    let w2 = serve(Worker::builder(t.clone()).id(WorkerId::new("w2")), &log)
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(t.clone()).await.unwrap();
+    let wf = three_steps();
+    let mut ids = Vec::new();
+    for i in 0..300 {
+        let s = Script {
+            c_fails: i % 5 == 0,
+            b_flaky: u32::from(i % 7 == 0),
+            ..script(&format!("n{i}"))
+        };
+        let want = if s.c_fails {
+            Status::Compensated
+        } else {
+            Status::Completed
+        };
+        ids.push((client.start(&wf, Payload::postcard(&s).unwrap()).await.unwrap(), want));
+    }
+    let mut workers = std::collections::HashSet::new();
+    for (id, want) in ids {
+        let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+        assert_eq!(doc.status, want, "{}", doc.journal());
+        workers.extend(doc.history.iter().map(|r| r.worker.as_str().to_owned()));
+    }
+    assert_eq!(workers.len(), 2, "both workers took a share: {workers:?}");
+    // Every step ran once per order and key (no redelivery on a healthy run),
+    // retries aside.
+    assert!(log.effects.lock().unwrap().values().all(|&n| n == 1));
+    w1.shutdown().await;
+    w2.shutdown().await;
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_stored_as_a_dead_letter_with_its_reason() {
+    let server = NatsServer::start();
+    let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    let log = Arc::new(Log::default());
+    let worker = serve(Worker::builder(t.clone()), &log).start().await.unwrap();
+    let mut h = Headers::new();
+    h.insert(headers::CONTENT_TYPE, waybill::codec::CONTENT_TYPE_POSTCARD);
+    t.publish(Outgoing {
+        subject: "waybill.hop.t.a".into(),
+        msg_id: None,
+        headers: h,
+        payload: Bytes::from_static(b"\x00\x01 not a document"),
+    })
+    .await
+    .unwrap();
+
+    // Read it back from the dead-letter stream, as an operator would.
+    let js = t.jetstream();
+    let stream = js.get_stream(DLQ_STREAM).await.unwrap();
+    let consumer = stream
+        .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())
+        .await
+        .unwrap();
+    let mut messages = consumer.messages().await.unwrap();
+    let m = tokio::time::timeout(DEADLINE, messages.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.subject.as_str(), "waybill.dlq.t.a");
+    assert_eq!(m.payload.as_ref(), b"\x00\x01 not a document");
+    let reason = m
+        .headers
+        .as_ref()
+        .unwrap()
+        .get(headers::DLQ_REASON)
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("undecodable"), "{reason}");
+
+    // The worker carries on.
+    let client = Client::connect(t.clone()).await.unwrap();
+    let id = client
+        .start(&three_steps(), Payload::postcard(&script("after")).unwrap())
+        .await
+        .unwrap();
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Completed);
+    worker.shutdown().await;
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_server_that_is_not_running_is_a_clear_error() {
+    let url = {
+        let server = NatsServer::start();
+        server.url()
+    }; // dropped: nothing listens there now
+    let e = Nats::connect(&url, NatsConfig::default()).await.unwrap_err();
+    assert!(e.to_string().contains("cannot connect to NATS"), "{e}");
+}
