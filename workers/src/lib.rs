@@ -1,7 +1,8 @@
 //! The programs people run, and what they are made of: the reference services
 //! (payment, inventory, shipping) in [`services`], and the replay of example
-//! order flows on the embedded default in [`replay`]. The `waybill` command
-//! line is `src/bin/waybill.rs`.
+//! order flows in [`replay`], and what the programs share in [`cli`]. The
+//! programs are in `src/bin/`: `waybill` and the three worker binaries.
 
+pub mod cli;
 pub mod replay;
 pub mod services;

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
 use waybill::hash::FastMap;
-use waybill::transport::Embedded;
+use waybill::transport::{Embedded, Transport};
 use waybill::{Client, Document, OrderId, Payload, Registry, Status, Worker, WorkerHandle, Workflow};
 
 use crate::services::MemoryServices;
@@ -270,125 +270,139 @@ impl EmbeddedRuntime {
         })
     }
 
-    /// Runs `orders` with at most `opts.in_flight` at once; `on_done` is
-    /// called as each one finishes.
+    /// Runs `orders` on the embedded default (see [`run_orders`]).
     pub async fn run(
         &self,
         label: &str,
         orders: &[PreparedOrder],
         opts: &ReplayOptions,
-        mut on_done: impl FnMut(),
+        on_done: impl FnMut(),
     ) -> FileReport {
-        let began = Instant::now();
-        let mut latencies = Vec::with_capacity(orders.len());
-        let mut by_status: BTreeMap<Status, usize> = BTreeMap::new();
-        let mut mismatches = Vec::new();
-        let mut finished_at = Vec::with_capacity(orders.len());
-        let mut pending = FuturesUnordered::new();
-        // Orders in flight, to name the ones that never finish. One stall
-        // timer for the whole run, not one per order: the run ends with the
-        // rest reported unfinished when no order finished for `order_timeout`.
-        let mut in_flight: FastMap<OrderId, (&PreparedOrder, Instant)> = FastMap::default();
-        let stall = tokio::time::sleep(opts.order_timeout);
-        tokio::pin!(stall);
-        let mut progressed = false;
-        let mut next = 0;
-        let window = opts.in_flight.max(1);
-        loop {
-            while next < orders.len() && pending.len() < window {
-                let o = &orders[next];
-                next += 1;
-                let started = Instant::now();
-                match self.client.start(&o.workflow, o.payload.clone()).await {
-                    Ok(id) => {
-                        in_flight.insert(id, (o, started));
-                        let client = self.client.clone();
-                        pending.push(async move { (id, client.wait(id).await) });
-                    }
-                    Err(e) => mismatches.push(Mismatch {
-                        line: o.line,
-                        order_id: None,
-                        expected: o.expect,
-                        actual: None,
-                        detail: format!("could not start: {e}"),
-                    }),
-                }
-            }
-            if pending.is_empty() {
-                break;
-            }
-            let (id, result) = tokio::select! {
-                biased;
-                Some(done) = pending.next() => done,
-                _ = &mut stall => {
-                    if progressed {
-                        progressed = false;
-                        stall.as_mut().reset(tokio::time::Instant::now() + opts.order_timeout);
-                        continue;
-                    }
-                    for (id, (o, _)) in in_flight.drain() {
-                        mismatches.push(Mismatch {
-                            line: o.line,
-                            order_id: Some(id.to_string()),
-                            expected: o.expect,
-                            actual: None,
-                            detail: format!("did not finish: no order finished for {} s", opts.order_timeout.as_secs()),
-                        });
-                    }
-                    break;
-                }
-            };
-            progressed = true;
-            let Some((o, started)) = in_flight.remove(&id) else {
-                continue;
-            };
-            finished_at.push(began.elapsed());
-            on_done();
-            match result {
-                Ok(doc) => {
-                    latencies.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
-                    *by_status.entry(doc.status).or_default() += 1;
-                    if doc.status != o.expect {
-                        mismatches.push(mismatch(o, id, &doc));
-                    }
-                }
-                Err(e) => mismatches.push(Mismatch {
-                    line: o.line,
-                    order_id: Some(id.to_string()),
-                    expected: o.expect,
-                    actual: None,
-                    detail: e.to_string(),
-                }),
-            }
-        }
-        let seconds = began.elapsed().as_secs_f64();
-        latencies.sort_unstable();
-        mismatches.sort_by_key(|m| m.line);
-        let count = |s| by_status.get(&s).copied().unwrap_or(0);
-        FileReport {
-            file: label.to_owned(),
-            orders: orders.len(),
-            completed: count(Status::Completed),
-            failed: count(Status::Failed),
-            compensated: count(Status::Compensated),
-            cancelled: count(Status::Cancelled),
-            mismatches,
-            seconds,
-            orders_per_sec: if seconds > 0.0 {
-                orders.len() as f64 / seconds
-            } else {
-                0.0
-            },
-            steady_orders_per_sec: steady_rate(&finished_at),
-            p50_ms: percentile_ms(&latencies, 50.0),
-            p99_ms: percentile_ms(&latencies, 99.0),
-        }
+        run_orders(&self.client, label, orders, opts, on_done).await
     }
 
     /// Stops the worker (letting steps in flight finish) and the client.
     pub async fn shutdown(self) {
         self.worker.shutdown().await;
         self.client.close().await;
+    }
+}
+
+/// Starts `orders` through `client`, at most `opts.in_flight` at once, waits
+/// for each to end and compares its status with what its line expects;
+/// `on_done` is called as each one finishes. Works over any transport: on
+/// the embedded default the workers run in this process, on NATS wherever
+/// they run.
+pub async fn run_orders<T: Transport>(
+    client: &Client<T>,
+    label: &str,
+    orders: &[PreparedOrder],
+    opts: &ReplayOptions,
+    mut on_done: impl FnMut(),
+) -> FileReport {
+    let began = Instant::now();
+    let mut latencies = Vec::with_capacity(orders.len());
+    let mut by_status: BTreeMap<Status, usize> = BTreeMap::new();
+    let mut mismatches = Vec::new();
+    let mut finished_at = Vec::with_capacity(orders.len());
+    let mut pending = FuturesUnordered::new();
+    // Orders in flight, to name the ones that never finish. One stall
+    // timer for the whole run, not one per order: the run ends with the
+    // rest reported unfinished when no order finished for `order_timeout`.
+    let mut in_flight: FastMap<OrderId, (&PreparedOrder, Instant)> = FastMap::default();
+    let stall = tokio::time::sleep(opts.order_timeout);
+    tokio::pin!(stall);
+    let mut progressed = false;
+    let mut next = 0;
+    let window = opts.in_flight.max(1);
+    loop {
+        while next < orders.len() && pending.len() < window {
+            let o = &orders[next];
+            next += 1;
+            let started = Instant::now();
+            match client.start(&o.workflow, o.payload.clone()).await {
+                Ok(id) => {
+                    in_flight.insert(id, (o, started));
+                    let client = client.clone();
+                    pending.push(async move { (id, client.wait(id).await) });
+                }
+                Err(e) => mismatches.push(Mismatch {
+                    line: o.line,
+                    order_id: None,
+                    expected: o.expect,
+                    actual: None,
+                    detail: format!("could not start: {e}"),
+                }),
+            }
+        }
+        if pending.is_empty() {
+            break;
+        }
+        let (id, result) = tokio::select! {
+            biased;
+            Some(done) = pending.next() => done,
+            _ = &mut stall => {
+                if progressed {
+                    progressed = false;
+                    stall.as_mut().reset(tokio::time::Instant::now() + opts.order_timeout);
+                    continue;
+                }
+                for (id, (o, _)) in in_flight.drain() {
+                    mismatches.push(Mismatch {
+                        line: o.line,
+                        order_id: Some(id.to_string()),
+                        expected: o.expect,
+                        actual: None,
+                        detail: format!("did not finish: no order finished for {} s", opts.order_timeout.as_secs()),
+                    });
+                }
+                break;
+            }
+        };
+        progressed = true;
+        let Some((o, started)) = in_flight.remove(&id) else {
+            continue;
+        };
+        finished_at.push(began.elapsed());
+        on_done();
+        match result {
+            Ok(doc) => {
+                latencies.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));
+                *by_status.entry(doc.status).or_default() += 1;
+                if doc.status != o.expect {
+                    mismatches.push(mismatch(o, id, &doc));
+                }
+            }
+            Err(e) => mismatches.push(Mismatch {
+                line: o.line,
+                order_id: Some(id.to_string()),
+                expected: o.expect,
+                actual: None,
+                detail: e.to_string(),
+            }),
+        }
+    }
+    let seconds = began.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    mismatches.sort_by_key(|m| m.line);
+    let count = |s| by_status.get(&s).copied().unwrap_or(0);
+    FileReport {
+        file: label.to_owned(),
+        orders: orders.len(),
+        completed: count(Status::Completed),
+        failed: count(Status::Failed),
+        compensated: count(Status::Compensated),
+        cancelled: count(Status::Cancelled),
+        mismatches,
+        seconds,
+        orders_per_sec: if seconds > 0.0 {
+            orders.len() as f64 / seconds
+        } else {
+            0.0
+        },
+        steady_orders_per_sec: steady_rate(&finished_at),
+        p50_ms: percentile_ms(&latencies, 50.0),
+        p99_ms: percentile_ms(&latencies, 99.0),
     }
 }
 

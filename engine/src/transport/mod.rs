@@ -37,7 +37,8 @@ pub enum Error {
     TimedOut(String),
     #[error("consumer `{0}` does not exist")]
     NoConsumer(String),
-    #[error("invalid consumer configuration: {0}")]
+    /// A configuration problem (of a consumer, a stream, or the server).
+    #[error("{0}")]
     BadConfig(String),
     #[error("message of {size} bytes exceeds the transport's limit of {max}")]
     TooLarge { size: usize, max: usize },

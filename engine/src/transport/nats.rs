@@ -105,25 +105,27 @@ pub fn check_server_version(version: &str) -> Result<(), Error> {
 }
 
 impl Nats {
-    /// Connects to `url` with default options, checks the server and makes
-    /// sure the streams exist as configured.
+    /// Connects to `url` with default options, checks the server's version
+    /// and that the streams exist as Waybill needs them (see
+    /// [`Nats::setup`] to create them).
     pub async fn connect(url: &str, config: NatsConfig) -> Result<Self, Error> {
         let client = async_nats::ConnectOptions::new()
             .name("waybill")
             .connect(url)
             .await
             .map_err(|e| other(&format!("cannot connect to NATS at {url}"), e, true))?;
-        Self::with_client(client, config).await
+        let nats = Self::with_client(client, config)?;
+        nats.setup().await?;
+        Ok(nats)
     }
 
-    /// Uses a connected client (for authentication and TLS options, build it
-    /// with `async_nats::ConnectOptions`).
-    pub async fn with_client(client: async_nats::Client, config: NatsConfig) -> Result<Self, Error> {
+    /// Uses a connected client (build it with `async_nats::ConnectOptions`
+    /// for authentication and TLS) after checking the server's version.
+    /// Touches no stream: call [`Nats::setup`] or [`Nats::verify`].
+    pub fn with_client(client: async_nats::Client, config: NatsConfig) -> Result<Self, Error> {
         check_server_version(&client.server_info().version)?;
         let js = async_nats::jetstream::new(client.clone());
-        let nats = Self { client, js, config };
-        nats.ensure_streams().await?;
-        Ok(nats)
+        Ok(Self { client, js, config })
     }
 
     /// The underlying client.
@@ -164,15 +166,32 @@ impl Nats {
     }
 
     /// Creates the streams if they do not exist, and checks that the ones
-    /// that exist are configured as Waybill needs.
-    pub async fn ensure_streams(&self) -> Result<(), Error> {
+    /// that exist are configured as Waybill needs (`waybill setup`).
+    pub async fn setup(&self) -> Result<(), Error> {
+        self.check_streams(true).await
+    }
+
+    /// Checks that the streams exist and are configured as Waybill needs,
+    /// creating nothing (worker start): a clear error names what is missing.
+    pub async fn verify(&self) -> Result<(), Error> {
+        self.check_streams(false).await
+    }
+
+    async fn check_streams(&self, create: bool) -> Result<(), Error> {
         for want in [self.hops_config(), self.dlq_config()] {
             let name = want.name.clone();
-            let stream = self
-                .js
-                .get_or_create_stream(want.clone())
-                .await
-                .map_err(|e| other(&format!("cannot create or open stream {name}"), e, true))?;
+            let stream = if create {
+                self.js
+                    .get_or_create_stream(want.clone())
+                    .await
+                    .map_err(|e| other(&format!("cannot create or open stream {name}"), e, true))?
+            } else {
+                self.js.get_stream(&name).await.map_err(|e| {
+                    Error::BadConfig(format!(
+                        "stream {name} is not there ({e}); create it with `waybill setup`"
+                    ))
+                })?
+            };
             let got = &stream.cached_info().config;
             let mut problems = Vec::new();
             if got.subjects != want.subjects {
@@ -195,6 +214,20 @@ impl Nats {
             }
         }
         Ok(())
+    }
+
+    /// How many dead letters are stored.
+    pub async fn dead_letter_count(&self) -> Result<u64, Error> {
+        let mut s = self
+            .js
+            .get_stream(DLQ_STREAM)
+            .await
+            .map_err(|e| other(&format!("stream {DLQ_STREAM} is missing"), e, true))?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| other(&format!("cannot read stream {DLQ_STREAM}"), e, true))?;
+        Ok(info.state.messages)
     }
 
     async fn hops(&self) -> Result<stream::Stream, Error> {

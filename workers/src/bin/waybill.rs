@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use waybill_workers::cli::{AuthArgs, NatsArgs};
 use waybill_workers::replay::{self, EmbeddedRuntime, FileReport, ReplayOptions};
 use waybill_workflows::samples::{self, Kind};
 
@@ -28,16 +29,17 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Replay order flows (JSON Lines files, or folders of them) on the
-    /// embedded default: workers in this process, no server. Exits non-zero
-    /// if any order ends other than its `expect` field says.
+    /// Replay order flows (JSON Lines files, or folders of them): on the
+    /// embedded default (workers in this process, no server), or over NATS
+    /// with `--nats URL`. Exits non-zero if any order ends other than its
+    /// `expect` field says.
     Replay {
         /// Files or folders of `.jsonl` order flows.
         #[arg(required = true)]
         paths: Vec<PathBuf>,
-        /// Initial stock, a JSON object of SKU → units. Default: the
-        /// `stock.json` beside the first path (or its parent folder), else
-        /// `examples/stock.json`.
+        /// Initial stock, a JSON object of SKU → units, for the embedded
+        /// default. Default: the `stock.json` beside the first path (or its
+        /// parent folder), else `examples/stock.json`.
         #[arg(long)]
         stock: Option<PathBuf>,
         /// Print the report as JSON.
@@ -49,12 +51,26 @@ enum Command {
         /// Steps the in-process worker runs at once.
         #[arg(long, default_value_t = 512)]
         concurrency: usize,
-        /// Seconds an order may take before it counts as not finished.
+        /// Seconds the replay may go without any order finishing before the
+        /// orders still in flight count as not finished.
         #[arg(long, default_value_t = 60)]
         order_timeout: u64,
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
+        /// Replay over NATS at this URL instead of the embedded default: the
+        /// orders are started here, the worker processes run wherever they
+        /// run (start them, and run `waybill setup`, first).
+        #[arg(long, value_name = "URL")]
+        nats: Option<String>,
+        #[command(flatten)]
+        auth: AuthArgs,
+    },
+    /// Create the streams Waybill needs on a NATS server, or check the ones
+    /// there (idempotent).
+    Setup {
+        #[command(flatten)]
+        nats: NatsArgs,
     },
     /// Print generated example order flows (JSON Lines) to standard output.
     ExampleOrders {
@@ -97,6 +113,21 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Setup { nats } => {
+            let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+            rt.block_on(async {
+                let transport = nats.connect("waybill-setup").await?;
+                transport.setup().await?;
+                println!(
+                    "streams {} and {} are ready on {}",
+                    waybill::transport::nats::HOPS_STREAM,
+                    waybill::transport::nats::DLQ_STREAM,
+                    nats.url
+                );
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::ExampleOrders { count, seed, kind } => {
             let orders = match kind {
                 KindArg::Mixed => samples::mixed(count, seed),
@@ -121,6 +152,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             concurrency,
             order_timeout,
             no_progress,
+            nats,
+            auth,
         } => {
             let opts = ReplayOptions {
                 in_flight,
@@ -128,13 +161,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 order_timeout: Duration::from_secs(order_timeout),
             };
             let registry = waybill_workflows::registry().context("the built-in workflows do not build")?;
-            let stock_path = match stock {
-                Some(p) => p,
-                None => find_stock(&paths).context(
+            // Stock seeds the in-process inventory of the embedded default; over
+            // NATS the inventory worker keeps its own.
+            let stock = match (&nats, stock) {
+                (Some(_), _) => Default::default(),
+                (None, Some(p)) => replay::load_stock(&p)?,
+                (None, None) => replay::load_stock(&find_stock(&paths).context(
                     "no stock.json beside the order flows nor in examples/; pass --stock FILE (a JSON object of SKU → units)",
-                )?,
+                )?)?,
             };
-            let stock = replay::load_stock(&stock_path)?;
             let files = replay::expand(&paths)?
                 .iter()
                 .map(|p| replay::load(p, &registry))
@@ -155,31 +190,57 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             // this thread: waking another thread for every finished order
             // would cost more than the order.
             let task = async move {
-                let engine = EmbeddedRuntime::start(stock, &opts).await?;
                 let mut reports = Vec::new();
-                for f in &files {
-                    let label = f.path.display().to_string();
-                    bar.set_message(label.clone());
-                    reports.push(engine.run(&label, &f.orders, &opts, || bar.inc(1)).await);
-                }
+                let dead = match nats {
+                    None => {
+                        let engine = EmbeddedRuntime::start(stock, &opts).await?;
+                        for f in &files {
+                            let label = f.path.display().to_string();
+                            bar.set_message(label.clone());
+                            reports.push(engine.run(&label, &f.orders, &opts, || bar.inc(1)).await);
+                        }
+                        let dead: Vec<String> = engine
+                            .transport
+                            .dead_letters()
+                            .iter()
+                            .map(|d| format!("dead letter on {}: {}", d.message.subject, d.reason))
+                            .collect();
+                        engine.shutdown().await;
+                        dead
+                    }
+                    Some(url) => {
+                        let transport = auth.connect(&url, "waybill-replay").await?;
+                        transport.verify().await?;
+                        let before = transport.dead_letter_count().await?;
+                        let client = waybill::Client::connect(transport.clone()).await?;
+                        for f in &files {
+                            let label = f.path.display().to_string();
+                            bar.set_message(label.clone());
+                            reports.push(replay::run_orders(&client, &label, &f.orders, &opts, || bar.inc(1)).await);
+                        }
+                        client.close().await;
+                        let added = transport.dead_letter_count().await?.saturating_sub(before);
+                        if added > 0 {
+                            vec![format!(
+                                "{added} dead letters were stored in WAYBILL_DLQ during the replay (see waybill.dlq.>)"
+                            )]
+                        } else {
+                            Vec::new()
+                        }
+                    }
+                };
                 bar.finish_and_clear();
-                let dead = engine.transport.dead_letters();
-                engine.shutdown().await;
                 anyhow::Ok((reports, dead))
             };
             let (reports, dead) = rt.block_on(async { tokio::spawn(task).await })??;
             let ok = reports.iter().all(FileReport::ok) && dead.is_empty();
             if json {
-                let dead: Vec<_> = dead
-                    .iter()
-                    .map(|d| serde_json::json!({"subject": d.message.subject, "reason": d.reason}))
-                    .collect();
                 let out = serde_json::json!({"ok": ok, "files": reports, "dead_letters": dead});
                 println!("{}", serde_json::to_string_pretty(&out)?);
             } else {
                 print_table(&reports);
                 for d in &dead {
-                    println!("dead letter on {}: {}", d.message.subject, d.reason);
+                    println!("{d}");
                 }
                 println!(
                     "{}",

@@ -57,11 +57,36 @@ impl MemoryServices {
 
     /// Serves all five service subjects on `builder`.
     pub fn serve<T: Transport>(&self, builder: WorkerBuilder<T>) -> WorkerBuilder<T> {
-        builder
-            .serve("payment.charge", handler!(self.payment, charge))
-            .serve("payment.refund", handler!(self.payment, refund))
-            .serve("inventory.reserve", handler!(self.inventory, reserve))
-            .serve("inventory.release", handler!(self.inventory, release))
-            .serve("shipping.dispatch", handler!(self.shipping, dispatch))
+        let builder = serve_payment(&self.payment, builder);
+        let builder = serve_inventory(&self.inventory, builder);
+        serve_shipping(&self.shipping, builder)
     }
+}
+
+/// Serves `payment.charge` and `payment.refund`.
+pub fn serve_payment<T: Transport, L: Ledger>(
+    svc: &Arc<PaymentService<L>>,
+    builder: WorkerBuilder<T>,
+) -> WorkerBuilder<T> {
+    builder
+        .serve("payment.charge", handler!(svc, charge))
+        .serve("payment.refund", handler!(svc, refund))
+}
+
+/// Serves `inventory.reserve` and `inventory.release`.
+pub fn serve_inventory<T: Transport, S: StockStore>(
+    svc: &Arc<InventoryService<S>>,
+    builder: WorkerBuilder<T>,
+) -> WorkerBuilder<T> {
+    builder
+        .serve("inventory.reserve", handler!(svc, reserve))
+        .serve("inventory.release", handler!(svc, release))
+}
+
+/// Serves `shipping.dispatch`.
+pub fn serve_shipping<T: Transport, S: ShipmentLog>(
+    svc: &Arc<ShippingService<S>>,
+    builder: WorkerBuilder<T>,
+) -> WorkerBuilder<T> {
+    builder.serve("shipping.dispatch", handler!(svc, dispatch))
 }

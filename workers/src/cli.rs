@@ -1,0 +1,182 @@
+//! What the programs share: NATS connection options, logging, signals, and
+//! the life of a worker process.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use waybill::transport::nats::{Nats, NatsConfig};
+use waybill::{Worker, WorkerBuilder};
+
+/// How to reach NATS.
+#[derive(clap::Args, Debug, Clone)]
+pub struct NatsArgs {
+    /// NATS server URL (nats-server 2.10 or later).
+    #[arg(long = "nats", env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub url: String,
+    #[command(flatten)]
+    pub auth: AuthArgs,
+}
+
+impl NatsArgs {
+    pub async fn connect(&self, name: &str) -> anyhow::Result<Nats> {
+        self.auth.connect(&self.url, name).await
+    }
+}
+
+/// How to authenticate to NATS, and how long to try.
+#[derive(clap::Args, Debug, Clone)]
+pub struct AuthArgs {
+    /// Credentials file (JWT and NKey seed) for authentication.
+    #[arg(long, value_name = "FILE")]
+    pub creds: Option<PathBuf>,
+    /// User name for user/password authentication.
+    #[arg(long, requires = "password")]
+    pub user: Option<String>,
+    /// Password for user/password authentication.
+    #[arg(long, env = "NATS_PASSWORD", hide_env_values = true, requires = "user")]
+    pub password: Option<String>,
+    /// File holding an NKey seed for NKey authentication.
+    #[arg(long, value_name = "FILE")]
+    pub nkey: Option<PathBuf>,
+    /// CA certificate (PEM) to verify the server's TLS certificate; turns TLS on.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Client key (PEM) for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Seconds to keep trying to reach NATS before giving up.
+    #[arg(long, default_value_t = 30)]
+    pub connect_timeout: u64,
+}
+
+impl AuthArgs {
+    async fn options(&self, name: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+        let mut o = match &self.creds {
+            Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
+                .await
+                .with_context(|| format!("cannot read credentials file {}", path.display()))?,
+            None => async_nats::ConnectOptions::new(),
+        };
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            o = o.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(path) = &self.nkey {
+            let seed = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read NKey seed file {}", path.display()))?;
+            o = o.nkey(seed.trim().to_owned());
+        }
+        if let Some(ca) = &self.tls_ca {
+            o = o.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+            o = o.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
+        }
+        Ok(o.name(name))
+    }
+
+    /// Connects to `url`, retrying until `--connect-timeout` runs out, and
+    /// checks the server's version.
+    pub async fn connect(&self, url: &str, name: &str) -> anyhow::Result<Nats> {
+        let deadline = Instant::now() + Duration::from_secs(self.connect_timeout);
+        let mut wait = Duration::from_millis(100);
+        let client = loop {
+            match self.options(name).await?.connect(url).await {
+                Ok(c) => break c,
+                Err(e) if Instant::now() + wait < deadline => {
+                    tracing::warn!(%url, error = %e, retry_in = ?wait, "NATS is not reachable yet");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => anyhow::bail!("could not reach NATS at {url} within {} s: {e}", self.connect_timeout),
+            }
+        };
+        Ok(Nats::with_client(client, NatsConfig::default())?)
+    }
+}
+
+/// How logs are written.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Logs to standard error, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat, default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+/// The options every worker binary takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct WorkerArgs {
+    #[command(flatten)]
+    pub nats: NatsArgs,
+    /// Steps run at once per service subject.
+    #[arg(long, default_value_t = 256)]
+    pub concurrency: usize,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// The life of a worker process: connect, check the streams, serve until
+/// SIGTERM or SIGINT, then drain (no new work; steps in flight finish and
+/// are acknowledged) and exit 0. Errors are reported and exit non-zero.
+pub fn worker_main(
+    name: &'static str,
+    args: WorkerArgs,
+    serve: impl FnOnce(WorkerBuilder<Nats>) -> anyhow::Result<WorkerBuilder<Nats>>,
+) -> ExitCode {
+    init_logging(args.log_format, "info");
+    let run = async {
+        let nats = args.nats.connect(name).await?;
+        nats.verify().await?;
+        let builder = Worker::builder(nats).concurrency(args.concurrency);
+        let worker = serve(builder)?.start().await?;
+        tracing::info!(url = %args.nats.url, "{name} serving");
+        let signal = shutdown_signal().await?;
+        tracing::info!(%signal, "draining: finishing the steps in flight");
+        worker.shutdown().await;
+        tracing::info!("drained; exiting");
+        anyhow::Ok(())
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{name}: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{name}: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
