@@ -319,21 +319,18 @@ pub async fn run_orders<T: Transport>(
         while next < orders.len() && pending.len() < window {
             let o = &orders[next];
             next += 1;
-            let started = Instant::now();
-            match client.start(&o.workflow, o.payload.clone()).await {
-                Ok(id) => {
-                    in_flight.insert(id, (o, started));
-                    let client = client.clone();
-                    pending.push(async move { (id, client.wait(id).await) });
-                }
-                Err(e) => mismatches.push(Mismatch {
-                    line: o.line,
-                    order_id: None,
-                    expected: o.expect,
-                    actual: None,
-                    detail: format!("could not start: {e}"),
-                }),
-            }
+            // Starts are not awaited one by one: over NATS each is a round
+            // trip to the stream, and they overlap like the orders do.
+            let id = OrderId::new();
+            in_flight.insert(id, (o, Instant::now()));
+            let client = client.clone();
+            pending.push(async move {
+                let result = match client.start_with_id(id, &o.workflow, o.payload.clone()).await {
+                    Ok(_) => client.wait(id).await.map_err(|e| e.to_string()),
+                    Err(e) => Err(format!("could not start: {e}")),
+                };
+                (id, result)
+            });
         }
         if pending.is_empty() {
             break;
@@ -373,12 +370,12 @@ pub async fn run_orders<T: Transport>(
                     mismatches.push(mismatch(o, id, &doc));
                 }
             }
-            Err(e) => mismatches.push(Mismatch {
+            Err(detail) => mismatches.push(Mismatch {
                 line: o.line,
                 order_id: Some(id.to_string()),
                 expected: o.expect,
                 actual: None,
-                detail: e.to_string(),
+                detail,
             }),
         }
     }
