@@ -135,26 +135,57 @@ impl StepOutput {
 #[error("{message}")]
 pub struct StepError {
     message: String,
-    transient: bool,
+    kind: ErrorKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ErrorKind {
+    Transient,
+    Permanent,
+    /// Not an attempt at all: the step could not start yet (another run of
+    /// it still holds the order, say); deliver it again after the delay.
+    Defer(Duration),
 }
 
 impl StepError {
+    /// A failure worth retrying: counts as an attempt, retried with the
+    /// step's backoff.
     pub fn transient(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
-            transient: true,
+            kind: ErrorKind::Transient,
         }
     }
 
+    /// A failure retrying will not fix: the order fails (compensating).
     pub fn permanent(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
-            transient: false,
+            kind: ErrorKind::Permanent,
+        }
+    }
+
+    /// The step cannot run yet: no attempt is recorded, the delivery is
+    /// handed back and comes again after `delay`. For waiting out another
+    /// run of the same step (a redelivery overlapping a slow original).
+    /// Bounded by the consumer's maximum deliveries.
+    pub fn defer(message: impl Into<String>, delay: Duration) -> Self {
+        Self {
+            message: message.into(),
+            kind: ErrorKind::Defer(delay),
         }
     }
 
     pub fn is_transient(&self) -> bool {
-        self.transient
+        self.kind == ErrorKind::Transient
+    }
+
+    /// The delay of a deferred step.
+    pub fn deferred_for(&self) -> Option<Duration> {
+        match self.kind {
+            ErrorKind::Defer(d) => Some(d),
+            _ => None,
+        }
     }
 }
 
@@ -413,8 +444,9 @@ pub struct WorkerHandle {
 }
 
 impl WorkerHandle {
-    pub fn stats(&self) -> &WorkerStats {
-        &self.stats
+    /// The worker's counters (they stay readable after shutdown).
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.stats.clone()
     }
 
     /// Stops taking new work, lets every step in flight finish (each bounded
@@ -587,8 +619,15 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
                     detail: out.detail,
                 }
             }
-            Err(e) if e.transient => StepResult::Transient(e.message),
-            Err(e) => StepResult::Permanent(e.message),
+            Err(e) => match e.kind {
+                ErrorKind::Transient => StepResult::Transient(e.message),
+                ErrorKind::Permanent => StepResult::Permanent(e.message),
+                ErrorKind::Defer(delay) => {
+                    tracing::debug!(reason = %e.message, ?delay, "step deferred");
+                    let why = format!("deferred: {}", e.message);
+                    return Box::pin(hand_back(shared, svc, delivery, Some(delay), &why)).await;
+                }
+            },
         };
         tracing::debug!(?result, "step ran");
         let attempt = Attempt {

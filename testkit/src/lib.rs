@@ -166,3 +166,84 @@ impl Drop for NatsServer {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A child process, killed on drop if the test did not stop it.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    child: Option<Child>,
+}
+
+impl Proc {
+    /// Spawns `cmd` with standard error captured (for [`Proc::terminate`]).
+    pub fn spawn(name: impl Into<String>, mut cmd: Command) -> Self {
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        Self {
+            name: name.into(),
+            child: Some(child),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGKILL: the process dies with whatever it held in flight.
+    pub fn kill9(mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends `signal` (`TERM`, `INT`) and waits, with a deadline, for the
+    /// process to exit; returns its status and standard error.
+    pub fn signal_and_wait(mut self, signal: &str, within: Duration) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
+        let pid = child.id().to_string();
+        assert!(Command::new("kill")
+            .args([format!("-{signal}"), pid])
+            .status()
+            .unwrap()
+            .success());
+        let status = wait_child(&mut child, within, &self.name);
+        let mut err = String::new();
+        if let Some(mut e) = child.stderr.take() {
+            use std::io::Read;
+            let _ = e.read_to_string(&mut err);
+        }
+        (status, err)
+    }
+
+    /// Waits, with a deadline, for the process to exit by itself.
+    pub fn wait(mut self, within: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().unwrap();
+        wait_child(&mut child, within, &self.name)
+    }
+}
+
+fn wait_child(child: &mut Child, within: Duration, name: &str) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "{name} did not exit within {within:?}");
+        // Polling the child's exit status, bounded by the deadline.
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}

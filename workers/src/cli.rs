@@ -82,6 +82,11 @@ impl AuthArgs {
     /// Connects to `url`, retrying until `--connect-timeout` runs out, and
     /// checks the server's version.
     pub async fn connect(&self, url: &str, name: &str) -> anyhow::Result<Nats> {
+        self.connect_with(url, name, NatsConfig::default()).await
+    }
+
+    /// [`connect`](Self::connect) with stream settings of one's own.
+    pub async fn connect_with(&self, url: &str, name: &str, config: NatsConfig) -> anyhow::Result<Nats> {
         let deadline = Instant::now() + Duration::from_secs(self.connect_timeout);
         let mut wait = Duration::from_millis(100);
         let client = loop {
@@ -95,7 +100,7 @@ impl AuthArgs {
                 Err(e) => anyhow::bail!("could not reach NATS at {url} within {} s: {e}", self.connect_timeout),
             }
         };
-        Ok(Nats::with_client(client, NatsConfig::default())?)
+        Ok(Nats::with_client(client, config)?)
     }
 }
 
@@ -139,6 +144,10 @@ pub struct WorkerArgs {
     /// Steps run at once per service subject.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// Seconds a step may stay unacknowledged before NATS redelivers it
+    /// (after a crash, say). Every process of a service must use the same.
+    #[arg(long, default_value_t = 30)]
+    pub ack_wait: u64,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -147,22 +156,29 @@ pub struct WorkerArgs {
 /// The life of a worker process: connect, check the streams, serve until
 /// SIGTERM or SIGINT, then drain (no new work; steps in flight finish and
 /// are acknowledged) and exit 0. Errors are reported and exit non-zero.
-pub fn worker_main(
-    name: &'static str,
-    args: WorkerArgs,
-    serve: impl FnOnce(WorkerBuilder<Nats>) -> anyhow::Result<WorkerBuilder<Nats>>,
-) -> ExitCode {
+pub fn worker_main<F, Fut>(name: &'static str, args: WorkerArgs, serve: F) -> ExitCode
+where
+    F: FnOnce(Nats, WorkerBuilder<Nats>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<WorkerBuilder<Nats>>>,
+{
     init_logging(args.log_format, "info");
     let run = async {
         let nats = args.nats.connect(name).await?;
         nats.verify().await?;
-        let builder = Worker::builder(nats).concurrency(args.concurrency);
-        let worker = serve(builder)?.start().await?;
+        let builder = Worker::builder(nats.clone())
+            .concurrency(args.concurrency)
+            .ack_wait(Duration::from_secs(args.ack_wait.max(1)));
+        let worker = serve(nats, builder).await?.start().await?;
         tracing::info!(url = %args.nats.url, "{name} serving");
         let signal = shutdown_signal().await?;
         tracing::info!(%signal, "draining: finishing the steps in flight");
+        let stats = worker.stats();
         worker.shutdown().await;
-        tracing::info!("drained; exiting");
+        let steps = stats.steps.load(std::sync::atomic::Ordering::Relaxed);
+        let dead = stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(steps, dead_lettered = dead, "drained; exiting");
+        // One summary line whatever the log level, for people and scripts.
+        eprintln!("{name}: drained after {steps} steps ({dead} dead-lettered)");
         anyhow::Ok(())
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

@@ -324,9 +324,10 @@ pub async fn run_orders<T: Transport>(
             let id = OrderId::new();
             in_flight.insert(id, (o, Instant::now()));
             let client = client.clone();
+            let give_up = opts.order_timeout;
             pending.push(async move {
-                let result = match client.start_with_id(id, &o.workflow, o.payload.clone()).await {
-                    Ok(_) => client.wait(id).await.map_err(|e| e.to_string()),
+                let result = match start_retrying(&client, id, o, give_up).await {
+                    Ok(()) => client.wait(id).await.map_err(|e| e.to_string()),
                     Err(e) => Err(format!("could not start: {e}")),
                 };
                 (id, result)
@@ -400,6 +401,30 @@ pub async fn run_orders<T: Transport>(
         steady_orders_per_sec: steady_rate(&finished_at),
         p50_ms: percentile_ms(&latencies, 50.0),
         p99_ms: percentile_ms(&latencies, 99.0),
+    }
+}
+
+/// Starts an order, retrying what may pass (a server restarting, a leader
+/// moving) for up to `give_up`; the same id makes a retry that was in fact
+/// stored a duplicate, dropped by the stream.
+async fn start_retrying<T: Transport>(
+    client: &Client<T>,
+    id: OrderId,
+    o: &PreparedOrder,
+    give_up: Duration,
+) -> Result<(), waybill::StartError> {
+    let deadline = Instant::now() + give_up;
+    let mut wait = Duration::from_millis(50);
+    loop {
+        match client.start_with_id(id, &o.workflow, o.payload.clone()).await {
+            Ok(_) => return Ok(()),
+            Err(waybill::StartError::Transport(e)) if e.is_retryable() && Instant::now() + wait < deadline => {
+                tracing::warn!(order_id = %id, error = %e, "start failed; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(1));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

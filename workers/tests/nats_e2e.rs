@@ -5,10 +5,10 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output};
+use std::time::Duration;
 
-use waybill_testkit::NatsServer;
+use waybill_testkit::{NatsServer, Proc};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -22,77 +22,17 @@ fn waybill(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// A worker process, killed on drop if the test did not stop it.
-struct Proc {
-    name: &'static str,
-    child: Option<Child>,
-}
-
-impl Proc {
-    fn spawn(name: &'static str, bin: &str, args: &[&str]) -> Self {
-        let child = Command::new(bin)
-            .args(args)
-            .current_dir(root())
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        Self {
-            name,
-            child: Some(child),
-        }
-    }
-
-    /// Sends SIGTERM and waits (with a deadline) for the process to exit.
-    fn terminate(mut self) -> (ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        let pid = child.id().to_string();
-        assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                if let Some(mut e) = child.stderr.take() {
-                    use std::io::Read;
-                    let _ = e.read_to_string(&mut err);
-                }
-                return (status, err);
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within 20 s of SIGTERM",
-                self.name
-            );
-            // Polling the child's exit status, bounded by the deadline.
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+fn worker(name: &'static str, bin: &str, url: &str) -> Proc {
+    let mut cmd = Command::new(bin);
+    cmd.args(["--nats", url]).current_dir(root()).env("RUST_LOG", "warn");
+    Proc::spawn(name, cmd)
 }
 
 fn workers(url: &str) -> Vec<Proc> {
     vec![
-        Proc::spawn("payment-worker", env!("CARGO_BIN_EXE_payment-worker"), &["--nats", url]),
-        Proc::spawn(
-            "inventory-worker",
-            env!("CARGO_BIN_EXE_inventory-worker"),
-            &["--nats", url, "--stock", "examples/stock.json"],
-        ),
-        Proc::spawn(
-            "shipping-worker",
-            env!("CARGO_BIN_EXE_shipping-worker"),
-            &["--nats", url],
-        ),
+        worker("payment-worker", env!("CARGO_BIN_EXE_payment-worker"), url),
+        worker("inventory-worker", env!("CARGO_BIN_EXE_inventory-worker"), url),
+        worker("shipping-worker", env!("CARGO_BIN_EXE_shipping-worker"), url),
     ]
 }
 
@@ -100,10 +40,12 @@ fn workers(url: &str) -> Vec<Proc> {
 fn the_mixed_flows_replay_across_worker_processes() {
     let server = NatsServer::start();
     let url = server.url();
-    let setup = waybill(&["setup", "--nats", &url]);
+    let setup = waybill(&["setup", "--nats", &url, "--stock", "examples/stock.json"]);
     assert!(setup.status.success(), "{}", String::from_utf8_lossy(&setup.stderr));
     // Idempotent: a second setup finds the streams as they should be.
-    assert!(waybill(&["setup", "--nats", &url]).status.success());
+    let again = waybill(&["setup", "--nats", &url, "--stock", "examples/stock.json"]);
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("0 SKUs seeded, 5 kept their level"));
 
     let procs = workers(&url);
     let out = waybill(&["replay", "--no-progress", "--nats", &url, "examples/orders"]);
@@ -117,8 +59,8 @@ fn the_mixed_flows_replay_across_worker_processes() {
 
     // SIGTERM drains every worker, which then exits 0.
     for p in procs {
-        let name = p.name;
-        let (status, stderr) = p.terminate();
+        let name = p.name.clone();
+        let (status, stderr) = p.signal_and_wait("TERM", Duration::from_secs(20));
         assert!(status.success(), "{name} exited with {status}: {stderr}");
     }
 }

@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use clap::Parser;
 use waybill_workers::cli::{worker_main, WorkerArgs};
-use waybill_workers::services::{serve_payment, MemoryLedger, PaymentService};
+use waybill_workers::services::kv::KvLedger;
+use waybill_workers::services::{serve_payment, PaymentService};
 
 /// Serves payment.charge and payment.refund: charges each order once, refunds once.
 ///
-/// The ledger is kept in this process's memory for now: run one payment
-/// worker (a ledger in a NATS KV bucket, shared by many, is to come).
+/// The ledger is the NATS KV bucket `payments` (created by `waybill setup`),
+/// shared by every payment worker on any host.
 #[derive(Parser, Debug)]
 #[command(name = "payment-worker", version)]
 struct Args {
@@ -23,8 +24,8 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    worker_main("payment-worker", args.worker, |builder| {
-        let svc = Arc::new(PaymentService::new(MemoryLedger::default()));
+    worker_main("payment-worker", args.worker, |nats, builder| async move {
+        let svc = Arc::new(PaymentService::new(KvLedger::open(&nats).await?));
         Ok(serve_payment(&svc, builder))
     })
 }

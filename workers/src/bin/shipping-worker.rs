@@ -21,7 +21,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    worker_main("shipping-worker", args.worker, |builder| {
+    worker_main("shipping-worker", args.worker, |_nats, builder| async move {
         let svc = Arc::new(ShippingService::new(MemoryShipments::default()));
         Ok(serve_shipping(&svc, builder))
     })

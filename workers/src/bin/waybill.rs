@@ -12,8 +12,10 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use waybill::transport::NatsConfig;
 use waybill_workers::cli::{AuthArgs, NatsArgs};
 use waybill_workers::replay::{self, EmbeddedRuntime, FileReport, ReplayOptions};
+use waybill_workers::services::kv;
 use waybill_workflows::samples::{self, Kind};
 
 #[derive(Parser, Debug)]
@@ -71,6 +73,13 @@ enum Command {
     Setup {
         #[command(flatten)]
         nats: NatsArgs,
+        /// Seed stock levels from this JSON object of SKU → units (SKUs that
+        /// already have a level keep it).
+        #[arg(long, value_name = "FILE")]
+        stock: Option<PathBuf>,
+        /// Replicas of each stream and bucket (3 in a three-node cluster).
+        #[arg(long, default_value_t = 1)]
+        replicas: usize,
     },
     /// Print generated example order flows (JSON Lines) to standard output.
     ExampleOrders {
@@ -113,17 +122,40 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Setup { nats } => {
+        Command::Setup { nats, stock, replicas } => {
+            let stock = stock.map(|p| replay::load_stock(&p)).transpose()?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
             rt.block_on(async {
-                let transport = nats.connect("waybill-setup").await?;
+                let transport = nats
+                    .auth
+                    .connect_with(
+                        &nats.url,
+                        "waybill-setup",
+                        NatsConfig {
+                            replicas,
+                            ..NatsConfig::default()
+                        },
+                    )
+                    .await?;
                 transport.setup().await?;
+                kv::setup_buckets(&transport, replicas).await?;
                 println!(
-                    "streams {} and {} are ready on {}",
+                    "streams {}, {} and buckets {}, {}, {} are ready on {}",
                     waybill::transport::nats::HOPS_STREAM,
                     waybill::transport::nats::DLQ_STREAM,
+                    kv::PAYMENTS,
+                    kv::INVENTORY,
+                    kv::RESERVATIONS,
                     nats.url
                 );
+                if let Some(stock) = stock {
+                    let stock: std::collections::BTreeMap<String, i64> = stock.into_iter().collect();
+                    let created = kv::seed_stock(&transport, &stock).await?;
+                    println!(
+                        "stock: {created} SKUs seeded, {} kept their level",
+                        stock.len() - created
+                    );
+                }
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)

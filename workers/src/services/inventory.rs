@@ -32,18 +32,38 @@ pub enum Reservation {
 pub enum StockError {
     #[error("stock store unavailable: {0}")]
     Unavailable(String),
+    /// Another run of a step of this order holds it (a redelivery
+    /// overlapping a slow original): try again after the delay.
+    #[error("another run holds this order's stock for {0:?} more")]
+    Busy(std::time::Duration),
+}
+
+impl From<StockError> for StepError {
+    fn from(e: StockError) -> Self {
+        match e {
+            StockError::Busy(d) => StepError::defer(e.to_string(), d),
+            StockError::Unavailable(_) => StepError::transient(e.to_string()),
+        }
+    }
 }
 
 /// Stock levels. A reservation takes all lines or none; release undoes a
-/// reservation once.
+/// reservation once. `window` is how long the calling run may still act
+/// (until its step's deadline): a store shared by many processes uses it to
+/// keep two runs of one order's step from acting at once.
 pub trait StockStore: Send + Sync + 'static {
     fn reserve(
         &self,
         order: OrderId,
         lines: &BTreeMap<String, i64>,
+        window: std::time::Duration,
     ) -> impl Future<Output = Result<Reservation, StockError>> + Send;
     /// Returns whether anything was released.
-    fn release(&self, order: OrderId) -> impl Future<Output = Result<bool, StockError>> + Send;
+    fn release(
+        &self,
+        order: OrderId,
+        window: std::time::Duration,
+    ) -> impl Future<Output = Result<bool, StockError>> + Send;
     fn level(&self, sku: &str) -> impl Future<Output = Result<Level, StockError>> + Send;
 }
 
@@ -101,7 +121,12 @@ impl MemoryStock {
 }
 
 impl StockStore for MemoryStock {
-    async fn reserve(&self, order: OrderId, lines: &BTreeMap<String, i64>) -> Result<Reservation, StockError> {
+    async fn reserve(
+        &self,
+        order: OrderId,
+        lines: &BTreeMap<String, i64>,
+        _window: std::time::Duration,
+    ) -> Result<Reservation, StockError> {
         let mut st = self.lock();
         if let Some(held) = st.orders.get(&order) {
             return Ok(held.result.clone());
@@ -145,7 +170,7 @@ impl StockStore for MemoryStock {
         Ok(result)
     }
 
-    async fn release(&self, order: OrderId) -> Result<bool, StockError> {
+    async fn release(&self, order: OrderId, _window: std::time::Duration) -> Result<bool, StockError> {
         let mut st = self.lock();
         let StockState { levels, orders } = &mut *st;
         let Some(held) = orders.get_mut(&order) else {
@@ -185,6 +210,11 @@ pub fn lines_of(order: &waybill_workflows::OrderView<'_>) -> Result<BTreeMap<Str
     Ok(lines)
 }
 
+/// How long the step of `ctx` may still act.
+fn window(ctx: &StepContext) -> std::time::Duration {
+    ctx.deadline.saturating_duration_since(tokio::time::Instant::now())
+}
+
 /// The inventory service over a stock store.
 #[derive(Debug)]
 pub struct InventoryService<S> {
@@ -205,12 +235,7 @@ impl<S: StockStore> InventoryService<S> {
     pub async fn reserve(&self, ctx: StepContext, payload: Payload) -> Result<StepOutput, StepError> {
         let order = order_of(&payload)?;
         let lines = lines_of(&order)?;
-        match self
-            .stock
-            .reserve(ctx.order_id, &lines)
-            .await
-            .map_err(|e| StepError::transient(e.to_string()))?
-        {
+        match self.stock.reserve(ctx.order_id, &lines, window(&ctx)).await? {
             Reservation::Reserved => Ok(StepOutput::ok()),
             Reservation::Insufficient { sku, wanted, available } => Ok(StepOutput::outcome("out_of_stock")
                 .with_detail(format!("{sku}: wanted {wanted}, available {available}"))),
@@ -219,11 +244,7 @@ impl<S: StockStore> InventoryService<S> {
 
     /// Releases the order's reservation, once.
     pub async fn release(&self, ctx: StepContext, _payload: Payload) -> Result<StepOutput, StepError> {
-        let released = self
-            .stock
-            .release(ctx.order_id)
-            .await
-            .map_err(|e| StepError::transient(e.to_string()))?;
+        let released = self.stock.release(ctx.order_id, window(&ctx)).await?;
         Ok(StepOutput::ok().with_detail(if released { "released" } else { "nothing to release" }))
     }
 }

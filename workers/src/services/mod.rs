@@ -6,12 +6,13 @@
 //! redelivered step changes nothing twice.
 
 mod inventory;
+pub mod kv;
 mod payment;
 mod shipping;
 
 use std::sync::Arc;
 
-pub use inventory::{InventoryService, Level, MemoryStock, Reservation, StockError, StockStore};
+pub use inventory::{initial_stock, InventoryService, Level, MemoryStock, Reservation, StockError, StockStore};
 pub use payment::{Ledger, LedgerError, MemoryLedger, PaymentEntry, PaymentService};
 pub use shipping::{tracking_number, MemoryShipments, ShipmentLog, ShippingService};
 

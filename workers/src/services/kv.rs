@@ -1,0 +1,564 @@
+//! The services' state in NATS KV buckets, shared by every process of a
+//! service on any host. There is no shared database: each service owns its
+//! buckets.
+//!
+//! - `payments`: key = order id, value `{"amount_cents", "charged",
+//!   "refunded"}`. A charge is a `create` (it fails if the key exists), so an
+//!   order cannot be charged twice whatever the redeliveries or processes; a
+//!   refund is a compare-and-swap.
+//! - `inventory`: key = SKU, value `{"available", "reserved"}`, changed only by
+//!   compare-and-swap on the revision. Each change also records, in the same
+//!   swap, a marker `"<order>:<op>"` under `"pending"`; a redelivered step
+//!   that finds its marker knows its change is already made. Markers are
+//!   removed once the order's own record says the change is done, so at rest
+//!   a value is exactly `{"available", "reserved"}`.
+//! - `reservations`: key = order id, what the inventory did for the order:
+//!   the lines, which SKUs are reserved, undone or released, and the outcome.
+//!   A reservation of several lines is all or nothing: if a later line is
+//!   short, the earlier ones are undone before the answer is given.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::jetstream::kv::{self, CreateErrorKind, Store, UpdateErrorKind};
+use bytes::Bytes;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use waybill::transport::nats::Nats;
+use waybill::OrderId;
+
+use super::inventory::{initial_stock, Level, Reservation, StockError, StockStore};
+use super::payment::{Ledger, LedgerError, PaymentEntry};
+
+/// The payment ledger's bucket.
+pub const PAYMENTS: &str = "payments";
+/// Stock levels per SKU.
+pub const INVENTORY: &str = "inventory";
+/// What the inventory did for each order.
+pub const RESERVATIONS: &str = "reservations";
+
+/// Why a bucket could not be created, opened or used.
+#[derive(Debug, thiserror::Error)]
+#[error("KV bucket `{bucket}`: {message}")]
+pub struct KvError {
+    pub bucket: &'static str,
+    pub message: String,
+}
+
+fn kv_err(bucket: &'static str, e: impl std::fmt::Display) -> KvError {
+    KvError {
+        bucket,
+        message: e.to_string(),
+    }
+}
+
+/// Creates the services' buckets if they do not exist (`waybill setup`).
+pub async fn setup_buckets(nats: &Nats, replicas: usize) -> Result<(), KvError> {
+    for bucket in [PAYMENTS, INVENTORY, RESERVATIONS] {
+        let js = nats.jetstream();
+        if js.get_key_value(bucket).await.is_ok() {
+            continue;
+        }
+        js.create_key_value(kv::Config {
+            bucket: bucket.into(),
+            history: 1,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            num_replicas: replicas,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| kv_err(bucket, e))?;
+    }
+    Ok(())
+}
+
+/// Opens a bucket that `waybill setup` created.
+pub async fn open(nats: &Nats, bucket: &'static str) -> Result<Store, KvError> {
+    nats.jetstream()
+        .get_key_value(bucket)
+        .await
+        .map_err(|e| kv_err(bucket, format!("is not there ({e}); create it with `waybill setup`")))
+}
+
+/// Seeds stock levels; SKUs that already have a level keep it (setup is
+/// idempotent and never resets live stock). Returns how many were created.
+pub async fn seed_stock(nats: &Nats, stock: &BTreeMap<String, i64>) -> Result<usize, KvError> {
+    let store = open(nats, INVENTORY).await?;
+    let mut created = 0;
+    for (sku, &available) in stock {
+        check_key(sku).map_err(|e| kv_err(INVENTORY, e))?;
+        let value = SkuValue {
+            available,
+            reserved: 0,
+            pending: BTreeMap::new(),
+        };
+        match store.create(sku, encode(&value)).await {
+            Ok(_) => created += 1,
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+            Err(e) => return Err(kv_err(INVENTORY, e)),
+        }
+    }
+    Ok(created)
+}
+
+fn encode<T: Serialize>(v: &T) -> Bytes {
+    // Plain structs of numbers, strings and maps: encoding cannot fail.
+    Bytes::from(serde_json::to_vec(v).unwrap_or_default())
+}
+
+fn decode<T: DeserializeOwned>(bucket: &'static str, key: &str, b: &[u8]) -> Result<T, String> {
+    serde_json::from_slice(b).map_err(|e| format!("bucket {bucket}, key {key}: unreadable value: {e}"))
+}
+
+/// A SKU must be a valid KV key: letters, digits, `-`, `_`, `=`, `/`, `.`.
+fn check_key(sku: &str) -> Result<(), String> {
+    let ok = !sku.is_empty()
+        && !sku.starts_with('.')
+        && !sku.ends_with('.')
+        && sku
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'=' | b'/' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "SKU `{sku}` cannot be stored: use letters, digits, `-`, `_`, `=`, `/` and `.`"
+        ))
+    }
+}
+
+// ---------------------------------------------------------------- payments
+
+/// The payment ledger in the `payments` bucket.
+#[derive(Debug, Clone)]
+pub struct KvLedger {
+    store: Store,
+}
+
+impl KvLedger {
+    pub async fn open(nats: &Nats) -> Result<Self, KvError> {
+        Ok(Self {
+            store: open(nats, PAYMENTS).await?,
+        })
+    }
+
+    async fn read(&self, key: &str) -> Result<Option<(PaymentEntry, u64)>, LedgerError> {
+        let unavailable = |e: String| LedgerError::Unavailable(e);
+        match self.store.entry(key).await.map_err(|e| unavailable(e.to_string()))? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let v = decode(PAYMENTS, key, &e.value).map_err(unavailable)?;
+                Ok(Some((v, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+}
+
+impl Ledger for KvLedger {
+    async fn charge(&self, order: OrderId, amount: i64) -> Result<PaymentEntry, LedgerError> {
+        let key = order.to_string();
+        let entry = PaymentEntry {
+            amount_cents: amount,
+            charged: true,
+            refunded: false,
+        };
+        match self.store.create(&key, encode(&entry)).await {
+            Ok(_) => Ok(entry),
+            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => self
+                .read(&key)
+                .await?
+                .map(|(e, _)| e)
+                .ok_or_else(|| LedgerError::Unavailable(format!("ledger entry {key} vanished"))),
+            Err(e) => Err(LedgerError::Unavailable(e.to_string())),
+        }
+    }
+
+    async fn refund(&self, order: OrderId) -> Result<Option<PaymentEntry>, LedgerError> {
+        let key = order.to_string();
+        loop {
+            let Some((mut entry, revision)) = self.read(&key).await? else {
+                return Ok(None);
+            };
+            if !entry.charged || entry.refunded {
+                return Ok(Some(entry));
+            }
+            entry.refunded = true;
+            match self.store.update(&key, encode(&entry), revision).await {
+                Ok(_) => return Ok(Some(entry)),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(LedgerError::Unavailable(e.to_string())),
+            }
+        }
+    }
+
+    async fn entry(&self, order: OrderId) -> Result<Option<PaymentEntry>, LedgerError> {
+        Ok(self.read(&order.to_string()).await?.map(|(e, _)| e))
+    }
+}
+
+// --------------------------------------------------------------- inventory
+
+/// A SKU's value in the `inventory` bucket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct SkuValue {
+    available: i64,
+    reserved: i64,
+    /// Changes made for orders whose own record does not say so yet.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pending: BTreeMap<String, i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum ResState {
+    Reserving,
+    RollingBack,
+    Reserved,
+    Insufficient,
+    Releasing,
+    Released,
+}
+
+/// An order's record in the `reservations` bucket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct ResRecord {
+    lines: BTreeMap<String, i64>,
+    state: ResState,
+    /// SKUs whose reservation is made.
+    #[serde(default)]
+    applied: Vec<String>,
+    /// SKUs whose reservation is undone (a later line was short) or released.
+    #[serde(default)]
+    returned: Vec<String>,
+    /// The short line, once found.
+    #[serde(default)]
+    short: Option<(String, i64, i64)>,
+    /// The run that may act for this order, and until when (ms since the
+    /// epoch). Two runs of one step can overlap (a redelivery beside a slow
+    /// original); only the holder acts, the other is deferred.
+    #[serde(default)]
+    lease: Option<Lease>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct Lease {
+    run: String,
+    until_ms: u64,
+}
+
+/// Added to a run's window: covers a request in flight when its step times
+/// out, and clock differences between hosts.
+const LEASE_MARGIN: Duration = Duration::from_secs(5);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// A fresh lease for a run that may act for `window`.
+fn lease(run: &str, window: Duration) -> Lease {
+    let ms = u64::try_from((window + LEASE_MARGIN).as_millis()).unwrap_or(u64::MAX);
+    Lease {
+        run: run.to_owned(),
+        until_ms: now_ms().saturating_add(ms),
+    }
+}
+
+/// Stock in the `inventory` and `reservations` buckets.
+#[derive(Debug, Clone)]
+pub struct KvStock {
+    stock: Store,
+    orders: Store,
+    seed: std::collections::HashMap<String, i64>,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StockError {
+    StockError::Unavailable(e.to_string())
+}
+
+/// What one change of a SKU came to.
+enum Change {
+    Made,
+    Short { available: i64 },
+}
+
+impl KvStock {
+    /// Opens the buckets; `seed` gives the initial units of SKUs that have no
+    /// level yet (as `waybill setup --stock` would have), with the reference
+    /// rules for the rest (`OOS-` none, others 1,000,000).
+    pub async fn open(nats: &Nats, seed: std::collections::HashMap<String, i64>) -> Result<Self, KvError> {
+        Ok(Self {
+            stock: open(nats, INVENTORY).await?,
+            orders: open(nats, RESERVATIONS).await?,
+            seed,
+        })
+    }
+
+    /// A SKU's value and revision, created at its initial level if absent.
+    async fn sku(&self, sku: &str) -> Result<(SkuValue, u64), StockError> {
+        loop {
+            match self.stock.entry(sku).await.map_err(unavailable)? {
+                Some(e) if e.operation == kv::Operation::Put => {
+                    let v = decode(INVENTORY, sku, &e.value).map_err(StockError::Unavailable)?;
+                    return Ok((v, e.revision));
+                }
+                _ => {
+                    let v = SkuValue {
+                        available: initial_stock(&self.seed, sku),
+                        reserved: 0,
+                        pending: BTreeMap::new(),
+                    };
+                    match self.stock.create(sku, encode(&v)).await {
+                        Ok(rev) => return Ok((v, rev)),
+                        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
+                        Err(e) => return Err(unavailable(e)),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves `qty` units of `sku` from available to reserved (negative: back),
+    /// once per `marker`; refuses to make available negative when `check`.
+    async fn change(&self, sku: &str, marker: &str, qty: i64, check: bool) -> Result<Change, StockError> {
+        loop {
+            let (mut v, rev) = self.sku(sku).await?;
+            if v.pending.contains_key(marker) {
+                return Ok(Change::Made);
+            }
+            if check && v.available < qty {
+                return Ok(Change::Short { available: v.available });
+            }
+            v.available -= qty;
+            v.reserved += qty;
+            v.pending.insert(marker.to_owned(), qty);
+            match self.stock.update(sku, encode(&v), rev).await {
+                Ok(_) => return Ok(Change::Made),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+
+    /// Removes `marker` from `sku` once the order's record holds the change.
+    async fn settle(&self, sku: &str, marker: &str) -> Result<(), StockError> {
+        loop {
+            let (mut v, rev) = self.sku(sku).await?;
+            if v.pending.remove(marker).is_none() {
+                return Ok(());
+            }
+            match self.stock.update(sku, encode(&v), rev).await {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+    }
+
+    async fn record(&self, order: &str) -> Result<Option<(ResRecord, u64)>, StockError> {
+        match self.orders.entry(order).await.map_err(unavailable)? {
+            Some(e) if e.operation == kv::Operation::Put => {
+                let r = decode(RESERVATIONS, order, &e.value).map_err(StockError::Unavailable)?;
+                Ok(Some((r, e.revision)))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Saves the order's record. Only the lease holder writes it, so a lost
+    /// race here means another run took over: this one stops.
+    async fn save(&self, order: &str, r: &ResRecord, rev: u64) -> Result<u64, StockError> {
+        match self.orders.update(order, encode(r), rev).await {
+            Ok(rev) => Ok(rev),
+            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+                Err(StockError::Busy(Duration::from_millis(500)))
+            }
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    /// Takes the order's lease for this run, or defers while another run
+    /// holds it.
+    async fn take_lease(
+        &self,
+        order: &str,
+        mut rec: ResRecord,
+        rev: u64,
+        run: &str,
+        window: Duration,
+    ) -> Result<(ResRecord, u64), StockError> {
+        if let Some(l) = &rec.lease {
+            let now = now_ms();
+            if l.run != run && l.until_ms > now {
+                return Err(StockError::Busy(Duration::from_millis(l.until_ms - now)));
+            }
+        }
+        rec.lease = Some(lease(run, window));
+        let rev = self.save(order, &rec, rev).await?;
+        Ok((rec, rev))
+    }
+
+    /// Runs `op` over the record's SKUs not yet `done`, saving each.
+    async fn apply_all(
+        &self,
+        order: &str,
+        rec: &mut ResRecord,
+        rev: &mut u64,
+        op: &str,
+        sign: i64,
+    ) -> Result<(), StockError> {
+        let marker = format!("{order}:{op}");
+        let todo: Vec<String> = rec
+            .applied
+            .iter()
+            .filter(|s| !rec.returned.contains(s))
+            .cloned()
+            .collect();
+        for sku in todo {
+            let qty = rec.lines.get(&sku).copied().unwrap_or(0);
+            self.change(&sku, &marker, sign * qty, false).await?;
+            rec.returned.push(sku.clone());
+            *rev = self.save(order, rec, *rev).await?;
+            self.settle(&sku, &marker).await?;
+        }
+        Ok(())
+    }
+
+    async fn settle_all(&self, order: &str, skus: &[String], op: &str) -> Result<(), StockError> {
+        let marker = format!("{order}:{op}");
+        for sku in skus {
+            self.settle(sku, &marker).await?;
+        }
+        Ok(())
+    }
+
+    /// The level of `sku` as it stands (markers aside).
+    pub async fn level_of(&self, sku: &str) -> Result<(Level, usize), StockError> {
+        let (v, _) = self.sku(sku).await?;
+        Ok((
+            Level {
+                available: v.available,
+                reserved: v.reserved,
+            },
+            v.pending.len(),
+        ))
+    }
+}
+
+impl StockStore for KvStock {
+    async fn reserve(
+        &self,
+        order: OrderId,
+        lines: &BTreeMap<String, i64>,
+        window: Duration,
+    ) -> Result<Reservation, StockError> {
+        for sku in lines.keys() {
+            check_key(sku).map_err(StockError::Unavailable)?;
+        }
+        let key = order.to_string();
+        let run = uuid::Uuid::now_v7().simple().to_string();
+        let (mut rec, mut rev) = match self.record(&key).await? {
+            Some((rec, rev)) if matches!(rec.state, ResState::Reserving | ResState::RollingBack) => {
+                self.take_lease(&key, rec, rev, &run, window).await?
+            }
+            Some(r) => r,
+            None => {
+                let rec = ResRecord {
+                    lines: lines.clone(),
+                    state: ResState::Reserving,
+                    applied: Vec::new(),
+                    returned: Vec::new(),
+                    short: None,
+                    lease: Some(lease(&run, window)),
+                };
+                match self.orders.create(&key, encode(&rec)).await {
+                    Ok(rev) => (rec, rev),
+                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                        return Err(StockError::Busy(Duration::from_millis(200)));
+                    }
+                    Err(e) => return Err(unavailable(e)),
+                }
+            }
+        };
+        let insufficient = |r: &ResRecord| match &r.short {
+            Some((sku, wanted, available)) => Reservation::Insufficient {
+                sku: sku.clone(),
+                wanted: *wanted,
+                available: *available,
+            },
+            None => Reservation::Reserved,
+        };
+        let marker = format!("{key}:reserve");
+        if rec.state == ResState::Reserving {
+            let todo: Vec<(String, i64)> = rec
+                .lines
+                .iter()
+                .filter(|(s, _)| !rec.applied.contains(s))
+                .map(|(s, q)| (s.clone(), *q))
+                .collect();
+            for (sku, qty) in todo {
+                match self.change(&sku, &marker, qty, true).await? {
+                    Change::Made => {
+                        rec.applied.push(sku.clone());
+                        rev = self.save(&key, &rec, rev).await?;
+                        self.settle(&sku, &marker).await?;
+                    }
+                    Change::Short { available } => {
+                        rec.short = Some((sku, qty, available));
+                        rec.state = ResState::RollingBack;
+                        rev = self.save(&key, &rec, rev).await?;
+                        break;
+                    }
+                }
+            }
+            if rec.state == ResState::Reserving {
+                self.settle_all(&key, &rec.applied, "reserve").await?;
+                rec.state = ResState::Reserved;
+                rec.lease = None;
+                self.save(&key, &rec, rev).await?;
+                return Ok(Reservation::Reserved);
+            }
+        }
+        match rec.state {
+            ResState::RollingBack => {
+                self.settle_all(&key, &rec.applied, "reserve").await?;
+                self.apply_all(&key, &mut rec, &mut rev, "undo", -1).await?;
+                self.settle_all(&key, &rec.returned, "undo").await?;
+                rec.state = ResState::Insufficient;
+                rec.lease = None;
+                self.save(&key, &rec, rev).await?;
+                Ok(insufficient(&rec))
+            }
+            ResState::Insufficient => Ok(insufficient(&rec)),
+            // Reserved once; a later release does not change that answer.
+            _ => Ok(Reservation::Reserved),
+        }
+    }
+
+    async fn release(&self, order: OrderId, window: Duration) -> Result<bool, StockError> {
+        let key = order.to_string();
+        let Some((rec, rev)) = self.record(&key).await? else {
+            return Ok(false);
+        };
+        if !matches!(rec.state, ResState::Reserved | ResState::Releasing) {
+            return Ok(false);
+        }
+        let run = uuid::Uuid::now_v7().simple().to_string();
+        let (mut rec, mut rev) = self.take_lease(&key, rec, rev, &run, window).await?;
+        if rec.state == ResState::Reserved {
+            rec.state = ResState::Releasing;
+            rev = self.save(&key, &rec, rev).await?;
+        }
+        self.apply_all(&key, &mut rec, &mut rev, "release", -1).await?;
+        self.settle_all(&key, &rec.returned, "release").await?;
+        rec.state = ResState::Released;
+        rec.lease = None;
+        self.save(&key, &rec, rev).await?;
+        Ok(true)
+    }
+
+    async fn level(&self, sku: &str) -> Result<Level, StockError> {
+        Ok(self.level_of(sku).await?.0)
+    }
+}
