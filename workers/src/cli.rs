@@ -151,6 +151,20 @@ pub struct WorkerArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Where the service keeps its state: `kv` (NATS KV buckets, shared by
+    /// every process of the service) or `memory` (this process only: for
+    /// trying and benchmarking with one process per service; a restart
+    /// forgets it).
+    #[arg(long, value_enum, default_value_t = StateArg::Kv)]
+    pub state: StateArg,
+}
+
+/// Where a service keeps its state.
+#[derive(clap::ValueEnum, Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StateArg {
+    #[default]
+    Kv,
+    Memory,
 }
 
 /// The life of a worker process: connect, check the streams, serve until

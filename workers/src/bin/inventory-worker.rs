@@ -7,9 +7,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use waybill_workers::cli::{worker_main, WorkerArgs};
+use waybill_workers::cli::{worker_main, StateArg, WorkerArgs};
+use waybill_workers::replay::load_stock;
 use waybill_workers::services::kv::KvStock;
-use waybill_workers::services::{serve_inventory, InventoryService};
+use waybill_workers::services::{serve_inventory, InventoryService, MemoryStock};
 
 /// Serves inventory.reserve and inventory.release: all lines or none, each
 /// released once, never overselling.
@@ -22,12 +23,26 @@ use waybill_workers::services::{serve_inventory, InventoryService};
 struct Args {
     #[command(flatten)]
     worker: WorkerArgs,
+    /// With `--state memory`: the initial stock, a JSON object of SKU → units
+    /// (with `--state kv`, `waybill setup --stock FILE` seeds it).
+    #[arg(long, value_name = "FILE")]
+    stock: Option<std::path::PathBuf>,
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    worker_main("inventory-worker", args.worker, |nats, builder| async move {
-        let svc = Arc::new(InventoryService::new(KvStock::open(&nats, Default::default()).await?));
-        Ok(serve_inventory(&svc, builder))
+    let state = args.worker.state;
+    let seed = args.stock.clone();
+    worker_main("inventory-worker", args.worker, move |nats, builder| async move {
+        Ok(match state {
+            StateArg::Kv => {
+                let stock = KvStock::open(&nats, Default::default()).await?;
+                serve_inventory(&Arc::new(InventoryService::new(stock)), builder)
+            }
+            StateArg::Memory => {
+                let seed = seed.map(|p| load_stock(&p)).transpose()?.unwrap_or_default();
+                serve_inventory(&Arc::new(InventoryService::new(MemoryStock::new(seed))), builder)
+            }
+        })
     })
 }

@@ -7,9 +7,9 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
-use waybill_workers::cli::{worker_main, WorkerArgs};
+use waybill_workers::cli::{worker_main, StateArg, WorkerArgs};
 use waybill_workers::services::kv::KvLedger;
-use waybill_workers::services::{serve_payment, PaymentService};
+use waybill_workers::services::{serve_payment, MemoryLedger, PaymentService};
 
 /// Serves payment.charge and payment.refund: charges each order once, refunds once.
 ///
@@ -24,8 +24,11 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    worker_main("payment-worker", args.worker, |nats, builder| async move {
-        let svc = Arc::new(PaymentService::new(KvLedger::open(&nats).await?));
-        Ok(serve_payment(&svc, builder))
+    let state = args.worker.state;
+    worker_main("payment-worker", args.worker, move |nats, builder| async move {
+        Ok(match state {
+            StateArg::Kv => serve_payment(&Arc::new(PaymentService::new(KvLedger::open(&nats).await?)), builder),
+            StateArg::Memory => serve_payment(&Arc::new(PaymentService::new(MemoryLedger::default())), builder),
+        })
     })
 }
