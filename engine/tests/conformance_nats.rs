@@ -58,3 +58,49 @@ async fn connecting_twice_finds_the_streams_as_configured() {
         .unwrap();
     assert!(again.duplicate && again.sequence == ack.sequence);
 }
+
+#[tokio::test]
+async fn a_message_that_exhausts_its_deliveries_becomes_a_dead_letter() {
+    use std::time::{Duration, Instant};
+    use waybill::transport::{Consumer, Headers, Outgoing};
+
+    let server = NatsServer::start();
+    let t = transport(&server).await;
+    let mut cfg = ConsumerConfig::new("wb_poison", "waybill.hop.poison");
+    cfg.ack_wait = Duration::from_secs(1);
+    cfg.max_deliver = 2;
+    let mut c = t.consumer(cfg).await.unwrap();
+    t.publish(Outgoing {
+        subject: "waybill.hop.poison".into(),
+        msg_id: None,
+        headers: Headers::new(),
+        payload: bytes::Bytes::from_static(b"kills its worker"),
+    })
+    .await
+    .unwrap();
+    // Taken and never settled, twice: as by a worker process that dies on it.
+    for _ in 0..2 {
+        let d = tokio::time::timeout(Duration::from_secs(10), c.fetch(1))
+            .await
+            .unwrap()
+            .unwrap();
+        drop(d);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while t.dead_letter_count().await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "the exhausted message was not dead-lettered");
+        // Polling the dead-letter stream's size, bounded by the deadline.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let stream = t
+        .jetstream()
+        .get_stream(waybill::transport::nats::DLQ_STREAM)
+        .await
+        .unwrap();
+    let m = stream.get_raw_message(1).await.unwrap();
+    assert_eq!(m.subject.as_str(), "waybill.dlq.poison");
+    assert_eq!(m.payload.as_ref(), b"kills its worker");
+    let reason = m.headers.get(waybill::headers::DLQ_REASON).unwrap().to_string();
+    assert!(reason.contains("delivered 2 times"), "{reason}");
+    assert_eq!(t.dead_letter_count().await.unwrap(), 1, "stored once");
+}

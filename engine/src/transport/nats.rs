@@ -230,6 +230,67 @@ impl Nats {
         Ok(info.state.messages)
     }
 
+    /// Moves messages that exhausted their deliveries on `durable` to the
+    /// dead-letter stream. JetStream stops delivering such a message without
+    /// an error reaching any client (a worker process that dies on it every
+    /// time never gets to hand it back); it only publishes an advisory. Every
+    /// process watching publishes the dead letter under one deduplication id
+    /// (the stream sequence), so it is stored once.
+    async fn watch_exhausted(&self, durable: &str) -> Result<tokio::task::JoinHandle<()>, Error> {
+        let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{HOPS_STREAM}.{durable}");
+        let mut advisories = self
+            .client
+            .subscribe(subject)
+            .await
+            .map_err(|e| other("cannot watch for exhausted deliveries", e, true))?;
+        let nats = self.clone();
+        let durable = durable.to_owned();
+        Ok(tokio::spawn(async move {
+            while let Some(m) = advisories.next().await {
+                if let Err(e) = nats.dead_letter_exhausted(&durable, &m.payload).await {
+                    tracing::error!(consumer = %durable, error = %e, "could not dead-letter an exhausted message");
+                }
+            }
+        }))
+    }
+
+    async fn dead_letter_exhausted(&self, durable: &str, advisory: &[u8]) -> Result<(), Error> {
+        #[derive(serde::Deserialize)]
+        struct Advisory {
+            stream_seq: u64,
+            deliveries: u64,
+        }
+        let a: Advisory =
+            serde_json::from_slice(advisory).map_err(|e| other("unreadable max-deliveries advisory", e, false))?;
+        let stream = self.hops().await?;
+        let m = stream
+            .get_raw_message(a.stream_seq)
+            .await
+            .map_err(|e| other(&format!("cannot read message {}", a.stream_seq), e, true))?;
+        let mut headers = m.headers.clone();
+        headers.insert(
+            DLQ_REASON,
+            format!(
+                "delivered {} times without being acknowledged (max_deliver): the worker died or hung on it",
+                a.deliveries
+            )
+            .as_str(),
+        );
+        headers.insert("Waybill-Dlq-Consumer", durable);
+        let p = PublishMessage::build()
+            .payload(m.payload)
+            .headers(headers)
+            .message_id(format!("exhausted:{}", a.stream_seq));
+        self.js
+            .send_publish(subject::dead_letter(m.subject.as_str()), p)
+            .await
+            .map_err(|e| other("dead letter publish failed", e, true))?
+            .await
+            .map_err(|e| other("dead letter was not acknowledged", e, true))?;
+        tracing::warn!(consumer = %durable, sequence = a.stream_seq, "dead-lettered a message that exhausted its deliveries");
+        Ok(())
+    }
+
     async fn hops(&self) -> Result<stream::Stream, Error> {
         self.js
             .get_stream(HOPS_STREAM)
@@ -327,10 +388,16 @@ impl Transport for Nats {
             .messages()
             .await
             .map_err(|e| other(&format!("cannot pull from consumer {}", config.durable), e, true))?;
+        let watcher = if private {
+            None
+        } else {
+            Some(self.watch_exhausted(&config.durable).await?)
+        };
         Ok(NatsConsumer {
             consumer,
             messages,
             durable: config.durable,
+            watcher,
         })
     }
 
@@ -363,6 +430,16 @@ pub struct NatsConsumer {
     consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
     messages: pull::Stream,
     durable: String,
+    /// Dead-letters what exhausts its deliveries; stopped with the handle.
+    watcher: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for NatsConsumer {
+    fn drop(&mut self) {
+        if let Some(w) = self.watcher.take() {
+            w.abort();
+        }
+    }
 }
 
 impl std::fmt::Debug for NatsConsumer {
