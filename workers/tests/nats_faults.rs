@@ -13,10 +13,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
-use waybill::transport::nats::{Nats, HOPS_STREAM};
+use waybill::transport::nats::Nats;
 use waybill::transport::NatsConfig;
 use waybill::Status;
 use waybill_testkit::{NatsServer, Proc};
@@ -68,23 +68,21 @@ fn replay_process(url: &str) -> Proc {
     )
 }
 
-/// Waits until the hop stream holds at least `n` messages: the replay is
-/// then well under way.
-async fn wait_for_hops(url: &str, n: u64) {
-    let nats = Nats::connect(url, NatsConfig::default()).await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let mut s = nats.jetstream().get_stream(HOPS_STREAM).await.unwrap();
-        if s.info().await.unwrap().state.messages >= n {
-            return;
+/// Watches every hop published (a plain subscription sees them) so a test
+/// can wait until the replay is well under way.
+async fn hop_watch(url: &str) -> async_nats::Subscriber {
+    let client = async_nats::connect(url).await.unwrap();
+    client.subscribe("waybill.hop.>").await.unwrap()
+}
+
+async fn wait_for_hops(watch: &mut async_nats::Subscriber, n: usize) {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        for _ in 0..n {
+            watch.next().await.unwrap();
         }
-        assert!(
-            Instant::now() < deadline,
-            "the replay did not reach {n} hops within 60 s"
-        );
-        // Polling the stream's size, bounded by the deadline.
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the replay did not publish {n} hops within 60 s"));
 }
 
 async fn bucket_values<T: serde::de::DeserializeOwned>(nats: &Nats, bucket: &str) -> HashMap<String, T> {
@@ -181,10 +179,12 @@ async fn two_processes_per_service_share_the_work_and_a_killed_one_loses_nothing
     let url = server.url();
     setup(&url);
     let mut workers: Vec<Proc> = (0..3).flat_map(|i| [worker(i, &url), worker(i, &url)]).collect();
+    let mut watch = hop_watch(&url).await;
     let replay = replay_process(&url);
 
     // Kill one of the two payment workers mid-replay, then start it again.
-    wait_for_hops(&url, 2500).await;
+    wait_for_hops(&mut watch, 2500).await;
+    drop(watch);
     workers.remove(0).kill9();
     workers.push(worker(0, &url));
 
@@ -206,9 +206,11 @@ async fn nats_server_killed_and_restarted_mid_replay_loses_nothing() {
     let url = server.url();
     setup(&url);
     let workers: Vec<Proc> = (0..3).map(|i| worker(i, &url)).collect();
+    let mut watch = hop_watch(&url).await;
     let replay = replay_process(&url);
 
-    wait_for_hops(&url, 2500).await;
+    wait_for_hops(&mut watch, 2500).await;
+    drop(watch);
     server.restart(); // SIGKILL, then the same port and store
 
     finish(replay, workers);
