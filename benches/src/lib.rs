@@ -1,1 +1,23 @@
 //! Shared pieces of Waybill's benchmarks. See `benches/README.md`.
+
+use waybill_workers::replay::PreparedOrder;
+use waybill_workflows::samples;
+
+/// `count` mixed orders (the generator's seed 7), validated and encoded as a
+/// replay starts them.
+pub fn mixed_orders(count: usize) -> anyhow::Result<Vec<PreparedOrder>> {
+    let registry = waybill_workflows::registry()?;
+    samples::mixed(count, 7)
+        .into_iter()
+        .enumerate()
+        .map(|(i, s)| {
+            let (workflow, payload) = registry.prepare(waybill_workflows::ORDER, &s.order)?;
+            Ok(PreparedOrder {
+                line: i + 1,
+                expect: s.expect,
+                workflow,
+                payload,
+            })
+        })
+        .collect()
+}

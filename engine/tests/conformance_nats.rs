@@ -38,24 +38,14 @@ async fn connecting_twice_finds_the_streams_as_configured() {
     let server = NatsServer::start();
     let a = transport(&server).await;
     let b = transport(&server).await;
-    let ack = a
-        .publish(waybill::transport::Outgoing {
-            subject: "waybill.hop.x.y".into(),
-            msg_id: Some("m:0".into()),
-            headers: waybill::transport::Headers::new(),
-            payload: bytes::Bytes::from_static(b"x"),
-        })
-        .await
-        .unwrap();
-    let again = b
-        .publish(waybill::transport::Outgoing {
-            subject: "waybill.hop.x.y".into(),
-            msg_id: Some("m:0".into()),
-            headers: waybill::transport::Headers::new(),
-            payload: bytes::Bytes::from_static(b"x"),
-        })
-        .await
-        .unwrap();
+    let msg = || waybill::transport::Outgoing {
+        subject: "waybill.hop.x.y".into(),
+        msg_id: Some("m:0".into()),
+        headers: waybill::transport::Headers::new(),
+        payload: bytes::Bytes::from_static(b"x"),
+    };
+    let ack = a.publish(msg()).await.unwrap();
+    let again = b.publish(msg()).await.unwrap();
     assert!(again.duplicate && again.sequence == ack.sequence);
 }
 

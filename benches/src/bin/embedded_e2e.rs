@@ -12,8 +12,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::collections::HashMap;
 
 use anyhow::Context;
-use waybill_workers::replay::{EmbeddedRuntime, PreparedOrder, ReplayOptions};
-use waybill_workflows::samples;
+use waybill_workers::replay::{EmbeddedRuntime, ReplayOptions};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -21,20 +20,7 @@ fn main() -> anyhow::Result<()> {
     let runs: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(3);
     let in_flight: usize = args.next().map(|a| a.parse()).transpose()?.unwrap_or(2048);
 
-    let registry = waybill_workflows::registry()?;
-    let prepared: Vec<PreparedOrder> = samples::mixed(orders, 7)
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let (workflow, payload) = registry.prepare("order", &s.order)?;
-            Ok(PreparedOrder {
-                line: i + 1,
-                expect: s.expect,
-                workflow,
-                payload,
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let prepared = waybill_benches::mixed_orders(orders)?;
     let stock: HashMap<String, i64> =
         serde_json::from_str(&std::fs::read_to_string(stock_path()).context("reading examples/stock.json")?)?;
     let opts = ReplayOptions {

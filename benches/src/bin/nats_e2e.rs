@@ -31,8 +31,7 @@ use waybill::transport::nats::Nats;
 use waybill::transport::NatsConfig;
 use waybill::{Client, Codec, Document, Format, OrderId};
 use waybill_testkit::{NatsServer, Proc};
-use waybill_workers::replay::{self, PreparedOrder, ReplayOptions};
-use waybill_workflows::samples;
+use waybill_workers::replay::{self, ReplayOptions};
 
 fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
@@ -105,20 +104,7 @@ async fn engine_run(
         }
         workers.push(Proc::spawn(name, cmd));
     }
-    let registry = waybill_workflows::registry()?;
-    let prepared: Vec<PreparedOrder> = samples::mixed(orders, 7)
-        .into_iter()
-        .enumerate()
-        .map(|(i, s)| {
-            let (workflow, payload) = registry.prepare("order", &s.order)?;
-            Ok(PreparedOrder {
-                line: i + 1,
-                expect: s.expect,
-                workflow,
-                payload,
-            })
-        })
-        .collect::<anyhow::Result<_>>()?;
+    let prepared = waybill_benches::mixed_orders(orders)?;
     // The size of a document on its last hop, for the raw baseline.
     let doc = Document::new(
         OrderId::new(),
