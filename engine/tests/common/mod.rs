@@ -113,6 +113,7 @@ pub fn serve<T: Transport>(b: WorkerBuilder<T>, log: &Arc<Log>) -> WorkerBuilder
                 panic!("b exploded for {}", s.name);
             }
             if s.b_hangs {
+                // The hang is the behaviour under test: the step timeout ends it.
                 tokio::time::sleep(Duration::from_secs(3600)).await;
             }
             if ctx.attempt <= s.b_flaky {
