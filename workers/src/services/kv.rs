@@ -110,6 +110,14 @@ fn decode<T: DeserializeOwned>(bucket: &'static str, key: &str, b: &[u8]) -> Res
     serde_json::from_slice(b).map_err(|e| format!("bucket {bucket}, key {key}: unreadable value: {e}"))
 }
 
+/// Waits a little after losing a compare-and-swap race: under many
+/// concurrent reservations of one SKU, retrying at once only loses again.
+async fn after_conflict(tries: &mut u32) {
+    *tries += 1;
+    let cap_us = 200u64 << (*tries).min(6);
+    tokio::time::sleep(Duration::from_micros(fastrand::u64(0..cap_us))).await;
+}
+
 /// A SKU must be a valid KV key: letters, digits, `-`, `_`, `=`, `/`, `.`.
 fn check_key(sku: &str) -> Result<(), String> {
     let ok = !sku.is_empty()
@@ -322,6 +330,7 @@ impl KvStock {
     /// Moves `qty` units of `sku` from available to reserved (negative: back),
     /// once per `marker`; refuses to make available negative when `check`.
     async fn change(&self, sku: &str, marker: &str, qty: i64, check: bool) -> Result<Change, StockError> {
+        let mut tries = 0;
         loop {
             let (mut v, rev) = self.sku(sku).await?;
             if v.pending.contains_key(marker) {
@@ -335,7 +344,7 @@ impl KvStock {
             v.pending.insert(marker.to_owned(), qty);
             match self.stock.update(sku, encode(&v), rev).await {
                 Ok(_) => return Ok(Change::Made),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => after_conflict(&mut tries).await,
                 Err(e) => return Err(unavailable(e)),
             }
         }
@@ -343,6 +352,7 @@ impl KvStock {
 
     /// Removes `marker` from `sku` once the order's record holds the change.
     async fn settle(&self, sku: &str, marker: &str) -> Result<(), StockError> {
+        let mut tries = 0;
         loop {
             let (mut v, rev) = self.sku(sku).await?;
             if v.pending.remove(marker).is_none() {
@@ -350,7 +360,7 @@ impl KvStock {
             }
             match self.stock.update(sku, encode(&v), rev).await {
                 Ok(_) => return Ok(()),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => after_conflict(&mut tries).await,
                 Err(e) => return Err(unavailable(e)),
             }
         }
