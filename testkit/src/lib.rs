@@ -247,3 +247,11 @@ impl Drop for Proc {
         }
     }
 }
+
+/// The workspace's root folder (where `examples/` is), for tests that run
+/// the programs as a user would.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map_or_else(|| PathBuf::from(".."), Path::to_path_buf)
+}

@@ -2,17 +2,13 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use waybill_testkit::workspace_root;
 
 fn waybill(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_waybill"))
         .args(args)
-        .current_dir(root())
+        .current_dir(workspace_root())
         .output()
         .expect("the waybill binary runs")
 }

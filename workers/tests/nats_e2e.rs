@@ -4,27 +4,24 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use waybill_testkit::{NatsServer, Proc};
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+use waybill_testkit::{workspace_root, NatsServer, Proc};
 
 fn waybill(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_waybill"))
         .args(args)
-        .current_dir(root())
+        .current_dir(workspace_root())
         .output()
         .unwrap()
 }
 
 fn worker(name: &'static str, bin: &str, url: &str) -> Proc {
     let mut cmd = Command::new(bin);
-    cmd.args(["--nats", url]).current_dir(root()).env("RUST_LOG", "warn");
+    cmd.args(["--nats", url])
+        .current_dir(workspace_root())
+        .env("RUST_LOG", "warn");
     Proc::spawn(name, cmd)
 }
 

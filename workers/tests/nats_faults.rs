@@ -11,7 +11,6 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -19,20 +18,16 @@ use futures::StreamExt;
 use waybill::transport::nats::Nats;
 use waybill::transport::NatsConfig;
 use waybill::Status;
-use waybill_testkit::{NatsServer, Proc};
+use waybill_testkit::{workspace_root, NatsServer, Proc};
 use waybill_workers::replay;
 use waybill_workers::services::initial_stock;
 use waybill_workflows::Order;
 
 const MIXED: &str = "examples/orders/mixed.jsonl";
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn command(bin: &str, args: &[&str]) -> Command {
     let mut c = Command::new(bin);
-    c.args(args).current_dir(root()).env("RUST_LOG", "warn");
+    c.args(args).current_dir(workspace_root()).env("RUST_LOG", "warn");
     c
 }
 
@@ -101,8 +96,8 @@ async fn bucket_values<T: serde::de::DeserializeOwned>(nats: &Nats, bucket: &str
 /// The ledger and the stock, read from their buckets, agree with the orders.
 async fn check_invariants(url: &str) {
     let registry = waybill_workflows::registry().unwrap();
-    let file = replay::load(&root().join(MIXED), &registry).unwrap();
-    let seed = replay::load_stock(&root().join("examples/stock.json")).unwrap();
+    let file = replay::load(&workspace_root().join(MIXED), &registry).unwrap();
+    let seed = replay::load_stock(&workspace_root().join("examples/stock.json")).unwrap();
     let mut want: HashMap<Status, usize> = HashMap::new();
     let mut taken: BTreeMap<String, i64> = BTreeMap::new();
     for o in &file.orders {

@@ -4,20 +4,16 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use waybill_testkit::workspace_root;
 
 use waybill::Status;
 use waybill_workers::replay::{self, EmbeddedRuntime, ReplayOptions};
 use waybill_workflows::Order;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_ends_as_expected_and_money_and_stock_add_up() {
     let registry = waybill_workflows::registry().unwrap();
-    let files: Vec<_> = replay::expand(&[root().join("examples/orders")])
+    let files: Vec<_> = replay::expand(&[workspace_root().join("examples/orders")])
         .unwrap()
         .iter()
         .map(|p| replay::load(p, &registry).unwrap())
@@ -35,7 +31,7 @@ async fn every_example_ends_as_expected_and_money_and_stock_add_up() {
     let mixed = files.iter().find(|f| f.path.ends_with("mixed.jsonl")).unwrap();
     assert!(mixed.orders.len() >= 1000);
 
-    let stock = replay::load_stock(&root().join("examples/stock.json")).unwrap();
+    let stock = replay::load_stock(&workspace_root().join("examples/stock.json")).unwrap();
     let opts = ReplayOptions::default();
     let engine = EmbeddedRuntime::start(stock.clone(), &opts).await.unwrap();
     let mut by_status: HashMap<Status, usize> = HashMap::new();
