@@ -102,6 +102,59 @@ pub enum EncodeError {
     Failed(String),
 }
 
+/// What a document says about where its order stands, read without its
+/// history or payload: what the coordinator tracks per hop.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Envelope {
+    pub id: OrderId,
+    pub route: Arc<Route>,
+    pub hop: u32,
+    pub status: Status,
+    /// The route step the hop is for: the step to run while running, the
+    /// step being undone while compensating, the last cursor once terminal.
+    pub step: u16,
+    pub attempt: u32,
+    pub not_before: Option<Timestamp>,
+}
+
+/// The leading fields of [`WireBody`], read on their own: postcard reads
+/// fields in order, so the rest (history, payload) is never touched.
+#[derive(Deserialize)]
+struct WireHead {
+    id: OrderId,
+    hop: u32,
+    status: Status,
+    step: u16,
+    attempt: u32,
+    not_before: Option<Timestamp>,
+}
+
+impl Envelope {
+    fn of(doc: &Document) -> Result<Self, DecodeError> {
+        let step = match doc.target() {
+            Some(t) if t.kind == crate::document::StepKind::Compensation => doc
+                .route
+                .steps
+                .iter()
+                .position(|s| &s.name == t.step)
+                .and_then(|i| u16::try_from(i).ok())
+                .ok_or_else(|| {
+                    DecodeError::Inconsistent(format!("owes the undoing of `{}`, which its route lacks", t.step))
+                })?,
+            _ => doc.step,
+        };
+        Ok(Self {
+            id: doc.id,
+            route: doc.route.clone(),
+            hop: doc.hop,
+            status: doc.status,
+            step,
+            attempt: doc.attempt,
+            not_before: doc.not_before,
+        })
+    }
+}
+
 /// Encodes and decodes documents within a size limit.
 #[derive(Debug, Clone, Copy)]
 pub struct Codec {
@@ -357,7 +410,18 @@ impl Codec {
         self.decode(bytes, Format::from_content_type(ct)?)
     }
 
-    pub fn decode(&self, bytes: &[u8], format: Format) -> Result<Document, DecodeError> {
+    /// Reads only what locates the order (id, route, hop, status, step):
+    /// several times cheaper than [`Codec::decode`] on a long history. A
+    /// binary document's body past those fields is not checked.
+    pub fn peek(&self, bytes: &[u8], format: Format) -> Result<Envelope, DecodeError> {
+        self.check_size(bytes)?;
+        match format {
+            Format::Postcard => peek_postcard(bytes),
+            Format::Json => Envelope::of(&self.decode(bytes, format)?),
+        }
+    }
+
+    fn check_size(&self, bytes: &[u8]) -> Result<(), DecodeError> {
         if bytes.len() > self.max_size {
             return Err(DecodeError::TooLarge {
                 size: bytes.len(),
@@ -367,6 +431,11 @@ impl Codec {
         if bytes.is_empty() {
             return Err(DecodeError::Empty);
         }
+        Ok(())
+    }
+
+    pub fn decode(&self, bytes: &[u8], format: Format) -> Result<Document, DecodeError> {
+        self.check_size(bytes)?;
         let doc = match format {
             Format::Postcard => decode_postcard(bytes)?,
             Format::Json => decode_json(bytes)?,
@@ -376,7 +445,8 @@ impl Codec {
     }
 }
 
-fn decode_postcard(bytes: &[u8]) -> Result<Document, DecodeError> {
+/// Splits a binary document into its (interned) route and its body.
+fn split_postcard(bytes: &[u8]) -> Result<(Arc<Route>, &[u8]), DecodeError> {
     if bytes.len() < 3 {
         return if MAGIC.starts_with(bytes) {
             Err(DecodeError::Truncated)
@@ -395,12 +465,51 @@ fn decode_postcard(bytes: &[u8]) -> Result<Document, DecodeError> {
         return Err(DecodeError::Truncated);
     }
     let (route, body) = rest.split_at(route_len);
-    let route = intern_route(route)?;
+    Ok((intern_route(route)?, body))
+}
+
+fn postcard_err(e: postcard::Error) -> DecodeError {
+    match e {
+        postcard::Error::DeserializeUnexpectedEnd => DecodeError::Truncated,
+        e => DecodeError::Malformed(e.to_string()),
+    }
+}
+
+/// The envelope of a binary document, its history and payload unread
+/// (except while compensating: the step being undone is in the owed list).
+fn peek_postcard(bytes: &[u8]) -> Result<Envelope, DecodeError> {
+    let (route, body) = split_postcard(bytes)?;
+    let head: WireHead = postcard::take_from_bytes(body).map_err(postcard_err)?.0;
+    if head.status == Status::Compensating {
+        return Envelope::of(&decode_postcard(bytes)?);
+    }
+    if usize::from(head.step) >= route.steps.len() {
+        return Err(DecodeError::Inconsistent(format!(
+            "cursor at step {} of a {}-step route",
+            head.step,
+            route.steps.len()
+        )));
+    }
+    if head.attempt == 0 {
+        return Err(DecodeError::Inconsistent("attempt 0 (attempts count from 1)".into()));
+    }
+    Ok(Envelope {
+        id: head.id,
+        route,
+        hop: head.hop,
+        status: head.status,
+        step: head.step,
+        attempt: head.attempt,
+        not_before: head.not_before,
+    })
+}
+
+fn decode_postcard(bytes: &[u8]) -> Result<Document, DecodeError> {
+    let (route, body) = split_postcard(bytes)?;
     match postcard::take_from_bytes::<WireBody>(body) {
         Ok((body, [])) => Ok(body.with_route(route)),
         Ok((_, rest)) => Err(DecodeError::TrailingBytes(rest.len())),
-        Err(postcard::Error::DeserializeUnexpectedEnd) => Err(DecodeError::Truncated),
-        Err(e) => Err(DecodeError::Malformed(e.to_string())),
+        Err(e) => Err(postcard_err(e)),
     }
 }
 
@@ -472,6 +581,37 @@ mod tests {
             assert_eq!(c.decode(&bytes, f).unwrap(), d);
             assert_eq!(c.decode_as(&bytes, Some(f.content_type())).unwrap(), d);
         }
+    }
+
+    #[test]
+    fn peek_reads_the_envelope_the_full_decode_would() {
+        let c = Codec::default();
+        let mut d = doc();
+        d.hop = 4;
+        d.attempt = 2;
+        d.not_before = Some(Timestamp(77));
+        for f in [Format::Postcard, Format::Json] {
+            let bytes = c.encode(&d, f).unwrap();
+            let e = c.peek(&bytes, f).unwrap();
+            assert_eq!((e.id, e.hop, e.status, e.step, e.attempt), (d.id, 4, Status::Running, 0, 2));
+            assert_eq!(e.not_before, Some(Timestamp(77)));
+            assert_eq!(*e.route, *d.route);
+        }
+        // Compensating: the step is the one being undone, found in the owed list.
+        d.status = Status::Compensating;
+        d.step = 1;
+        d.owed.push(Compensation {
+            step: "charge".parse().unwrap(),
+            service: "payment.refund".parse().unwrap(),
+        });
+        for f in [Format::Postcard, Format::Json] {
+            let e = c.peek(&c.encode(&d, f).unwrap(), f).unwrap();
+            assert_eq!((e.status, e.step), (Status::Compensating, 0));
+        }
+        let bin = c.encode(&d, Format::Postcard).unwrap();
+        assert_eq!(c.peek(&bin[..20], Format::Postcard), Err(DecodeError::Truncated));
+        assert_eq!(c.peek(b"junk", Format::Postcard), Err(DecodeError::BadMagic));
+        assert_eq!(c.peek(&[], Format::Postcard), Err(DecodeError::Empty));
     }
 
     #[test]

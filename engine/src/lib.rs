@@ -19,6 +19,7 @@
 //! - [`hash`]: a fast hasher for maps keyed by Waybill's ids.
 
 mod client;
+pub mod coordinator;
 pub mod codec;
 mod document;
 pub mod hash;
@@ -32,7 +33,7 @@ mod worker;
 mod workflow;
 
 pub use client::{Client, ClientError};
-pub use codec::{Codec, DecodeError, EncodeError, Format};
+pub use codec::{Codec, DecodeError, EncodeError, Envelope, Format};
 pub use document::{
     AttemptResult, Compensation, ContentType, Document, Journal, Payload, PayloadError, Status, StepKind, StepRecord,
     Target, Timestamp, UnknownStatus,

@@ -1,0 +1,663 @@
+//! The coordinator's view: where every tracked order stands, built only from
+//! the hops in the stream, in stream order.
+//!
+//! The view is a pure function of the hops it was given (and of the clock
+//! for dropping finished orders): a coordinator that replays the stream
+//! after a restart holds the same view as one that never stopped. Nothing
+//! here does I/O; the NATS side lives in the parent module.
+
+use std::collections::hash_map::Entry as MapEntry;
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::Envelope;
+use crate::document::{Status, Timestamp};
+use crate::id::{OrderId, ServiceSubject, StepName, WorkflowName};
+use crate::workflow::Route;
+
+/// Which share of the orders one coordinator tracks: those whose id hashes
+/// to `index` out of `count` (see [`Partition::of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Partition {
+    pub index: u32,
+    pub count: u32,
+}
+
+/// A partition that cannot exist.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PartitionError {
+    #[error("partition `{0}` is not of the form `<index>/<count>` (e.g. `0/2`)")]
+    Syntax(String),
+    #[error("partition {index}/{count} does not exist: the index counts from 0 and must be below the count (at least 1)")]
+    OutOfRange { index: u32, count: u32 },
+}
+
+impl Partition {
+    /// The whole: one coordinator tracks every order.
+    pub const ALL: Partition = Partition { index: 0, count: 1 };
+
+    pub fn new(index: u32, count: u32) -> Result<Self, PartitionError> {
+        if count == 0 || index >= count {
+            return Err(PartitionError::OutOfRange { index, count });
+        }
+        Ok(Self { index, count })
+    }
+
+    /// The partition of `id` among `count`: the low 64 bits of the id (the
+    /// random bits of a UUID v7), mixed by SplitMix64's finaliser, modulo
+    /// `count`. Fixed forever: a client in another language can compute it.
+    pub fn of(id: &OrderId, count: u32) -> u32 {
+        let b = id.as_uuid().as_bytes();
+        let mut low = [0u8; 8];
+        low.copy_from_slice(&b[8..]);
+        let mut z = u64::from_be_bytes(low);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        // The remainder is below `count`, a u32.
+        u32::try_from(z % u64::from(count.max(1))).unwrap_or(0)
+    }
+
+    pub fn owns(&self, id: &OrderId) -> bool {
+        Self::of(id, self.count) == self.index
+    }
+}
+
+impl Default for Partition {
+    fn default() -> Self {
+        Self::ALL
+    }
+}
+
+impl fmt::Display for Partition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.index, self.count)
+    }
+}
+
+impl std::str::FromStr for Partition {
+    type Err = PartitionError;
+    fn from_str(s: &str) -> Result<Self, PartitionError> {
+        let syntax = || PartitionError::Syntax(s.to_owned());
+        let (i, n) = s.split_once('/').ok_or_else(syntax)?;
+        let index = i.trim().parse().map_err(|_| syntax())?;
+        let count = n.trim().parse().map_err(|_| syntax())?;
+        Self::new(index, count)
+    }
+}
+
+/// One hop as the stream stored it.
+#[derive(Debug, Clone)]
+pub struct StoredHop {
+    /// The stream sequence.
+    pub seq: u64,
+    /// When the stream stored it (the server's clock).
+    pub stored_at: Timestamp,
+    pub envelope: Envelope,
+}
+
+/// What became of a hop given to [`View::apply`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// The order's state moved to this hop.
+    Tracked,
+    /// Another coordinator's partition.
+    NotMine,
+    /// Older than what the view holds (a duplicate, or a re-run of a step
+    /// that was superseded): ignored.
+    Stale,
+    /// A terminal hop already past the retention: not kept.
+    Expired,
+}
+
+/// The compact state of one order: 40 bytes, plus its 16-byte key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    seq: u64,
+    at: Timestamp,
+    /// When the current step should have produced its next hop: the later
+    /// of the hop's time and its `not_before`, plus the step's timeout.
+    due: Timestamp,
+    hop: u32,
+    attempt: u32,
+    route: u16,
+    step: u16,
+    status: Status,
+}
+
+/// Where a tracked order stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderState {
+    pub id: OrderId,
+    pub workflow: WorkflowName,
+    pub version: u32,
+    pub status: Status,
+    /// The step the latest hop is for (being undone while compensating);
+    /// once terminal, the step the order ended at.
+    pub step: StepName,
+    /// The service the latest hop is addressed to; none once terminal.
+    pub service: Option<ServiceSubject>,
+    pub hop: u32,
+    pub attempt: u32,
+    /// The stream sequence of the latest hop.
+    pub sequence: u64,
+    /// When the latest hop was stored, in microseconds since the epoch.
+    pub last_hop_at: Timestamp,
+    /// When the current step should have moved on; none once terminal.
+    pub due: Option<Timestamp>,
+}
+
+/// A step of a workflow version, as counted in summaries: `order/charge`.
+pub type StepKey = String;
+
+/// Which orders a query is about.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Filter {
+    #[serde(default)]
+    pub status: Option<Status>,
+    /// A step name, or `workflow/step`.
+    #[serde(default)]
+    pub step: Option<String>,
+    /// Only orders past their step's deadline (plus the grace).
+    #[serde(default)]
+    pub stalled: bool,
+    #[serde(default)]
+    pub workflow: Option<String>,
+}
+
+impl Filter {
+    pub fn is_empty(&self) -> bool {
+        self.status.is_none() && self.step.is_none() && !self.stalled && self.workflow.is_none()
+    }
+}
+
+/// Counts over the tracked orders, and the ids that match a filter.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Summary {
+    /// Orders held in memory (in flight, and finished within the retention).
+    pub tracked: u64,
+    pub in_flight: u64,
+    /// Tracked orders by status.
+    pub by_status: std::collections::BTreeMap<Status, u64>,
+    /// Orders in flight by the step their latest hop is for.
+    pub by_step: std::collections::BTreeMap<StepKey, u64>,
+    /// Orders that reached each terminal status since this view began
+    /// (including those since dropped from memory).
+    pub finished: std::collections::BTreeMap<Status, u64>,
+    /// In-flight orders past their step's deadline plus the grace.
+    pub stalled: u64,
+    /// Orders that match the filter.
+    pub matched: u64,
+    /// Matching ids, oldest hop first, at most the limit asked for.
+    pub ids: Vec<OrderId>,
+}
+
+/// Every tracked order, from the hops of the stream.
+#[derive(Debug)]
+pub struct View {
+    partition: Partition,
+    retention: Duration,
+    routes: Vec<Arc<Route>>,
+    route_ids: HashMap<(WorkflowName, u32), u16>,
+    orders: HashMap<OrderId, Entry>,
+    /// Finished orders in the order they finished, for dropping them once
+    /// the retention has passed.
+    finished: VecDeque<(Timestamp, OrderId)>,
+    by_status: [u64; 6],
+    /// In-flight counts by (route, step).
+    by_step: HashMap<(u16, u16), u64>,
+    finished_total: [u64; 6],
+    applied: u64,
+    stale: u64,
+    last_seq: u64,
+}
+
+fn status_index(s: Status) -> usize {
+    match s {
+        Status::Running => 0,
+        Status::Compensating => 1,
+        Status::Completed => 2,
+        Status::Failed => 3,
+        Status::Compensated => 4,
+        Status::Cancelled => 5,
+    }
+}
+
+impl View {
+    pub fn new(partition: Partition, retention: Duration) -> Self {
+        Self {
+            partition,
+            retention,
+            routes: Vec::new(),
+            route_ids: HashMap::new(),
+            orders: HashMap::new(),
+            finished: VecDeque::new(),
+            by_status: [0; 6],
+            by_step: HashMap::new(),
+            finished_total: [0; 6],
+            applied: 0,
+            stale: 0,
+            last_seq: 0,
+        }
+    }
+
+    pub fn partition(&self) -> Partition {
+        self.partition
+    }
+
+    /// The stream sequence of the last hop applied (whatever became of it).
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq
+    }
+
+    /// Hops that moved an order.
+    pub fn applied(&self) -> u64 {
+        self.applied
+    }
+
+    /// Hops ignored as older than what the view held.
+    pub fn stale(&self) -> u64 {
+        self.stale
+    }
+
+    pub fn len(&self) -> usize {
+        self.orders.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.orders.is_empty()
+    }
+
+    /// Bytes the view's tables hold (their capacity, not only what is used).
+    pub fn memory_bytes(&self) -> usize {
+        // One control byte per bucket besides the entry itself.
+        let order = std::mem::size_of::<(OrderId, Entry)>() + 1;
+        self.orders.capacity() * order
+            + self.finished.capacity() * std::mem::size_of::<(Timestamp, OrderId)>()
+            + self.by_step.capacity() * (std::mem::size_of::<((u16, u16), u64)>() + 1)
+    }
+
+    fn route_id(&mut self, route: &Arc<Route>) -> u16 {
+        let key = (route.workflow.clone(), route.version);
+        if let Some(&id) = self.route_ids.get(&key) {
+            return id;
+        }
+        // More than 65,535 workflow versions in one stream is not a real
+        // case; should it happen, the newest share the last slot's names.
+        let id = u16::try_from(self.routes.len()).unwrap_or(u16::MAX);
+        if usize::from(id) == self.routes.len() {
+            self.routes.push(route.clone());
+        }
+        self.route_ids.insert(key, id);
+        id
+    }
+
+    fn step_key(&self, route: u16, step: u16) -> StepKey {
+        match self.routes.get(usize::from(route)) {
+            Some(r) => match r.step(step) {
+                Some(s) => format!("{}/{}", r.workflow, s.name),
+                None => format!("{}/#{step}", r.workflow),
+            },
+            None => format!("#{route}/#{step}"),
+        }
+    }
+
+    fn count(&mut self, e: &Entry, delta: i64) {
+        let slot = &mut self.by_status[status_index(e.status)];
+        *slot = slot.saturating_add_signed(delta);
+        if !e.status.is_terminal() {
+            let n = self.by_step.entry((e.route, e.step)).or_insert(0);
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                self.by_step.remove(&(e.route, e.step));
+            }
+        }
+    }
+
+    /// Moves the hop's order to where the hop says, unless the view already
+    /// holds a later hop of it. `now` decides whether a terminal hop is
+    /// already past the retention.
+    pub fn apply(&mut self, hop: &StoredHop, now: Timestamp) -> Applied {
+        self.last_seq = self.last_seq.max(hop.seq);
+        let env = &hop.envelope;
+        if !self.partition.owns(&env.id) {
+            return Applied::NotMine;
+        }
+        let route = self.route_id(&env.route);
+        let due = {
+            let start = env.not_before.map_or(hop.stored_at, |nb| nb.max(hop.stored_at));
+            let timeout = env.route.step(env.step).map(|s| s.timeout()).unwrap_or_default();
+            start.plus(timeout)
+        };
+        let new = Entry {
+            seq: hop.seq,
+            at: hop.stored_at,
+            due,
+            hop: env.hop,
+            attempt: env.attempt,
+            route,
+            step: env.step,
+            status: env.status,
+        };
+        let expired = env.status.is_terminal() && hop.stored_at.plus(self.retention) <= now;
+        let was_terminal = match self.orders.entry(env.id) {
+            MapEntry::Occupied(o) => {
+                let old = *o.get();
+                if (old.hop, old.seq) >= (new.hop, new.seq) {
+                    self.stale += 1;
+                    return Applied::Stale;
+                }
+                if expired {
+                    o.remove();
+                } else {
+                    *o.into_mut() = new;
+                }
+                self.count(&old, -1);
+                old.status.is_terminal()
+            }
+            MapEntry::Vacant(v) => {
+                if !expired {
+                    v.insert(new);
+                }
+                false
+            }
+        };
+        self.applied += 1;
+        if env.status.is_terminal() && !was_terminal {
+            self.finished_total[status_index(env.status)] += 1;
+        }
+        if expired {
+            return Applied::Expired;
+        }
+        self.count(&new, 1);
+        if env.status.is_terminal() {
+            self.finished.push_back((hop.stored_at, env.id));
+        }
+        Applied::Tracked
+    }
+
+    /// Drops finished orders whose retention has passed; returns how many.
+    pub fn expire(&mut self, now: Timestamp) -> usize {
+        let mut dropped = 0;
+        while let Some(&(at, id)) = self.finished.front() {
+            if at.plus(self.retention) > now {
+                break;
+            }
+            self.finished.pop_front();
+            // Only if it is still that finished hop (not moved on since).
+            if let Some(e) = self.orders.get(&id).copied() {
+                if e.status.is_terminal() && e.at == at {
+                    self.orders.remove(&id);
+                    self.count(&e, -1);
+                    dropped += 1;
+                }
+            }
+        }
+        if self.finished.capacity() > 1024 && self.finished.len() < self.finished.capacity() / 4 {
+            self.finished.shrink_to_fit();
+        }
+        dropped
+    }
+
+    /// The readable state of an entry. Every entry's route and step exist
+    /// (the route is recorded before the entry, and the codec checks the
+    /// step), so `None` is only a defence.
+    fn state(&self, id: OrderId, e: &Entry) -> Option<OrderState> {
+        let route = self.routes.get(usize::from(e.route))?;
+        let step = route.step(e.step)?;
+        let service = match e.status {
+            Status::Running => Some(step.service.clone()),
+            Status::Compensating => step.compensate.clone(),
+            _ => None,
+        };
+        Some(OrderState {
+            id,
+            workflow: route.workflow.clone(),
+            version: route.version,
+            status: e.status,
+            step: step.name.clone(),
+            service,
+            hop: e.hop,
+            attempt: e.attempt,
+            sequence: e.seq,
+            last_hop_at: e.at,
+            due: (!e.status.is_terminal()).then_some(e.due),
+        })
+    }
+
+    /// Where the order stands, if this view tracks it.
+    pub fn get(&self, id: &OrderId) -> Option<OrderState> {
+        self.orders.get(id).and_then(|e| self.state(*id, e))
+    }
+
+    /// Every tracked order, sorted by id: for comparing two views.
+    pub fn snapshot(&self) -> Vec<OrderState> {
+        let mut all: Vec<OrderState> = self.orders.iter().filter_map(|(id, e)| self.state(*id, e)).collect();
+        all.sort_by_key(|s| s.id);
+        all
+    }
+
+    fn is_stalled(e: &Entry, now: Timestamp, grace: Duration) -> bool {
+        !e.status.is_terminal() && e.due.plus(grace) < now
+    }
+
+    /// In-flight orders past their step's deadline plus `grace`, longest
+    /// overdue first, at most `limit`.
+    pub fn stalled(&self, now: Timestamp, grace: Duration, limit: usize) -> Vec<OrderState> {
+        let mut late: Vec<(Timestamp, OrderId)> = self
+            .orders
+            .iter()
+            .filter(|(_, e)| Self::is_stalled(e, now, grace))
+            .map(|(id, e)| (e.due, *id))
+            .collect();
+        late.sort_unstable();
+        late.truncate(limit);
+        late.into_iter()
+            .filter_map(|(_, id)| self.orders.get(&id).and_then(|e| self.state(id, e)))
+            .collect()
+    }
+
+    /// Counts, and the ids matching `filter` (at most `limit`, oldest
+    /// latest-hop first).
+    pub fn summary(&self, filter: &Filter, now: Timestamp, grace: Duration, limit: usize) -> Summary {
+        let mut s = Summary {
+            tracked: self.orders.len() as u64,
+            in_flight: (self.by_status[0] + self.by_status[1]),
+            ..Summary::default()
+        };
+        for st in Status::ALL {
+            let n = self.by_status[status_index(st)];
+            if n > 0 {
+                s.by_status.insert(st, n);
+            }
+            let f = self.finished_total[status_index(st)];
+            if f > 0 {
+                s.finished.insert(st, f);
+            }
+        }
+        for (&(route, step), &n) in &self.by_step {
+            *s.by_step.entry(self.step_key(route, step)).or_insert(0) += n;
+        }
+        // One pass over the orders: the stalled count, and the matches.
+        let step_filter = filter.step.as_deref();
+        let mut matches: Vec<(u64, OrderId)> = Vec::new();
+        for (id, e) in &self.orders {
+            let stalled = Self::is_stalled(e, now, grace);
+            s.stalled += u64::from(stalled);
+            if filter.is_empty() {
+                continue;
+            }
+            if filter.stalled && !stalled {
+                continue;
+            }
+            if filter.status.is_some_and(|st| st != e.status) {
+                continue;
+            }
+            let route = self.routes.get(usize::from(e.route));
+            if let Some(w) = filter.workflow.as_deref() {
+                if route.is_none_or(|r| r.workflow.as_str() != w) {
+                    continue;
+                }
+            }
+            if let Some(want) = step_filter {
+                let Some(r) = route else { continue };
+                let Some(step) = r.step(e.step) else { continue };
+                let hit = match want.split_once('/') {
+                    Some((wf, name)) => r.workflow.as_str() == wf && step.name.as_str() == name,
+                    None => step.name.as_str() == want,
+                };
+                if !hit || e.status.is_terminal() {
+                    continue;
+                }
+            }
+            matches.push((e.seq, *id));
+        }
+        if filter.is_empty() {
+            s.matched = s.tracked;
+            let mut all: Vec<(u64, OrderId)> = self.orders.iter().map(|(id, e)| (e.seq, *id)).collect();
+            if limit < all.len() {
+                all.select_nth_unstable(limit);
+                all.truncate(limit);
+            }
+            matches = all;
+        } else {
+            s.matched = matches.len() as u64;
+            if limit < matches.len() {
+                matches.select_nth_unstable(limit);
+                matches.truncate(limit);
+            }
+        }
+        matches.sort_unstable();
+        s.ids = matches.into_iter().map(|(_, id)| id).collect();
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use crate::codec::{Codec, Format};
+    use crate::document::{Document, Payload};
+    use crate::workflow::Workflow;
+
+    fn route() -> Arc<Route> {
+        Workflow::builder("order", 1)
+            .step("charge", "payment.charge")
+            .compensate("payment.refund")
+            .timeout(Duration::from_secs(2))
+            .step("ship", "shipping.dispatch")
+            .build()
+            .unwrap()
+            .shared_route()
+    }
+
+    fn hop(id: OrderId, hop: u32, step: u16, status: Status, seq: u64, at_s: u64) -> StoredHop {
+        let mut d = Document::new(id, route(), Payload::postcard(&1u8).unwrap());
+        d.hop = hop;
+        d.step = step;
+        d.status = status;
+        let c = Codec::default();
+        StoredHop {
+            seq,
+            stored_at: Timestamp(at_s * 1_000_000),
+            envelope: c.peek(&c.encode(&d, Format::Postcard).unwrap(), Format::Postcard).unwrap(),
+        }
+    }
+
+    const T0: Timestamp = Timestamp(0);
+
+    #[test]
+    fn follows_an_order_and_ignores_older_hops() {
+        let mut v = View::new(Partition::ALL, Duration::from_secs(60));
+        let id = OrderId::new();
+        assert_eq!(v.apply(&hop(id, 0, 0, Status::Running, 1, 1), T0), Applied::Tracked);
+        assert_eq!(v.apply(&hop(id, 1, 1, Status::Running, 5, 2), T0), Applied::Tracked);
+        // A re-run of hop 0 stored later, and a duplicate of hop 1 stored earlier.
+        assert_eq!(v.apply(&hop(id, 0, 0, Status::Running, 6, 3), T0), Applied::Stale);
+        assert_eq!(v.apply(&hop(id, 1, 1, Status::Running, 4, 3), T0), Applied::Stale);
+        let s = v.get(&id).unwrap();
+        assert_eq!((s.hop, s.step.as_str(), s.sequence), (1, "ship", 5));
+        assert_eq!(s.service.unwrap().as_str(), "shipping.dispatch");
+        // The same hop stored again later (a re-drive) moves the sequence on.
+        assert_eq!(v.apply(&hop(id, 1, 1, Status::Running, 9, 4), T0), Applied::Tracked);
+        assert_eq!(v.get(&id).unwrap().sequence, 9);
+        let sum = v.summary(&Filter::default(), T0, Duration::ZERO, 10);
+        assert_eq!(sum.by_step.get("order/ship"), Some(&1));
+        assert_eq!((sum.tracked, sum.in_flight), (1, 1));
+    }
+
+    #[test]
+    fn finished_orders_leave_after_the_retention_and_replay_agrees() {
+        let retention = Duration::from_secs(10);
+        let (a, b) = (OrderId::new(), OrderId::new());
+        let hops = [
+            hop(a, 0, 0, Status::Running, 1, 100),
+            hop(b, 0, 0, Status::Running, 2, 101),
+            hop(a, 1, 1, Status::Completed, 3, 102),
+            hop(b, 1, 1, Status::Running, 4, 120),
+        ];
+        // Live: hops applied as they come, expiry run as time passes.
+        let mut live = View::new(Partition::ALL, retention);
+        for h in &hops {
+            live.apply(h, h.stored_at);
+            live.expire(h.stored_at);
+        }
+        assert!(live.get(&a).is_none(), "finished at 102, dropped by 120");
+        // Replayed later, all at once.
+        let now = Timestamp(121 * 1_000_000);
+        let mut replayed = View::new(Partition::ALL, retention);
+        for h in &hops {
+            replayed.apply(h, now);
+        }
+        assert_eq!(replayed.snapshot(), live.snapshot());
+        let sum = replayed.summary(&Filter::default(), now, Duration::ZERO, 10);
+        assert_eq!(sum.finished.get(&Status::Completed), Some(&1));
+        assert_eq!(sum.by_status.get(&Status::Completed), None);
+    }
+
+    #[test]
+    fn stalled_orders_are_those_past_their_step_timeout_plus_grace() {
+        let mut v = View::new(Partition::ALL, Duration::from_secs(60));
+        let (a, b) = (OrderId::new(), OrderId::new());
+        v.apply(&hop(a, 0, 0, Status::Running, 1, 10), T0);
+        v.apply(&hop(b, 0, 0, Status::Running, 2, 11), T0);
+        // charge times out after 2 s: a is due at 12, b at 13.
+        let at = |s: u64| Timestamp(s * 1_000_000);
+        assert!(v.stalled(at(12), Duration::ZERO, 10).is_empty());
+        let late = v.stalled(at(14), Duration::ZERO, 10);
+        assert_eq!(late.iter().map(|s| s.id).collect::<Vec<_>>(), vec![a, b]);
+        assert_eq!(v.stalled(at(14), Duration::from_secs(5), 10), vec![]);
+        let filter = Filter {
+            stalled: true,
+            ..Filter::default()
+        };
+        let sum = v.summary(&filter, at(12).plus(Duration::from_millis(500)), Duration::ZERO, 10);
+        assert_eq!((sum.stalled, sum.matched, sum.ids.clone()), (1, 1, vec![a]));
+    }
+
+    #[test]
+    fn partitions_split_orders_without_overlap() {
+        let ids: Vec<OrderId> = (0..3000).map(|_| OrderId::new()).collect();
+        let mut views: Vec<View> = (0..3)
+            .map(|i| View::new(Partition::new(i, 3).unwrap(), Duration::from_secs(60)))
+            .collect();
+        for (n, id) in ids.iter().enumerate() {
+            let h = hop(*id, 0, 0, Status::Running, n as u64 + 1, 1);
+            let owners = views.iter_mut().map(|v| v.apply(&h, T0)).filter(|a| *a == Applied::Tracked).count();
+            assert_eq!(owners, 1);
+        }
+        for v in &views {
+            assert!((800..1200).contains(&v.len()), "uneven split: {}", v.len());
+        }
+        assert_eq!("1/3".parse::<Partition>().unwrap(), Partition::new(1, 3).unwrap());
+        assert!("3/3".parse::<Partition>().is_err());
+        assert!("x".parse::<Partition>().is_err());
+        assert!("0/0".parse::<Partition>().is_err());
+    }
+}
