@@ -115,16 +115,8 @@ impl<T: Transport> Client<T> {
         workflow: &Workflow,
         payload: Payload,
     ) -> Result<PublishAck, StartError> {
-        let doc = Document::new(id, workflow.shared_route(), payload);
-        let body = self.inner.codec.encode(&doc, self.inner.format)?;
-        let first = &workflow.route().steps[0];
+        let out = first_hop(&self.inner.codec, self.inner.format, id, workflow, payload)?;
         slots(&self.inner).entry(id).or_insert(Slot::Started);
-        let out = Outgoing {
-            subject: subject::hop(&first.service),
-            msg_id: Some(DedupId { order: id, hop: 0 }.to_string()),
-            headers: headers::for_hop(&doc, self.inner.format),
-            payload: Bytes::from(body),
-        };
         match self.inner.transport.publish(out).await {
             Ok(ack) => Ok(ack),
             Err(e) => {
@@ -168,6 +160,26 @@ impl<T: Transport> Client<T> {
             tracing::warn!(error = %e, consumer = %self.inner.durable, "could not delete the client's consumer");
         }
     }
+}
+
+/// Hop 0 of a new order: the document, addressed to the first step, with
+/// the deduplication id that makes a repeated start store it once.
+pub(crate) fn first_hop(
+    codec: &Codec,
+    format: Format,
+    id: OrderId,
+    workflow: &Workflow,
+    payload: Payload,
+) -> Result<Outgoing, StartError> {
+    let doc = Document::new(id, workflow.shared_route(), payload);
+    let body = codec.encode(&doc, format)?;
+    let first = &workflow.route().steps[0];
+    Ok(Outgoing {
+        subject: subject::hop(&first.service),
+        msg_id: Some(DedupId { order: id, hop: 0 }.to_string()),
+        headers: headers::for_hop(&doc, format),
+        payload: Bytes::from(body),
+    })
 }
 
 async fn follow<T: Transport>(inner: Arc<Inner<T>>, mut consumer: T::Consumer, cancel: CancellationToken) {

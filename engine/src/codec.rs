@@ -593,7 +593,10 @@ mod tests {
         for f in [Format::Postcard, Format::Json] {
             let bytes = c.encode(&d, f).unwrap();
             let e = c.peek(&bytes, f).unwrap();
-            assert_eq!((e.id, e.hop, e.status, e.step, e.attempt), (d.id, 4, Status::Running, 0, 2));
+            assert_eq!(
+                (e.id, e.hop, e.status, e.step, e.attempt),
+                (d.id, 4, Status::Running, 0, 2)
+            );
             assert_eq!(e.not_before, Some(Timestamp(77)));
             assert_eq!(*e.route, *d.route);
         }

@@ -19,8 +19,8 @@
 //! - [`hash`]: a fast hasher for maps keyed by Waybill's ids.
 
 mod client;
-pub mod coordinator;
 pub mod codec;
+pub mod coordinator;
 mod document;
 pub mod hash;
 pub mod headers;

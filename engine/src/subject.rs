@@ -35,6 +35,21 @@ pub fn dead_letter(original: &str) -> String {
     format!("{DLQ_PREFIX}{rest}")
 }
 
+/// Prefix of the start requests: `waybill.start.<workflow>`.
+pub const START_PREFIX: &str = "waybill.start.";
+/// Prefix of the status requests: `waybill.status.<order id>`.
+pub const STATUS_PREFIX: &str = "waybill.status.";
+/// The summary request.
+pub const ORDERS: &str = "waybill.orders";
+/// The queue group every coordinator answers the public requests in.
+pub const COORDINATOR_GROUP: &str = "waybill-coordinator";
+
+/// `waybill.coordinator.p<count>.<index>`: the requests only the
+/// coordinators of one partition answer (the others forward to it).
+pub fn partition_prefix(index: u32, count: u32) -> String {
+    format!("waybill.coordinator.p{count}.{index}")
+}
+
 /// The durable consumer shared by every process serving `service`.
 pub fn service_consumer(service: &ServiceSubject) -> String {
     format!("wb_{}", service.as_str().replace('.', "_"))

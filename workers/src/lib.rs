@@ -4,5 +4,6 @@
 //! programs are in `src/bin/`: `waybill` and the three worker binaries.
 
 pub mod cli;
+pub mod ops;
 pub mod replay;
 pub mod services;

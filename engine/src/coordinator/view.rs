@@ -32,7 +32,9 @@ pub struct Partition {
 pub enum PartitionError {
     #[error("partition `{0}` is not of the form `<index>/<count>` (e.g. `0/2`)")]
     Syntax(String),
-    #[error("partition {index}/{count} does not exist: the index counts from 0 and must be below the count (at least 1)")]
+    #[error(
+        "partition {index}/{count} does not exist: the index counts from 0 and must be below the count (at least 1)"
+    )]
     OutOfRange { index: u32, count: u32 },
 }
 
@@ -273,6 +275,11 @@ impl View {
         self.orders.is_empty()
     }
 
+    /// Orders not yet finished.
+    pub fn summary_in_flight(&self) -> u64 {
+        self.by_status[0] + self.by_status[1]
+    }
+
     /// Bytes the view's tables hold (their capacity, not only what is used).
     pub fn memory_bytes(&self) -> usize {
         // One control byte per bucket besides the entry itself.
@@ -379,6 +386,11 @@ impl View {
             self.finished.push_back((hop.stored_at, env.id));
         }
         Applied::Tracked
+    }
+
+    /// Notes that the stream message `seq` was read but is not a hop.
+    pub fn skip(&mut self, seq: u64) {
+        self.last_seq = self.last_seq.max(seq);
     }
 
     /// Drops finished orders whose retention has passed; returns how many.
@@ -566,7 +578,9 @@ mod tests {
         StoredHop {
             seq,
             stored_at: Timestamp(at_s * 1_000_000),
-            envelope: c.peek(&c.encode(&d, Format::Postcard).unwrap(), Format::Postcard).unwrap(),
+            envelope: c
+                .peek(&c.encode(&d, Format::Postcard).unwrap(), Format::Postcard)
+                .unwrap(),
         }
     }
 
@@ -649,7 +663,11 @@ mod tests {
             .collect();
         for (n, id) in ids.iter().enumerate() {
             let h = hop(*id, 0, 0, Status::Running, n as u64 + 1, 1);
-            let owners = views.iter_mut().map(|v| v.apply(&h, T0)).filter(|a| *a == Applied::Tracked).count();
+            let owners = views
+                .iter_mut()
+                .map(|v| v.apply(&h, T0))
+                .filter(|a| *a == Applied::Tracked)
+                .count();
             assert_eq!(owners, 1);
         }
         for v in &views {

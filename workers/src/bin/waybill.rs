@@ -12,8 +12,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use waybill::coordinator::api::OrdersQuery;
+use waybill::coordinator::{CoordinatorConfig, Partition};
 use waybill::transport::NatsConfig;
-use waybill_workers::cli::{AuthArgs, NatsArgs};
+use waybill::Status;
+use waybill_workers::cli::{init_logging, AuthArgs, LogFormat, NatsArgs};
+use waybill_workers::ops;
 use waybill_workers::replay::{self, EmbeddedRuntime, FileReport, ReplayOptions};
 use waybill_workers::services::kv;
 use waybill_workflows::samples::{self, Kind};
@@ -81,6 +85,86 @@ enum Command {
         #[arg(long, default_value_t = 1)]
         replicas: usize,
     },
+    /// Track every order from the hop stream and answer the start, status
+    /// and orders requests (`waybill.start.<workflow>`,
+    /// `waybill.status.<id>`, `waybill.orders`), until SIGTERM or Ctrl-C.
+    Coordinator {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Which share of the orders to track, `index/count`: run one
+        /// coordinator per index (`0/2` and `1/2`) to split the orders.
+        #[arg(long, default_value = "0/1")]
+        partition: Partition,
+        /// Seconds finished orders stay queryable.
+        #[arg(long, default_value_t = 600)]
+        retention: u64,
+        /// Seconds past its step's deadline before an order counts as stalled.
+        #[arg(long, default_value_t = 10)]
+        stall_grace: u64,
+        /// Only report stalled hops; never republish them.
+        #[arg(long)]
+        no_redrive: bool,
+        #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+        log_format: LogFormat,
+    },
+    /// Start orders: one JSON order, or JSON Lines, from a file or `-`
+    /// (standard input). Prints each new order's id. Needs a coordinator.
+    Start {
+        /// The workflow, e.g. `order`.
+        workflow: String,
+        /// The order file, or `-` for standard input.
+        file: PathBuf,
+        /// Start the (one) order under this id: starting an id again does
+        /// nothing new and says `duplicate`.
+        #[arg(long)]
+        id: Option<uuid::Uuid>,
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
+    /// Where one order stands, and its history.
+    Status {
+        id: String,
+        /// Print the coordinator's JSON answer.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
+    /// Counts of the tracked orders, and the ids that match.
+    Orders {
+        #[arg(long)]
+        status: Option<Status>,
+        /// A step name, or `workflow/step`.
+        #[arg(long)]
+        step: Option<String>,
+        #[arg(long)]
+        workflow: Option<String>,
+        /// Only orders past their step's deadline.
+        #[arg(long)]
+        stalled: bool,
+        /// How many ids to list (at most 10,000).
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        nats: NatsArgs,
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
+    /// A live view of the orders in flight by step, the throughput and the
+    /// finished counts, until Ctrl-C.
+    Watch {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Milliseconds between updates.
+        #[arg(long, default_value_t = 500)]
+        every_ms: u64,
+    },
     /// Print generated example order flows (JSON Lines) to standard output.
     ExampleOrders {
         #[arg(long, default_value_t = 1000)]
@@ -103,14 +187,13 @@ enum KindArg {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // The coordinator is a service and logs what it does; the other
+    // commands only say what went wrong.
+    match &cli.command {
+        Command::Coordinator { log_format, .. } => init_logging(*log_format, "info"),
+        _ => init_logging(LogFormat::Text, "warn"),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -120,8 +203,110 @@ fn main() -> ExitCode {
     }
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        Command::Coordinator {
+            nats,
+            partition,
+            retention,
+            stall_grace,
+            no_redrive,
+            log_format,
+        } => {
+            let _ = log_format;
+            let registry = waybill_workflows::registry().context("the built-in workflows do not build")?;
+            let config = CoordinatorConfig {
+                partition,
+                retention: Duration::from_secs(retention),
+                stall_grace: Duration::from_secs(stall_grace),
+                redrive: !no_redrive,
+                ..CoordinatorConfig::default()
+            };
+            runtime()?.block_on(ops::run_coordinator(&nats, registry, config))?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Start {
+            workflow,
+            file,
+            id,
+            nats,
+            timeout,
+        } => {
+            let orders = ops::read_orders(&file)?;
+            runtime()?.block_on(async {
+                let t = nats.connect("waybill-start").await?;
+                for r in ops::start(t.client(), &workflow, orders, id, Duration::from_secs(timeout)).await? {
+                    if r.duplicate {
+                        println!("{} (already started)", r.id);
+                    } else {
+                        println!("{}", r.id);
+                    }
+                }
+                anyhow::Ok(())
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status {
+            id,
+            json,
+            nats,
+            timeout,
+        } => {
+            let s = runtime()?.block_on(async {
+                let t = nats.connect("waybill-status").await?;
+                ops::status(t.client(), &id, Duration::from_secs(timeout)).await
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                ops::print_status(&s);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Orders {
+            status,
+            step,
+            workflow,
+            stalled,
+            limit,
+            json,
+            nats,
+            timeout,
+        } => {
+            let query = OrdersQuery {
+                status,
+                step,
+                workflow,
+                stalled,
+                limit: Some(limit),
+            };
+            let r = runtime()?.block_on(async {
+                let t = nats.connect("waybill-orders").await?;
+                ops::orders(t.client(), &query, Duration::from_secs(timeout)).await
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                ops::print_orders(&r);
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Watch { nats, every_ms } => {
+            runtime()?.block_on(async {
+                let t = nats.connect("waybill-watch").await?;
+                ops::watch(
+                    t.client(),
+                    Duration::from_millis(every_ms.max(50)),
+                    Duration::from_secs(5),
+                )
+                .await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Setup { nats, stock, replicas } => {
             let stock = stock.map(|p| replay::load_stock(&p)).transpose()?;
             let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;

@@ -1,0 +1,299 @@
+//! The coordinator's request interface: JSON bodies on plain NATS subjects,
+//! usable from any NATS client (see the README for examples).
+//!
+//! | subject                      | request body                  | reply                       |
+//! |------------------------------|-------------------------------|-----------------------------|
+//! | `waybill.start.<workflow>`   | the order (JSON)              | [`StartReply`]              |
+//! | `waybill.status.<order id>`  | empty                         | [`StatusReply`]             |
+//! | `waybill.orders`             | empty, or an [`OrdersQuery`]  | [`OrdersReply`]             |
+//!
+//! Every failure is `{"error": "<message>"}` ([`ErrorReply`]).
+
+use serde::{Deserialize, Serialize};
+
+use super::view::{Filter, OrderState, Summary};
+use crate::document::{AttemptResult, Document, Status, StepKind, StepRecord, Timestamp};
+use crate::id::{OrderId, ServiceSubject, StepName, WorkflowName};
+
+/// Largest start request body accepted.
+pub const MAX_START_BYTES: usize = 256 * 1024;
+/// Ids listed by an orders request unless it asks for another number.
+pub const DEFAULT_LIST: usize = 100;
+/// Most ids one orders request lists.
+pub const MAX_LIST: usize = 10_000;
+
+/// An error answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: String,
+}
+
+/// The answer to a start: the new order's id once hop 0 is stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StartReply {
+    pub id: OrderId,
+    pub workflow: WorkflowName,
+    pub version: u32,
+    /// This id was started before (inside the stream's duplicate window):
+    /// nothing new was started.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub duplicate: bool,
+}
+
+/// One executed attempt of a step.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    pub step: StepName,
+    pub service: ServiceSubject,
+    pub kind: StepKind,
+    pub attempt: u32,
+    /// The business outcome (`ok`, `declined`, …), if the step returned one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<String>,
+    /// The error, if the step failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transient: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    pub started_at: String,
+    pub ended_at: String,
+    pub worker: String,
+}
+
+impl HistoryEntry {
+    pub fn of(r: &StepRecord) -> Self {
+        let (outcome, error, transient) = match &r.result {
+            AttemptResult::Outcome(o) => (Some(o.to_string()), None, None),
+            AttemptResult::Error { message, transient } => (None, Some(message.clone()), Some(*transient)),
+        };
+        Self {
+            step: r.step.clone(),
+            service: r.service.clone(),
+            kind: r.kind,
+            attempt: r.attempt,
+            outcome,
+            error,
+            transient,
+            detail: r.detail.as_ref().map(|d| d.to_string()),
+            started_at: rfc3339(r.started_at),
+            ended_at: rfc3339(r.ended_at),
+            worker: r.worker.to_string(),
+        }
+    }
+}
+
+/// Where one order stands, and what happened to it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub id: OrderId,
+    pub workflow: WorkflowName,
+    pub version: u32,
+    pub status: Status,
+    /// The step the order is at (being undone while compensating; the last
+    /// one once finished).
+    pub step: StepName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceSubject>,
+    pub hop: u32,
+    pub attempt: u32,
+    /// The stream sequence of the latest hop.
+    pub sequence: u64,
+    pub last_hop_at: String,
+    /// When the current step should have moved on (in flight only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub due: Option<String>,
+    /// Past `due` plus the coordinator's grace.
+    pub stalled: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<String>,
+    pub history: Vec<HistoryEntry>,
+    /// Set when the latest hop could not be read back from the stream (the
+    /// history is then empty).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history_error: Option<String>,
+    /// The coordinator partition that tracks the order (`index/count`).
+    pub partition: String,
+}
+
+impl StatusReply {
+    pub fn new(state: &OrderState, stalled: bool, partition: String) -> Self {
+        Self {
+            id: state.id,
+            workflow: state.workflow.clone(),
+            version: state.version,
+            status: state.status,
+            step: state.step.clone(),
+            service: state.service.clone(),
+            hop: state.hop,
+            attempt: state.attempt,
+            sequence: state.sequence,
+            last_hop_at: rfc3339(state.last_hop_at),
+            due: state.due.map(rfc3339),
+            stalled,
+            failure: None,
+            history: Vec::new(),
+            history_error: None,
+            partition,
+        }
+    }
+
+    /// Adds what only the document holds: the history and the failure.
+    pub fn with_document(mut self, doc: &Document) -> Self {
+        self.history = doc.history.iter().map(HistoryEntry::of).collect();
+        self.failure = doc.failure.clone();
+        self
+    }
+}
+
+/// A summary request: every field is optional.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrdersQuery {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<Status>,
+    /// A step name, or `workflow/step`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workflow: Option<String>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stalled: bool,
+    /// How many ids to list (default 100, at most 10,000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+impl OrdersQuery {
+    pub fn filter(&self) -> Filter {
+        Filter {
+            status: self.status,
+            step: self.step.clone(),
+            stalled: self.stalled,
+            workflow: self.workflow.clone(),
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit.unwrap_or(DEFAULT_LIST).min(MAX_LIST)
+    }
+}
+
+/// How the stream's replay went, and what the coordinator has seen since.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct FeedStats {
+    /// Whether the view has reached the end of the stream as it was when the
+    /// coordinator started.
+    pub caught_up: bool,
+    /// Hops read in that first replay, and how fast.
+    pub replayed_hops: u64,
+    pub replay_seconds: f64,
+    pub replay_hops_per_sec: f64,
+    /// The stream sequence of the latest hop read.
+    pub last_sequence: u64,
+    /// Hops read since start, including other partitions' hops.
+    pub hops_read: u64,
+    /// Messages on hop subjects that are not documents (dead-lettered by
+    /// the workers; skipped here).
+    pub undecodable: u64,
+    /// Stalled hops republished so far.
+    pub redriven: u64,
+    /// Bytes held by the view's tables.
+    pub view_bytes: u64,
+}
+
+/// The answer to an orders request.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct OrdersReply {
+    #[serde(flatten)]
+    pub summary: Summary,
+    /// How many partitions the orders are split into, and which of them
+    /// answered: a missing partition's orders are not counted.
+    pub partitions: u32,
+    pub answered: Vec<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub missing: Vec<u32>,
+    /// Per answering partition.
+    pub feeds: Vec<FeedStats>,
+}
+
+impl OrdersReply {
+    /// Adds another partition's answer to this one; ids stay at most `limit`.
+    pub fn merge(&mut self, other: OrdersReply, limit: usize) {
+        let s = &mut self.summary;
+        let o = other.summary;
+        s.tracked += o.tracked;
+        s.in_flight += o.in_flight;
+        s.stalled += o.stalled;
+        s.matched += o.matched;
+        for (k, v) in o.by_status {
+            *s.by_status.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in o.by_step {
+            *s.by_step.entry(k).or_insert(0) += v;
+        }
+        for (k, v) in o.finished {
+            *s.finished.entry(k).or_insert(0) += v;
+        }
+        s.ids.extend(o.ids);
+        s.ids.truncate(limit);
+        self.answered.extend(other.answered);
+        self.answered.sort_unstable();
+        self.feeds.extend(other.feeds);
+    }
+}
+
+/// `2026-11-26T07:10:24.123456Z` from microseconds since the epoch.
+pub fn rfc3339(t: Timestamp) -> String {
+    let secs = t.0 / 1_000_000;
+    let micros = t.0 % 1_000_000;
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day): Howard Hinnant's
+/// `civil_from_days`, for non-negative days.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(Timestamp(0)), "1970-01-01T00:00:00.000000Z");
+        // 2026-11-26T07:10:24.5Z
+        assert_eq!(rfc3339(Timestamp(1_795_677_024_500_000)), "2026-11-26T07:10:24.500000Z");
+        // A leap day.
+        assert_eq!(rfc3339(Timestamp(951_782_400_000_000)), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn orders_queries_reject_unknown_fields_and_cap_the_list() {
+        let q: OrdersQuery = serde_json::from_str(r#"{"status":"running","stalled":true,"limit":99999}"#).unwrap();
+        assert_eq!(q.limit(), MAX_LIST);
+        assert_eq!(q.filter().status, Some(Status::Running));
+        assert!(serde_json::from_str::<OrdersQuery>(r#"{"colour":"red"}"#).is_err());
+        assert!(serde_json::from_str::<OrdersQuery>(r#"{"status":"lost"}"#).is_err());
+    }
+}

@@ -1,0 +1,832 @@
+//! The coordinator on NATS: it follows `WAYBILL_HOPS` into its [`View`],
+//! answers the requests of [`super::api`], reports stalled orders and
+//! re-drives the hops that nothing will deliver again.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::message::PublishMessage;
+use async_nats::jetstream::stream::Stream;
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::api::{ErrorReply, FeedStats, OrdersQuery, OrdersReply, StartReply, StatusReply, MAX_START_BYTES};
+use super::view::{OrderState, Partition, StoredHop, View};
+use crate::client::first_hop;
+use crate::codec::{Codec, Format};
+use crate::document::Timestamp;
+use crate::headers;
+use crate::id::OrderId;
+use crate::registry::Registry;
+use crate::subject;
+use crate::transport::nats::HOPS_STREAM;
+use crate::transport::{Error as TransportError, Nats, Transport};
+
+/// How a coordinator runs.
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    /// Which orders it tracks.
+    pub partition: Partition,
+    /// How long finished orders stay queryable.
+    pub retention: Duration,
+    /// How far past its step's deadline an order must be to count as
+    /// stalled (queues and redeliveries take time too).
+    pub stall_grace: Duration,
+    /// How often stalled orders are looked for and finished ones dropped.
+    pub check_every: Duration,
+    /// Republish a stalled hop that no consumer will deliver again.
+    pub redrive: bool,
+    /// How long a forwarded request waits for the partition's coordinator.
+    pub forward_timeout: Duration,
+    pub codec: Codec,
+    /// The format of the documents it starts.
+    pub format: Format,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        Self {
+            partition: Partition::ALL,
+            retention: Duration::from_secs(600),
+            stall_grace: Duration::from_secs(10),
+            check_every: Duration::from_secs(1),
+            redrive: true,
+            forward_timeout: Duration::from_secs(2),
+            codec: Codec::default(),
+            format: Format::Postcard,
+        }
+    }
+}
+
+/// Why a coordinator could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    #[error("cannot subscribe to `{subject}`: {detail}")]
+    Subscribe { subject: String, detail: String },
+}
+
+#[derive(Debug, Default)]
+struct Replay {
+    /// The stream's last sequence when the coordinator started.
+    target: u64,
+    started: Option<Instant>,
+    took: Option<Duration>,
+    replayed: u64,
+}
+
+struct State {
+    view: View,
+    replay: Replay,
+    /// Stalled orders already reported, at the sequence they stalled on.
+    reported: std::collections::HashMap<OrderId, u64>,
+}
+
+struct Shared {
+    config: CoordinatorConfig,
+    nats: Nats,
+    registry: Option<Arc<Registry>>,
+    state: Mutex<State>,
+    caught_up: tokio::sync::watch::Sender<bool>,
+    hops_read: AtomicU64,
+    undecodable: AtomicU64,
+    redriven: AtomicU64,
+}
+
+impl Shared {
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A running coordinator. Dropping it does not stop it: call
+/// [`CoordinatorHandle::shutdown`].
+pub struct CoordinatorHandle {
+    shared: Arc<Shared>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+}
+
+impl std::fmt::Debug for CoordinatorHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorHandle")
+            .field("partition", &self.shared.config.partition)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts a coordinator on `nats`. With a registry it also starts orders
+/// (`waybill.start.<workflow>`); without one it answers start requests with
+/// an error.
+pub async fn start(
+    nats: Nats,
+    registry: Option<Arc<Registry>>,
+    config: CoordinatorConfig,
+) -> Result<CoordinatorHandle, CoordinatorError> {
+    nats.verify().await?;
+    let partition = config.partition;
+    let shared = Arc::new(Shared {
+        state: Mutex::new(State {
+            view: View::new(partition, config.retention),
+            replay: Replay::default(),
+            reported: std::collections::HashMap::new(),
+        }),
+        config,
+        nats,
+        registry,
+        caught_up: tokio::sync::watch::channel(false).0,
+        hops_read: AtomicU64::new(0),
+        undecodable: AtomicU64::new(0),
+        redriven: AtomicU64::new(0),
+    });
+    let cancel = CancellationToken::new();
+    let tracker = TaskTracker::new();
+
+    // Subscribe before reading the stream, so no request is refused while
+    // the view is rebuilt (answers say how far the replay is).
+    let client = shared.nats.client().clone();
+    let own = subject::partition_prefix(partition.index, partition.count);
+    let mut subs = Vec::new();
+    for subj in [
+        format!("{}*", subject::START_PREFIX),
+        format!("{}*", subject::STATUS_PREFIX),
+        subject::ORDERS.to_owned(),
+        format!("{own}.status.*"),
+        format!("{own}.orders"),
+    ] {
+        let sub = client
+            .queue_subscribe(subj.clone(), subject::COORDINATOR_GROUP.to_owned())
+            .await
+            .map_err(|e| CoordinatorError::Subscribe {
+                subject: subj,
+                detail: e.to_string(),
+            })?;
+        subs.push(sub);
+    }
+    let hops = shared.nats.jetstream().get_stream(HOPS_STREAM).await.map_err(|e| {
+        TransportError::BadConfig(format!("stream {HOPS_STREAM} is missing ({e}); run `waybill setup`"))
+    })?;
+
+    let span = tracing::info_span!("coordinator", partition = %partition);
+    tracker.spawn(feed(shared.clone(), cancel.clone()).instrument(span.clone()));
+    tracker.spawn(serve(shared.clone(), hops.clone(), subs, cancel.clone(), tracker.clone()).instrument(span.clone()));
+    tracker.spawn(watch_stalled(shared.clone(), hops, cancel.clone()).instrument(span));
+    Ok(CoordinatorHandle {
+        shared,
+        cancel,
+        tracker,
+    })
+}
+
+impl CoordinatorHandle {
+    pub fn partition(&self) -> Partition {
+        self.shared.config.partition
+    }
+
+    /// Waits until the view has replayed the stream as it was at start.
+    pub async fn caught_up(&self) {
+        let mut rx = self.shared.caught_up.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    /// Waits until the view has read every hop up to `sequence`.
+    pub async fn reached(&self, sequence: u64) {
+        loop {
+            let mut rx = self.shared.caught_up.subscribe();
+            if self.shared.state().view.last_seq() >= sequence {
+                return;
+            }
+            // Woken by every batch the feed applies.
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// Where an order stands, if this coordinator tracks it.
+    pub fn get(&self, id: &OrderId) -> Option<OrderState> {
+        self.shared.state().view.get(id)
+    }
+
+    /// Every tracked order, sorted by id.
+    pub fn snapshot(&self) -> Vec<OrderState> {
+        self.shared.state().view.snapshot()
+    }
+
+    /// The summary an unfiltered orders request gets from this coordinator.
+    pub fn orders(&self, query: &OrdersQuery) -> OrdersReply {
+        local_orders(&self.shared, query)
+    }
+
+    pub fn feed_stats(&self) -> FeedStats {
+        feed_stats(&self.shared)
+    }
+
+    /// Stops reading, answering and checking; waits for the tasks to end.
+    pub async fn shutdown(self) {
+        self.cancel.cancel();
+        self.tracker.close();
+        self.tracker.wait().await;
+    }
+}
+
+fn now() -> Timestamp {
+    Timestamp::now()
+}
+
+fn feed_stats(shared: &Shared) -> FeedStats {
+    let st = shared.state();
+    let secs = st.replay.took.map_or_else(
+        || st.replay.started.map_or(0.0, |s| s.elapsed().as_secs_f64()),
+        |d| d.as_secs_f64(),
+    );
+    FeedStats {
+        caught_up: st.replay.took.is_some(),
+        replayed_hops: st.replay.replayed,
+        replay_seconds: secs,
+        replay_hops_per_sec: if secs > 0.0 {
+            st.replay.replayed as f64 / secs
+        } else {
+            0.0
+        },
+        last_sequence: st.view.last_seq(),
+        hops_read: shared.hops_read.load(Ordering::Relaxed),
+        undecodable: shared.undecodable.load(Ordering::Relaxed),
+        redriven: shared.redriven.load(Ordering::Relaxed),
+        view_bytes: st.view.memory_bytes() as u64,
+    }
+}
+
+/// Reads the stream from the start (or, after an error, from where it left
+/// off) into the view, for as long as the coordinator runs.
+async fn feed(shared: Arc<Shared>, cancel: CancellationToken) {
+    let mut backoff = Duration::from_millis(100);
+    let mut first = true;
+    loop {
+        let from = shared.state().view.last_seq() + 1;
+        let result = tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = read_from(&shared, from, first, &cancel) => r,
+        };
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, from, "reading the hop stream failed; reading again from the last hop seen");
+            }
+        }
+        first = false;
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn read_from(shared: &Shared, from: u64, first: bool, cancel: &CancellationToken) -> Result<(), String> {
+    let js = shared.nats.jetstream();
+    let mut stream = js.get_stream(HOPS_STREAM).await.map_err(|e| e.to_string())?;
+    let info = stream.info().await.map_err(|e| e.to_string())?;
+    if first {
+        let target = info.state.last_sequence;
+        let mut st = shared.state();
+        st.replay.target = target;
+        st.replay.started = Some(Instant::now());
+        if target == 0 {
+            st.replay.took = Some(Duration::ZERO);
+            drop(st);
+            shared.caught_up.send_replace(true);
+        }
+        tracing::info!(
+            hops = info.state.messages,
+            last_sequence = target,
+            "replaying the hop stream"
+        );
+    }
+    let consumer = stream
+        .create_consumer(pull::OrderedConfig {
+            deliver_policy: DeliverPolicy::ByStartSequence { start_sequence: from },
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let messages = consumer.messages().await.map_err(|e| e.to_string())?;
+    let mut chunks = messages.ready_chunks(1024);
+    let mut hops = Vec::with_capacity(1024);
+    while let Some(batch) = chunks.next().await {
+        if cancel.is_cancelled() {
+            return Ok(());
+        }
+        hops.clear();
+        let mut failure = None;
+        for m in batch {
+            match m {
+                Ok(m) => hops.push(to_hop(shared, &m)),
+                Err(e) => failure = Some(e.to_string()),
+            }
+        }
+        apply(shared, &hops);
+        if let Some(e) = failure {
+            return Err(e);
+        }
+    }
+    Err("the ordered consumer ended".into())
+}
+
+/// A message of the stream as the view takes it: a hop, or the sequence of
+/// a message that is not a document (it moves no order, but has been read).
+type Read = Result<StoredHop, u64>;
+
+fn to_hop(shared: &Shared, m: &async_nats::jetstream::Message) -> Read {
+    shared.hops_read.fetch_add(1, Ordering::Relaxed);
+    let info = match m.info() {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!(subject = %m.subject, error = %e, "a hop without stream metadata");
+            return Err(0);
+        }
+    };
+    let seq = info.stream_sequence;
+    let nanos = info.published.unix_timestamp_nanos();
+    let stored_at = Timestamp(u64::try_from(nanos / 1000).unwrap_or(0));
+    let ct = m
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::CONTENT_TYPE))
+        .map(|v| v.as_str());
+    let envelope = match ct {
+        Some(ct) => Format::from_content_type(ct).and_then(|f| shared.config.codec.peek(&m.payload, f)),
+        None => Err(crate::codec::DecodeError::MissingContentType),
+    };
+    match envelope {
+        Ok(envelope) => Ok(StoredHop {
+            seq,
+            stored_at,
+            envelope,
+        }),
+        Err(e) => {
+            shared.undecodable.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(sequence = seq, subject = %m.subject, error = %e, "skipping a message that is not a document");
+            Err(seq)
+        }
+    }
+}
+
+fn apply(shared: &Shared, hops: &[Read]) {
+    if hops.is_empty() {
+        return;
+    }
+    let t = now();
+    let mut st = shared.state();
+    for h in hops {
+        match h {
+            Ok(h) => {
+                st.view.apply(h, t);
+            }
+            Err(seq) => st.view.skip(*seq),
+        }
+    }
+    let last = st.view.last_seq();
+    let mut newly_caught_up = false;
+    if st.replay.took.is_none() {
+        st.replay.replayed += hops.len() as u64;
+        if last >= st.replay.target {
+            let took = st.replay.started.map_or(Duration::ZERO, |s| s.elapsed());
+            st.replay.took = Some(took);
+            newly_caught_up = true;
+            let rate = st.replay.replayed as f64 / took.as_secs_f64().max(1e-9);
+            tracing::info!(
+                hops = st.replay.replayed,
+                seconds = took.as_secs_f64(),
+                hops_per_sec = rate as u64,
+                tracked = st.view.len(),
+                "caught up with the hop stream"
+            );
+        }
+    }
+    drop(st);
+    if newly_caught_up {
+        shared.caught_up.send_replace(true);
+    } else {
+        // Wakes whoever waits for a sequence.
+        shared.caught_up.send_modify(|_| {});
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Bytes {
+    match serde_json::to_vec(value) {
+        Ok(v) => Bytes::from(v),
+        Err(e) => error(format!("the answer could not be written: {e}")),
+    }
+}
+
+fn error(message: impl Into<String>) -> Bytes {
+    let e = ErrorReply { error: message.into() };
+    // A struct of one string always serialises.
+    Bytes::from(serde_json::to_vec(&e).unwrap_or_default())
+}
+
+/// Takes requests off every subscription and answers each in a task of its
+/// own, at most 256 at once.
+async fn serve(
+    shared: Arc<Shared>,
+    hops: Stream,
+    subs: Vec<async_nats::Subscriber>,
+    cancel: CancellationToken,
+    tracker: TaskTracker,
+) {
+    let mut requests = futures::stream::select_all(subs);
+    let limit = Arc::new(tokio::sync::Semaphore::new(256));
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return,
+            m = requests.next() => m,
+        };
+        let Some(msg) = msg else {
+            tracing::error!("the request subscriptions ended; no longer answering requests");
+            return;
+        };
+        let Ok(permit) = limit.clone().acquire_owned().await else {
+            return;
+        };
+        let shared = shared.clone();
+        let hops = hops.clone();
+        tracker.spawn(async move {
+            let answer = answer(&shared, &hops, &msg).await;
+            match &msg.reply {
+                Some(reply) => {
+                    if let Err(e) = shared.nats.client().publish(reply.clone(), answer).await {
+                        tracing::warn!(subject = %msg.subject, error = %e, "could not send an answer");
+                    }
+                }
+                None => tracing::warn!(
+                    subject = %msg.subject,
+                    "a request without a reply subject (sent with publish, not request): nobody to answer"
+                ),
+            }
+            drop(permit);
+        });
+    }
+}
+
+async fn answer(shared: &Shared, hops: &Stream, msg: &async_nats::Message) -> Bytes {
+    let subject = msg.subject.as_str();
+    let p = shared.config.partition;
+    let own = subject::partition_prefix(p.index, p.count);
+    if let Some(workflow) = subject.strip_prefix(subject::START_PREFIX) {
+        start_order(shared, workflow, msg).await
+    } else if let Some(id) = subject.strip_prefix(subject::STATUS_PREFIX) {
+        status(shared, hops, id, true).await
+    } else if subject == subject::ORDERS {
+        orders(shared, &msg.payload, true).await
+    } else if let Some(rest) = subject.strip_prefix(own.as_str()) {
+        if let Some(id) = rest.strip_prefix(".status.") {
+            status(shared, hops, id, false).await
+        } else if rest == ".orders" {
+            orders(shared, &msg.payload, false).await
+        } else {
+            error(format!("no such request: `{subject}`"))
+        }
+    } else {
+        error(format!("no such request: `{subject}`"))
+    }
+}
+
+async fn start_order(shared: &Shared, workflow: &str, msg: &async_nats::Message) -> Bytes {
+    let Some(registry) = &shared.registry else {
+        return error("this coordinator was started without workflow definitions and cannot start orders");
+    };
+    if msg.payload.len() > MAX_START_BYTES {
+        return error(format!(
+            "the order is {} bytes, over the limit of {MAX_START_BYTES}",
+            msg.payload.len()
+        ));
+    }
+    let id = match msg.headers.as_ref().and_then(|h| h.get(headers::ORDER)) {
+        Some(v) => match v.as_str().parse::<OrderId>() {
+            Ok(id) => id,
+            Err(e) => return error(format!("header {}: {e}", headers::ORDER)),
+        },
+        None => OrderId::new(),
+    };
+    let (wf, payload) = match registry.prepare_json(workflow, &msg.payload) {
+        Ok(p) => p,
+        Err(e) => return error(e.to_string()),
+    };
+    let out = match first_hop(&shared.config.codec, shared.config.format, id, &wf, payload) {
+        Ok(o) => o,
+        Err(e) => return error(e.to_string()),
+    };
+    match shared.nats.publish(out).await {
+        Ok(ack) => json(&StartReply {
+            id,
+            workflow: wf.name().clone(),
+            version: wf.version(),
+            duplicate: ack.duplicate,
+        }),
+        Err(e) => error(format!("the order could not be stored: {e}")),
+    }
+}
+
+/// Asks the coordinators of another partition, and relays their answer.
+async fn forward(shared: &Shared, owner: u32, tail: &str, body: Bytes) -> Result<Bytes, String> {
+    let count = shared.config.partition.count;
+    let subject = format!("{}.{tail}", subject::partition_prefix(owner, count));
+    let wait = shared.config.forward_timeout;
+    match tokio::time::timeout(wait, shared.nats.client().request(subject, body)).await {
+        Err(_) => Err(format!(
+            "the coordinator of partition {owner}/{count} did not answer within {wait:?}"
+        )),
+        Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Err(format!(
+            "no coordinator runs partition {owner}/{count}; start one with `waybill coordinator --partition {owner}/{count}`"
+        )),
+        Ok(Err(e)) => Err(format!("asking partition {owner}/{count} failed: {e}")),
+        Ok(Ok(m)) => Ok(m.payload),
+    }
+}
+
+async fn status(shared: &Shared, hops: &Stream, id: &str, public: bool) -> Bytes {
+    let id: OrderId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return error(e.to_string()),
+    };
+    let p = shared.config.partition;
+    let owner = Partition::of(&id, p.count);
+    if owner != p.index {
+        if !public {
+            return error(format!("order {id} belongs to partition {owner}/{}, not {p}", p.count));
+        }
+        return forward(shared, owner, &format!("status.{id}"), Bytes::new())
+            .await
+            .unwrap_or_else(error);
+    }
+    let t = now();
+    let (state, caught_up) = {
+        let st = shared.state();
+        (st.view.get(&id), st.replay.took.is_some())
+    };
+    let Some(state) = state else {
+        return if caught_up {
+            error("unknown order")
+        } else {
+            error("unknown order (so far: the coordinator is still replaying the hop stream)")
+        };
+    };
+    let stalled = state.due.is_some_and(|d| d.plus(shared.config.stall_grace) < t);
+    let reply = StatusReply::new(&state, stalled, p.to_string());
+    let reply = match hops.get_raw_message(state.sequence).await {
+        Ok(m) => {
+            let ct = m.headers.get(headers::CONTENT_TYPE).map(|v| v.as_str());
+            match shared.config.codec.decode_as(&m.payload, ct) {
+                Ok(doc) => reply.with_document(&doc),
+                Err(e) => StatusReply {
+                    history_error: Some(format!("the latest hop is unreadable: {e}")),
+                    ..reply
+                },
+            }
+        }
+        Err(e) => StatusReply {
+            history_error: Some(format!(
+                "the latest hop (sequence {}) could not be read from the stream: {e}",
+                state.sequence
+            )),
+            ..reply
+        },
+    };
+    json(&reply)
+}
+
+fn local_orders(shared: &Shared, query: &OrdersQuery) -> OrdersReply {
+    let p = shared.config.partition;
+    let summary = {
+        let st = shared.state();
+        st.view
+            .summary(&query.filter(), now(), shared.config.stall_grace, query.limit())
+    };
+    OrdersReply {
+        summary,
+        partitions: p.count,
+        answered: vec![p.index],
+        missing: Vec::new(),
+        feeds: vec![feed_stats(shared)],
+    }
+}
+
+async fn orders(shared: &Shared, body: &[u8], public: bool) -> Bytes {
+    let query: OrdersQuery = if body.iter().all(u8::is_ascii_whitespace) {
+        OrdersQuery::default()
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(q) => q,
+            Err(e) => {
+                return error(format!(
+                    "bad orders request: {e} (expected an object with optional `status`, `step`, `workflow`, \
+                     `stalled` and `limit`)"
+                ))
+            }
+        }
+    };
+    let mut reply = local_orders(shared, &query);
+    let p = shared.config.partition;
+    if public && p.count > 1 {
+        let body = json(&query);
+        let others = (0..p.count).filter(|&i| i != p.index).map(|i| {
+            let body = body.clone();
+            async move { (i, forward(shared, i, "orders", body).await) }
+        });
+        for (i, answer) in futures::future::join_all(others).await {
+            let parsed = answer.and_then(|b| {
+                serde_json::from_slice::<OrdersReply>(&b).map_err(|_| String::from_utf8_lossy(&b).into_owned())
+            });
+            match parsed {
+                Ok(other) => reply.merge(other, query.limit()),
+                Err(e) => {
+                    tracing::debug!(partition = i, error = %e, "a partition did not answer an orders request");
+                    reply.missing.push(i);
+                }
+            }
+        }
+    }
+    json(&reply)
+}
+
+/// Why a stalled order is where it is, as far as its service's consumer
+/// tells.
+enum Diagnosis {
+    /// The consumer has moved past the hop without a next hop appearing:
+    /// nothing will deliver it again.
+    Passed,
+    Waiting(String),
+}
+
+/// What the durable consumer of `service` says: `None` if there is none.
+async fn consumer_of(
+    hops: &Stream,
+    service: &crate::id::ServiceSubject,
+) -> Result<Option<async_nats::jetstream::consumer::Info>, String> {
+    let durable = subject::service_consumer(service);
+    match hops.consumer_info(&durable).await {
+        Ok(info) => Ok(Some(info)),
+        Err(e) if e.to_string().contains("not found") => Ok(None),
+        Err(e) => Err(format!("consumer {durable} could not be read: {e}")),
+    }
+}
+
+fn diagnose(consumer: &Result<Option<async_nats::jetstream::consumer::Info>, String>, state: &OrderState) -> Diagnosis {
+    let service = state.service.as_ref().map_or("?", |s| s.as_str());
+    match consumer {
+        Err(e) => Diagnosis::Waiting(e.clone()),
+        Ok(None) => Diagnosis::Waiting(format!(
+            "no worker has ever served `{service}`: the hop waits in the stream for the first one"
+        )),
+        Ok(Some(info)) if info.ack_floor.stream_sequence >= state.sequence => Diagnosis::Passed,
+        Ok(Some(info)) if info.delivered.stream_sequence < state.sequence => {
+            if info.num_waiting == 0 {
+                Diagnosis::Waiting(format!("no worker of `{service}` is pulling from {}", info.name))
+            } else {
+                Diagnosis::Waiting(format!("queued: {} hops wait for `{service}`", info.num_pending))
+            }
+        }
+        Ok(Some(_)) => Diagnosis::Waiting(format!("delivered to a worker of `{service}`, not yet acknowledged")),
+    }
+}
+
+/// Republishes the order's latest hop as it was stored, under a new
+/// deduplication id: the worker's own next hop keeps its usual id, so a
+/// re-drive never doubles a step's output.
+async fn redrive(shared: &Shared, hops: &Stream, state: &OrderState) -> Result<bool, String> {
+    // The consumer is past the hop; make sure the view has read every hop
+    // stored before that was looked at, so a next hop it simply had not read
+    // yet does not pass for a missing one.
+    let mut s = hops.clone();
+    let last = s.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+    let waited = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            let mut rx = shared.caught_up.subscribe();
+            if shared.state().view.last_seq() >= last {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    if waited.is_err() {
+        return Err("the view is behind the stream; trying again later".into());
+    }
+    let current = shared.state().view.get(&state.id);
+    if current.as_ref().map(|c| c.sequence) != Some(state.sequence) {
+        return Ok(false);
+    }
+    let m = hops.get_raw_message(state.sequence).await.map_err(|e| e.to_string())?;
+    let mut h = m.headers.clone();
+    let id = format!("{}:{}:redrive:{}", state.id, state.hop, state.sequence);
+    h.insert("Nats-Msg-Id", id.as_str());
+    h.insert("Waybill-Redrive", state.sequence.to_string().as_str());
+    let p = PublishMessage::build().payload(m.payload).headers(h);
+    shared
+        .nats
+        .jetstream()
+        .send_publish(m.subject.to_string(), p)
+        .await
+        .map_err(|e| e.to_string())?
+        .await
+        .map_err(|e| e.to_string())?;
+    shared.redriven.fetch_add(1, Ordering::Relaxed);
+    Ok(true)
+}
+
+/// Every `check_every`: drops finished orders past the retention, reports
+/// orders newly stalled and re-drives those nothing will deliver.
+async fn watch_stalled(shared: Arc<Shared>, hops: Stream, cancel: CancellationToken) {
+    let mut tick = tokio::time::interval(shared.config.check_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_log = Instant::now();
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let t = now();
+        let (fresh, stalled, tracked, in_flight) = {
+            let mut st = shared.state();
+            st.view.expire(t);
+            let stalled = st.view.stalled(t, shared.config.stall_grace, 1000);
+            let ids: std::collections::HashSet<OrderId> = stalled.iter().map(|s| s.id).collect();
+            st.reported.retain(|id, _| ids.contains(id));
+            let fresh: Vec<OrderState> = stalled
+                .into_iter()
+                .filter(|s| st.reported.get(&s.id) != Some(&s.sequence))
+                .collect();
+            for s in &fresh {
+                st.reported.insert(s.id, s.sequence);
+            }
+            let sum = st.reported.len();
+            (fresh, sum, st.view.len(), st.view.summary_in_flight())
+        };
+        // One look at each service's consumer per round.
+        let mut consumers = std::collections::HashMap::new();
+        let mut logged = 0;
+        for s in &fresh {
+            let Some(service) = &s.service else { continue };
+            if !consumers.contains_key(service) {
+                consumers.insert(service.clone(), consumer_of(&hops, service).await);
+            }
+            let consumer = &consumers[service];
+            let why = match diagnose(consumer, s) {
+                Diagnosis::Passed if shared.config.redrive => match redrive(&shared, &hops, s).await {
+                    Ok(true) => "its service's consumer moved past the hop without a next hop; re-driven".to_owned(),
+                    Ok(false) => "it moved on while being looked at".to_owned(),
+                    Err(e) => {
+                        // Look again next round.
+                        shared.state().reported.remove(&s.id);
+                        format!("re-drive failed: {e}")
+                    }
+                },
+                Diagnosis::Passed => "its service's consumer moved past the hop without a next hop".to_owned(),
+                Diagnosis::Waiting(why) => why,
+            };
+            logged += 1;
+            if logged <= 20 {
+                tracing::warn!(
+                    order = %s.id,
+                    workflow = %s.workflow,
+                    step = %s.step,
+                    service = %service,
+                    hop = s.hop,
+                    sequence = s.sequence,
+                    since = %super::api::rfc3339(s.last_hop_at),
+                    "order stalled: no hop past its step's deadline; {why}"
+                );
+            }
+        }
+        if logged > 20 {
+            tracing::warn!(
+                more = logged - 20,
+                stalled,
+                "more orders stalled (see `waybill orders --stalled`)"
+            );
+        }
+        if last_log.elapsed() >= Duration::from_secs(30) {
+            last_log = Instant::now();
+            let f = feed_stats(&shared);
+            tracing::info!(
+                tracked,
+                in_flight,
+                stalled,
+                hops_read = f.hops_read,
+                undecodable = f.undecodable,
+                redriven = f.redriven,
+                view_bytes = f.view_bytes,
+                "coordinator"
+            );
+        }
+    }
+}

@@ -1,0 +1,406 @@
+//! The operator's commands: run a coordinator, and start, look up, list and
+//! watch orders through the coordinators' request interface
+//! (`waybill::coordinator::api`), as any NATS client could.
+
+use std::io::Read;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use waybill::coordinator::api::{ErrorReply, HistoryEntry, OrdersQuery, OrdersReply, StartReply, StatusReply};
+use waybill::coordinator::{self, CoordinatorConfig};
+use waybill::subject;
+use waybill::{Registry, Status};
+
+use crate::cli::{shutdown_signal, NatsArgs};
+
+/// Sends a request and reads the answer as `T`, or as the coordinator's
+/// `{"error": …}`.
+pub async fn request<T: serde::de::DeserializeOwned>(
+    client: &async_nats::Client,
+    subject: String,
+    body: Bytes,
+    headers: Option<async_nats::HeaderMap>,
+    timeout: Duration,
+) -> anyhow::Result<T> {
+    let req = async_nats::Request::new().payload(body).timeout(Some(timeout));
+    let req = match headers {
+        Some(h) => req.headers(h),
+        None => req,
+    };
+    let answer = match client.send_request(subject.clone(), req).await {
+        Ok(m) => m,
+        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
+            bail!("no coordinator answers on `{subject}`: start one with `waybill coordinator`")
+        }
+        Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
+            bail!("no answer on `{subject}` within {timeout:?}")
+        }
+        Err(e) => bail!("request on `{subject}` failed: {e}"),
+    };
+    if let Ok(ErrorReply { error }) = serde_json::from_slice::<ErrorReply>(&answer.payload) {
+        bail!("{error}");
+    }
+    serde_json::from_slice(&answer.payload).with_context(|| {
+        format!(
+            "unexpected answer on `{subject}`: {}",
+            String::from_utf8_lossy(&answer.payload)
+        )
+    })
+}
+
+/// `waybill coordinator`: runs until SIGTERM or SIGINT.
+pub async fn run_coordinator(nats: &NatsArgs, registry: Registry, config: CoordinatorConfig) -> anyhow::Result<()> {
+    let transport = nats.connect("waybill-coordinator").await?;
+    let partition = config.partition;
+    let handle = coordinator::start(transport, Some(std::sync::Arc::new(registry)), config).await?;
+    tracing::info!(url = %nats.url, %partition, "coordinator running; replaying the hop stream");
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    let signal = {
+        let caught_up = handle.caught_up();
+        tokio::pin!(caught_up);
+        let mut reported = false;
+        loop {
+            tokio::select! {
+                s = &mut stop => break s?,
+                _ = &mut caught_up, if !reported => {
+                    reported = true;
+                    let f = handle.feed_stats();
+                    let tracked = handle.orders(&OrdersQuery { limit: Some(0), ..OrdersQuery::default() }).summary.tracked;
+                    eprintln!(
+                        "coordinator {partition}: replayed {} hops in {:.2} s ({:.0} hops/s); tracking {tracked} orders",
+                        f.replayed_hops, f.replay_seconds, f.replay_hops_per_sec
+                    );
+                }
+            }
+        }
+    };
+    tracing::info!(%signal, "stopping");
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// The orders in a file (or standard input for `-`): one JSON object, or
+/// JSON Lines. The `expect` field of replay files is dropped.
+pub fn read_orders(path: &Path) -> anyhow::Result<Vec<Bytes>> {
+    let mut text = String::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("cannot read standard input")?;
+    } else {
+        text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    let values: Vec<serde_json::Value> = match serde_json::from_str::<serde_json::Value>(&text) {
+        Ok(v) => vec![v],
+        Err(_) => text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| !l.trim().is_empty())
+            .map(|(i, l)| {
+                serde_json::from_str(l).with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))
+            })
+            .collect::<anyhow::Result<_>>()?,
+    };
+    if values.is_empty() {
+        bail!("{}: no order in it", path.display());
+    }
+    values
+        .into_iter()
+        .map(|mut v| {
+            if let Some(o) = v.as_object_mut() {
+                o.remove("expect");
+            }
+            Ok(Bytes::from(serde_json::to_vec(&v)?))
+        })
+        .collect()
+}
+
+/// `waybill start`: starts each order, prints each id.
+pub async fn start(
+    client: &async_nats::Client,
+    workflow: &str,
+    orders: Vec<Bytes>,
+    id: Option<uuid::Uuid>,
+    timeout: Duration,
+) -> anyhow::Result<Vec<StartReply>> {
+    if id.is_some() && orders.len() > 1 {
+        bail!("--id names one order, but {} were given", orders.len());
+    }
+    let mut out = Vec::with_capacity(orders.len());
+    for body in orders {
+        let headers = id.map(|id| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(waybill::headers::ORDER, id.to_string().as_str());
+            h
+        });
+        let reply: StartReply = request(
+            client,
+            format!("{}{workflow}", subject::START_PREFIX),
+            body,
+            headers,
+            timeout,
+        )
+        .await?;
+        out.push(reply);
+    }
+    Ok(out)
+}
+
+pub async fn status(client: &async_nats::Client, id: &str, timeout: Duration) -> anyhow::Result<StatusReply> {
+    request(
+        client,
+        format!("{}{id}", subject::STATUS_PREFIX),
+        Bytes::new(),
+        None,
+        timeout,
+    )
+    .await
+}
+
+pub async fn orders(
+    client: &async_nats::Client,
+    query: &OrdersQuery,
+    timeout: Duration,
+) -> anyhow::Result<OrdersReply> {
+    request(
+        client,
+        subject::ORDERS.to_owned(),
+        Bytes::from(serde_json::to_vec(query)?),
+        None,
+        timeout,
+    )
+    .await
+}
+
+/// A status as a readable table.
+pub fn print_status(s: &StatusReply) {
+    println!("order     {}", s.id);
+    println!("workflow  {} v{}", s.workflow, s.version);
+    let stalled = if s.stalled { "  STALLED" } else { "" };
+    println!("status    {}{stalled}", s.status);
+    match &s.service {
+        Some(service) => println!("step      {} ({service}), attempt {}", s.step, s.attempt),
+        None => println!("step      {}", s.step),
+    }
+    println!(
+        "hop       {} (stream sequence {}) at {}",
+        s.hop, s.sequence, s.last_hop_at
+    );
+    if let Some(due) = &s.due {
+        println!("due       {due}");
+    }
+    if let Some(f) = &s.failure {
+        println!("failure   {f}");
+    }
+    println!("partition {}", s.partition);
+    if let Some(e) = &s.history_error {
+        println!("history   unavailable: {e}");
+        return;
+    }
+    if s.history.is_empty() {
+        println!("history   none yet");
+        return;
+    }
+    let width = s
+        .history
+        .iter()
+        .map(|h| h.step.as_str().len() + 5)
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!();
+    println!(
+        "  {:<width$}  {:<20}  {:>7}  {:<28}  {:<27}  {:>9}",
+        "step", "service", "attempt", "result", "started", "took ms"
+    );
+    for h in &s.history {
+        println!(
+            "  {:<width$}  {:<20}  {:>7}  {:<28}  {:<27}  {:>9}",
+            match h.kind {
+                waybill::StepKind::Forward => h.step.to_string(),
+                waybill::StepKind::Compensation => format!("undo {}", h.step),
+            },
+            h.service.as_str(),
+            h.attempt,
+            result_of(h),
+            h.started_at,
+            took_ms(h)
+        );
+    }
+}
+
+fn result_of(h: &HistoryEntry) -> String {
+    let mut r = match (&h.outcome, &h.error) {
+        (Some(o), _) => o.clone(),
+        (None, Some(e)) => {
+            let kind = if h.transient == Some(true) {
+                "transient"
+            } else {
+                "error"
+            };
+            format!("{kind}: {e}")
+        }
+        (None, None) => "-".into(),
+    };
+    if let Some(d) = &h.detail {
+        r.push_str(&format!(" [{d}]"));
+    }
+    if r.chars().count() > 28 {
+        r = r.chars().take(27).collect::<String>() + "…";
+    }
+    r
+}
+
+/// Milliseconds between two RFC 3339 times of one history entry (same
+/// date format, so only the time of day and the date's day count differ).
+fn took_ms(h: &HistoryEntry) -> String {
+    fn micros(t: &str) -> Option<i128> {
+        // YYYY-MM-DDTHH:MM:SS.ffffffZ
+        let (date, time) = t.split_once('T')?;
+        let day: i128 = date.get(8..10)?.parse().ok()?;
+        let h: i128 = time.get(0..2)?.parse().ok()?;
+        let m: i128 = time.get(3..5)?.parse().ok()?;
+        let s: i128 = time.get(6..8)?.parse().ok()?;
+        let f: i128 = time.get(9..15)?.parse().ok()?;
+        Some((((day * 24 + h) * 60 + m) * 60 + s) * 1_000_000 + f)
+    }
+    match (micros(&h.started_at), micros(&h.ended_at)) {
+        (Some(a), Some(b)) if b >= a => format!("{:.2}", (b - a) as f64 / 1000.0),
+        _ => "-".into(),
+    }
+}
+
+/// An orders summary as a readable report.
+pub fn print_orders(r: &OrdersReply) {
+    let s = &r.summary;
+    println!(
+        "{} orders tracked: {} in flight, {} stalled (partitions answering: {}/{})",
+        s.tracked,
+        s.in_flight,
+        s.stalled,
+        r.answered.len(),
+        r.partitions
+    );
+    if !r.missing.is_empty() {
+        println!("MISSING partitions (their orders are not counted): {:?}", r.missing);
+    }
+    for f in &r.feeds {
+        if !f.caught_up {
+            println!(
+                "a coordinator is still replaying the stream ({} hops so far)",
+                f.replayed_hops
+            );
+        }
+    }
+    if !s.by_status.is_empty() {
+        let parts: Vec<String> = s.by_status.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("by status: {}", parts.join(", "));
+    }
+    if !s.by_step.is_empty() {
+        let parts: Vec<String> = s.by_step.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("in flight by step: {}", parts.join(", "));
+    }
+    if !s.finished.is_empty() {
+        let parts: Vec<String> = s.finished.iter().map(|(k, v)| format!("{k} {v}")).collect();
+        println!("finished since the coordinators started: {}", parts.join(", "));
+    }
+    println!("{} match", s.matched);
+    for id in &s.ids {
+        println!("{id}");
+    }
+    if !s.ids.is_empty() && (s.ids.len() as u64) < s.matched {
+        println!("… {} more (raise --limit)", s.matched - s.ids.len() as u64);
+    }
+}
+
+/// `waybill watch`: a live view until Ctrl-C.
+pub async fn watch(client: &async_nats::Client, every: Duration, timeout: Duration) -> anyhow::Result<()> {
+    let query = OrdersQuery {
+        limit: Some(0),
+        ..OrdersQuery::default()
+    };
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let multi = MultiProgress::with_draw_target(if tty {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let header = multi.add(ProgressBar::new_spinner());
+    header.set_style(ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_spinner()));
+    let bar_style = ProgressStyle::with_template("{prefix:>28} [{bar:40}] {pos:>7} in flight")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("█▉ ");
+    let mut bars: std::collections::BTreeMap<String, ProgressBar> = std::collections::BTreeMap::new();
+    let mut last: Option<(Instant, u64)> = None;
+    let mut tick = tokio::time::interval(every);
+    let stop = shutdown_signal();
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            s = &mut stop => { s?; break; }
+            _ = tick.tick() => {}
+        }
+        let reply = match orders(client, &query, timeout).await {
+            Ok(r) => r,
+            Err(e) => {
+                header.set_message(format!("waiting for a coordinator: {e:#}"));
+                if !tty {
+                    eprintln!("waiting for a coordinator: {e:#}");
+                }
+                continue;
+            }
+        };
+        let s = &reply.summary;
+        let finished: u64 = s.finished.values().sum();
+        let now = Instant::now();
+        let rate = match last {
+            Some((t, n)) => finished.saturating_sub(n) as f64 / now.duration_since(t).as_secs_f64().max(1e-3),
+            None => 0.0,
+        };
+        last = Some((now, finished));
+        let by: Vec<String> = Status::ALL
+            .iter()
+            .filter(|st| st.is_terminal())
+            .map(|st| format!("{st} {}", s.finished.get(st).copied().unwrap_or(0)))
+            .collect();
+        let line = format!(
+            "{} in flight, {} stalled · {:.0} orders/s finishing · {} · partitions {}/{}",
+            s.in_flight,
+            s.stalled,
+            rate,
+            by.join(", "),
+            reply.answered.len(),
+            reply.partitions
+        );
+        header.set_message(line.clone());
+        if !tty {
+            println!("{line}");
+        }
+        let max = s.by_step.values().copied().max().unwrap_or(0).max(1);
+        for (step, n) in &s.by_step {
+            let bar = bars.entry(step.clone()).or_insert_with(|| {
+                let b = multi.add(ProgressBar::new(max));
+                b.set_style(bar_style.clone());
+                b.set_prefix(step.clone());
+                b
+            });
+            bar.set_length(max);
+            bar.set_position(*n);
+        }
+        for (step, bar) in &bars {
+            if !s.by_step.contains_key(step) {
+                bar.set_length(max);
+                bar.set_position(0);
+            }
+        }
+    }
+    for b in bars.values() {
+        b.finish_and_clear();
+    }
+    header.finish_and_clear();
+    Ok(())
+}
