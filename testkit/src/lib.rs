@@ -167,30 +167,70 @@ impl Drop for NatsServer {
     }
 }
 
-/// A child process, killed on drop if the test did not stop it.
+/// A child process, killed on drop if the test did not stop it. Its
+/// standard error is read line by line as it comes (so a chatty process
+/// never blocks on a full pipe), for [`Proc::expect_stderr`] and the
+/// accounts of [`Proc::signal_and_wait`].
 #[derive(Debug)]
 pub struct Proc {
     pub name: String,
     child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
 }
 
 impl Proc {
-    /// Spawns `cmd` with standard error captured (for [`Proc::terminate`]).
     pub fn spawn(name: impl Into<String>, mut cmd: Command) -> Self {
-        let child = cmd
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        if let Some(err) = child.stderr.take() {
+            std::thread::spawn(move || {
+                use std::io::BufRead;
+                for line in std::io::BufReader::new(err).lines() {
+                    let Ok(line) = line else { return };
+                    if tx.send(line).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         Self {
             name: name.into(),
             child: Some(child),
+            lines,
+            seen: Vec::new(),
         }
     }
 
     pub fn pid(&self) -> u32 {
         self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Waits, with a deadline, for a line of standard error that contains
+    /// `needle`, and returns it.
+    pub fn expect_stderr(&mut self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "{} did not print `{needle}` within {within:?}; its standard error so far:\n{}",
+                    self.name,
+                    self.seen.join("\n")
+                ),
+            }
+        }
     }
 
     /// SIGKILL: the process dies with whatever it held in flight.
@@ -212,12 +252,15 @@ impl Proc {
             .unwrap()
             .success());
         let status = wait_child(&mut child, within, &self.name);
-        let mut err = String::new();
-        if let Some(mut e) = child.stderr.take() {
-            use std::io::Read;
-            let _ = e.read_to_string(&mut err);
+        // The reader thread ends with the pipe; collect what it read.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while let Ok(line) = self
+            .lines
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+        {
+            self.seen.push(line);
         }
-        (status, err)
+        (status, self.seen.join("\n"))
     }
 
     /// Waits, with a deadline, for the process to exit by itself.

@@ -160,6 +160,11 @@ pub struct OrdersQuery {
     pub workflow: Option<String>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub stalled: bool,
+    /// Answer only once the view has read the hop stored at this stream
+    /// sequence (or later), waiting up to five seconds: read-your-writes
+    /// for a client that knows the sequence of what it published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<u64>,
     /// How many ids to list (default 100, at most 10,000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<usize>,

@@ -195,18 +195,10 @@ impl CoordinatorHandle {
         let _ = rx.wait_for(|c| *c).await;
     }
 
-    /// Waits until the view has read every hop up to `sequence`.
-    pub async fn reached(&self, sequence: u64) {
-        loop {
-            let mut rx = self.shared.caught_up.subscribe();
-            if self.shared.state().view.last_seq() >= sequence {
-                return;
-            }
-            // Woken by every batch the feed applies.
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
+    /// Waits, at most `within`, until the view has read every hop up to
+    /// `sequence`; says whether it has.
+    pub async fn reached(&self, sequence: u64, within: Duration) -> bool {
+        reached(&self.shared, sequence, within).await
     }
 
     /// Where an order stands, if this coordinator tracks it.
@@ -632,6 +624,15 @@ async fn orders(shared: &Shared, body: &[u8], public: bool) -> Bytes {
             }
         }
     };
+    if let Some(seq) = query.after {
+        if !reached(shared, seq, Duration::from_secs(5)).await {
+            let at = shared.state().view.last_seq();
+            return error(format!(
+                "partition {}: the view has read the stream up to sequence {at}, not yet {seq}; ask again",
+                shared.config.partition
+            ));
+        }
+    }
     let mut reply = local_orders(shared, &query);
     let p = shared.config.partition;
     if public && p.count > 1 {
@@ -697,6 +698,24 @@ fn diagnose(consumer: &Result<Option<async_nats::jetstream::consumer::Info>, Str
     }
 }
 
+/// Waits, at most `within`, until the view has read `sequence`.
+async fn reached(shared: &Shared, sequence: u64, within: Duration) -> bool {
+    tokio::time::timeout(within, async {
+        loop {
+            // Subscribed before looking, so no batch is missed in between.
+            let mut rx = shared.caught_up.subscribe();
+            if shared.state().view.last_seq() >= sequence {
+                return;
+            }
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    })
+    .await
+    .is_ok()
+}
+
 /// Republishes the order's latest hop as it was stored, under a new
 /// deduplication id: the worker's own next hop keeps its usual id, so a
 /// re-drive never doubles a step's output.
@@ -706,19 +725,7 @@ async fn redrive(shared: &Shared, hops: &Stream, state: &OrderState) -> Result<b
     // yet does not pass for a missing one.
     let mut s = hops.clone();
     let last = s.info().await.map_err(|e| e.to_string())?.state.last_sequence;
-    let waited = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            let mut rx = shared.caught_up.subscribe();
-            if shared.state().view.last_seq() >= last {
-                return;
-            }
-            if rx.changed().await.is_err() {
-                return;
-            }
-        }
-    })
-    .await;
-    if waited.is_err() {
+    if !reached(shared, last, Duration::from_secs(5)).await {
         return Err("the view is behind the stream; trying again later".into());
     }
     let current = shared.state().view.get(&state.id);

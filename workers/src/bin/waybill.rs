@@ -283,6 +283,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 workflow,
                 stalled,
                 limit: Some(limit),
+                after: None,
             };
             let r = runtime()?.block_on(async {
                 let t = nats.connect("waybill-orders").await?;

@@ -1,0 +1,575 @@
+//! The coordinator against a real nats-server: its view agrees with what
+//! every order really did, survives a SIGKILL, splits orders between
+//! partitions, reports stalled orders and re-drives lost hops, and answers
+//! bad requests with errors while it keeps serving.
+
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use waybill::coordinator::api::{OrdersQuery, OrdersReply, StartReply, StatusReply};
+use waybill::coordinator::{self, CoordinatorConfig, CoordinatorHandle, Partition};
+use waybill::transport::nats::{Nats, HOPS_STREAM};
+use waybill::transport::{ConsumerConfig, NatsConfig, Transport};
+use waybill::{Client, Document, OrderId, Payload, Status, StepOutput, Worker, WorkerHandle, Workflow};
+use waybill_testkit::{workspace_root, NatsServer, Proc};
+use waybill_workers::replay;
+use waybill_workers::services::MemoryServices;
+
+const MIXED: &str = "examples/orders/mixed.jsonl";
+
+async fn nats(url: &str) -> Nats {
+    Nats::connect(url, NatsConfig::default()).await.unwrap()
+}
+
+async fn workers(nats: &Nats) -> WorkerHandle {
+    let stock = replay::load_stock(&workspace_root().join("examples/stock.json")).unwrap();
+    MemoryServices::new(stock)
+        .serve(Worker::builder(nats.clone()).concurrency(256))
+        .start()
+        .await
+        .unwrap()
+}
+
+fn registry() -> Arc<waybill::Registry> {
+    Arc::new(waybill_workflows::registry().unwrap())
+}
+
+async fn coordinator(nats: &Nats, config: CoordinatorConfig) -> CoordinatorHandle {
+    coordinator::start(nats.clone(), Some(registry()), config)
+        .await
+        .unwrap()
+}
+
+async fn last_sequence(nats: &Nats) -> u64 {
+    let mut s = nats.jetstream().get_stream(HOPS_STREAM).await.unwrap();
+    s.info().await.unwrap().state.last_sequence
+}
+
+/// Starts the first `n` orders of the mixed flows and waits for each end;
+/// returns every order's final document.
+async fn run_mixed(client: &Client<Nats>, n: usize) -> Vec<Arc<Document>> {
+    let flows = replay::load(&workspace_root().join(MIXED), &registry()).unwrap();
+    let orders: Vec<_> = flows.orders.into_iter().take(n).collect();
+    futures::stream::iter(orders)
+        .map(|o| {
+            let client = client.clone();
+            async move {
+                let id = client.start(&o.workflow, o.payload).await.unwrap();
+                let doc = tokio::time::timeout(Duration::from_secs(60), client.wait(id))
+                    .await
+                    .expect("an order did not finish within 60 s")
+                    .unwrap();
+                assert_eq!(doc.status, o.expect, "order {id} (line {})", o.line);
+                doc
+            }
+        })
+        .buffer_unordered(256)
+        .collect()
+        .await
+}
+
+async fn ask<T: serde::de::DeserializeOwned>(client: &async_nats::Client, subject: String, body: Bytes) -> T {
+    let m = tokio::time::timeout(Duration::from_secs(10), client.request(subject.clone(), body))
+        .await
+        .unwrap_or_else(|_| panic!("no answer on {subject}"))
+        .unwrap();
+    serde_json::from_slice(&m.payload)
+        .unwrap_or_else(|e| panic!("answer on {subject}: {e}: {}", String::from_utf8_lossy(&m.payload)))
+}
+
+async fn error_of(client: &async_nats::Client, subject: &str, body: impl Into<Bytes>) -> String {
+    let v: serde_json::Value = ask(client, subject.to_owned(), body.into()).await;
+    v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("expected an error on {subject}, got {v}"))
+        .to_owned()
+}
+
+async fn status_of(client: &async_nats::Client, id: OrderId) -> StatusReply {
+    ask(client, format!("waybill.status.{id}"), Bytes::new()).await
+}
+
+async fn orders_after(client: &async_nats::Client, seq: u64, query: OrdersQuery) -> OrdersReply {
+    let q = OrdersQuery {
+        after: Some(seq),
+        ..query
+    };
+    ask(
+        client,
+        "waybill.orders".into(),
+        Bytes::from(serde_json::to_vec(&q).unwrap()),
+    )
+    .await
+}
+
+/// Every order's status, as the coordinators answer it, agrees with its
+/// final document: status, hop, and the whole history.
+async fn assert_view_matches(client: &async_nats::Client, docs: &[Arc<Document>]) {
+    for d in docs {
+        let s = status_of(client, d.id).await;
+        assert_eq!(s.status, d.status, "order {}", d.id);
+        assert_eq!(s.hop, d.hop, "order {}", d.id);
+        assert_eq!(s.workflow, d.route.workflow);
+        assert_eq!(s.history.len(), d.history.len(), "order {}", d.id);
+        for (h, r) in s.history.iter().zip(&d.history) {
+            assert_eq!((&h.step, h.attempt, h.kind), (&r.step, r.attempt, r.kind));
+        }
+        assert!(!s.stalled && s.due.is_none());
+    }
+}
+
+fn tally(docs: &[Arc<Document>]) -> BTreeMap<Status, u64> {
+    let mut t = BTreeMap::new();
+    for d in docs {
+        *t.entry(d.status).or_insert(0) += 1;
+    }
+    t
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_view_after_a_mixed_replay_matches_every_order_and_a_rebuild_equals_it() {
+    let server = NatsServer::start();
+    let nats = nats(&server.url()).await;
+    let live = coordinator(&nats, CoordinatorConfig::default()).await;
+    let worker = workers(&nats).await;
+    let client = Client::connect(nats.clone()).await.unwrap();
+    let docs = run_mixed(&client, 2000).await;
+    let last = last_sequence(&nats).await;
+    assert!(live.reached(last, Duration::from_secs(30)).await);
+
+    assert_view_matches(nats.client(), &docs).await;
+    let reply = orders_after(nats.client(), last, OrdersQuery::default()).await;
+    let s = &reply.summary;
+    assert_eq!((s.tracked, s.in_flight, s.stalled), (2000, 0, 0));
+    assert_eq!(s.by_status, tally(&docs));
+    assert_eq!(s.finished, tally(&docs));
+    assert!(reply.feeds[0].caught_up && reply.feeds[0].undecodable == 0);
+
+    // A coordinator started now rebuilds the same view from the stream.
+    let rebuilt = coordinator(&nats, CoordinatorConfig::default()).await;
+    assert!(rebuilt.reached(last, Duration::from_secs(30)).await);
+    rebuilt.caught_up().await;
+    assert_eq!(rebuilt.snapshot(), live.snapshot());
+    assert_eq!(rebuilt.feed_stats().replayed_hops, last);
+
+    rebuilt.shutdown().await;
+    live.shutdown().await;
+    worker.shutdown().await;
+    client.close().await;
+}
+
+fn coordinator_process(url: &str, extra: &[&str]) -> Proc {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_waybill"));
+    c.args(["coordinator", "--nats", url])
+        .args(extra)
+        .current_dir(workspace_root())
+        .env("RUST_LOG", "warn");
+    Proc::spawn("waybill coordinator", c)
+}
+
+fn waybill(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_waybill"))
+        .args(args)
+        .current_dir(workspace_root())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_killed_mid_replay_comes_back_to_the_same_view() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let nats = nats(&url).await;
+    let mut first = coordinator_process(&url, &[]);
+    first.expect_stderr("replayed 0 hops", Duration::from_secs(30));
+    let worker = workers(&nats).await;
+    let client = Client::connect(nats.clone()).await.unwrap();
+
+    // Kill the coordinator (SIGKILL) once the replay is well under way.
+    let mut hops = nats.client().subscribe("waybill.hop.>").await.unwrap();
+    let replay = tokio::spawn({
+        let client = client.clone();
+        async move { run_mixed(&client, 2000).await }
+    });
+    for _ in 0..1500 {
+        tokio::time::timeout(Duration::from_secs(60), hops.next())
+            .await
+            .unwrap();
+    }
+    first.kill9();
+    let mut second = coordinator_process(&url, &[]);
+    second.expect_stderr("coordinator 0/1: replayed", Duration::from_secs(30));
+
+    let docs = replay.await.unwrap();
+    let last = last_sequence(&nats).await;
+    let reply = orders_after(nats.client(), last, OrdersQuery::default()).await;
+    assert_eq!(reply.summary.tracked, 2000);
+    assert_eq!(reply.summary.by_status, tally(&docs));
+    assert_view_matches(nats.client(), &docs).await;
+
+    // The command line reads the same view.
+    let id = docs[0].id.to_string();
+    let out = waybill(&["status", &id, "--nats", &url, "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: StatusReply = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s.status, docs[0].status);
+    let out = waybill(&["status", &id, "--nats", &url]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains(&id) && table.contains("charge"), "{table}");
+    let out = waybill(&["orders", "--status", "completed", "--nats", &url, "--json"]);
+    let r: OrdersReply = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(Some(&r.summary.matched), tally(&docs).get(&Status::Completed));
+    let out = waybill(&["status", "not-an-id", "--nats", &url]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not-an-id"));
+
+    // `waybill start` prints one id per order, through the coordinator.
+    let mut done = nats.client().subscribe("waybill.done.>").await.unwrap();
+    let out = waybill(&["start", "order", "examples/orders/happy.jsonl", "--nats", &url]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let ids: Vec<OrderId> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.parse().unwrap())
+        .collect();
+    let happy = std::fs::read_to_string(workspace_root().join("examples/orders/happy.jsonl")).unwrap();
+    assert_eq!(ids.len(), happy.lines().count());
+    let mut waiting: HashSet<OrderId> = ids.into_iter().collect();
+    let codec = waybill::Codec::default();
+    while !waiting.is_empty() {
+        let m = tokio::time::timeout(Duration::from_secs(30), done.next())
+            .await
+            .expect("the started orders did not all finish within 30 s")
+            .unwrap();
+        let ct = m
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("Content-Type"))
+            .map(|v| v.as_str());
+        let doc = codec.decode_as(&m.payload, ct).unwrap();
+        if waiting.remove(&doc.id) {
+            assert_eq!(doc.status, Status::Completed);
+        }
+    }
+
+    // `waybill watch` draws until Ctrl-C, then exits cleanly. A plain
+    // subscription sees its first summary request go by.
+    let mut requests = nats.client().subscribe("waybill.orders").await.unwrap();
+    let watch = {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_waybill"));
+        c.args(["watch", "--nats", &url, "--every-ms", "100"])
+            .current_dir(workspace_root());
+        Proc::spawn("waybill watch", c)
+    };
+    tokio::time::timeout(Duration::from_secs(20), requests.next())
+        .await
+        .unwrap();
+    let (status, stderr) = watch.signal_and_wait("INT", Duration::from_secs(10));
+    assert!(status.success(), "watch exited with {status}: {stderr}");
+
+    let (status, stderr) = second.signal_and_wait("TERM", Duration::from_secs(10));
+    assert!(status.success(), "{stderr}");
+    worker.shutdown().await;
+    client.close().await;
+}
+
+/// A one-step workflow whose step times out fast, so it stalls fast.
+fn quick(name: &str) -> Workflow {
+    Workflow::builder(name, 1)
+        .step("only", format!("{name}.step"))
+        .timeout(Duration::from_millis(300))
+        .build()
+        .unwrap()
+}
+
+fn quick_config() -> CoordinatorConfig {
+    CoordinatorConfig {
+        stall_grace: Duration::ZERO,
+        check_every: Duration::from_millis(100),
+        ..CoordinatorConfig::default()
+    }
+}
+
+/// Polls the coordinators, with a deadline, until `check` holds of the
+/// stalled orders (stalling is a matter of time passing).
+async fn until_stalled(client: &async_nats::Client, what: &str, check: impl Fn(&OrdersReply) -> bool) -> OrdersReply {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let q = OrdersQuery {
+            stalled: true,
+            ..OrdersQuery::default()
+        };
+        let r: OrdersReply = ask(
+            client,
+            "waybill.orders".into(),
+            Bytes::from(serde_json::to_vec(&q).unwrap()),
+        )
+        .await;
+        if check(&r) {
+            return r;
+        }
+        assert!(Instant::now() < deadline, "{what}: not within 20 s; last answer {r:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn counting_worker(nats: &Nats, service: &str, runs: Arc<AtomicU32>) -> waybill::WorkerBuilder<Nats> {
+    Worker::builder(nats.clone()).serve(service, move |_ctx, _p: Payload| {
+        let runs = runs.clone();
+        async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok(StepOutput::ok())
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_order_is_reported_and_completes_once_a_worker_runs() {
+    let server = NatsServer::start();
+    let nats = nats(&server.url()).await;
+    let coord = coordinator(&nats, quick_config()).await;
+    let client = Client::connect(nats.clone()).await.unwrap();
+    let wf = quick("stall");
+    let id = client.start(&wf, Payload::postcard(&1u8).unwrap()).await.unwrap();
+
+    // No worker serves `stall.step`: the order is reported stalled.
+    let r = until_stalled(nats.client(), "the order is reported stalled", |r| {
+        r.summary.ids == vec![id]
+    })
+    .await;
+    assert_eq!((r.summary.stalled, r.summary.matched), (1, 1));
+    let s = status_of(nats.client(), id).await;
+    assert!(s.stalled && s.status == Status::Running && s.service.unwrap().as_str() == "stall.step");
+    let cli = waybill(&["orders", "--stalled", "--nats", &server.url()]);
+    assert!(String::from_utf8_lossy(&cli.stdout).contains(&id.to_string()));
+
+    // A worker starts: the hop waiting in the stream reaches it.
+    let runs = Arc::new(AtomicU32::new(0));
+    let worker = counting_worker(&nats, "stall.step", runs.clone())
+        .start()
+        .await
+        .unwrap();
+    let doc = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.status, Status::Completed);
+    let last = last_sequence(&nats).await;
+    assert!(coord.reached(last, Duration::from_secs(10)).await);
+    let s = status_of(nats.client(), id).await;
+    assert!(!s.stalled && s.status == Status::Completed);
+    assert_eq!(coord.orders(&OrdersQuery::default()).summary.stalled, 0);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    assert_eq!(coord.feed_stats().redriven, 0, "a waiting hop is not re-driven");
+
+    worker.shutdown().await;
+    coord.shutdown().await;
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hop_its_consumer_passed_without_a_next_hop_is_re_driven_once() {
+    let server = NatsServer::start();
+    let nats = nats(&server.url()).await;
+    let coord = coordinator(&nats, quick_config()).await;
+    let client = Client::connect(nats.clone()).await.unwrap();
+    let wf = quick("lost");
+    let id = client.start(&wf, Payload::postcard(&1u8).unwrap()).await.unwrap();
+
+    // Something takes the hop off the service's consumer and acknowledges it
+    // without publishing a next hop: the order would wait forever.
+    let durable = waybill::subject::service_consumer(&"lost.step".parse().unwrap());
+    let mut rogue = nats
+        .consumer(ConsumerConfig::new(durable, "waybill.hop.lost.step"))
+        .await
+        .unwrap();
+    let taken = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let batch = waybill::transport::Consumer::fetch(&mut rogue, 1).await.unwrap();
+            if let Some(d) = batch.into_iter().next() {
+                return d;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    waybill::transport::Delivery::ack(taken).await.unwrap();
+    drop(rogue);
+
+    // The coordinator finds it stalled, sees the consumer past it, and
+    // republishes it; a worker then does the step, once.
+    let r = until_stalled(nats.client(), "the lost hop is re-driven", |_| {
+        coord.feed_stats().redriven == 1
+    })
+    .await;
+    let _ = r;
+    let runs = Arc::new(AtomicU32::new(0));
+    let worker = counting_worker(&nats, "lost.step", runs.clone()).start().await.unwrap();
+    let doc = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.status, Status::Completed);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let last = last_sequence(&nats).await;
+    assert!(coord.reached(last, Duration::from_secs(10)).await);
+    assert_eq!(coord.feed_stats().redriven, 1);
+    assert_eq!(coord.get(&id).unwrap().status, Status::Completed);
+
+    worker.shutdown().await;
+    coord.shutdown().await;
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_split_the_orders_and_either_answers_for_all() {
+    let server = NatsServer::start();
+    let nats = nats(&server.url()).await;
+    let half = |i| CoordinatorConfig {
+        partition: Partition::new(i, 2).unwrap(),
+        ..CoordinatorConfig::default()
+    };
+    let a = coordinator(&nats, half(0)).await;
+    let b = coordinator(&nats, half(1)).await;
+    let worker = workers(&nats).await;
+    let client = Client::connect(nats.clone()).await.unwrap();
+    let docs = run_mixed(&client, 600).await;
+    let last = last_sequence(&nats).await;
+    assert!(a.reached(last, Duration::from_secs(30)).await && b.reached(last, Duration::from_secs(30)).await);
+
+    // Each order is tracked by exactly one of them.
+    let ids_a: HashSet<OrderId> = a.snapshot().iter().map(|s| s.id).collect();
+    let ids_b: HashSet<OrderId> = b.snapshot().iter().map(|s| s.id).collect();
+    let all: HashSet<OrderId> = docs.iter().map(|d| d.id).collect();
+    assert!(ids_a.is_disjoint(&ids_b));
+    assert_eq!(ids_a.union(&ids_b).copied().collect::<HashSet<_>>(), all);
+    assert!(
+        ids_a.len() > 200 && ids_b.len() > 200,
+        "{} / {}",
+        ids_a.len(),
+        ids_b.len()
+    );
+
+    // Either answers any status (forwarding to the owner) and the merged
+    // summary counts both halves.
+    assert_view_matches(nats.client(), &docs).await;
+    let r = orders_after(nats.client(), last, OrdersQuery::default()).await;
+    assert_eq!(
+        (r.summary.tracked, r.answered.clone(), r.missing.clone()),
+        (600, vec![0, 1], vec![])
+    );
+    assert_eq!(r.summary.by_status, tally(&docs));
+
+    // Without partition 1, its orders say so, and the summary names it.
+    b.shutdown().await;
+    let in_b = *ids_b.iter().next().unwrap();
+    let e = error_of(nats.client(), &format!("waybill.status.{in_b}"), Bytes::new()).await;
+    assert!(e.contains("no coordinator runs partition 1/2"), "{e}");
+    let r: OrdersReply = ask(nats.client(), "waybill.orders".into(), Bytes::new()).await;
+    assert_eq!((r.answered.clone(), r.missing.clone()), (vec![0], vec![1]));
+    assert_eq!(r.summary.tracked, ids_a.len() as u64);
+
+    a.shutdown().await;
+    worker.shutdown().await;
+    client.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_errors_and_the_coordinator_keeps_serving() {
+    let server = NatsServer::start();
+    let nats = nats(&server.url()).await;
+    let coord = coordinator(&nats, CoordinatorConfig::default()).await;
+    let c = nats.client();
+    let good = r#"{"customer":"c-1","items":[{"sku":"SKU-1","qty":1,"unit_price_cents":100}],
+        "payment":{"card":"4242424242424242"},"ship_to":{"country":"NL","zip":"1011"}}"#;
+
+    let cases: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("waybill.start.nosuch", good.into(), "unknown workflow `nosuch`"),
+        ("waybill.start.order", b"not json".to_vec(), "invalid order payload"),
+        ("waybill.start.order", b"".to_vec(), "invalid order payload"),
+        ("waybill.start.order", br#"{"customer":"c-1"}"#.to_vec(), "missing field"),
+        (
+            "waybill.start.order",
+            good.replace(r#""qty":1"#, r#""qty":"one""#).into_bytes(),
+            "invalid type",
+        ),
+        ("waybill.start.order", good.replace(r#""qty":1"#, r#""qty":-3"#).into_bytes(), "qty"),
+        (
+            "waybill.start.order",
+            br#"{"customer":"c-1","items":[],"payment":{"card":"4242424242424242"},"ship_to":{"country":"NL","zip":"1"}}"#
+                .to_vec(),
+            "at least one item",
+        ),
+        ("waybill.start.order", vec![b' '; 300 * 1024], "over the limit"),
+        ("waybill.status.not-a-uuid", Vec::new(), "not-a-uuid"),
+        ("waybill.orders", b"{".to_vec(), "bad orders request"),
+        ("waybill.orders", br#"{"colour":"red"}"#.to_vec(), "unknown field"),
+        ("waybill.orders", br#"{"status":"lost"}"#.to_vec(), "unknown variant"),
+    ];
+    for (subject, body, want) in cases {
+        let e = error_of(c, subject, body).await;
+        assert!(e.contains(want), "{subject}: expected `{want}` in `{e}`");
+    }
+    let e = error_of(c, &format!("waybill.status.{}", OrderId::new()), Bytes::new()).await;
+    assert!(e.starts_with("unknown order"), "{e}");
+    // A bad id header.
+    let mut h = async_nats::HeaderMap::new();
+    h.insert("Waybill-Order", "nope");
+    let m = c
+        .send_request(
+            "waybill.start.order",
+            async_nats::Request::new().headers(h).payload(good.into()),
+        )
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&m.payload).contains("nope"));
+    // Nothing was started by any of it.
+    assert_eq!(last_sequence(&nats).await, 0);
+
+    // Still serving: a good start, and a repeated start of the same id
+    // stores nothing new.
+    let id = OrderId::new();
+    let start_with_id = |id: OrderId| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Waybill-Order", id.to_string().as_str());
+        async_nats::Request::new().headers(h).payload(Bytes::from(good))
+    };
+    let m = c.send_request("waybill.start.order", start_with_id(id)).await.unwrap();
+    let first: StartReply = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!((first.id, first.duplicate), (id, false));
+    let m = c.send_request("waybill.start.order", start_with_id(id)).await.unwrap();
+    let again: StartReply = serde_json::from_slice(&m.payload).unwrap();
+    assert_eq!((again.id, again.duplicate), (id, true));
+    assert_eq!(last_sequence(&nats).await, 1);
+    let r = orders_after(c, 1, OrdersQuery::default()).await;
+    assert_eq!(r.summary.ids, vec![id]);
+    let s = status_of(c, id).await;
+    assert_eq!((s.status, s.step.as_str(), s.hop), (Status::Running, "charge", 0));
+    coord.shutdown().await;
+}
+
+#[test]
+fn every_partition_is_reachable_by_hashing_the_id_the_documented_way() {
+    // The formula in Partition::of, written out again as a client in
+    // another language would: SplitMix64's finaliser over the id's low
+    // 64 bits (big-endian), modulo the count.
+    let mut seen: HashMap<u32, u32> = HashMap::new();
+    for _ in 0..1000 {
+        let id = OrderId::new();
+        let b = id.as_uuid().as_bytes();
+        let mut z = u64::from_be_bytes(b[8..].try_into().unwrap());
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^= z >> 31;
+        let p = (z % 4) as u32;
+        assert_eq!(Partition::of(&id, 4), p);
+        *seen.entry(p).or_insert(0) += 1;
+    }
+    assert_eq!(seen.len(), 4);
+}
