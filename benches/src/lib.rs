@@ -21,3 +21,19 @@ pub fn mixed_orders(count: usize) -> anyhow::Result<Vec<PreparedOrder>> {
         })
         .collect()
 }
+
+/// A program built beside the running benchmark (`target/release/<name>`).
+pub fn bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    use anyhow::Context;
+    let dir = std::env::current_exe()?
+        .parent()
+        .context("no folder beside this binary")?
+        .to_path_buf();
+    let path = dir.join(name);
+    anyhow::ensure!(
+        path.exists(),
+        "{} is missing: cargo build --release -p waybill-workers",
+        path.display()
+    );
+    Ok(path)
+}

@@ -302,6 +302,23 @@ fn route_bytes(route: &Arc<Route>) -> Result<Arc<[u8]>, EncodeError> {
 /// The route encoded as `bytes`: from the cache, or decoded, checked and
 /// cached.
 fn intern_route(bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
+    // Hops of one workflow version come in runs: the route this thread
+    // read last is compared first, without hashing or locking.
+    type Last = std::cell::RefCell<Option<(Box<[u8]>, Arc<Route>)>>;
+    thread_local!(static LAST: Last = const { std::cell::RefCell::new(None) });
+    let last = LAST.with(|l| match &*l.borrow() {
+        Some((b, r)) if &**b == bytes => Some(r.clone()),
+        _ => None,
+    });
+    if let Some(hit) = last {
+        return Ok(hit);
+    }
+    let route = intern_route_shared(bytes)?;
+    LAST.with(|l| *l.borrow_mut() = Some((bytes.into(), route.clone())));
+    Ok(route)
+}
+
+fn intern_route_shared(bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
     if let Some(hit) = ROUTES
         .read()
         .ok()

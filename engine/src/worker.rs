@@ -595,7 +595,7 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
         deadline: tokio::time::Instant::now() + timeout,
         worker: shared.worker.clone(),
     };
-    // The trace id is the order id (as in the hop's `traceparent` header), so
+    // The trace id is the order id (see `headers::traceparent`), so
     // one order's steps on any host join into one trace.
     let span = tracing::info_span!(
         "step",

@@ -30,6 +30,7 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use waybill::transport::nats::Nats;
 use waybill::transport::NatsConfig;
 use waybill::{Client, Codec, Document, Format, OrderId};
+use waybill_benches::bin;
 use waybill_testkit::{NatsServer, Proc};
 use waybill_workers::replay::{self, ReplayOptions};
 
@@ -64,20 +65,6 @@ fn main() -> anyhow::Result<()> {
         engine.orders_per_sec / raw.0
     );
     Ok(())
-}
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let dir = std::env::current_exe()?
-        .parent()
-        .context("no folder beside this binary")?
-        .to_path_buf();
-    let path = dir.join(name);
-    anyhow::ensure!(
-        path.exists(),
-        "{} is missing: cargo build --release -p waybill-workers",
-        path.display()
-    );
-    Ok(path)
 }
 
 async fn engine_run(

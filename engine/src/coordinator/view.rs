@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::codec::Envelope;
 use crate::document::{Status, Timestamp};
+use crate::hash::FastState;
 use crate::id::{OrderId, ServiceSubject, StepName, WorkflowName};
 use crate::workflow::Route;
 
@@ -206,7 +207,12 @@ pub struct View {
     retention: Duration,
     routes: Vec<Arc<Route>>,
     route_ids: HashMap<(WorkflowName, u32), u16>,
-    orders: HashMap<OrderId, Entry>,
+    /// The route of the last hop, by identity: hops come in runs of one
+    /// workflow version.
+    last_route: Option<(Arc<Route>, u16)>,
+    /// Keyed by ids from the stream, which only trusted publishers write:
+    /// the fast hasher, not SipHash (a measurable share of the replay).
+    orders: HashMap<OrderId, Entry, FastState>,
     /// Finished orders in the order they finished, for dropping them once
     /// the retention has passed.
     finished: VecDeque<(Timestamp, OrderId)>,
@@ -237,7 +243,8 @@ impl View {
             retention,
             routes: Vec::new(),
             route_ids: HashMap::new(),
-            orders: HashMap::new(),
+            last_route: None,
+            orders: HashMap::default(),
             finished: VecDeque::new(),
             by_status: [0; 6],
             by_step: HashMap::new(),
@@ -290,6 +297,17 @@ impl View {
     }
 
     fn route_id(&mut self, route: &Arc<Route>) -> u16 {
+        if let Some((r, id)) = &self.last_route {
+            if Arc::ptr_eq(r, route) {
+                return *id;
+            }
+        }
+        let id = self.route_id_slow(route);
+        self.last_route = Some((route.clone(), id));
+        id
+    }
+
+    fn route_id_slow(&mut self, route: &Arc<Route>) -> u16 {
         let key = (route.workflow.clone(), route.version);
         if let Some(&id) = self.route_ids.get(&key) {
             return id;
@@ -386,6 +404,17 @@ impl View {
             self.finished.push_back((hop.stored_at, env.id));
         }
         Applied::Tracked
+    }
+
+    /// Makes room for `orders` more orders at once (before a replay: the
+    /// table then never rehashes while it is read).
+    pub fn reserve(&mut self, orders: usize) {
+        self.orders.reserve(orders);
+    }
+
+    /// Gives back the room the orders do not use (after a replay).
+    pub fn shrink(&mut self) {
+        self.orders.shrink_to_fit();
     }
 
     /// Notes that the stream message `seq` was read but is not a hop.
