@@ -119,6 +119,11 @@ impl NatsServer {
         self.port
     }
 
+    /// The server's process id (0 while it is killed).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// Kills the server (SIGKILL) and waits until it is gone; the store stays.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

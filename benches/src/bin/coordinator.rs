@@ -66,13 +66,15 @@ fn main() -> anyhow::Result<()> {
         docs.size(0, 1)
     );
 
+    let server_cpu = cpu_seconds(server.pid())?;
     let mut coord = coordinator(&url)?;
     let line = coord.expect_stderr("coordinator 0/1: replayed", Duration::from_secs(600));
     let rss = rss_kib(coord.pid())?;
     println!(
-        "replay: {}; the coordinator used {:.2} s of CPU",
+        "replay: {}; CPU used meanwhile: coordinator {:.2} s, nats-server {:.2} s",
         line.trim_start_matches("coordinator 0/1: "),
-        cpu_seconds(coord.pid())?
+        cpu_seconds(coord.pid())?,
+        cpu_seconds(server.pid())? - server_cpu
     );
     let summary: OrdersReply = rt.block_on(request(&nats, "waybill.orders", "{\"limit\":0}"))?;
     let tracked = summary.summary.tracked;
