@@ -119,38 +119,42 @@ pub fn read_orders(path: &Path) -> anyhow::Result<Vec<Bytes>> {
         .collect()
 }
 
-/// `waybill start`: starts each order, prints each id.
+/// `waybill start`: starts each order under an id chosen here (so a retry
+/// of the same request cannot start it twice) and hands each answer to
+/// `started` as it comes, so a failure part-way loses no id already started.
 pub async fn start(
     client: &async_nats::Client,
     workflow: &str,
     orders: Vec<Bytes>,
     id: Option<uuid::Uuid>,
     timeout: Duration,
-) -> anyhow::Result<Vec<StartReply>> {
+    mut started: impl FnMut(&StartReply),
+) -> anyhow::Result<usize> {
     if id.is_some() && orders.len() > 1 {
         bail!("--id names one order, but {} were given", orders.len());
     }
-    let mut out = Vec::with_capacity(orders.len());
+    let mut n = 0;
     for body in orders {
-        let headers = id.map(|id| {
-            let mut h = async_nats::HeaderMap::new();
-            h.insert(waybill::headers::ORDER, id.to_string().as_str());
-            h
-        });
+        let id = id.unwrap_or_else(uuid::Uuid::now_v7);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(waybill::headers::ORDER, id.to_string().as_str());
         let reply: StartReply = request(
             client,
             format!("{}{workflow}", subject::START_PREFIX),
             body,
-            headers,
+            Some(h),
             timeout,
         )
-        .await?;
-        out.push(reply);
+        .await
+        .with_context(|| format!("order {} (id {id}) was not started", n + 1))?;
+        started(&reply);
+        n += 1;
     }
-    Ok(out)
+    Ok(n)
 }
 
 pub async fn status(client: &async_nats::Client, id: &str, timeout: Duration) -> anyhow::Result<StatusReply> {
+    id.parse::<waybill::OrderId>()?;
     request(
         client,
         format!("{}{id}", subject::STATUS_PREFIX),

@@ -380,38 +380,57 @@ async fn a_hop_its_consumer_passed_without_a_next_hop_is_re_driven_once() {
     let coord = coordinator(&nats, quick_config()).await;
     let client = Client::connect(nats.clone()).await.unwrap();
     let wf = quick("lost");
-    let id = client.start(&wf, Payload::postcard(&1u8).unwrap()).await.unwrap();
 
     // Something takes the hop off the service's consumer and acknowledges it
     // without publishing a next hop: the order would wait forever.
-    let durable = waybill::subject::service_consumer(&"lost.step".parse().unwrap());
-    let mut rogue = nats
-        .consumer(ConsumerConfig::new(durable, "waybill.hop.lost.step"))
+    let take_and_drop = || async {
+        let durable = waybill::subject::service_consumer(&"lost.step".parse().unwrap());
+        let mut rogue = nats
+            .consumer(ConsumerConfig::new(durable, "waybill.hop.lost.step"))
+            .await
+            .unwrap();
+        let taken = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let batch = waybill::transport::Consumer::fetch(&mut rogue, 1).await.unwrap();
+                if let Some(d) = batch.into_iter().next() {
+                    return d;
+                }
+            }
+        })
         .await
         .unwrap();
-    let taken = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            let batch = waybill::transport::Consumer::fetch(&mut rogue, 1).await.unwrap();
-            if let Some(d) = batch.into_iter().next() {
-                return d;
-            }
-        }
-    })
-    .await
-    .unwrap();
-    waybill::transport::Delivery::ack(taken).await.unwrap();
-    drop(rogue);
+        waybill::transport::Delivery::ack(taken).await.unwrap();
+    };
+    let id = client.start(&wf, Payload::postcard(&1u8).unwrap()).await.unwrap();
+    take_and_drop().await;
 
     // The coordinator finds it stalled, sees the consumer past it, and
-    // republishes it; a worker then does the step, once.
-    let r = until_stalled(nats.client(), "the lost hop is re-driven", |_| {
+    // republishes it.
+    until_stalled(nats.client(), "the lost hop is re-driven", |_| {
         coord.feed_stats().redriven == 1
     })
     .await;
-    let _ = r;
+
+    // Lost again: a re-driven hop is not republished a second time (a hop a
+    // worker keeps refusing would otherwise loop), only reported.
+    take_and_drop().await;
+    until_stalled(nats.client(), "the second loss is reported, not re-driven", |_| {
+        coord.feed_stats().redrive_refused >= 1
+    })
+    .await;
+    assert_eq!(coord.feed_stats().redriven, 1);
+    assert_eq!(coord.get(&id).unwrap().status, Status::Running);
+
+    // Another order, lost once: re-driven, then done by a worker, once.
+    let second = client.start(&wf, Payload::postcard(&2u8).unwrap()).await.unwrap();
+    take_and_drop().await;
+    until_stalled(nats.client(), "the second order is re-driven", |_| {
+        coord.feed_stats().redriven == 2
+    })
+    .await;
     let runs = Arc::new(AtomicU32::new(0));
     let worker = counting_worker(&nats, "lost.step", runs.clone()).start().await.unwrap();
-    let doc = tokio::time::timeout(Duration::from_secs(30), client.wait(id))
+    let doc = tokio::time::timeout(Duration::from_secs(30), client.wait(second))
         .await
         .unwrap()
         .unwrap();
@@ -419,8 +438,8 @@ async fn a_hop_its_consumer_passed_without_a_next_hop_is_re_driven_once() {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     let last = last_sequence(&nats).await;
     assert!(coord.reached(last, Duration::from_secs(10)).await);
-    assert_eq!(coord.feed_stats().redriven, 1);
-    assert_eq!(coord.get(&id).unwrap().status, Status::Completed);
+    assert_eq!(coord.feed_stats().redriven, 2);
+    assert_eq!(coord.get(&second).unwrap().status, Status::Completed);
 
     worker.shutdown().await;
     coord.shutdown().await;

@@ -204,6 +204,10 @@ pub struct FeedStats {
     pub undecodable: u64,
     /// Stalled hops republished so far.
     pub redriven: u64,
+    /// Stalled hops passed over again after their one re-drive: reported,
+    /// not republished again.
+    #[serde(default)]
+    pub redrive_refused: u64,
     /// Bytes held by the view's tables.
     pub view_bytes: u64,
 }

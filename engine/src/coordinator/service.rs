@@ -97,6 +97,7 @@ struct Shared {
     hops_read: AtomicU64,
     undecodable: AtomicU64,
     redriven: AtomicU64,
+    redrive_refused: AtomicU64,
 }
 
 impl Shared {
@@ -144,6 +145,7 @@ pub async fn start(
         hops_read: AtomicU64::new(0),
         undecodable: AtomicU64::new(0),
         redriven: AtomicU64::new(0),
+        redrive_refused: AtomicU64::new(0),
     });
     let cancel = CancellationToken::new();
     let tracker = TaskTracker::new();
@@ -251,6 +253,7 @@ fn feed_stats(shared: &Shared) -> FeedStats {
         hops_read: shared.hops_read.load(Ordering::Relaxed),
         undecodable: shared.undecodable.load(Ordering::Relaxed),
         redriven: shared.redriven.load(Ordering::Relaxed),
+        redrive_refused: shared.redrive_refused.load(Ordering::Relaxed),
         view_bytes: st.view.memory_bytes() as u64,
     }
 }
@@ -259,12 +262,11 @@ fn feed_stats(shared: &Shared) -> FeedStats {
 /// off) into the view, for as long as the coordinator runs.
 async fn feed(shared: Arc<Shared>, cancel: CancellationToken) {
     let mut backoff = Duration::from_millis(100);
-    let mut first = true;
     loop {
         let from = shared.state().view.last_seq() + 1;
         let result = tokio::select! {
             _ = cancel.cancelled() => return,
-            r = read_from(&shared, from, first, &cancel) => r,
+            r = read_from(&shared, from, &cancel) => r,
         };
         match result {
             Ok(()) => return,
@@ -272,7 +274,6 @@ async fn feed(shared: Arc<Shared>, cancel: CancellationToken) {
                 tracing::warn!(error = %e, from, "reading the hop stream failed; reading again from the last hop seen");
             }
         }
-        first = false;
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}
@@ -281,11 +282,13 @@ async fn feed(shared: Arc<Shared>, cancel: CancellationToken) {
     }
 }
 
-async fn read_from(shared: &Shared, from: u64, first: bool, cancel: &CancellationToken) -> Result<(), String> {
+async fn read_from(shared: &Shared, from: u64, cancel: &CancellationToken) -> Result<(), String> {
     let js = shared.nats.jetstream();
     let mut stream = js.get_stream(HOPS_STREAM).await.map_err(|e| e.to_string())?;
     let info = stream.info().await.map_err(|e| e.to_string())?;
-    if first {
+    // The replay's target is recorded once, by the first read that gets
+    // this far (an earlier attempt may have failed before it).
+    if shared.state().replay.started.is_none() {
         let target = info.state.last_sequence;
         let mut st = shared.state();
         st.replay.target = target;
@@ -296,7 +299,9 @@ async fn read_from(shared: &Shared, from: u64, first: bool, cancel: &Cancellatio
         // back what it did not need once caught up.
         let share = info.state.messages / u64::from(shared.config.partition.count.max(1));
         st.view.reserve(usize::try_from(share.min(2_000_000)).unwrap_or(0));
-        if target == 0 {
+        // Nothing to read (an empty stream, or one whose hops were all
+        // purged or aged out): caught up at once.
+        if info.state.messages == 0 {
             st.replay.took = Some(Duration::ZERO);
             drop(st);
             shared.caught_up.send_replace(true);
@@ -374,6 +379,21 @@ async fn pump(
                 }
                 if let Some(stalled) = m.headers.as_ref().and_then(|h| h.get("Nats-Consumer-Stalled")) {
                     let _ = client.publish(stalled.as_str().to_owned(), Bytes::new()).await;
+                }
+                // A heartbeat names the last consumer sequence sent: one we
+                // never got (dropped by a full client buffer) is a gap.
+                let last_sent = m
+                    .headers
+                    .as_ref()
+                    .and_then(|h| h.get("Nats-Last-Consumer"))
+                    .and_then(|v| v.as_str().parse::<u64>().ok());
+                if let Some(sent) = last_sent {
+                    if sent >= expected {
+                        gap = Some(format!(
+                            "the server sent up to consumer sequence {sent}; {expected} never came"
+                        ));
+                        break;
+                    }
                 }
                 continue;
             }
@@ -797,6 +817,9 @@ fn diagnose(consumer: &Result<Option<async_nats::jetstream::consumer::Info>, Str
     }
 }
 
+/// On a re-driven hop: the sequence of the hop it repeats.
+const REDRIVE: &str = "Waybill-Redrive";
+
 /// Waits, at most `within`, until the view has read `sequence`.
 async fn reached(shared: &Shared, sequence: u64, within: Duration) -> bool {
     tokio::time::timeout(within, async {
@@ -832,10 +855,17 @@ async fn redrive(shared: &Shared, hops: &Stream, state: &OrderState) -> Result<b
         return Ok(false);
     }
     let m = hops.get_raw_message(state.sequence).await.map_err(|e| e.to_string())?;
+    // At most one re-drive per hop: a re-driven hop that was passed over
+    // again (a worker dead-lettered it, say) is reported, not republished
+    // in a loop.
+    if m.headers.get(REDRIVE).is_some() {
+        shared.redrive_refused.fetch_add(1, Ordering::Relaxed);
+        return Ok(false);
+    }
     let mut h = m.headers.clone();
     let id = format!("{}:{}:redrive:{}", state.id, state.hop, state.sequence);
     h.insert("Nats-Msg-Id", id.as_str());
-    h.insert("Waybill-Redrive", state.sequence.to_string().as_str());
+    h.insert(REDRIVE, state.sequence.to_string().as_str());
     let p = PublishMessage::build().payload(m.payload).headers(h);
     shared
         .nats
@@ -852,6 +882,13 @@ async fn redrive(shared: &Shared, hops: &Stream, state: &OrderState) -> Result<b
 /// Every `check_every`: drops finished orders past the retention, reports
 /// orders newly stalled and re-drives those nothing will deliver.
 async fn watch_stalled(shared: Arc<Shared>, hops: Stream, cancel: CancellationToken) {
+    // A half-replayed view would call orders stalled that only lack their
+    // later hops: look only once caught up.
+    let mut caught_up = shared.caught_up.subscribe();
+    tokio::select! {
+        _ = cancel.cancelled() => return,
+        _ = caught_up.wait_for(|c| *c) => {}
+    }
     let mut tick = tokio::time::interval(shared.config.check_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_log = Instant::now();
@@ -889,7 +926,10 @@ async fn watch_stalled(shared: Arc<Shared>, hops: Stream, cancel: CancellationTo
             let why = match diagnose(consumer, s) {
                 Diagnosis::Passed if shared.config.redrive => match redrive(&shared, &hops, s).await {
                     Ok(true) => "its service's consumer moved past the hop without a next hop; re-driven".to_owned(),
-                    Ok(false) => "it moved on while being looked at".to_owned(),
+                    Ok(false) => {
+                        "it moved on while being looked at, or was re-driven once already (see the dead letters)"
+                            .to_owned()
+                    }
                     Err(e) => {
                         // Look again next round.
                         shared.state().reported.remove(&s.id);

@@ -114,13 +114,16 @@ enum Command {
         workflow: String,
         /// The order file, or `-` for standard input.
         file: PathBuf,
-        /// Start the (one) order under this id: starting an id again does
-        /// nothing new and says `duplicate`.
+        /// Start the (one) order under this id (default: a fresh one per
+        /// order). Starting an id again inside the stream's duplicate window
+        /// (2 minutes by default) does nothing new and says `duplicate`.
         #[arg(long)]
         id: Option<uuid::Uuid>,
         #[command(flatten)]
         nats: NatsArgs,
-        #[arg(long, default_value_t = 5)]
+        /// Seconds to wait for each answer (longer than the stream's own
+        /// 5 s to store a hop).
+        #[arg(long, default_value_t = 10)]
         timeout: u64,
     },
     /// Where one order stands, and its history.
@@ -239,13 +242,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let orders = ops::read_orders(&file)?;
             runtime()?.block_on(async {
                 let t = nats.connect("waybill-start").await?;
-                for r in ops::start(t.client(), &workflow, orders, id, Duration::from_secs(timeout)).await? {
+                ops::start(t.client(), &workflow, orders, id, Duration::from_secs(timeout), |r| {
                     if r.duplicate {
                         println!("{} (already started)", r.id);
                     } else {
                         println!("{}", r.id);
                     }
-                }
+                })
+                .await?;
                 anyhow::Ok(())
             })?;
             Ok(ExitCode::SUCCESS)
