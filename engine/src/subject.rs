@@ -44,6 +44,12 @@ pub const ORDERS: &str = "waybill.orders";
 /// The queue group every coordinator answers the public requests in.
 pub const COORDINATOR_GROUP: &str = "waybill-coordinator";
 
+/// `waybill.stalled.<workflow>`: where coordinators announce each order
+/// that stalls (a [`crate::coordinator::api::StalledEvent`]).
+pub fn stalled(workflow: &WorkflowName) -> String {
+    format!("waybill.stalled.{workflow}")
+}
+
 /// `waybill.coordinator.p<count>.<index>`: the requests only the
 /// coordinators of one partition answer (the others forward to it).
 pub fn partition_prefix(index: u32, count: u32) -> String {

@@ -9,11 +9,11 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
-use waybill::coordinator::api::{OrdersQuery, OrdersReply, StartReply, StatusReply};
+use waybill::coordinator::api::{OrdersQuery, OrdersReply, StallAction, StalledEvent, StartReply, StatusReply};
 use waybill::coordinator::{self, CoordinatorConfig, CoordinatorHandle, Partition};
 use waybill::transport::nats::{Nats, HOPS_STREAM};
 use waybill::transport::{ConsumerConfig, NatsConfig, Transport};
@@ -296,27 +296,24 @@ fn quick_config() -> CoordinatorConfig {
     }
 }
 
-/// Polls the coordinators, with a deadline, until `check` holds of the
-/// stalled orders (stalling is a matter of time passing).
-async fn until_stalled(client: &async_nats::Client, what: &str, check: impl Fn(&OrdersReply) -> bool) -> OrdersReply {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let q = OrdersQuery {
-            stalled: true,
-            ..OrdersQuery::default()
-        };
-        let r: OrdersReply = ask(
-            client,
-            "waybill.orders".into(),
-            Bytes::from(serde_json::to_vec(&q).unwrap()),
-        )
-        .await;
-        if check(&r) {
-            return r;
+/// Waits, with a deadline, for a coordinator to announce a stalled order
+/// that `check` accepts.
+async fn stalled_event(
+    events: &mut async_nats::Subscriber,
+    what: &str,
+    check: impl Fn(&StalledEvent) -> bool,
+) -> StalledEvent {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let m = events.next().await.unwrap();
+            let e: StalledEvent = serde_json::from_slice(&m.payload).unwrap();
+            if check(&e) {
+                return e;
+            }
         }
-        assert!(Instant::now() < deadline, "{what}: not within 20 s; last answer {r:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{what}: not announced within 20 s"))
 }
 
 fn counting_worker(nats: &Nats, service: &str, runs: Arc<AtomicU32>) -> waybill::WorkerBuilder<Nats> {
@@ -336,14 +333,32 @@ async fn a_stalled_order_is_reported_and_completes_once_a_worker_runs() {
     let coord = coordinator(&nats, quick_config()).await;
     let client = Client::connect(nats.clone()).await.unwrap();
     let wf = quick("stall");
+    let mut events = nats.client().subscribe("waybill.stalled.>").await.unwrap();
     let id = client.start(&wf, Payload::postcard(&1u8).unwrap()).await.unwrap();
 
-    // No worker serves `stall.step`: the order is reported stalled.
-    let r = until_stalled(nats.client(), "the order is reported stalled", |r| {
-        r.summary.ids == vec![id]
-    })
+    // No worker serves `stall.step`: the order is announced, logged, and
+    // listed as stalled.
+    let e = stalled_event(&mut events, "the order stalls", |e| e.id == id).await;
+    assert_eq!(e.action, StallAction::Reported);
+    assert!(
+        e.reason.contains("no worker has ever served `stall.step`"),
+        "{}",
+        e.reason
+    );
+    let q = OrdersQuery {
+        stalled: true,
+        ..OrdersQuery::default()
+    };
+    let r: OrdersReply = ask(
+        nats.client(),
+        "waybill.orders".into(),
+        Bytes::from(serde_json::to_vec(&q).unwrap()),
+    )
     .await;
-    assert_eq!((r.summary.stalled, r.summary.matched), (1, 1));
+    assert_eq!(
+        (r.summary.stalled, r.summary.matched, r.summary.ids.clone()),
+        (1, 1, vec![id])
+    );
     let s = status_of(nats.client(), id).await;
     assert!(s.stalled && s.status == Status::Running && s.service.unwrap().as_str() == "stall.step");
     let cli = waybill(&["orders", "--stalled", "--nats", &server.url()]);
@@ -380,6 +395,7 @@ async fn a_hop_its_consumer_passed_without_a_next_hop_is_re_driven_once() {
     let coord = coordinator(&nats, quick_config()).await;
     let client = Client::connect(nats.clone()).await.unwrap();
     let wf = quick("lost");
+    let mut events = nats.client().subscribe("waybill.stalled.>").await.unwrap();
 
     // Something takes the hop off the service's consumer and acknowledges it
     // without publishing a next hop: the order would wait forever.
@@ -406,26 +422,26 @@ async fn a_hop_its_consumer_passed_without_a_next_hop_is_re_driven_once() {
 
     // The coordinator finds it stalled, sees the consumer past it, and
     // republishes it.
-    until_stalled(nats.client(), "the lost hop is re-driven", |_| {
-        coord.feed_stats().redriven == 1
+    stalled_event(&mut events, "the lost hop is re-driven", |e| {
+        e.id == id && e.action == StallAction::Redriven
     })
     .await;
 
     // Lost again: a re-driven hop is not republished a second time (a hop a
     // worker keeps refusing would otherwise loop), only reported.
     take_and_drop().await;
-    until_stalled(nats.client(), "the second loss is reported, not re-driven", |_| {
-        coord.feed_stats().redrive_refused >= 1
-    })
-    .await;
+    let e = stalled_event(&mut events, "the second loss is reported", |e| e.id == id && e.hop == 0).await;
+    assert_eq!(e.action, StallAction::Reported);
+    assert!(e.reason.contains("re-driven once already"), "{}", e.reason);
+    assert_eq!(coord.feed_stats().redrive_refused, 1);
     assert_eq!(coord.feed_stats().redriven, 1);
     assert_eq!(coord.get(&id).unwrap().status, Status::Running);
 
     // Another order, lost once: re-driven, then done by a worker, once.
     let second = client.start(&wf, Payload::postcard(&2u8).unwrap()).await.unwrap();
     take_and_drop().await;
-    until_stalled(nats.client(), "the second order is re-driven", |_| {
-        coord.feed_stats().redriven == 2
+    stalled_event(&mut events, "the second order is re-driven", |e| {
+        e.id == second && e.action == StallAction::Redriven
     })
     .await;
     let runs = Arc::new(AtomicU32::new(0));

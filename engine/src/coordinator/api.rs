@@ -253,6 +253,51 @@ impl OrdersReply {
     }
 }
 
+/// What a coordinator did about a stalled order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StallAction {
+    /// Logged and counted; the hop waits (for a worker, say).
+    Reported,
+    /// Its hop was republished (at most once per hop).
+    Redriven,
+}
+
+/// Published on `waybill.stalled.<workflow>` once per order and hop that
+/// stalls: for alerting, and for anyone who would rather not poll.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StalledEvent {
+    pub id: OrderId,
+    pub workflow: WorkflowName,
+    pub version: u32,
+    pub step: StepName,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<ServiceSubject>,
+    pub hop: u32,
+    pub sequence: u64,
+    pub last_hop_at: String,
+    pub action: StallAction,
+    /// Why, as far as the service's consumer tells.
+    pub reason: String,
+}
+
+impl StalledEvent {
+    pub fn new(state: &OrderState, action: StallAction, reason: String) -> Self {
+        Self {
+            id: state.id,
+            workflow: state.workflow.clone(),
+            version: state.version,
+            step: state.step.clone(),
+            service: state.service.clone(),
+            hop: state.hop,
+            sequence: state.sequence,
+            last_hop_at: rfc3339(state.last_hop_at),
+            action,
+            reason,
+        }
+    }
+}
+
 /// `2026-11-26T07:10:24.123456Z` from microseconds since the epoch.
 pub fn rfc3339(t: Timestamp) -> String {
     let secs = t.0 / 1_000_000;

@@ -15,7 +15,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::api::{ErrorReply, FeedStats, OrdersQuery, OrdersReply, StartReply, StatusReply, MAX_START_BYTES};
+use super::api::{
+    ErrorReply, FeedStats, OrdersQuery, OrdersReply, StallAction, StalledEvent, StartReply, StatusReply,
+    MAX_START_BYTES,
+};
 use super::view::{OrderState, Partition, StoredHop, View};
 use crate::client::first_hop;
 use crate::codec::{Codec, Format};
@@ -923,22 +926,39 @@ async fn watch_stalled(shared: Arc<Shared>, hops: Stream, cancel: CancellationTo
                 consumers.insert(service.clone(), consumer_of(&hops, service).await);
             }
             let consumer = &consumers[service];
-            let why = match diagnose(consumer, s) {
+            let (action, why) = match diagnose(consumer, s) {
                 Diagnosis::Passed if shared.config.redrive => match redrive(&shared, &hops, s).await {
-                    Ok(true) => "its service's consumer moved past the hop without a next hop; re-driven".to_owned(),
-                    Ok(false) => {
+                    Ok(true) => (
+                        StallAction::Redriven,
+                        "its service's consumer moved past the hop without a next hop; re-driven".to_owned(),
+                    ),
+                    Ok(false) => (
+                        StallAction::Reported,
                         "it moved on while being looked at, or was re-driven once already (see the dead letters)"
-                            .to_owned()
-                    }
+                            .to_owned(),
+                    ),
                     Err(e) => {
                         // Look again next round.
                         shared.state().reported.remove(&s.id);
-                        format!("re-drive failed: {e}")
+                        (StallAction::Reported, format!("re-drive failed: {e}"))
                     }
                 },
-                Diagnosis::Passed => "its service's consumer moved past the hop without a next hop".to_owned(),
-                Diagnosis::Waiting(why) => why,
+                Diagnosis::Passed => (
+                    StallAction::Reported,
+                    "its service's consumer moved past the hop without a next hop".to_owned(),
+                ),
+                Diagnosis::Waiting(why) => (StallAction::Reported, why),
             };
+            // For alerting: one event per order and hop that stalls.
+            let event = StalledEvent::new(s, action, why.clone());
+            if let Err(e) = shared
+                .nats
+                .client()
+                .publish(subject::stalled(&s.workflow), json(&event))
+                .await
+            {
+                tracing::warn!(error = %e, "could not publish a stalled event");
+            }
             logged += 1;
             if logged <= 20 {
                 tracing::warn!(
