@@ -503,6 +503,33 @@ impl View {
             .collect()
     }
 
+    fn matches(&self, filter: &Filter, step_filter: Option<&str>, e: &Entry, stalled: bool) -> bool {
+        if filter.stalled && !stalled {
+            return false;
+        }
+        if filter.status.is_some_and(|st| st != e.status) {
+            return false;
+        }
+        let route = self.routes.get(usize::from(e.route));
+        if let Some(w) = filter.workflow.as_deref() {
+            if route.is_none_or(|r| r.workflow.as_str() != w) {
+                return false;
+            }
+        }
+        if let Some(want) = step_filter {
+            let Some(r) = route else { return false };
+            let Some(step) = r.step(e.step) else { return false };
+            let hit = match want.split_once('/') {
+                Some((wf, name)) => r.workflow.as_str() == wf && step.name.as_str() == name,
+                None => step.name.as_str() == want,
+            };
+            if !hit || e.status.is_terminal() {
+                return false;
+            }
+        }
+        true
+    }
+
     /// Counts, and the ids matching `filter` (at most `limit`, oldest
     /// latest-hop first).
     pub fn summary(&self, filter: &Filter, now: Timestamp, grace: Duration, limit: usize) -> Summary {
@@ -525,56 +552,27 @@ impl View {
             *s.by_step.entry(self.step_key(route, step)).or_insert(0) += n;
         }
         // One pass over the orders: the stalled count, and the matches.
+        // One pass: the stalled count, the match count, and the `limit`
+        // matches with the oldest latest hop (a bounded max-heap, so an
+        // unfiltered summary of a million orders allocates nothing large).
         let step_filter = filter.step.as_deref();
-        let mut matches: Vec<(u64, OrderId)> = Vec::new();
+        let mut oldest: std::collections::BinaryHeap<(u64, OrderId)> =
+            std::collections::BinaryHeap::with_capacity(limit.min(self.orders.len()) + 1);
         for (id, e) in &self.orders {
             let stalled = Self::is_stalled(e, now, grace);
             s.stalled += u64::from(stalled);
-            if filter.is_empty() {
+            if !self.matches(filter, step_filter, e, stalled) {
                 continue;
             }
-            if filter.stalled && !stalled {
-                continue;
-            }
-            if filter.status.is_some_and(|st| st != e.status) {
-                continue;
-            }
-            let route = self.routes.get(usize::from(e.route));
-            if let Some(w) = filter.workflow.as_deref() {
-                if route.is_none_or(|r| r.workflow.as_str() != w) {
-                    continue;
-                }
-            }
-            if let Some(want) = step_filter {
-                let Some(r) = route else { continue };
-                let Some(step) = r.step(e.step) else { continue };
-                let hit = match want.split_once('/') {
-                    Some((wf, name)) => r.workflow.as_str() == wf && step.name.as_str() == name,
-                    None => step.name.as_str() == want,
-                };
-                if !hit || e.status.is_terminal() {
-                    continue;
-                }
-            }
-            matches.push((e.seq, *id));
-        }
-        if filter.is_empty() {
-            s.matched = s.tracked;
-            let mut all: Vec<(u64, OrderId)> = self.orders.iter().map(|(id, e)| (e.seq, *id)).collect();
-            if limit < all.len() {
-                all.select_nth_unstable(limit);
-                all.truncate(limit);
-            }
-            matches = all;
-        } else {
-            s.matched = matches.len() as u64;
-            if limit < matches.len() {
-                matches.select_nth_unstable(limit);
-                matches.truncate(limit);
+            s.matched += 1;
+            if oldest.len() < limit {
+                oldest.push((e.seq, *id));
+            } else if oldest.peek().is_some_and(|top| (e.seq, *id) < *top) {
+                oldest.pop();
+                oldest.push((e.seq, *id));
             }
         }
-        matches.sort_unstable();
-        s.ids = matches.into_iter().map(|(_, id)| id).collect();
+        s.ids = oldest.into_sorted_vec().into_iter().map(|(_, id)| id).collect();
         s
     }
 }
@@ -682,6 +680,12 @@ mod tests {
         };
         let sum = v.summary(&filter, at(12).plus(Duration::from_millis(500)), Duration::ZERO, 10);
         assert_eq!((sum.stalled, sum.matched, sum.ids.clone()), (1, 1, vec![a]));
+        // The list keeps the oldest latest hops, in order, up to the limit.
+        let all = v.summary(&Filter::default(), at(12), Duration::ZERO, 1);
+        assert_eq!((all.matched, all.ids), (2, vec![a]));
+        let all = v.summary(&Filter::default(), at(12), Duration::ZERO, 0);
+        assert_eq!((all.matched, all.ids), (2, vec![]));
+        assert_eq!(v.summary(&Filter::default(), at(12), Duration::ZERO, 5).ids, vec![a, b]);
     }
 
     #[test]

@@ -264,12 +264,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let t = nats.connect("waybill-status").await?;
                 ops::status(t.client(), &id, Duration::from_secs(timeout)).await
             })?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
-            } else {
-                ops::print_status(&s);
-            }
-            Ok(ExitCode::SUCCESS)
+            show(&s, json, ops::print_status)
         }
         Command::Orders {
             status,
@@ -293,12 +288,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let t = nats.connect("waybill-orders").await?;
                 ops::orders(t.client(), &query, Duration::from_secs(timeout)).await
             })?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
-            } else {
-                ops::print_orders(&r);
-            }
-            Ok(ExitCode::SUCCESS)
+            show(&r, json, ops::print_orders)
         }
         Command::Watch { nats, every_ms } => {
             runtime()?.block_on(async {
@@ -476,6 +466,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE })
         }
     }
+}
+
+/// Prints an answer as pretty JSON, or as `table` draws it.
+fn show<T: serde::Serialize>(value: &T, json: bool, table: impl Fn(&T)) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(value)?);
+    } else {
+        table(value);
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The `stock.json` that goes with the order flows at `paths`.
