@@ -493,6 +493,12 @@ async fn pump<T: Transport>(shared: Arc<Shared<T>>, svc: Arc<Service>, mut consu
         let room = limit - running.len();
         let fetching = room > 0 && !shared.cancel.is_cancelled();
         if !fetching && running.is_empty() {
+            // The acknowledgements of the last steps are queued on the
+            // connection: send them before the process may exit, or those
+            // steps are delivered again and run twice.
+            if let Err(e) = shared.transport.flush().await {
+                tracing::warn!(error = %e, "could not flush the last acknowledgements");
+            }
             return;
         }
         tokio::select! {

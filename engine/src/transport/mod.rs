@@ -220,6 +220,13 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// consumers of one process, such as a client's). Deleting one that does
     /// not exist is not an error.
     fn delete_consumer(&self, durable: &str) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Sends whatever this connection still holds (acknowledgements are
+    /// queued, not awaited) to the server. A process that stops calls it
+    /// last, so no step it finished is delivered again.
+    fn flush(&self) -> impl Future<Output = Result<(), Error>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 /// One process's handle on a durable consumer.

@@ -415,6 +415,23 @@ impl Transport for Nats {
         Ok(())
     }
 
+    /// Flushes the connection, then makes one round trip to the server: the
+    /// server reads a connection's messages in order, so once the answer is
+    /// here it has read every acknowledgement sent before (a process that
+    /// exits with unread data on its socket resets the connection, and the
+    /// server may drop what it had not read yet).
+    async fn flush(&self) -> Result<(), Error> {
+        self.client
+            .flush()
+            .await
+            .map_err(|e| other("cannot flush the connection", e, true))?;
+        self.js
+            .query_account()
+            .await
+            .map_err(|e| other("no answer from the server after flushing", e, true))?;
+        Ok(())
+    }
+
     async fn delete_consumer(&self, durable: &str) -> Result<(), Error> {
         let stream = self.hops().await?;
         match stream.delete_consumer(durable).await {
