@@ -13,6 +13,11 @@
 //! - A transient error is retried with the step's backoff (a retry is a new
 //!   hop to the same service, due after the delay) until the step's attempts
 //!   run out; then it is a permanent failure.
+//! - A step whose attempts run out on transient errors may have done part of
+//!   its work (a transient error says the outcome is unknown): its own
+//!   compensation is owed too, and runs first. So a compensation must
+//!   accept an order its step never did, or did in part. A permanent error
+//!   says the step did nothing; a business outcome says what it did.
 //! - A permanent failure starts compensation: the owed compensations run one
 //!   per hop, newest first; when none are left the order is `compensated`.
 //!   With nothing owed, the order is `failed` at once.
@@ -155,6 +160,12 @@ pub fn apply(doc: &mut Document, attempt: Attempt) -> Result<Decision, Transitio
         }
         (StepKind::Forward, AttemptResult::Error { message, transient }) => {
             let why = if transient {
+                if let Some(service) = doc.current_step().and_then(|s| s.compensate.clone()) {
+                    doc.owed.push(Compensation {
+                        step: step_name.clone(),
+                        service,
+                    });
+                }
                 format!("step `{step_name}` failed after {} attempts: {message}", doc.attempt)
             } else {
                 format!("step `{step_name}` failed: {message}")
@@ -370,12 +381,25 @@ mod tests {
         assert_eq!(d.not_before, Some(Timestamp(2_000 + 50_000)));
         run(&mut d, StepResult::Transient("gateway".into()));
         assert_eq!(d.attempt, 3);
+        // Out of attempts, the charge may have gone through in part: its
+        // refund runs, and the order ends compensated.
         assert_eq!(
             run(&mut d, StepResult::Transient("gateway".into())),
-            Decision::Finish(Status::Failed)
+            hop("payment.refund")
         );
         assert!(d.failure.as_deref().unwrap().contains("after 3 attempts"));
         assert_eq!(d.history.len(), 3);
+        assert_eq!(run(&mut d, StepResult::ok()), Decision::Finish(Status::Compensated));
+    }
+
+    #[test]
+    fn a_permanent_error_owes_nothing_for_its_own_step() {
+        let mut d = order();
+        assert_eq!(
+            run(&mut d, StepResult::Permanent("card unknown".into())),
+            Decision::Finish(Status::Failed)
+        );
+        assert!(d.owed.is_empty());
     }
 
     #[test]

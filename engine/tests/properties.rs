@@ -164,8 +164,9 @@ proptest! {
     ) {
         let Some(wf) = build(&d) else { return Ok(()) };
         let (doc, _) = drive(&wf, &acts);
-        // Steps that completed and owe an undo: forward records whose outcome
-        // moved the order on (not a failing or unmapped outcome).
+        // Steps that owe an undo: forward records whose outcome moved the
+        // order on (not a failing or unmapped outcome), and steps that ran
+        // out of attempts on transient errors.
         let route = &doc.route;
         let mut owed = Vec::new();
         let mut undone = Vec::new();
@@ -178,6 +179,14 @@ proptest! {
                         Some(_) => true,
                     };
                     if moved_on && step.compensate.is_some() {
+                        owed.push(r.step.clone());
+                    }
+                }
+                // A step whose attempts ran out on transient errors may
+                // have done part of its work: it owes its undo too.
+                (StepKind::Forward, AttemptResult::Error { transient: true, .. }) => {
+                    let step = route.step_by_name(&r.step).unwrap();
+                    if r.attempt >= step.retry.max_attempts && step.compensate.is_some() {
                         owed.push(r.step.clone());
                     }
                 }

@@ -551,6 +551,9 @@ impl StockStore for KvStock {
         let Some((rec, rev)) = self.record(&key).await? else {
             return Ok(false);
         };
+        if matches!(rec.state, ResState::Reserving | ResState::RollingBack) {
+            return self.abandon(&key, rec, rev, window).await;
+        }
         if !matches!(rec.state, ResState::Reserved | ResState::Releasing) {
             return Ok(false);
         }
@@ -572,3 +575,40 @@ impl StockStore for KvStock {
         Ok(self.level_of(sku).await?.0)
     }
 }
+
+impl KvStock {
+    /// Releases a reservation that never finished: its step ran out of
+    /// attempts part-way (a store that kept failing, a run that died), and
+    /// the order is being compensated. Whatever it changed is given back,
+    /// and the record is closed, so a late run of the step changes nothing.
+    async fn abandon(&self, key: &str, rec: ResRecord, rev: u64, window: Duration) -> Result<bool, StockError> {
+        let run = uuid::Uuid::now_v7().simple().to_string();
+        let (mut rec, mut rev) = self.take_lease(key, rec, rev, &run, window).await?;
+        // A change made whose record was not saved is known by its marker.
+        let reserve = format!("{key}:reserve");
+        let unrecorded: Vec<String> = rec
+            .lines
+            .keys()
+            .filter(|sku| !rec.applied.contains(sku))
+            .cloned()
+            .collect();
+        for sku in unrecorded {
+            if self.sku(&sku).await?.0.pending.contains_key(&reserve) {
+                rec.applied.push(sku);
+                rev = self.save(key, &rec, rev).await?;
+            }
+        }
+        self.settle_all(key, &rec.applied, "reserve").await?;
+        // A rollback under way keeps its marker, so a change it made
+        // before is not made twice.
+        let op = if rec.state == ResState::RollingBack { "undo" } else { "release" };
+        self.apply_all(key, &mut rec, &mut rev, op, -1).await?;
+        self.settle_all(key, &rec.returned, op).await?;
+        let gave_back = !rec.returned.is_empty();
+        rec.state = ResState::Released;
+        rec.lease = None;
+        self.save(key, &rec, rev).await?;
+        Ok(gave_back)
+    }
+}
+
