@@ -690,14 +690,8 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
             }
             Err(e) => {
                 tracing::warn!(error = %e, "publishing the next hop failed");
-                hand_back(
-                    shared,
-                    svc,
-                    delivery,
-                    Some(Duration::from_millis(250)),
-                    &format!("publish failed: {e}"),
-                )
-                .await;
+                let delay = publish_retry_delay(delivery.delivered());
+                hand_back(shared, svc, delivery, Some(delay), &format!("publish failed: {e}")).await;
             }
         }
     }
@@ -766,6 +760,15 @@ async fn wait_guarded<F: std::future::Future + Unpin>(
     }
 }
 
+/// How long to wait before trying a step again whose next hop could not be
+/// stored: doubling from 250 ms up to 10 s, so the deliveries a message has
+/// (10 by default) outlast a stream leader's election or a server restart
+/// (about 45 s in all) before it becomes a dead letter.
+fn publish_retry_delay(delivered: u32) -> Duration {
+    let doublings = delivered.saturating_sub(1).min(6);
+    (Duration::from_millis(250) * (1 << doublings)).min(Duration::from_secs(10))
+}
+
 /// Hands a delivery back for later, unless its deliveries are used up, in
 /// which case it becomes a dead letter.
 async fn hand_back<T: Transport>(
@@ -813,5 +816,15 @@ async fn dead_letter<T: Transport>(
             tracing::error!(error = %e, "could not store the dead letter; handing the message back");
             let _ = delivery.nak(Some(Duration::from_secs(1))).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn publish_retries_back_off_to_ten_seconds() {
+        let d: Vec<u128> = (1..=10).map(|n| super::publish_retry_delay(n).as_millis()).collect();
+        assert_eq!(d, [250, 500, 1000, 2000, 4000, 8000, 10000, 10000, 10000, 10000]);
+        assert!(d.iter().sum::<u128>() > 40_000);
     }
 }
