@@ -170,21 +170,27 @@ impl WorkflowPayload for Order {
     }
 }
 
-/// The `order` workflow, version 1: charge the card, reserve the stock, ship.
-/// A declined card fails the order; missing stock or a failed shipment undoes
-/// what was done (release, refund) and ends it `compensated`.
+/// The `order` workflow, version 1: charge the card (a gateway call, given
+/// 10 s), reserve the stock (10 s: a run that dies holds the order's
+/// reservation for that long, plus a margin), ship. Each step is tried up
+/// to 8 times, 50 ms doubling to 3.2 s apart: about 6 s in all, enough to
+/// ride out a NATS leader election under the services' stores. A declined card fails the order; missing
+/// stock or a failed shipment undoes what was done (release, refund) and
+/// ends it `compensated`.
 pub fn order_v1() -> Result<Workflow, DefinitionError> {
     Workflow::builder(ORDER, 1)
         .step("charge", "payment.charge")
         .compensate("payment.refund")
-        .retry(Backoff::exponential(5, Duration::from_millis(20)))
+        .retry(Backoff::exponential(8, Duration::from_millis(50)))
+        .timeout(Duration::from_secs(10))
         .on("declined", Then::Fail)
         .step("reserve", "inventory.reserve")
         .compensate("inventory.release")
-        .retry(Backoff::exponential(5, Duration::from_millis(20)))
+        .retry(Backoff::exponential(8, Duration::from_millis(50)))
+        .timeout(Duration::from_secs(10))
         .on("out_of_stock", Then::Fail)
         .step("ship", "shipping.dispatch")
-        .retry(Backoff::exponential(5, Duration::from_millis(20)))
+        .retry(Backoff::exponential(8, Duration::from_millis(50)))
         .timeout(Duration::from_secs(30))
         .build()
 }

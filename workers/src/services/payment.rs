@@ -114,8 +114,14 @@ impl<L: Ledger> PaymentService<L> {
         &self.ledger
     }
 
-    /// Charges Σ quantity × unit price. A card ending `0002` is declined; one
-    /// ending `0119` fails at the gateway on its first two attempts.
+    /// Charges Σ quantity × unit price. The simulated gateway knows test
+    /// cards, by their last four digits:
+    /// - `0002` is declined;
+    /// - `0119` fails at the gateway on its first two attempts;
+    /// - `0341` never answers on its first attempt (the step times out);
+    /// - `0259` makes the gateway client panic on every attempt (a bug); once
+    ///   its retries are used up the order is compensated (the refund finds
+    ///   nothing charged).
     pub async fn charge(&self, ctx: StepContext, payload: Payload) -> Result<StepOutput, StepError> {
         let order = order_of(&payload)?;
         let card: &str = &order.payment.card;
@@ -126,6 +132,13 @@ impl<L: Ledger> PaymentService<L> {
             return Err(StepError::transient(
                 "payment gateway unavailable (simulated for cards ending 0119)",
             ));
+        }
+        if card.ends_with("0341") && ctx.attempt == 1 {
+            // The step's timeout ends this attempt.
+            std::future::pending::<()>().await;
+        }
+        if card.ends_with("0259") {
+            panic!("payment gateway client bug (simulated for cards ending 0259)");
         }
         let amount = order.total_cents().map_err(|e| StepError::permanent(e.to_string()))?;
         let entry = self

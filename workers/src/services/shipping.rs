@@ -56,12 +56,17 @@ impl<S: ShipmentLog> ShippingService<S> {
         &self.log
     }
 
-    /// Dispatches the order; country `XX` cannot be shipped to (a permanent
-    /// failure).
+    /// Dispatches the order. Country `XX` cannot be shipped to (a permanent
+    /// failure); zip `99999` makes the simulated carrier client panic on
+    /// every attempt (a bug), so the order is compensated once its retries
+    /// are used up.
     pub async fn dispatch(&self, ctx: StepContext, payload: Payload) -> Result<StepOutput, StepError> {
         let order = order_of(&payload)?;
         if order.ship_to.country == "XX" {
             return Err(StepError::permanent("cannot ship to country XX"));
+        }
+        if order.ship_to.zip == "99999" {
+            panic!("carrier client bug (simulated for zip 99999)");
         }
         let tracking = self
             .log
