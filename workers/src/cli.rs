@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use waybill::transport::nats::{Nats, NatsConfig};
-use waybill::{Worker, WorkerBuilder};
+use waybill::{Codec, Worker, WorkerBuilder};
 
 /// How to reach NATS.
 #[derive(clap::Args, Debug, Clone)]
@@ -148,6 +148,10 @@ pub struct WorkerArgs {
     /// (after a crash, say). Every process of a service must use the same.
     #[arg(long, default_value_t = 30)]
     pub ack_wait: u64,
+    /// Documents larger than this (in bytes) are refused and dead-lettered
+    /// unread.
+    #[arg(long, default_value_t = waybill::codec::DEFAULT_MAX_SIZE, value_parser = clap::value_parser!(usize))]
+    pub max_document_bytes: usize,
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -167,7 +171,8 @@ pub enum StateArg {
     Memory,
 }
 
-/// The life of a worker process: connect, check the streams, serve until
+/// The life of a worker process: connect, check the streams, serve (the
+/// workflows of [`waybill_workflows::registry`] only) until
 /// SIGTERM or SIGINT, then drain (no new work; steps in flight finish and
 /// are acknowledged) and exit 0. Errors are reported and exit non-zero.
 pub fn worker_main<F, Fut>(name: &'static str, args: WorkerArgs, serve: F) -> ExitCode
@@ -179,9 +184,14 @@ where
     let run = async {
         let nats = args.nats.connect(name).await?;
         nats.verify().await?;
+        // Documents of a workflow or version this build does not define are
+        // refused (dead-lettered with the reason), never run on a guess.
+        let registry = waybill_workflows::registry()?;
         let builder = Worker::builder(nats.clone())
+            .accept(registry.versions())
             .concurrency(args.concurrency)
-            .ack_wait(Duration::from_secs(args.ack_wait.max(1)));
+            .ack_wait(Duration::from_secs(args.ack_wait.max(1)))
+            .codec(Codec::with_max_size(args.max_document_bytes));
         let worker = serve(nats, builder).await?.start().await?;
         tracing::info!(url = %args.nats.url, "{name} serving");
         let signal = shutdown_signal().await?;
@@ -190,9 +200,12 @@ where
         worker.shutdown().await;
         let steps = stats.steps.load(std::sync::atomic::Ordering::Relaxed);
         let dead = stats.dead_lettered.load(std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(steps, dead_lettered = dead, "drained; exiting");
+        let redone = stats.duplicates.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(steps, dead_lettered = dead, redone, "drained; exiting");
         // One summary line whatever the log level, for people and scripts.
-        eprintln!("{name}: drained after {steps} steps ({dead} dead-lettered)");
+        // `redone`: steps run again whose next hop was already stored (a
+        // redelivery after a crash; after a clean drain it stays 0).
+        eprintln!("{name}: drained after {steps} steps ({dead} dead-lettered, {redone} redone)");
         anyhow::Ok(())
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

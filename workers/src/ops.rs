@@ -133,6 +133,14 @@ pub async fn start(
     if id.is_some() && orders.len() > 1 {
         bail!("--id names one order, but {} were given", orders.len());
     }
+    let limit = waybill::coordinator::api::MAX_START_BYTES;
+    if let Some((i, big)) = orders.iter().enumerate().find(|(_, b)| b.len() > limit) {
+        bail!(
+            "order {} is {} bytes of JSON, over the coordinator's limit of {limit}; nothing was started",
+            i + 1,
+            big.len()
+        );
+    }
     let mut n = 0;
     for body in orders {
         let id = id.unwrap_or_else(uuid::Uuid::now_v7);

@@ -276,7 +276,7 @@ impl EmbeddedRuntime {
         label: &str,
         orders: &[PreparedOrder],
         opts: &ReplayOptions,
-        on_done: impl FnMut(),
+        on_done: impl FnMut(OrderId, Option<&Document>),
     ) -> FileReport {
         run_orders(&self.client, label, orders, opts, on_done).await
     }
@@ -290,7 +290,8 @@ impl EmbeddedRuntime {
 
 /// Starts `orders` through `client`, at most `opts.in_flight` at once, waits
 /// for each to end and compares its status with what its line expects;
-/// `on_done` is called as each one finishes. Works over any transport: on
+/// `on_done` is called as each one finishes, with its final document (`None`
+/// if it could not be started or followed). Works over any transport: on
 /// the embedded default the workers run in this process, on NATS wherever
 /// they run.
 pub async fn run_orders<T: Transport>(
@@ -298,7 +299,7 @@ pub async fn run_orders<T: Transport>(
     label: &str,
     orders: &[PreparedOrder],
     opts: &ReplayOptions,
-    mut on_done: impl FnMut(),
+    mut on_done: impl FnMut(OrderId, Option<&Document>),
 ) -> FileReport {
     let began = Instant::now();
     let mut latencies = Vec::with_capacity(orders.len());
@@ -362,7 +363,7 @@ pub async fn run_orders<T: Transport>(
             continue;
         };
         finished_at.push(began.elapsed());
-        on_done();
+        on_done(id, result.as_ref().ok().map(|d| &**d));
         match result {
             Ok(doc) => {
                 latencies.push(u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX));

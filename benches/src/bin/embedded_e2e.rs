@@ -44,7 +44,7 @@ fn main() -> anyhow::Result<()> {
         let report = rt.block_on(async move {
             tokio::spawn(async move {
                 let engine = EmbeddedRuntime::start(stock, &opts2).await?;
-                let report = engine.run("mixed", &prepared2, &opts2, || {}).await;
+                let report = engine.run("mixed", &prepared2, &opts2, |_, _| {}).await;
                 engine.shutdown().await;
                 anyhow::Ok(report)
             })

@@ -106,7 +106,7 @@ async fn engine_run(
         in_flight,
         ..ReplayOptions::default()
     };
-    let report = replay::run_orders(&client, "mixed", &prepared, &opts, || {}).await;
+    let report = replay::run_orders(&client, "mixed", &prepared, &opts, |_, _| {}).await;
     client.close().await;
     for w in workers {
         w.signal_and_wait("TERM", Duration::from_secs(30));
