@@ -1,4 +1,4 @@
-//! Test support: throwaway nats-server processes.
+//! Test support: throwaway nats-server processes, alone or as a cluster.
 //!
 //! [`NatsServer::start`] runs a nats-server of a supported version on a free
 //! loopback port with JetStream and a store directory of its own; dropping
@@ -165,6 +165,194 @@ fn wait_for_port(dir: &Path, pid: u32, log_dir: &Path) -> u16 {
     }
 }
 
+/// A cluster of nats-server processes on loopback ports, each with
+/// JetStream and a store of its own, formed through routes to one another:
+/// the real thing, for replicated streams and for killing a node.
+#[derive(Debug)]
+pub struct NatsCluster {
+    dir: PathBuf,
+    nodes: Vec<ClusterNode>,
+}
+
+#[derive(Debug)]
+struct ClusterNode {
+    name: String,
+    config: PathBuf,
+    client: u16,
+    http: u16,
+    child: Option<Child>,
+}
+
+/// Free loopback ports, found by binding port 0 and letting go (another
+/// process could take one in between; on a test machine that is rare, and
+/// the server then fails loudly).
+fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<std::net::TcpListener> = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+        .collect();
+    held.iter().map(|l| l.local_addr().unwrap().port()).collect()
+}
+
+impl NatsCluster {
+    /// Starts `n` nodes (`n1`…) and waits until they have formed: every
+    /// node sees a JetStream meta leader and every peer current.
+    pub fn start(n: usize) -> Self {
+        let dir = scratch_dir("cluster");
+        let ports = free_ports(3 * n);
+        let routes: Vec<String> = (0..n)
+            .map(|i| format!("nats-route://127.0.0.1:{}", ports[3 * i + 1]))
+            .collect();
+        let nodes = (0..n)
+            .map(|i| {
+                let name = format!("n{}", i + 1);
+                let (client, cluster, http) = (ports[3 * i], ports[3 * i + 1], ports[3 * i + 2]);
+                let config = dir.join(format!("{name}.conf"));
+                let text = format!(
+                    "server_name: {name}\nlisten: 127.0.0.1:{client}\nhttp: 127.0.0.1:{http}\n\
+                     jetstream {{ store_dir: \"{}\", max_mem_store: 256MB, max_file_store: 64GB }}\n\
+                     cluster {{ name: waybill-test, listen: 127.0.0.1:{cluster}, routes: [{}] }}\n",
+                    dir.join(&name).display(),
+                    routes.join(", ")
+                );
+                std::fs::write(&config, text).unwrap();
+                ClusterNode {
+                    name,
+                    config,
+                    client,
+                    http,
+                    child: None,
+                }
+            })
+            .collect();
+        let mut c = Self { dir, nodes };
+        for i in 0..n {
+            c.launch(i);
+        }
+        c.wait_formed(Duration::from_secs(60));
+        c
+    }
+
+    fn launch(&mut self, i: usize) {
+        let bin = nats_server_binary();
+        let node = &mut self.nodes[i];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(format!("{}.log", node.name)))
+            .unwrap();
+        let child = Command::new(bin)
+            .arg("-c")
+            .arg(&node.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        node.child = Some(child);
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Node `i`'s client URL.
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.nodes[i].client)
+    }
+
+    /// Node `i`'s server name (`n1`…), as stream and meta info name it.
+    pub fn name(&self, i: usize) -> &str {
+        &self.nodes[i].name
+    }
+
+    /// The index of the node called `name`.
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.name == name)
+    }
+
+    /// Kills node `i` (SIGKILL) and waits until it is gone; its store stays.
+    pub fn kill(&mut self, i: usize) {
+        if let Some(mut c) = self.nodes[i].child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts node `i` again on its ports and store, and waits until the
+    /// cluster has formed again with it.
+    pub fn restart(&mut self, i: usize) {
+        self.kill(i);
+        self.launch(i);
+        self.wait_formed(Duration::from_secs(60));
+    }
+
+    /// Waits until the cluster has formed: every node answers on its
+    /// monitoring port naming the same JetStream meta leader, and the
+    /// leader (only it tracks the others) sees every peer current.
+    pub fn wait_formed(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        loop {
+            let metas: Vec<Result<serde_json::Value, String>> = self
+                .nodes
+                .iter()
+                .map(|node| {
+                    let body = http_get(node.http, "/jsz").map_err(|e| format!("{}: {e}", node.name))?;
+                    let v: serde_json::Value =
+                        serde_json::from_str(&body).map_err(|e| format!("{}: {e}: {body}", node.name))?;
+                    Ok(v["meta_cluster"].clone())
+                })
+                .collect();
+            let formed = || -> Result<(), String> {
+                let metas = metas.iter().cloned().collect::<Result<Vec<_>, _>>()?;
+                let leader = metas[0]["leader"].as_str().unwrap_or_default();
+                if leader.is_empty() || metas.iter().any(|m| m["leader"].as_str() != Some(leader)) {
+                    return Err(format!("no agreed leader: {metas:?}"));
+                }
+                let i = self.index_of(leader).ok_or_else(|| format!("unknown leader {leader}"))?;
+                let peers = metas[i]["replicas"].as_array().cloned().unwrap_or_default();
+                if peers.len() + 1 != self.nodes.len() || !peers.iter().all(|p| p["current"] == true) {
+                    return Err(format!("the leader {leader} does not see every peer current: {}", metas[i]));
+                }
+                Ok(())
+            };
+            match formed() {
+                Ok(()) => return,
+                Err(last) => assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not form within {within:?}; last seen: {last}; logs in {}",
+                    self.dir.display()
+                ),
+            }
+            // Polling the monitoring endpoint, bounded by the deadline.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A plain HTTP/1.0 GET on a loopback port (the monitoring endpoint), body only.
+fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(2)))?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut text = String::new();
+    s.read_to_string(&mut text)?;
+    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+}
+
+impl Drop for NatsCluster {
+    fn drop(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.kill(i);
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Drop for NatsServer {
     fn drop(&mut self) {
         self.kill();
@@ -238,6 +426,11 @@ impl Proc {
         }
     }
 
+    /// Whether the process is still running (it has not exited or crashed).
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
     /// SIGKILL: the process dies with whatever it held in flight.
     pub fn kill9(mut self) {
         if let Some(mut c) = self.child.take() {
@@ -246,16 +439,27 @@ impl Proc {
         }
     }
 
-    /// Sends `signal` (`TERM`, `INT`) and waits, with a deadline, for the
-    /// process to exit; returns its status and standard error.
-    pub fn signal_and_wait(mut self, signal: &str, within: Duration) -> (std::process::ExitStatus, String) {
-        let mut child = self.child.take().unwrap();
-        let pid = child.id().to_string();
+    /// Sends `signal` (`TERM`, `INT`, `STOP`…) without waiting.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.pid().to_string();
         assert!(Command::new("kill")
             .args([format!("-{signal}"), pid])
             .status()
             .unwrap()
             .success());
+    }
+
+    /// Sends `signal` (`TERM`, `INT`) and waits, with a deadline, for the
+    /// process to exit; returns its status and standard error.
+    pub fn signal_and_wait(self, signal: &str, within: Duration) -> (std::process::ExitStatus, String) {
+        self.signal(signal);
+        self.wait_with_stderr(within)
+    }
+
+    /// Waits, with a deadline, for the process to exit; returns its status
+    /// and standard error.
+    pub fn wait_with_stderr(mut self, within: Duration) -> (std::process::ExitStatus, String) {
+        let mut child = self.child.take().unwrap();
         let status = wait_child(&mut child, within, &self.name);
         // The reader thread ends with the pipe; collect what it read.
         let deadline = Instant::now() + Duration::from_secs(5);
