@@ -1,0 +1,366 @@
+//! Driving the orders of a scenario, timing its faults, and checking what
+//! must hold afterwards.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use tokio::sync::watch;
+use waybill::coordinator::api::OrdersQuery;
+use waybill::transport::nats::{Nats, DLQ_STREAM, HOPS_STREAM};
+use waybill::transport::NatsConfig;
+use waybill::{AttemptResult, Client, Document, OrderId, Status, StepKind, Timestamp};
+use waybill_testkit::workspace_root;
+use waybill_workers::replay::{self, FileReport, PreparedOrder, ReplayOptions};
+use waybill_workers::services::initial_stock;
+use waybill_workflows::Order;
+
+use crate::stack::Stack;
+
+/// The example flows every scenario replays: 2,000 orders of every kind
+/// (completed, declined, out of stock, unshippable, gateway retries).
+pub fn mixed() -> Vec<PreparedOrder> {
+    let registry = waybill_workflows::registry().unwrap();
+    replay::load(&workspace_root().join("examples/orders/mixed.jsonl"), &registry)
+        .unwrap()
+        .orders
+}
+
+/// Orders built from one JSON line template, `n` times.
+pub fn orders_like(template: &str, expect: Status, n: usize) -> Vec<PreparedOrder> {
+    let registry = waybill_workflows::registry().unwrap();
+    let dir = std::env::temp_dir().join(format!("waybill-faults-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(format!("{}.jsonl", OrderId::new()));
+    let line = template.replacen('{', &format!("{{\"expect\":\"{expect}\","), 1);
+    std::fs::write(&file, vec![line; n].join("\n")).unwrap();
+    let orders = replay::load(&file, &registry).unwrap().orders;
+    let _ = std::fs::remove_file(&file);
+    orders
+}
+
+/// A driver: starts the orders through one node and follows them to their
+/// end, counting each finished order for the faults to wait on.
+#[derive(Debug)]
+pub struct Driver {
+    pub nats: Nats,
+    pub client: Client<Nats>,
+    done_tx: watch::Sender<u64>,
+    finished_at: Mutex<HashMap<OrderId, Timestamp>>,
+}
+
+/// What the driver saw.
+#[derive(Debug)]
+pub struct Driven {
+    pub report: FileReport,
+    pub finals: HashMap<OrderId, Document>,
+    /// When the driver saw each order finish.
+    pub finished_at: HashMap<OrderId, Timestamp>,
+}
+
+impl Driven {
+    /// Step attempts recorded in the orders' histories.
+    pub fn records(&self) -> u64 {
+        self.finals.values().map(|d| d.history.len() as u64).sum()
+    }
+
+    /// Each order's history, as text to search.
+    pub fn histories(&self) -> Vec<String> {
+        self.finals.values().map(|d| format!("{:?}", d.history)).collect()
+    }
+}
+
+impl Driver {
+    pub async fn connect(url: &str) -> Arc<Self> {
+        let nats = Nats::connect(url, NatsConfig::default()).await.unwrap();
+        let client = Client::connect(nats.clone()).await.unwrap();
+        let (done_tx, _) = watch::channel(0);
+        Arc::new(Self {
+            nats,
+            client,
+            done_tx,
+            finished_at: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// A handle to wait on the run's progress, for `n` orders in all.
+    pub fn trigger(&self, total: usize) -> Trigger {
+        Trigger {
+            done: self.done_tx.subscribe(),
+            total: total as u64,
+            faults: Vec::new(),
+        }
+    }
+
+    /// Starts driving `orders` on a task of its own.
+    pub fn start(self: &Arc<Self>, orders: Vec<PreparedOrder>) -> tokio::task::JoinHandle<Driven> {
+        let driver = self.clone();
+        tokio::spawn(async move { driver.drive(&orders).await })
+    }
+
+    async fn drive(&self, orders: &[PreparedOrder]) -> Driven {
+        let opts = ReplayOptions {
+            in_flight: 512,
+            order_timeout: Duration::from_secs(90),
+            ..ReplayOptions::default()
+        };
+        let mut finals = HashMap::with_capacity(orders.len());
+        let report = replay::run_orders(&self.client, "faults", orders, &opts, |id, doc| {
+            if let Some(doc) = doc {
+                finals.insert(id, doc.clone());
+            }
+            self.finished_at.lock().unwrap().insert(id, Timestamp::now());
+            self.done_tx.send_modify(|n| *n += 1);
+        })
+        .await;
+        let finished_at = std::mem::take(&mut *self.finished_at.lock().unwrap());
+        Driven {
+            report,
+            finals,
+            finished_at,
+        }
+    }
+}
+
+/// Waits for the run to reach a point, and notes when faults happen.
+#[derive(Debug)]
+pub struct Trigger {
+    done: watch::Receiver<u64>,
+    total: u64,
+    pub faults: Vec<Timestamp>,
+}
+
+impl Trigger {
+    /// Waits until `fraction` of the orders have finished.
+    pub async fn at(&mut self, fraction: f64) {
+        let target = (self.total as f64 * fraction).ceil() as u64;
+        let reached = tokio::time::timeout(Duration::from_secs(180), self.done.wait_for(|n| *n >= target))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        assert!(
+            reached,
+            "the run did not reach {target} finished orders within 180 s (at {})",
+            *self.done.borrow()
+        );
+    }
+
+    /// Notes that a fault happens now.
+    pub fn fault(&mut self) {
+        self.faults.push(Timestamp::now());
+    }
+}
+
+/// How long the stack took to get over its worst fault: for each fault,
+/// the time until the last order that was in flight when it struck had
+/// finished (zero when none was); the longest of these.
+pub fn time_to_recover(faults: &[Timestamp], driven: &Driven) -> Option<Duration> {
+    faults
+        .iter()
+        .map(|&fault| {
+            driven
+                .finals
+                .values()
+                .filter(|doc| doc.created_at < fault)
+                .filter_map(|doc| driven.finished_at.get(&doc.id))
+                .filter(|&&end| end > fault)
+                .map(|end| end.since(fault))
+                .max()
+                .unwrap_or_default()
+        })
+        .max()
+}
+
+/// What the checks found.
+#[derive(Debug, Default)]
+pub struct Verdict {
+    /// Orders that did not reach the status their line expects, or that
+    /// the coordinator sees otherwise.
+    pub lost: usize,
+    /// Effects done twice, or done where none was due: a refund of a
+    /// completed order, a charge of a failed one, stock reserved beyond what
+    /// completed orders took.
+    pub duplicate_effects: u64,
+    /// Effects missing: a completed order not charged, stock not reserved.
+    pub missing_effects: u64,
+    /// Every other problem, described.
+    pub problems: Vec<String>,
+}
+
+impl Verdict {
+    fn problem(&mut self, p: String) {
+        if self.problems.len() < 20 {
+            self.problems.push(p);
+        }
+    }
+}
+
+/// Everything a scenario must show afterwards: each order at its expected
+/// end; the coordinator's view agreeing order by order; the ledger and the
+/// stock exactly as the finished orders require; exactly `dead_letters`
+/// dead letters.
+pub async fn verify(stack: &Stack, driver: &Driver, driven: &Driven, dead_letters: u64) -> Verdict {
+    let mut v = Verdict::default();
+    for m in &driven.report.mismatches {
+        v.lost += 1;
+        v.problem(format!(
+            "line {}: expected {}, got {:?}: {}",
+            m.line, m.expected, m.actual, m.detail
+        ));
+    }
+    coordinator_agrees(stack, driver, driven, &mut v).await;
+    effects_match(driver, driven, &mut v).await;
+    let dlq = driver.nats.dead_letter_count().await.unwrap();
+    if dlq != dead_letters {
+        let reasons = dead_letter_reasons(&driver.nats).await;
+        v.problem(format!("{dlq} dead letters, expected {dead_letters}: {reasons:?}"));
+    }
+    v
+}
+
+/// The reason of every dead letter, in order.
+pub async fn dead_letter_reasons(nats: &Nats) -> Vec<String> {
+    let stream = nats.jetstream().get_stream(DLQ_STREAM).await.unwrap();
+    let state = stream.get_info().await.unwrap().state;
+    let mut out = Vec::new();
+    for seq in state.first_sequence..=state.last_sequence {
+        if let Ok(m) = stream.get_raw_message(seq).await {
+            let reason = m
+                .headers
+                .get(waybill::headers::DLQ_REASON)
+                .map(|r| r.as_str().to_owned())
+                .unwrap_or_else(|| "(no reason header)".into());
+            out.push(reason);
+        }
+    }
+    out
+}
+
+/// Waits until the coordinator has read every hop stored, then asks it for
+/// each order: it must tell the status and hop of the final document.
+async fn coordinator_agrees(stack: &Stack, driver: &Driver, driven: &Driven, v: &mut Verdict) {
+    let client = async_nats::connect(stack.url(stack.coordinator_node)).await.unwrap();
+    let mut hops = driver.nats.jetstream().get_stream(HOPS_STREAM).await.unwrap();
+    let last = hops.info().await.unwrap().state.last_sequence;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let reply = waybill_workers::ops::orders(&client, &OrdersQuery::default(), Duration::from_secs(5)).await;
+        if let Ok(r) = &reply {
+            if r.feeds.iter().all(|f| f.caught_up && f.last_sequence >= last) {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            v.problem(format!("the coordinator did not read up to hop {last} within 60 s: {reply:?}"));
+            return;
+        }
+        // Polling the coordinator's progress, bounded by the deadline.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answers: Vec<_> = futures::stream::iter(driven.finals.values())
+        .map(|doc| {
+            let client = client.clone();
+            async move {
+                let r = waybill_workers::ops::status(&client, &doc.id.to_string(), Duration::from_secs(5)).await;
+                (doc, r)
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for (doc, answer) in answers {
+        match answer {
+            Ok(s) if s.status == doc.status && s.hop == doc.hop => {}
+            Ok(s) => {
+                v.lost += 1;
+                v.problem(format!(
+                    "order {}: the coordinator says {} at hop {}, the order ended {} at hop {}",
+                    doc.id, s.status, s.hop, doc.status, doc.hop
+                ));
+            }
+            Err(e) => {
+                v.lost += 1;
+                v.problem(format!("order {}: the coordinator cannot tell: {e:#}", doc.id));
+            }
+        }
+    }
+}
+
+async fn bucket_values(nats: &Nats, bucket: &str) -> HashMap<String, serde_json::Value> {
+    let store = nats.jetstream().get_key_value(bucket).await.unwrap();
+    let mut keys = store.keys().await.unwrap();
+    let mut out = HashMap::new();
+    while let Some(k) = keys.next().await {
+        let k = k.unwrap();
+        if let Some(value) = store.get(&k).await.unwrap() {
+            out.insert(k, serde_json::from_slice(&value).unwrap());
+        }
+    }
+    out
+}
+
+/// The services' state, read straight from their buckets, against what the
+/// finished orders require: a completed order charged once and not
+/// refunded; a compensated one charged and refunded if its charge went
+/// through, else never charged; a failed one never charged; for every SKU, initial = available + reserved, and reserved =
+/// what completed orders took.
+async fn effects_match(driver: &Driver, driven: &Driven, v: &mut Verdict) {
+    let ledger = bucket_values(&driver.nats, "payments").await;
+    let mut taken: BTreeMap<String, i64> = BTreeMap::new();
+    for doc in driven.finals.values() {
+        let entry = ledger.get(&doc.id.to_string());
+        let charged = entry.is_some_and(|e| e["charged"] == true);
+        let refunded = entry.is_some_and(|e| e["refunded"] == true);
+        // Whether the charge step went through, by the order's history.
+        let paid = doc.history.iter().any(|r| {
+            r.step.as_str() == "charge"
+                && r.kind == StepKind::Forward
+                && matches!(&r.result, AttemptResult::Outcome(o) if o == "ok")
+        });
+        let (want_charged, want_refunded) = match doc.status {
+            Status::Completed => (true, false),
+            Status::Compensated => (paid, paid),
+            _ => (false, false),
+        };
+        v.missing_effects += u64::from(want_charged && !charged) + u64::from(want_refunded && !refunded);
+        v.duplicate_effects += u64::from(!want_charged && charged) + u64::from(!want_refunded && refunded);
+        if (charged, refunded) != (want_charged, want_refunded) {
+            v.problem(format!("order {} ended {} but its ledger entry is {entry:?}", doc.id, doc.status));
+        }
+        if doc.status == Status::Completed {
+            for item in doc.payload.decode::<Order>().unwrap().items {
+                *taken.entry(item.sku).or_default() += item.qty;
+            }
+        }
+    }
+    let known: std::collections::HashSet<String> = driven.finals.keys().map(ToString::to_string).collect();
+    for k in ledger.keys().filter(|k| !known.contains(*k)) {
+        v.duplicate_effects += 1;
+        v.problem(format!("the ledger has an entry for {k}, an order never started here"));
+    }
+
+    let seed = replay::load_stock(&workspace_root().join("examples/stock.json")).unwrap();
+    let stock = bucket_values(&driver.nats, "inventory").await;
+    for (sku, level) in &stock {
+        let available = level["available"].as_i64().unwrap_or(i64::MIN);
+        let reserved = level["reserved"].as_i64().unwrap_or(i64::MIN);
+        let want = taken.get(sku).copied().unwrap_or(0);
+        if available + reserved != initial_stock(&seed, sku) || level.get("pending").is_some() {
+            v.problem(format!("{sku} is not conserved: {level}"));
+        }
+        if reserved > want {
+            v.duplicate_effects += u64::try_from(reserved - want).unwrap_or(0);
+        } else {
+            v.missing_effects += u64::try_from(want - reserved).unwrap_or(0);
+        }
+        if reserved != want {
+            v.problem(format!("{sku}: {reserved} reserved, completed orders took {want}"));
+        }
+    }
+    for (sku, want) in &taken {
+        if !stock.contains_key(sku) {
+            v.missing_effects += u64::try_from(*want).unwrap_or(0);
+            v.problem(format!("{sku} was taken by completed orders but has no level"));
+        }
+    }
+}

@@ -1,0 +1,215 @@
+//! The processes of one scenario: nats-server (one, or a cluster), the
+//! worker processes, a coordinator, all started here and stopped here.
+
+use std::process::Command;
+use std::time::Duration;
+
+use waybill_testkit::{workspace_root, NatsCluster, NatsServer, Proc};
+
+/// The worker binaries, by service: 0 payment, 1 inventory, 2 shipping.
+pub const WORKERS: [(&str, &str); 3] = [
+    ("payment-worker", env!("CARGO_BIN_EXE_payment-worker")),
+    ("inventory-worker", env!("CARGO_BIN_EXE_inventory-worker")),
+    ("shipping-worker", env!("CARGO_BIN_EXE_shipping-worker")),
+];
+
+const WAYBILL: &str = env!("CARGO_BIN_EXE_waybill");
+
+/// A step a killed worker held comes back after this many seconds.
+const ACK_WAIT: &str = "2";
+
+#[derive(Debug)]
+pub enum Servers {
+    One(NatsServer),
+    Cluster(NatsCluster),
+}
+
+/// A worker process and where it runs.
+#[derive(Debug)]
+pub struct WorkerProc {
+    pub service: usize,
+    pub node: usize,
+    pub proc: Proc,
+}
+
+/// What a worker said as it drained (SIGTERM): its summary line.
+#[derive(Debug, Clone, Default)]
+pub struct Drained {
+    pub steps: u64,
+    pub dead_lettered: u64,
+    pub redone: u64,
+}
+
+#[derive(Debug)]
+pub struct Stack {
+    pub servers: Servers,
+    pub replicas: usize,
+    pub workers: Vec<WorkerProc>,
+    pub coordinator: Option<Proc>,
+    pub coordinator_node: usize,
+    /// Summaries of the workers drained so far.
+    pub drained: Vec<Drained>,
+    /// Extra options for every worker started from now on.
+    pub worker_args: Vec<String>,
+}
+
+pub fn command(bin: &str, args: &[&str]) -> Command {
+    let mut c = Command::new(bin);
+    c.args(args).current_dir(workspace_root()).env("RUST_LOG", "warn");
+    c
+}
+
+impl Stack {
+    /// One nats-server.
+    pub fn single() -> Self {
+        Self::with(Servers::One(NatsServer::start()), 1)
+    }
+
+    /// A three-node cluster; streams and buckets with three replicas.
+    pub fn cluster() -> Self {
+        Self::with(Servers::Cluster(NatsCluster::start(3)), 3)
+    }
+
+    fn with(servers: Servers, replicas: usize) -> Self {
+        let s = Self {
+            servers,
+            replicas,
+            workers: Vec::new(),
+            coordinator: None,
+            coordinator_node: 0,
+            drained: Vec::new(),
+            worker_args: Vec::new(),
+        };
+        s.setup();
+        s
+    }
+
+    pub fn nodes(&self) -> usize {
+        match &self.servers {
+            Servers::One(_) => 1,
+            Servers::Cluster(c) => c.len(),
+        }
+    }
+
+    pub fn url(&self, node: usize) -> String {
+        match &self.servers {
+            Servers::One(s) => s.url(),
+            Servers::Cluster(c) => c.url(node % c.len()),
+        }
+    }
+
+    /// `waybill setup`: the streams, the buckets, the stock.
+    fn setup(&self) {
+        let replicas = self.replicas.to_string();
+        let out = command(
+            WAYBILL,
+            &[
+                "setup",
+                "--nats",
+                &self.url(0),
+                "--stock",
+                "examples/stock.json",
+                "--replicas",
+                &replicas,
+            ],
+        )
+        .output()
+        .unwrap();
+        assert!(
+            out.status.success(),
+            "waybill setup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts a worker of `service` connected to `node`.
+    pub fn start_worker(&mut self, service: usize, node: usize) {
+        let (name, bin) = WORKERS[service];
+        let url = self.url(node);
+        let mut args = vec!["--nats", &url, "--ack-wait", ACK_WAIT];
+        args.extend(self.worker_args.iter().map(String::as_str));
+        let proc = Proc::spawn(format!("{name} on node {node}"), command(bin, &args));
+        self.workers.push(WorkerProc { service, node, proc });
+    }
+
+    /// `per_service` workers of each service, spread over the nodes.
+    pub fn start_workers(&mut self, per_service: usize) {
+        for service in 0..WORKERS.len() {
+            for k in 0..per_service {
+                self.start_worker(service, service + k);
+            }
+        }
+    }
+
+    /// Starts the coordinator, connected to `node`.
+    pub fn start_coordinator(&mut self, node: usize) {
+        let url = self.url(node);
+        self.coordinator_node = node;
+        self.coordinator = Some(Proc::spawn(
+            "waybill coordinator",
+            command(WAYBILL, &["coordinator", "--nats", &url]),
+        ));
+    }
+
+    /// SIGKILL of the coordinator.
+    pub fn kill_coordinator(&mut self) {
+        if let Some(c) = self.coordinator.take() {
+            c.kill9();
+        }
+    }
+
+    /// SIGKILL of worker `i`, then the same worker started again.
+    pub fn kill_and_restart_worker(&mut self, i: usize) {
+        let w = self.workers.swap_remove(i);
+        let (service, node) = (w.service, w.node);
+        w.proc.kill9();
+        self.start_worker(service, node);
+    }
+
+    /// Every worker and the coordinator are still running (none died on
+    /// what it was given).
+    pub fn assert_all_alive(&mut self) {
+        for w in &mut self.workers {
+            assert!(w.proc.alive(), "{} died during the run", w.proc.name);
+        }
+        if let Some(c) = &mut self.coordinator {
+            assert!(c.alive(), "the coordinator died during the run");
+        }
+    }
+
+    /// SIGTERM to every worker at once; each must finish what it holds and
+    /// exit 0 with its summary line. Their summaries are kept.
+    pub fn drain_workers(&mut self) {
+        let workers = std::mem::take(&mut self.workers);
+        for w in &workers {
+            w.proc.signal("TERM");
+        }
+        for w in workers {
+            let name = w.proc.name.clone();
+            let (status, stderr) = w.proc.wait_with_stderr(Duration::from_secs(60));
+            assert!(status.success(), "{name} did not drain cleanly: {status}\n{stderr}");
+            let line = stderr
+                .lines()
+                .find(|l| l.contains("drained after "))
+                .unwrap_or_else(|| panic!("{name} printed no summary:\n{stderr}"));
+            self.drained.push(parse_drained(line));
+        }
+    }
+}
+
+/// `<name>: drained after N steps (D dead-lettered, R redone)`.
+pub fn parse_drained(line: &str) -> Drained {
+    let number_before = |word: &str| -> u64 {
+        let head = line.split(word).next().unwrap_or("");
+        head.trim_end()
+            .rsplit([' ', '('])
+            .next()
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count before `{word}` in `{line}`"))
+    };
+    Drained {
+        steps: number_before(" steps"),
+        dead_lettered: number_before(" dead-lettered"),
+        redone: number_before(" redone"),
+    }
+}
