@@ -4,6 +4,7 @@
 //! own and hands each finished document to whoever waits for that order.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -81,9 +82,13 @@ impl<T: Transport> Client<T> {
 
     pub async fn with_codec(transport: T, codec: Codec, format: Format) -> Result<Self, ClientError> {
         let durable = format!("wb_client_{}", uuid::Uuid::now_v7().simple());
-        let consumer = transport
-            .consumer(ConsumerConfig::new(durable.clone(), subject::all_done()).private())
-            .await?;
+        // A client only reads what it is given, at once: a short ack wait
+        // brings back soon a delivery lost in transit (a cluster node that
+        // dies with it), which the default 30 s left the order's waiter
+        // without for half a minute.
+        let mut config = ConsumerConfig::new(durable.clone(), subject::all_done()).private();
+        config.ack_wait = Duration::from_secs(2);
+        let consumer = transport.consumer(config).await?;
         let inner = Arc::new(Inner {
             transport,
             durable,

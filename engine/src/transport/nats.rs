@@ -384,8 +384,7 @@ impl Transport for Nats {
                 want.max_deliver
             )));
         }
-        let messages = consumer
-            .messages()
+        let messages = pull_messages(&consumer)
             .await
             .map_err(|e| other(&format!("cannot pull from consumer {}", config.durable), e, true))?;
         let watcher = if private {
@@ -486,9 +485,7 @@ impl NatsConsumer {
     }
 
     async fn restart(&mut self) -> Result<(), Error> {
-        self.messages = self
-            .consumer
-            .messages()
+        self.messages = pull_messages(&self.consumer)
             .await
             .map_err(|e| other(&format!("cannot pull from consumer {}", self.durable), e, true))?;
         Ok(())
@@ -543,6 +540,32 @@ impl std::fmt::Debug for NatsDelivery {
             .field("delivered", &self.delivered)
             .finish()
     }
+}
+
+/// Messages a pull stream asks for at a time (async-nats's default is
+/// 200). What it holds is delivered, and its ack wait runs, before a step
+/// starts on it: a busy worker that held 200 redelivered some of them to
+/// another worker while they waited, and both ran the step (the fault
+/// suite's drain scenario, under load, with a 2 s ack wait). 32 keeps the
+/// wait short and still spares most round trips.
+const PULL_BATCH: usize = 32;
+
+/// A continuous pull of [`PULL_BATCH`] with idle heartbeats. Without them
+/// (async-nats's default), a pull request lost with its server (a cluster
+/// node killed) goes unnoticed until it expires, 30 s later, and the
+/// consumer gets nothing meanwhile: the fault suite saw a finished order
+/// reach its client 30 s late. Two missed heartbeats end the stream, and
+/// `fetch` starts a new one.
+async fn pull_messages(
+    consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>,
+) -> Result<pull::Stream, async_nats::jetstream::consumer::StreamError> {
+    consumer
+        .stream()
+        .max_messages_per_batch(PULL_BATCH)
+        .expires(Duration::from_secs(10))
+        .heartbeat(Duration::from_secs(2))
+        .messages()
+        .await
 }
 
 fn ack_err(e: impl std::fmt::Display) -> Error {
