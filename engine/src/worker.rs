@@ -73,6 +73,10 @@ pub struct StepContext {
     pub attempt: u32,
     /// How often the step was entered so far, this time included (loops).
     pub visit: u32,
+    /// The order's hop being run. An order's hops only grow, so a run of a
+    /// later hop supersedes every run of an earlier one (which may still be
+    /// finishing: a redelivery, a timed-out attempt).
+    pub hop: u32,
     /// When the attempt times out.
     pub deadline: tokio::time::Instant,
     pub worker: WorkerId,
@@ -598,6 +602,7 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
         step: step.clone(),
         kind,
         attempt: doc.attempt,
+        hop: doc.hop,
         deadline: tokio::time::Instant::now() + timeout,
         worker: shared.worker.clone(),
     };

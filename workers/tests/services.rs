@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use waybill::{OrderId, Payload, StepContext, StepKind, WorkerId};
 use waybill_workers::services::{
     tracking_number, InventoryService, Ledger, MemoryLedger, MemoryShipments, MemoryStock, PaymentService, Reservation,
-    ShippingService, StockStore,
+    Run, ShippingService, StockStore,
 };
 use waybill_workflows::samples::{CARD_DECLINED, CARD_FLAKY, CARD_OK};
 use waybill_workflows::{Address, Item, Order, PaymentInfo};
@@ -40,6 +40,7 @@ fn ctx(id: OrderId, step: &str, attempt: u32) -> StepContext {
         kind: StepKind::Forward,
         attempt,
         visit: 1,
+        hop: 1,
         deadline: tokio::time::Instant::now(),
         worker: WorkerId::new("test"),
     }
@@ -124,7 +125,14 @@ async fn inventory_reserves_all_or_nothing_and_releases_once() {
     let lines = BTreeMap::from([("SKU-LIMITED".to_owned(), 6)]);
     assert_eq!(
         inv.stock()
-            .reserve(id, &lines, std::time::Duration::from_secs(5))
+            .reserve(
+                id,
+                &lines,
+                Run {
+                    hop: 9,
+                    window: std::time::Duration::from_secs(5)
+                }
+            )
             .await
             .unwrap(),
         Reservation::Reserved

@@ -47,23 +47,37 @@ impl From<StockError> for StepError {
     }
 }
 
+/// Which run of an order's step is acting: a store shared by many
+/// processes uses it to keep two runs of one order from acting at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// The order's hop being run; a later hop supersedes an earlier one.
+    pub hop: u32,
+    /// How long the run may still act (until its step's deadline).
+    pub window: std::time::Duration,
+}
+
+impl Run {
+    /// The run of the step of `ctx`.
+    pub fn of(ctx: &StepContext) -> Self {
+        Self {
+            hop: ctx.hop,
+            window: ctx.deadline.saturating_duration_since(tokio::time::Instant::now()),
+        }
+    }
+}
+
 /// Stock levels. A reservation takes all lines or none; release undoes a
-/// reservation once. `window` is how long the calling run may still act
-/// (until its step's deadline): a store shared by many processes uses it to
-/// keep two runs of one order's step from acting at once.
+/// reservation once, or what a reservation that never finished did.
 pub trait StockStore: Send + Sync + 'static {
     fn reserve(
         &self,
         order: OrderId,
         lines: &BTreeMap<String, i64>,
-        window: std::time::Duration,
+        run: Run,
     ) -> impl Future<Output = Result<Reservation, StockError>> + Send;
     /// Returns whether anything was released.
-    fn release(
-        &self,
-        order: OrderId,
-        window: std::time::Duration,
-    ) -> impl Future<Output = Result<bool, StockError>> + Send;
+    fn release(&self, order: OrderId, run: Run) -> impl Future<Output = Result<bool, StockError>> + Send;
     fn level(&self, sku: &str) -> impl Future<Output = Result<Level, StockError>> + Send;
 }
 
@@ -125,7 +139,7 @@ impl StockStore for MemoryStock {
         &self,
         order: OrderId,
         lines: &BTreeMap<String, i64>,
-        _window: std::time::Duration,
+        _run: Run,
     ) -> Result<Reservation, StockError> {
         let mut st = self.lock();
         if let Some(held) = st.orders.get(&order) {
@@ -170,7 +184,7 @@ impl StockStore for MemoryStock {
         Ok(result)
     }
 
-    async fn release(&self, order: OrderId, _window: std::time::Duration) -> Result<bool, StockError> {
+    async fn release(&self, order: OrderId, _run: Run) -> Result<bool, StockError> {
         let mut st = self.lock();
         let StockState { levels, orders } = &mut *st;
         let Some(held) = orders.get_mut(&order) else {
@@ -210,11 +224,6 @@ pub fn lines_of(order: &waybill_workflows::OrderView<'_>) -> Result<BTreeMap<Str
     Ok(lines)
 }
 
-/// How long the step of `ctx` may still act.
-fn window(ctx: &StepContext) -> std::time::Duration {
-    ctx.deadline.saturating_duration_since(tokio::time::Instant::now())
-}
-
 /// The inventory service over a stock store.
 #[derive(Debug)]
 pub struct InventoryService<S> {
@@ -235,7 +244,7 @@ impl<S: StockStore> InventoryService<S> {
     pub async fn reserve(&self, ctx: StepContext, payload: Payload) -> Result<StepOutput, StepError> {
         let order = order_of(&payload)?;
         let lines = lines_of(&order)?;
-        match self.stock.reserve(ctx.order_id, &lines, window(&ctx)).await? {
+        match self.stock.reserve(ctx.order_id, &lines, Run::of(&ctx)).await? {
             Reservation::Reserved => Ok(StepOutput::ok()),
             Reservation::Insufficient { sku, wanted, available } => Ok(StepOutput::outcome("out_of_stock")
                 .with_detail(format!("{sku}: wanted {wanted}, available {available}"))),
@@ -244,7 +253,7 @@ impl<S: StockStore> InventoryService<S> {
 
     /// Releases the order's reservation, once.
     pub async fn release(&self, ctx: StepContext, _payload: Payload) -> Result<StepOutput, StepError> {
-        let released = self.stock.release(ctx.order_id, window(&ctx)).await?;
+        let released = self.stock.release(ctx.order_id, Run::of(&ctx)).await?;
         Ok(StepOutput::ok().with_detail(if released { "released" } else { "nothing to release" }))
     }
 }

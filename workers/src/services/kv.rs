@@ -27,7 +27,7 @@ use serde::{Deserialize, Serialize};
 use waybill::transport::nats::Nats;
 use waybill::OrderId;
 
-use super::inventory::{initial_stock, Level, Reservation, StockError, StockStore};
+use super::inventory::{initial_stock, Level, Reservation, Run, StockError, StockStore};
 use super::payment::{Ledger, LedgerError, PaymentEntry};
 
 /// The payment ledger's bucket.
@@ -94,7 +94,7 @@ pub async fn seed_stock(nats: &Nats, stock: &BTreeMap<String, i64>) -> Result<us
         };
         match store.create(sku, encode(&value)).await {
             Ok(_) => created += 1,
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {}
+            Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => {}
             Err(e) => return Err(kv_err(INVENTORY, e)),
         }
     }
@@ -172,7 +172,7 @@ impl Ledger for KvLedger {
         };
         match self.store.create(&key, encode(&entry)).await {
             Ok(_) => Ok(entry),
-            Err(e) if e.kind() == CreateErrorKind::AlreadyExists => self
+            Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => self
                 .read(&key)
                 .await?
                 .map(|(e, _)| e)
@@ -193,7 +193,7 @@ impl Ledger for KvLedger {
             entry.refunded = true;
             match self.store.update(&key, encode(&entry), revision).await {
                 Ok(_) => return Ok(Some(entry)),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => continue,
+                Err(e) if lost_race(&e, UpdateErrorKind::WrongLastRevision) => continue,
                 Err(e) => return Err(LedgerError::Unavailable(e.to_string())),
             }
         }
@@ -202,6 +202,19 @@ impl Ledger for KvLedger {
     async fn entry(&self, order: OrderId) -> Result<Option<PaymentEntry>, LedgerError> {
         Ok(self.read(&order.to_string()).await?.map(|(e, _)| e))
     }
+}
+
+/// Whether a create or compare-and-swap lost to another writer. A
+/// clustered nats-server answers such a write with error 10164 (`wrong last
+/// sequence`, its "constant" form), which async-nats 0.51 does not know and
+/// reports as `Other`; a single server answers 10071, which it maps to
+/// `WrongLastRevision`. Without this, a lost race in a cluster looked like
+/// an unavailable store and used up a step's attempts.
+fn lost_race<K>(e: &async_nats::error::Error<K>, kind: K) -> bool
+where
+    K: Clone + Copy + PartialEq + std::fmt::Debug + std::fmt::Display,
+{
+    e.kind() == kind || e.to_string().contains("error code 10164")
 }
 
 // --------------------------------------------------------------- inventory
@@ -252,6 +265,12 @@ struct ResRecord {
 struct Lease {
     run: String,
     until_ms: u64,
+    /// The hop of the order the holder runs: a run of a later hop takes
+    /// over at once (the holder's attempt is over, even if a request of it
+    /// is still in flight: every write is a compare-and-swap, and each
+    /// change of a SKU is made once per marker).
+    #[serde(default)]
+    hop: u32,
 }
 
 /// Added to a run's window: covers a request in flight when its step times
@@ -264,12 +283,13 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A fresh lease for a run that may act for `window`.
-fn lease(run: &str, window: Duration) -> Lease {
-    let ms = u64::try_from((window + LEASE_MARGIN).as_millis()).unwrap_or(u64::MAX);
+/// A fresh lease for a run.
+fn lease(id: &str, run: Run) -> Lease {
+    let ms = u64::try_from((run.window + LEASE_MARGIN).as_millis()).unwrap_or(u64::MAX);
     Lease {
-        run: run.to_owned(),
+        run: id.to_owned(),
         until_ms: now_ms().saturating_add(ms),
+        hop: run.hop,
     }
 }
 
@@ -319,7 +339,7 @@ impl KvStock {
                     };
                     match self.stock.create(sku, encode(&v)).await {
                         Ok(rev) => return Ok((v, rev)),
-                        Err(e) if e.kind() == CreateErrorKind::AlreadyExists => continue,
+                        Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => continue,
                         Err(e) => return Err(unavailable(e)),
                     }
                 }
@@ -344,7 +364,7 @@ impl KvStock {
             v.pending.insert(marker.to_owned(), qty);
             match self.stock.update(sku, encode(&v), rev).await {
                 Ok(_) => return Ok(Change::Made),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => after_conflict(&mut tries).await,
+                Err(e) if lost_race(&e, UpdateErrorKind::WrongLastRevision) => after_conflict(&mut tries).await,
                 Err(e) => return Err(unavailable(e)),
             }
         }
@@ -360,7 +380,7 @@ impl KvStock {
             }
             match self.stock.update(sku, encode(&v), rev).await {
                 Ok(_) => return Ok(()),
-                Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => after_conflict(&mut tries).await,
+                Err(e) if lost_race(&e, UpdateErrorKind::WrongLastRevision) => after_conflict(&mut tries).await,
                 Err(e) => return Err(unavailable(e)),
             }
         }
@@ -381,7 +401,7 @@ impl KvStock {
     async fn save(&self, order: &str, r: &ResRecord, rev: u64) -> Result<u64, StockError> {
         match self.orders.update(order, encode(r), rev).await {
             Ok(rev) => Ok(rev),
-            Err(e) if e.kind() == UpdateErrorKind::WrongLastRevision => {
+            Err(e) if lost_race(&e, UpdateErrorKind::WrongLastRevision) => {
                 Err(StockError::Busy(Duration::from_millis(500)))
             }
             Err(e) => Err(unavailable(e)),
@@ -389,22 +409,22 @@ impl KvStock {
     }
 
     /// Takes the order's lease for this run, or defers while another run
-    /// holds it.
+    /// of the same hop (or a later one) holds it.
     async fn take_lease(
         &self,
         order: &str,
         mut rec: ResRecord,
         rev: u64,
-        run: &str,
-        window: Duration,
+        id: &str,
+        run: Run,
     ) -> Result<(ResRecord, u64), StockError> {
         if let Some(l) = &rec.lease {
             let now = now_ms();
-            if l.run != run && l.until_ms > now {
+            if l.run != id && l.until_ms > now && l.hop >= run.hop {
                 return Err(StockError::Busy(Duration::from_millis(l.until_ms - now)));
             }
         }
-        rec.lease = Some(lease(run, window));
+        rec.lease = Some(lease(id, run));
         let rev = self.save(order, &rec, rev).await?;
         Ok((rec, rev))
     }
@@ -461,16 +481,16 @@ impl StockStore for KvStock {
         &self,
         order: OrderId,
         lines: &BTreeMap<String, i64>,
-        window: Duration,
+        run: Run,
     ) -> Result<Reservation, StockError> {
         for sku in lines.keys() {
             check_key(sku).map_err(StockError::Unavailable)?;
         }
         let key = order.to_string();
-        let run = uuid::Uuid::now_v7().simple().to_string();
+        let id = uuid::Uuid::now_v7().simple().to_string();
         let (mut rec, mut rev) = match self.record(&key).await? {
             Some((rec, rev)) if matches!(rec.state, ResState::Reserving | ResState::RollingBack) => {
-                self.take_lease(&key, rec, rev, &run, window).await?
+                self.take_lease(&key, rec, rev, &id, run).await?
             }
             Some(r) => r,
             None => {
@@ -480,11 +500,11 @@ impl StockStore for KvStock {
                     applied: Vec::new(),
                     returned: Vec::new(),
                     short: None,
-                    lease: Some(lease(&run, window)),
+                    lease: Some(lease(&id, run)),
                 };
                 match self.orders.create(&key, encode(&rec)).await {
                     Ok(rev) => (rec, rev),
-                    Err(e) if e.kind() == CreateErrorKind::AlreadyExists => {
+                    Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => {
                         return Err(StockError::Busy(Duration::from_millis(200)));
                     }
                     Err(e) => return Err(unavailable(e)),
@@ -546,19 +566,19 @@ impl StockStore for KvStock {
         }
     }
 
-    async fn release(&self, order: OrderId, window: Duration) -> Result<bool, StockError> {
+    async fn release(&self, order: OrderId, run: Run) -> Result<bool, StockError> {
         let key = order.to_string();
         let Some((rec, rev)) = self.record(&key).await? else {
             return Ok(false);
         };
         if matches!(rec.state, ResState::Reserving | ResState::RollingBack) {
-            return self.abandon(&key, rec, rev, window).await;
+            return self.abandon(&key, rec, rev, run).await;
         }
         if !matches!(rec.state, ResState::Reserved | ResState::Releasing) {
             return Ok(false);
         }
-        let run = uuid::Uuid::now_v7().simple().to_string();
-        let (mut rec, mut rev) = self.take_lease(&key, rec, rev, &run, window).await?;
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let (mut rec, mut rev) = self.take_lease(&key, rec, rev, &id, run).await?;
         if rec.state == ResState::Reserved {
             rec.state = ResState::Releasing;
             rev = self.save(&key, &rec, rev).await?;
@@ -581,9 +601,9 @@ impl KvStock {
     /// attempts part-way (a store that kept failing, a run that died), and
     /// the order is being compensated. Whatever it changed is given back,
     /// and the record is closed, so a late run of the step changes nothing.
-    async fn abandon(&self, key: &str, rec: ResRecord, rev: u64, window: Duration) -> Result<bool, StockError> {
-        let run = uuid::Uuid::now_v7().simple().to_string();
-        let (mut rec, mut rev) = self.take_lease(key, rec, rev, &run, window).await?;
+    async fn abandon(&self, key: &str, rec: ResRecord, rev: u64, run: Run) -> Result<bool, StockError> {
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let (mut rec, mut rev) = self.take_lease(key, rec, rev, &id, run).await?;
         // A change made whose record was not saved is known by its marker.
         let reserve = format!("{key}:reserve");
         let unrecorded: Vec<String> = rec
@@ -601,7 +621,11 @@ impl KvStock {
         self.settle_all(key, &rec.applied, "reserve").await?;
         // A rollback under way keeps its marker, so a change it made
         // before is not made twice.
-        let op = if rec.state == ResState::RollingBack { "undo" } else { "release" };
+        let op = if rec.state == ResState::RollingBack {
+            "undo"
+        } else {
+            "release"
+        };
         self.apply_all(key, &mut rec, &mut rev, op, -1).await?;
         self.settle_all(key, &rec.returned, op).await?;
         let gave_back = !rec.returned.is_empty();
@@ -611,4 +635,3 @@ impl KvStock {
         Ok(gave_back)
     }
 }
-
