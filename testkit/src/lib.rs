@@ -312,10 +312,15 @@ impl NatsCluster {
                 if leader.is_empty() || metas.iter().any(|m| m["leader"].as_str() != Some(leader)) {
                     return Err(format!("no agreed leader: {metas:?}"));
                 }
-                let i = self.index_of(leader).ok_or_else(|| format!("unknown leader {leader}"))?;
+                let i = self
+                    .index_of(leader)
+                    .ok_or_else(|| format!("unknown leader {leader}"))?;
                 let peers = metas[i]["replicas"].as_array().cloned().unwrap_or_default();
                 if peers.len() + 1 != self.nodes.len() || !peers.iter().all(|p| p["current"] == true) {
-                    return Err(format!("the leader {leader} does not see every peer current: {}", metas[i]));
+                    return Err(format!(
+                        "the leader {leader} does not see every peer current: {}",
+                        metas[i]
+                    ));
                 }
                 Ok(())
             };
@@ -341,7 +346,10 @@ fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
     let mut text = String::new();
     s.read_to_string(&mut text)?;
-    Ok(text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default())
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or_default())
 }
 
 impl Drop for NatsCluster {
