@@ -37,7 +37,9 @@ async fn every_example_ends_as_expected_and_money_and_stock_add_up() {
     let mut by_status: HashMap<Status, usize> = HashMap::new();
     let mut completed_qty: HashMap<String, i64> = HashMap::new();
     for f in &files {
-        let report = engine.run(&f.path.display().to_string(), &f.orders, &opts, |_, _| {}).await;
+        let report = engine
+            .run(&f.path.display().to_string(), &f.orders, &opts, |_, _| {})
+            .await;
         assert!(report.ok(), "{}: {:#?}", report.file, report.mismatches);
         assert_eq!(report.orders, f.orders.len());
         assert_eq!(report.completed + report.failed + report.compensated, report.orders);

@@ -428,7 +428,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         for f in &files {
                             let label = f.path.display().to_string();
                             bar.set_message(label.clone());
-                            reports.push(replay::run_orders(&client, &label, &f.orders, &opts, |_, _| bar.inc(1)).await);
+                            reports
+                                .push(replay::run_orders(&client, &label, &f.orders, &opts, |_, _| bar.inc(1)).await);
                         }
                         client.close().await;
                         let added = transport.dead_letter_count().await?.saturating_sub(before);

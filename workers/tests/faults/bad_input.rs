@@ -4,7 +4,7 @@
 //! start repeated under the same id, run once. The workers and the
 //! coordinator stay up, and the other orders are unaffected.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use waybill::coordinator::api::StartReply;
@@ -27,7 +27,11 @@ const MAX_DOCUMENT: usize = 64 * 1024;
 const CASE: &str = "Test-Case";
 
 fn doc_of(workflow: &Workflow, order: &Order) -> Document {
-    Document::new(OrderId::new(), workflow.shared_route(), Payload::postcard(order).unwrap())
+    Document::new(
+        OrderId::new(),
+        workflow.shared_route(),
+        Payload::postcard(order).unwrap(),
+    )
 }
 
 struct Hop {
@@ -199,7 +203,12 @@ async fn dead_letters(js: &async_nats::jetstream::Context) -> Vec<(String, Strin
     out
 }
 
-async fn ask(client: &async_nats::Client, subject: &str, headers: async_nats::HeaderMap, body: Bytes) -> serde_json::Value {
+async fn ask(
+    client: &async_nats::Client,
+    subject: &str,
+    headers: async_nats::HeaderMap,
+    body: Bytes,
+) -> serde_json::Value {
     let request = async_nats::Request::new()
         .headers(headers)
         .payload(body)
@@ -213,9 +222,15 @@ async fn ask(client: &async_nats::Client, subject: &str, headers: async_nats::He
 async fn bad_starts(url: &str) -> Vec<String> {
     let client = async_nats::connect(url).await.unwrap();
     let mut problems = Vec::new();
-    let empty_items = r#"{"customer":"c-1","items":[],"payment":{"card":"4242424242424242"},"ship_to":{"country":"NL","zip":"1"}}"#;
+    let empty_items =
+        r#"{"customer":"c-1","items":[],"payment":{"card":"4242424242424242"},"ship_to":{"country":"NL","zip":"1"}}"#;
     let cases: Vec<(&str, &str, Vec<u8>, &str)> = vec![
-        ("missing fields", "order", br#"{"customer":"c-1"}"#.to_vec(), "missing field `items`"),
+        (
+            "missing fields",
+            "order",
+            br#"{"customer":"c-1"}"#.to_vec(),
+            "missing field `items`",
+        ),
         (
             "a wrong type",
             "order",
@@ -228,14 +243,35 @@ async fn bad_starts(url: &str) -> Vec<String> {
             GOOD.replace(r#""qty":1"#, r#""qty":-3"#).into_bytes(),
             "items[0].qty: must be at least 1, got -3",
         ),
-        ("an empty item list", "order", empty_items.as_bytes().to_vec(), "at least one item"),
-        ("an unknown workflow", "refund", GOOD.as_bytes().to_vec(), "unknown workflow `refund`"),
-        ("not JSON", "order", b"\x00\xffnot json".to_vec(), "invalid order payload"),
+        (
+            "an empty item list",
+            "order",
+            empty_items.as_bytes().to_vec(),
+            "at least one item",
+        ),
+        (
+            "an unknown workflow",
+            "refund",
+            GOOD.as_bytes().to_vec(),
+            "unknown workflow `refund`",
+        ),
+        (
+            "not JSON",
+            "order",
+            b"\x00\xffnot json".to_vec(),
+            "invalid order payload",
+        ),
         // Just under NATS's own 1 MB limit, well over the coordinator's.
         ("a 1000 KB body", "order", vec![b' '; 1000 * 1024], "over the limit"),
     ];
     for (case, workflow, body, want) in cases {
-        let v = ask(&client, &format!("waybill.start.{workflow}"), async_nats::HeaderMap::new(), body.into()).await;
+        let v = ask(
+            &client,
+            &format!("waybill.start.{workflow}"),
+            async_nats::HeaderMap::new(),
+            body.into(),
+        )
+        .await;
         match v["error"].as_str() {
             Some(e) if e.contains(want) => {}
             _ => problems.push(format!("start with {case}: expected an error with `{want}`, got {v}")),
@@ -296,22 +332,18 @@ async fn duplicate_start(url: &str, driver: &Driver, problems: &mut Vec<String>)
 }
 
 pub async fn scenario() -> Row {
-    let began = Instant::now();
     let mut stack = Stack::single();
     stack.worker_args = vec!["--max-document-bytes".into(), MAX_DOCUMENT.to_string()];
-    stack.start_coordinator(0);
-    stack.start_workers(1);
-    let url = stack.url(0);
-    let driver = Driver::connect(&url).await;
     let orders = run::mixed();
-    let mut trigger = driver.trigger(orders.len());
-    let js = driver.nats.jetstream().clone();
-    let run = driver.start(orders);
-    trigger.at(0.25).await;
-    trigger.fault();
+    let mut sc = crate::Scene::new(stack, 0, 1, orders.len()).await;
+    let url = sc.stack.url(0);
+    let js = sc.driver.nats.jetstream().clone();
+    let run = sc.driver.start(orders);
+    sc.trigger.at(0.25).await;
+    sc.trigger.fault();
     let hops = send_broken_hops(&js).await;
     let mut problems = bad_starts(&url).await;
-    let twice = duplicate_start(&url, &driver, &mut problems).await;
+    let twice = duplicate_start(&url, &sc.driver, &mut problems).await;
     let mut driven = run.await.unwrap();
     if let Some(doc) = twice {
         if doc.status != Status::Completed {
@@ -330,12 +362,9 @@ pub async fn scenario() -> Row {
             )),
         }
     }
-    let faults = format!(
-        "{} broken hops, 9 bad start requests, 1 repeated start",
-        hops.len()
-    );
+    let faults = format!("{} broken hops, 9 bad start requests, 1 repeated start", hops.len());
     let expected = hops.len() as u64;
-    let (mut row, _, _) = crate::finish("bad input", faults, stack, driver, driven, trigger, expected, began).await;
+    let (mut row, _) = sc.end("bad input", faults, driven, expected).await;
     row.faults_injected = hops.len() + 9 + 1;
     row.problems.extend(problems);
     row

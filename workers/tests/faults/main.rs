@@ -34,7 +34,7 @@ use futures::FutureExt;
 use waybill::Status;
 
 use report::Row;
-use run::{Driver, Driven, Trigger, Verdict};
+use run::{Driven, Driver, Trigger};
 use stack::Stack;
 
 type Scenario = fn() -> LocalBoxFuture<'static, Row>;
@@ -98,124 +98,128 @@ fn main() -> ExitCode {
     }
 }
 
-/// Stops the workers (each must still be alive, then drain and exit 0),
-/// checks everything, and makes the scenario's row.
-#[allow(clippy::too_many_arguments)]
-pub async fn finish(
-    name: &str,
-    faults: String,
-    mut stack: Stack,
-    driver: Arc<Driver>,
-    driven: Driven,
-    trigger: Trigger,
-    dead_letters: u64,
+/// One scenario's stack, driver and clock (from when its servers are up).
+struct Scene {
     began: Instant,
-) -> (Row, Stack, Verdict) {
-    let seconds = began.elapsed();
-    stack.assert_all_alive();
-    stack.drain_workers();
-    let verdict = run::verify(&stack, &driver, &driven, dead_letters).await;
-    let recover = run::time_to_recover(&trigger.faults, &driven);
-    let injected = trigger.faults.len();
-    let row = Row::new(name, &driven, (faults, injected), &verdict, dead_letters, recover, seconds);
-    driver.client.close().await;
-    (row, stack, verdict)
+    stack: Stack,
+    driver: Arc<Driver>,
+    trigger: Trigger,
+}
+
+impl Scene {
+    /// Starts the coordinator on `coordinator_node` and `per_service`
+    /// workers of each service, and connects a driver to node 0 for `orders`
+    /// orders.
+    async fn new(mut stack: Stack, coordinator_node: usize, per_service: usize, orders: usize) -> Self {
+        let began = Instant::now();
+        stack.start_coordinator(coordinator_node);
+        stack.start_workers(per_service);
+        let driver = Driver::connect(&stack.url(0)).await;
+        let trigger = driver.trigger(orders);
+        Self {
+            began,
+            stack,
+            driver,
+            trigger,
+        }
+    }
+
+    /// Stops the workers (each must still be alive, then drain and exit 0),
+    /// checks everything, and makes the scenario's row.
+    async fn end(mut self, name: &str, faults: String, driven: Driven, dead_letters: u64) -> (Row, Stack) {
+        let seconds = self.began.elapsed();
+        self.stack.assert_all_alive();
+        self.stack.drain_workers();
+        let mut verdict = run::verify(&self.stack, &self.driver, &driven, dead_letters).await;
+        // What the workers say they dead-lettered (those killed say nothing).
+        let said: u64 = self.stack.drained.iter().map(|d| d.dead_lettered).sum();
+        if said > dead_letters {
+            verdict
+                .problems
+                .push(format!("the workers dead-lettered {said}, expected {dead_letters}"));
+        }
+        let recover = run::time_to_recover(&self.trigger.faults, &driven);
+        let injected = self.trigger.faults.len();
+        let row = Row::new(
+            name,
+            &driven,
+            (faults, injected),
+            &verdict,
+            dead_letters,
+            recover,
+            seconds,
+        );
+        self.driver.client.close().await;
+        (row, self.stack)
+    }
 }
 
 /// The same stack and orders with nothing done to them: the reference
 /// for the run times below, and a check of the checks.
 async fn no_faults() -> Row {
-    let began = Instant::now();
-    let mut stack = Stack::single();
-    stack.start_coordinator(0);
-    stack.start_workers(1);
-    let driver = Driver::connect(&stack.url(0)).await;
     let orders = run::mixed();
-    let trigger = driver.trigger(orders.len());
-    let driven = driver.start(orders).await.unwrap();
-    finish("no faults (reference)", "none".into(), stack, driver, driven, trigger, 0, began)
-        .await
-        .0
+    let scene = Scene::new(Stack::single(), 0, 1, orders.len()).await;
+    let driven = scene.driver.start(orders).await.unwrap();
+    scene.end("no faults (reference)", "none".into(), driven, 0).await.0
 }
 
 /// SIGKILL of a random worker (two processes per service) a dozen times
 /// through the run, each started again at once.
 async fn worker_sigkill() -> Row {
-    let began = Instant::now();
-    let mut stack = Stack::single();
-    stack.start_coordinator(0);
-    stack.start_workers(2);
-    let driver = Driver::connect(&stack.url(0)).await;
-    let orders = run::mixed();
-    let mut trigger = driver.trigger(orders.len());
     const KILLS: usize = 12;
+    let orders = run::mixed();
+    let mut sc = Scene::new(Stack::single(), 0, 2, orders.len()).await;
     let mut rng = fastrand::Rng::with_seed(5);
-    let run = driver.start(orders);
+    let run = sc.driver.start(orders);
     for k in 1..=KILLS {
-        trigger.at(k as f64 / (KILLS + 2) as f64).await;
-        let i = rng.usize(..stack.workers.len());
-        trigger.fault();
-        stack.kill_and_restart_worker(i);
+        sc.trigger.at(k as f64 / (KILLS + 2) as f64).await;
+        let i = rng.usize(..sc.stack.workers.len());
+        sc.trigger.fault();
+        sc.stack.kill_and_restart_worker(i);
     }
     let driven = run.await.unwrap();
     let faults = format!("{KILLS} × SIGKILL of a random worker, restarted");
-    finish("worker SIGKILL", faults, stack, driver, driven, trigger, 0, began)
-        .await
-        .0
+    sc.end("worker SIGKILL", faults, driven, 0).await.0
 }
 
 /// SIGKILL of the coordinator a quarter through, started again halfway;
 /// killed again at three quarters and started at once. Its rebuilt view
 /// must agree with every order.
 async fn coordinator_sigkill() -> Row {
-    let began = Instant::now();
-    let mut stack = Stack::single();
-    stack.start_coordinator(0);
-    stack.start_workers(1);
-    let driver = Driver::connect(&stack.url(0)).await;
     let orders = run::mixed();
-    let mut trigger = driver.trigger(orders.len());
-    let run = driver.start(orders);
-    trigger.at(0.25).await;
-    trigger.fault();
-    stack.kill_coordinator();
-    trigger.at(0.5).await;
-    stack.start_coordinator(0);
-    trigger.at(0.75).await;
-    trigger.fault();
-    stack.kill_coordinator();
-    stack.start_coordinator(0);
+    let mut sc = Scene::new(Stack::single(), 0, 1, orders.len()).await;
+    let run = sc.driver.start(orders);
+    sc.trigger.at(0.25).await;
+    sc.trigger.fault();
+    sc.stack.kill_coordinator();
+    sc.trigger.at(0.5).await;
+    sc.stack.start_coordinator(0);
+    sc.trigger.at(0.75).await;
+    sc.trigger.fault();
+    sc.stack.kill_coordinator();
+    sc.stack.start_coordinator(0);
     let driven = run.await.unwrap();
     let faults = "2 × SIGKILL of the coordinator, restarted".to_owned();
-    finish("coordinator SIGKILL", faults, stack, driver, driven, trigger, 0, began)
-        .await
-        .0
+    sc.end("coordinator SIGKILL", faults, driven, 0).await.0
 }
 
 /// SIGKILL of nats-server, twice, each time started again on the same
 /// port and store. Every client reconnects; nothing stored is lost.
 async fn nats_server_sigkill() -> Row {
-    let began = Instant::now();
-    let mut stack = Stack::single();
-    stack.start_coordinator(0);
-    stack.start_workers(1);
-    let driver = Driver::connect(&stack.url(0)).await;
     let orders = run::mixed();
-    let mut trigger = driver.trigger(orders.len());
-    let run = driver.start(orders);
+    let mut sc = Scene::new(Stack::single(), 0, 1, orders.len()).await;
+    let run = sc.driver.start(orders);
     for at in [0.3, 0.7] {
-        trigger.at(at).await;
-        trigger.fault();
-        let stack::Servers::One(server) = &mut stack.servers else {
+        sc.trigger.at(at).await;
+        sc.trigger.fault();
+        let stack::Servers::One(server) = &mut sc.stack.servers else {
             unreachable!("a single-server stack")
         };
         server.restart();
     }
     let driven = run.await.unwrap();
     let faults = "2 × SIGKILL of nats-server, restarted on its store".to_owned();
-    finish("nats-server SIGKILL", faults, stack, driver, driven, trigger, 0, began)
-        .await
-        .0
+    sc.end("nats-server SIGKILL", faults, driven, 0).await.0
 }
 
 /// SIGTERM of every worker at once (a rolling deploy done badly: all at
@@ -224,22 +228,17 @@ async fn nats_server_sigkill() -> Row {
 /// the workers made is in exactly one order's history, and no worker
 /// published a hop the stream already had.
 async fn worker_drain() -> Row {
-    let began = Instant::now();
-    let mut stack = Stack::single();
-    stack.start_coordinator(0);
-    stack.start_workers(1);
-    let driver = Driver::connect(&stack.url(0)).await;
     let orders = run::mixed();
-    let mut trigger = driver.trigger(orders.len());
-    let run = driver.start(orders);
-    trigger.at(0.4).await;
-    trigger.fault();
-    stack.drain_workers();
-    stack.start_workers(1);
+    let mut sc = Scene::new(Stack::single(), 0, 1, orders.len()).await;
+    let run = sc.driver.start(orders);
+    sc.trigger.at(0.4).await;
+    sc.trigger.fault();
+    sc.stack.drain_workers();
+    sc.stack.start_workers(1);
     let driven = run.await.unwrap();
     let faults = "SIGTERM of all 3 workers (drain), restarted".to_owned();
     let recorded = driven.records();
-    let (mut row, stack, _) = finish("worker SIGTERM drain", faults, stack, driver, driven, trigger, 0, began).await;
+    let (mut row, stack) = sc.end("worker SIGTERM drain", faults, driven, 0).await;
     let steps: u64 = stack.drained.iter().map(|d| d.steps).sum();
     let redone: u64 = stack.drained.iter().map(|d| d.redone).sum();
     if redone != 0 || steps != recorded {
@@ -256,16 +255,13 @@ async fn worker_drain() -> Row {
 /// that leads the hop stream is killed a third through and started again
 /// two thirds through.
 async fn cluster_node_kill() -> Row {
-    let began = Instant::now();
-    let mut stack = Stack::cluster();
-    stack.start_coordinator(1);
-    stack.start_workers(2);
-    let driver = Driver::connect(&stack.url(0)).await;
     let orders = run::mixed();
-    let mut trigger = driver.trigger(orders.len());
-    let run = driver.start(orders);
-    trigger.at(0.33).await;
-    let mut hops = driver
+    let mut sc = Scene::new(Stack::cluster(), 1, 2, orders.len()).await;
+    let began = sc.began;
+    let run = sc.driver.start(orders);
+    sc.trigger.at(0.33).await;
+    let mut hops = sc
+        .driver
         .nats
         .jetstream()
         .get_stream(waybill::transport::nats::HOPS_STREAM)
@@ -273,39 +269,43 @@ async fn cluster_node_kill() -> Row {
         .unwrap();
     let info = hops.info().await.unwrap();
     let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap_or_default();
-    let stack::Servers::Cluster(cluster) = &mut stack.servers else {
+    let stack::Servers::Cluster(cluster) = &mut sc.stack.servers else {
         unreachable!("a cluster stack")
     };
     let node = cluster.index_of(&leader).unwrap_or(2);
-    eprintln!("  killing {} (it leads {})", cluster.name(node), waybill::transport::nats::HOPS_STREAM);
-    trigger.fault();
+    let at = || began.elapsed().as_secs_f64();
+    eprintln!(
+        "  {:.1} s: killing {} (it leads {})",
+        at(),
+        cluster.name(node),
+        waybill::transport::nats::HOPS_STREAM
+    );
+    sc.trigger.fault();
     cluster.kill(node);
-    trigger.at(0.66).await;
+    sc.trigger.at(0.66).await;
+    eprintln!("  {:.1} s: restarting {}", at(), cluster.name(node));
     cluster.restart(node);
+    eprintln!("  {:.1} s: the cluster has formed again", at());
     let driven = run.await.unwrap();
     let faults = "SIGKILL of the node leading the hop stream, restarted".to_owned();
-    finish("3-node cluster, node killed", faults, stack, driver, driven, trigger, 0, began)
-        .await
-        .0
+    sc.end("3-node cluster, node killed", faults, driven, 0).await.0
 }
 
-/// Handlers that panic or hang, mixed into the flows: a card whose
-/// gateway client panics on every attempt (once the retries are used up
-/// the order is compensated: the refund finds nothing charged), a zip whose carrier client panics (the order is
-/// compensated: stock released, card refunded), a card whose gateway never
-/// answers its first attempt (the step times out, is retried, completes).
-/// The workers survive all of it.
+/// Handlers that panic or hang, mixed into the flows: a card whose gateway
+/// client panics on every attempt and a zip whose carrier client panics
+/// (once the retries are used up, each order is compensated: what was done
+/// is undone, and a refund finds nothing charged if the charge never went
+/// through), and a card whose gateway never answers its first attempt (the
+/// step times out, is retried, completes). The workers survive all of it.
 async fn handler_panic_hang() -> Row {
     const EACH: usize = 20;
-    let began = Instant::now();
-    let mut stack = Stack::single();
-    stack.start_coordinator(0);
-    stack.start_workers(1);
-    let driver = Driver::connect(&stack.url(0)).await;
     let base = r#"{"customer":"c-f","items":[{"qty":1,"sku":"SKU-3","unit_price_cents":500}],"payment":{"card":"4242424242424242"},"ship_to":{"country":"NL","zip":"1011"}}"#;
     let mut orders = run::mixed();
     let odd = [
-        (base.replace("4242424242424242", "4000000000000259"), Status::Compensated),
+        (
+            base.replace("4242424242424242", "4000000000000259"),
+            Status::Compensated,
+        ),
         (base.replace(r#""zip":"1011""#, r#""zip":"99999""#), Status::Compensated),
         (base.replace("4242424242424242", "4000000000000341"), Status::Completed),
     ];
@@ -316,16 +316,17 @@ async fn handler_panic_hang() -> Row {
             orders.insert(at, o);
         }
     }
-    let trigger = driver.trigger(orders.len());
-    let driven = driver.start(orders).await.unwrap();
+    let sc = Scene::new(Stack::single(), 0, 1, orders.len()).await;
+    let driven = sc.driver.start(orders).await.unwrap();
     let faults = format!("{} orders whose handler panics, {EACH} whose handler hangs", 2 * EACH);
     let histories = driven.histories();
-    let (mut row, _, _) = finish("handler panics and hangs", faults, stack, driver, driven, trigger, 0, began).await;
+    let (mut row, _) = sc.end("handler panics and hangs", faults, driven, 0).await;
     row.faults_injected = 3 * EACH;
     for (needle, want) in [("handler panicked", 2 * EACH), ("timed out", EACH)] {
         let seen = histories.iter().filter(|h| h.contains(needle)).count();
         if seen < want {
-            row.problems.push(format!("{seen} orders record `{needle}`, expected {want}"));
+            row.problems
+                .push(format!("{seen} orders record `{needle}`, expected {want}"));
         }
     }
     row

@@ -84,7 +84,9 @@ impl Row {
 fn directory() -> PathBuf {
     // `CARGO_TARGET_TMPDIR` is `<target>/tmp`.
     let tmp = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
-    tmp.parent().map_or(tmp.clone(), |t| t.to_path_buf()).join("reliability")
+    tmp.parent()
+        .map_or(tmp.clone(), |t| t.to_path_buf())
+        .join("reliability")
 }
 
 /// Renders the rows as a Markdown table, writes it and the JSON next to it,
@@ -104,7 +106,8 @@ pub fn write(rows: &[Row]) -> String {
             r.duplicate_effects,
             r.missing_effects,
             r.dead_letters,
-            r.recover_seconds.map_or_else(|| "–".to_owned(), |s| format!("{s:.2} s")),
+            r.recover_seconds
+                .map_or_else(|| "–".to_owned(), |s| format!("{s:.2} s")),
             r.seconds,
             if r.passed() { "pass" } else { "FAIL" },
         ));
@@ -112,7 +115,12 @@ pub fn write(rows: &[Row]) -> String {
     let dir = directory();
     let written = std::fs::create_dir_all(&dir)
         .and_then(|()| std::fs::write(dir.join("report.md"), &t))
-        .and_then(|()| std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(rows).unwrap_or_default()));
+        .and_then(|()| {
+            std::fs::write(
+                dir.join("report.json"),
+                serde_json::to_vec_pretty(rows).unwrap_or_default(),
+            )
+        });
     match written {
         Ok(()) => t.push_str(&format!("\n(written to {})\n", dir.join("report.md").display())),
         Err(e) => t.push_str(&format!("\n(could not write {}: {e})\n", dir.display())),

@@ -251,7 +251,9 @@ async fn coordinator_agrees(stack: &Stack, driver: &Driver, driven: &Driven, v: 
             }
         }
         if Instant::now() > deadline {
-            v.problem(format!("the coordinator did not read up to hop {last} within 60 s: {reply:?}"));
+            v.problem(format!(
+                "the coordinator did not read up to hop {last} within 60 s: {reply:?}"
+            ));
             return;
         }
         // Polling the coordinator's progress, bounded by the deadline.
@@ -325,7 +327,10 @@ async fn effects_match(driver: &Driver, driven: &Driven, v: &mut Verdict) {
         v.missing_effects += u64::from(want_charged && !charged) + u64::from(want_refunded && !refunded);
         v.duplicate_effects += u64::from(!want_charged && charged) + u64::from(!want_refunded && refunded);
         if (charged, refunded) != (want_charged, want_refunded) {
-            v.problem(format!("order {} ended {} but its ledger entry is {entry:?}", doc.id, doc.status));
+            v.problem(format!(
+                "order {} ended {} but its ledger entry is {entry:?}",
+                doc.id, doc.status
+            ));
         }
         if doc.status == Status::Completed {
             for item in doc.payload.decode::<Order>().unwrap().items {

@@ -84,13 +84,6 @@ impl Stack {
         s
     }
 
-    pub fn nodes(&self) -> usize {
-        match &self.servers {
-            Servers::One(_) => 1,
-            Servers::Cluster(c) => c.len(),
-        }
-    }
-
     pub fn url(&self, node: usize) -> String {
         match &self.servers {
             Servers::One(s) => s.url(),
