@@ -73,9 +73,8 @@ pub struct StepContext {
     pub attempt: u32,
     /// How often the step was entered so far, this time included (loops).
     pub visit: u32,
-    /// The order's hop being run. An order's hops only grow, so a run of a
-    /// later hop supersedes every run of an earlier one (which may still be
-    /// finishing: a redelivery, a timed-out attempt).
+    /// The order's hop being run (it grows by one per published hop): with
+    /// the order id, it names this delivery's work exactly.
     pub hop: u32,
     /// When the attempt times out.
     pub deadline: tokio::time::Instant,

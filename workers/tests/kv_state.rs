@@ -14,7 +14,7 @@ use waybill_workers::services::kv::{self, KvLedger, KvStock};
 use waybill_workers::services::{Ledger, Reservation, Run, StockError, StockStore};
 
 const WINDOW: Duration = Duration::from_secs(10);
-const RUN: Run = Run { hop: 1, window: WINDOW };
+const RUN: Run = Run { window: WINDOW };
 
 async fn nats(server: &NatsServer) -> Nats {
     let n = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
@@ -89,7 +89,7 @@ async fn stock_is_never_oversold_and_short_orders_take_nothing() {
     let id = OrderId::new();
     let two = BTreeMap::from([("SKU-Y".to_owned(), 2)]);
     assert_eq!(reserve(&stock, id, &two).await, Reservation::Reserved);
-    let release = Run { hop: 5, window: WINDOW };
+    let release = Run { window: WINDOW };
     assert!(stock.release(id, release).await.unwrap());
     assert!(!stock.release(id, release).await.unwrap());
     let (y, _) = stock.level_of("SKU-Y").await.unwrap();
@@ -98,9 +98,9 @@ async fn stock_is_never_oversold_and_short_orders_take_nothing() {
 
 /// A reservation whose step ran out of attempts part-way: its run died
 /// after changing one SKU (the marker says so) and before saving the
-/// order's record, holding the order's lease. The compensation, a later
-/// hop, takes over at once, gives back what was taken, and closes the
-/// record: a late run of the old hop changes nothing.
+/// order's record, holding the order's lease. Until the lease lapses no
+/// other run acts; then the compensation gives back what was taken and
+/// closes the record, and a late run of the step takes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releasing_a_half_made_reservation_gives_back_what_it_took() {
     let server = NatsServer::start();
@@ -108,25 +108,21 @@ async fn releasing_a_half_made_reservation_gives_back_what_it_took() {
     let stock = KvStock::open(&n, HashMap::new()).await.unwrap();
     let id = OrderId::new();
     let lines = BTreeMap::from([("SKU-H1".to_owned(), 3), ("SKU-H2".to_owned(), 2)]);
-    // A first run reserves SKU-H1 fully (recorded), then a change of SKU-H2
-    // is made but its record is lost, and the run dies holding the lease.
     let js = n.jetstream();
     let orders = js.get_key_value(kv::RESERVATIONS).await.unwrap();
     let skus = js.get_key_value(kv::INVENTORY).await.unwrap();
-    let until = std::time::SystemTime::now()
+    let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
-        .as_millis()
-        + 60_000;
-    let record = serde_json::json!({
-        "lines": {"SKU-H1": 3, "SKU-H2": 2}, "state": "reserving",
-        "applied": ["SKU-H1"], "returned": [],
-        "lease": {"run": "dead", "until_ms": until as u64, "hop": 3}
-    });
-    orders
-        .put(id.to_string(), serde_json::to_vec(&record).unwrap().into())
-        .await
-        .unwrap();
+        .as_millis() as u64;
+    let record = |until_ms: u64| {
+        let r = serde_json::json!({
+            "lines": {"SKU-H1": 3, "SKU-H2": 2}, "state": "reserving",
+            "applied": ["SKU-H1"], "returned": [],
+            "lease": {"run": "dead", "until_ms": until_ms}
+        });
+        bytes::Bytes::from(serde_json::to_vec(&r).unwrap())
+    };
     let level = |reserved: i64, marker: Option<i64>| {
         let mut v = serde_json::json!({"available": 1_000_000 - reserved, "reserved": reserved});
         if let Some(q) = marker {
@@ -134,22 +130,27 @@ async fn releasing_a_half_made_reservation_gives_back_what_it_took() {
         }
         bytes::Bytes::from(serde_json::to_vec(&v).unwrap())
     };
+    // SKU-H1 reserved and recorded; SKU-H2 changed, its record lost.
+    orders.put(id.to_string(), record(now_ms + 60_000)).await.unwrap();
     skus.put("SKU-H1", level(3, None)).await.unwrap();
     skus.put("SKU-H2", level(2, Some(2))).await.unwrap();
 
-    // A run of the same hop must wait for the lease; the compensation
-    // (hop 6) does not.
-    let same = stock.reserve(id, &lines, Run { hop: 3, window: WINDOW }).await;
-    assert!(matches!(same, Err(StockError::Busy(_))), "{same:?}");
-    let released = stock.release(id, Run { hop: 6, window: WINDOW }).await.unwrap();
-    assert!(released);
+    // While the dead run's lease holds, nobody acts.
+    let again = stock.reserve(id, &lines, RUN).await;
+    assert!(matches!(again, Err(StockError::Busy(_))), "{again:?}");
+    let early = stock.release(id, RUN).await;
+    assert!(matches!(early, Err(StockError::Busy(_))), "{early:?}");
+
+    // Once it has lapsed, the compensation gives everything back.
+    orders.put(id.to_string(), record(now_ms - 1)).await.unwrap();
+    assert!(stock.release(id, RUN).await.unwrap());
     for sku in ["SKU-H1", "SKU-H2"] {
         let (l, pending) = stock.level_of(sku).await.unwrap();
         assert_eq!((l.available, l.reserved, pending), (1_000_000, 0, 0), "{sku}");
     }
-    // A late run of the old hop finds the record closed and takes nothing.
-    stock.reserve(id, &lines, Run { hop: 4, window: WINDOW }).await.unwrap();
+    // A late run of the step finds the record closed and takes nothing.
+    stock.reserve(id, &lines, RUN).await.unwrap();
     let (l, _) = stock.level_of("SKU-H2").await.unwrap();
     assert_eq!(l.reserved, 0);
-    assert!(!stock.release(id, Run { hop: 7, window: WINDOW }).await.unwrap());
+    assert!(!stock.release(id, RUN).await.unwrap());
 }

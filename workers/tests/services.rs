@@ -129,7 +129,6 @@ async fn inventory_reserves_all_or_nothing_and_releases_once() {
                 id,
                 &lines,
                 Run {
-                    hop: 9,
                     window: std::time::Duration::from_secs(5)
                 }
             )

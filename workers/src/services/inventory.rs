@@ -47,12 +47,10 @@ impl From<StockError> for StepError {
     }
 }
 
-/// Which run of an order's step is acting: a store shared by many
-/// processes uses it to keep two runs of one order from acting at once.
+/// A run of an order's step, as a store shared by many processes sees it
+/// to keep two runs of one order from acting at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
-    /// The order's hop being run; a later hop supersedes an earlier one.
-    pub hop: u32,
     /// How long the run may still act (until its step's deadline).
     pub window: std::time::Duration,
 }
@@ -61,7 +59,6 @@ impl Run {
     /// The run of the step of `ctx`.
     pub fn of(ctx: &StepContext) -> Self {
         Self {
-            hop: ctx.hop,
             window: ctx.deadline.saturating_duration_since(tokio::time::Instant::now()),
         }
     }

@@ -265,12 +265,6 @@ struct ResRecord {
 struct Lease {
     run: String,
     until_ms: u64,
-    /// The hop of the order the holder runs: a run of a later hop takes
-    /// over at once (the holder's attempt is over, even if a request of it
-    /// is still in flight: every write is a compare-and-swap, and each
-    /// change of a SKU is made once per marker).
-    #[serde(default)]
-    hop: u32,
 }
 
 /// Added to a run's window: covers a request in flight when its step times
@@ -289,7 +283,6 @@ fn lease(id: &str, run: Run) -> Lease {
     Lease {
         run: id.to_owned(),
         until_ms: now_ms().saturating_add(ms),
-        hop: run.hop,
     }
 }
 
@@ -409,7 +402,7 @@ impl KvStock {
     }
 
     /// Takes the order's lease for this run, or defers while another run
-    /// of the same hop (or a later one) holds it.
+    /// holds it.
     async fn take_lease(
         &self,
         order: &str,
@@ -420,7 +413,7 @@ impl KvStock {
     ) -> Result<(ResRecord, u64), StockError> {
         if let Some(l) = &rec.lease {
             let now = now_ms();
-            if l.run != id && l.until_ms > now && l.hop >= run.hop {
+            if l.run != id && l.until_ms > now {
                 return Err(StockError::Busy(Duration::from_millis(l.until_ms - now)));
             }
         }
@@ -488,9 +481,40 @@ impl StockStore for KvStock {
         }
         let key = order.to_string();
         let id = uuid::Uuid::now_v7().simple().to_string();
-        let (mut rec, mut rev) = match self.record(&key).await? {
+        let result = self.reserve_as(&key, &id, lines, run).await;
+        if matches!(result, Err(StockError::Unavailable(_))) {
+            self.let_go(&key, &id).await;
+        }
+        result
+    }
+
+    async fn release(&self, order: OrderId, run: Run) -> Result<bool, StockError> {
+        let key = order.to_string();
+        let id = uuid::Uuid::now_v7().simple().to_string();
+        let result = self.release_as(&key, &id, run).await;
+        if matches!(result, Err(StockError::Unavailable(_))) {
+            self.let_go(&key, &id).await;
+        }
+        result
+    }
+
+    async fn level(&self, sku: &str) -> Result<Level, StockError> {
+        Ok(self.level_of(sku).await?.0)
+    }
+}
+
+impl KvStock {
+    /// One run (`id`) of a reservation.
+    async fn reserve_as(
+        &self,
+        key: &str,
+        id: &str,
+        lines: &BTreeMap<String, i64>,
+        run: Run,
+    ) -> Result<Reservation, StockError> {
+        let (mut rec, mut rev) = match self.record(key).await? {
             Some((rec, rev)) if matches!(rec.state, ResState::Reserving | ResState::RollingBack) => {
-                self.take_lease(&key, rec, rev, &id, run).await?
+                self.take_lease(key, rec, rev, id, run).await?
             }
             Some(r) => r,
             None => {
@@ -500,9 +524,9 @@ impl StockStore for KvStock {
                     applied: Vec::new(),
                     returned: Vec::new(),
                     short: None,
-                    lease: Some(lease(&id, run)),
+                    lease: Some(lease(id, run)),
                 };
-                match self.orders.create(&key, encode(&rec)).await {
+                match self.orders.create(key, encode(&rec)).await {
                     Ok(rev) => (rec, rev),
                     Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => {
                         return Err(StockError::Busy(Duration::from_millis(200)));
@@ -531,33 +555,33 @@ impl StockStore for KvStock {
                 match self.change(&sku, &marker, qty, true).await? {
                     Change::Made => {
                         rec.applied.push(sku.clone());
-                        rev = self.save(&key, &rec, rev).await?;
+                        rev = self.save(key, &rec, rev).await?;
                         self.settle(&sku, &marker).await?;
                     }
                     Change::Short { available } => {
                         rec.short = Some((sku, qty, available));
                         rec.state = ResState::RollingBack;
-                        rev = self.save(&key, &rec, rev).await?;
+                        rev = self.save(key, &rec, rev).await?;
                         break;
                     }
                 }
             }
             if rec.state == ResState::Reserving {
-                self.settle_all(&key, &rec.applied, "reserve").await?;
+                self.settle_all(key, &rec.applied, "reserve").await?;
                 rec.state = ResState::Reserved;
                 rec.lease = None;
-                self.save(&key, &rec, rev).await?;
+                self.save(key, &rec, rev).await?;
                 return Ok(Reservation::Reserved);
             }
         }
         match rec.state {
             ResState::RollingBack => {
-                self.settle_all(&key, &rec.applied, "reserve").await?;
-                self.apply_all(&key, &mut rec, &mut rev, "undo", -1).await?;
-                self.settle_all(&key, &rec.returned, "undo").await?;
+                self.settle_all(key, &rec.applied, "reserve").await?;
+                self.apply_all(key, &mut rec, &mut rev, "undo", -1).await?;
+                self.settle_all(key, &rec.returned, "undo").await?;
                 rec.state = ResState::Insufficient;
                 rec.lease = None;
-                self.save(&key, &rec, rev).await?;
+                self.save(key, &rec, rev).await?;
                 Ok(insufficient(&rec))
             }
             ResState::Insufficient => Ok(insufficient(&rec)),
@@ -566,44 +590,51 @@ impl StockStore for KvStock {
         }
     }
 
-    async fn release(&self, order: OrderId, run: Run) -> Result<bool, StockError> {
-        let key = order.to_string();
-        let Some((rec, rev)) = self.record(&key).await? else {
+    /// One run (`id`) of a release.
+    async fn release_as(&self, key: &str, id: &str, run: Run) -> Result<bool, StockError> {
+        let Some((rec, rev)) = self.record(key).await? else {
             return Ok(false);
         };
         if matches!(rec.state, ResState::Reserving | ResState::RollingBack) {
-            return self.abandon(&key, rec, rev, run).await;
+            return self.abandon(key, id, rec, rev, run).await;
         }
         if !matches!(rec.state, ResState::Reserved | ResState::Releasing) {
             return Ok(false);
         }
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let (mut rec, mut rev) = self.take_lease(&key, rec, rev, &id, run).await?;
+        let (mut rec, mut rev) = self.take_lease(key, rec, rev, id, run).await?;
         if rec.state == ResState::Reserved {
             rec.state = ResState::Releasing;
-            rev = self.save(&key, &rec, rev).await?;
+            rev = self.save(key, &rec, rev).await?;
         }
-        self.apply_all(&key, &mut rec, &mut rev, "release", -1).await?;
-        self.settle_all(&key, &rec.returned, "release").await?;
+        self.apply_all(key, &mut rec, &mut rev, "release", -1).await?;
+        self.settle_all(key, &rec.returned, "release").await?;
         rec.state = ResState::Released;
         rec.lease = None;
-        self.save(&key, &rec, rev).await?;
+        self.save(key, &rec, rev).await?;
         Ok(true)
     }
 
-    async fn level(&self, sku: &str) -> Result<Level, StockError> {
-        Ok(self.level_of(sku).await?.0)
+    /// Gives up the order's lease after a run failed with an error (best
+    /// effort): the step's next attempt then goes ahead at once instead of
+    /// waiting for the lease to lapse. A run that dies or hangs cannot, and
+    /// its lease lapses after the step's timeout plus the margin.
+    async fn let_go(&self, key: &str, id: &str) {
+        if let Ok(Some((mut rec, rev))) = self.record(key).await {
+            if rec.lease.as_ref().is_some_and(|l| l.run == id) {
+                rec.lease = None;
+                if let Err(e) = self.save(key, &rec, rev).await {
+                    tracing::debug!(order = key, error = %e, "could not give up the lease");
+                }
+            }
+        }
     }
-}
 
-impl KvStock {
     /// Releases a reservation that never finished: its step ran out of
     /// attempts part-way (a store that kept failing, a run that died), and
     /// the order is being compensated. Whatever it changed is given back,
     /// and the record is closed, so a late run of the step changes nothing.
-    async fn abandon(&self, key: &str, rec: ResRecord, rev: u64, run: Run) -> Result<bool, StockError> {
-        let id = uuid::Uuid::now_v7().simple().to_string();
-        let (mut rec, mut rev) = self.take_lease(key, rec, rev, &id, run).await?;
+    async fn abandon(&self, key: &str, id: &str, rec: ResRecord, rev: u64, run: Run) -> Result<bool, StockError> {
+        let (mut rec, mut rev) = self.take_lease(key, rec, rev, id, run).await?;
         // A change made whose record was not saved is known by its marker.
         let reserve = format!("{key}:reserve");
         let unrecorded: Vec<String> = rec
