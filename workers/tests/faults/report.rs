@@ -29,6 +29,8 @@ pub struct Row {
     /// The whole scenario: start-up, orders, faults.
     pub seconds: f64,
     pub orders_per_sec: f64,
+    /// The 99th percentile of the orders' start-to-end times.
+    pub p99_ms: f64,
     pub problems: Vec<String>,
 }
 
@@ -54,6 +56,7 @@ impl Row {
             recover_seconds: recover.map(|d| d.as_secs_f64()),
             seconds: seconds.as_secs_f64(),
             orders_per_sec: driven.report.orders_per_sec,
+            p99_ms: driven.report.p99_ms,
             problems: verdict.problems.clone(),
         }
     }
@@ -72,6 +75,7 @@ impl Row {
             recover_seconds: None,
             seconds: seconds.as_secs_f64(),
             orders_per_sec: 0.0,
+            p99_ms: 0.0,
             problems: vec![format!("stopped: {why}")],
         }
     }
@@ -93,12 +97,12 @@ fn directory() -> PathBuf {
 /// and returns the table.
 pub fn write(rows: &[Row]) -> String {
     let mut t = String::from(
-        "| Scenario | Orders | Faults injected | Lost | Duplicate / missing effects | Dead letters (expected) | Time to recover | Run time | Result |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---|\n",
+        "| Scenario | Orders | Faults injected | Lost | Duplicate / missing effects | Dead letters (expected) | Time to recover | Order p99 | Run time | Result |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---|\n",
     );
     for r in rows {
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} / {} | {} | {} | {:.1} s | {} |\n",
+            "| {} | {} | {} | {} | {} / {} | {} | {} | {:.1} s | {:.1} s | {} |\n",
             r.scenario,
             r.orders,
             r.faults,
@@ -107,7 +111,8 @@ pub fn write(rows: &[Row]) -> String {
             r.missing_effects,
             r.dead_letters,
             r.recover_seconds
-                .map_or_else(|| "–".to_owned(), |s| format!("{s:.2} s")),
+                .map_or_else(|| "–".to_owned(), |s| format!("{s:.1} s")),
+            r.p99_ms / 1000.0,
             r.seconds,
             if r.passed() { "pass" } else { "FAIL" },
         ));
