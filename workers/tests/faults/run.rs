@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::watch;
@@ -242,22 +242,26 @@ async fn coordinator_agrees(stack: &Stack, driver: &Driver, driven: &Driven, v: 
     let client = async_nats::connect(stack.url(stack.coordinator_node)).await.unwrap();
     let mut hops = driver.nats.jetstream().get_stream(HOPS_STREAM).await.unwrap();
     let last = hops.info().await.unwrap().state.last_sequence;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let reply = waybill_workers::ops::orders(&client, &OrdersQuery::default(), Duration::from_secs(5)).await;
-        if let Ok(r) = &reply {
-            if r.feeds.iter().all(|f| f.caught_up && f.last_sequence >= last) {
-                break;
-            }
+    // `after`: the coordinator answers once its view has read that hop,
+    // waiting up to 5 s for it, or says to ask again.
+    let query = OrdersQuery {
+        after: Some(last),
+        ..OrdersQuery::default()
+    };
+    let mut answer = Err(String::new());
+    for _ in 0..12 {
+        answer = waybill_workers::ops::orders(&client, &query, Duration::from_secs(10))
+            .await
+            .map_err(|e| format!("{e:#}"));
+        if answer.is_ok() {
+            break;
         }
-        if Instant::now() > deadline {
-            v.problem(format!(
-                "the coordinator did not read up to hop {last} within 60 s: {reply:?}"
-            ));
-            return;
-        }
-        // Polling the coordinator's progress, bounded by the deadline.
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if let Err(e) = answer {
+        v.problem(format!(
+            "the coordinator did not read up to hop {last} within a minute: {e}"
+        ));
+        return;
     }
     let answers: Vec<_> = futures::stream::iter(driven.finals.values())
         .map(|doc| {
