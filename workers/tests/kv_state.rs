@@ -154,3 +154,19 @@ async fn releasing_a_half_made_reservation_gives_back_what_it_took() {
     assert_eq!(l.reserved, 0);
     assert!(!stock.release(id, RUN).await.unwrap());
 }
+
+/// A reservation whose every attempt failed before it wrote anything is
+/// compensated all the same: the release finds nothing, and closes the
+/// order, so a late redelivery of the reservation takes nothing either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_before_any_reservation_closes_the_order() {
+    let server = NatsServer::start();
+    let n = nats(&server).await;
+    let stock = KvStock::open(&n, HashMap::new()).await.unwrap();
+    let id = OrderId::new();
+    assert!(!stock.release(id, RUN).await.unwrap());
+    let lines = BTreeMap::from([("SKU-L".to_owned(), 4)]);
+    stock.reserve(id, &lines, RUN).await.unwrap();
+    let (l, pending) = stock.level_of("SKU-L").await.unwrap();
+    assert_eq!((l.reserved, pending), (0, 0));
+}

@@ -593,7 +593,24 @@ impl KvStock {
     /// One run (`id`) of a release.
     async fn release_as(&self, key: &str, id: &str, run: Run) -> Result<bool, StockError> {
         let Some((rec, rev)) = self.record(key).await? else {
-            return Ok(false);
+            // Nothing was reserved. Close the order's record all the same,
+            // so a late run of its reservation (a redelivery) takes nothing.
+            let closed = ResRecord {
+                lines: BTreeMap::new(),
+                state: ResState::Released,
+                applied: Vec::new(),
+                returned: Vec::new(),
+                short: None,
+                lease: None,
+            };
+            return match self.orders.create(key, encode(&closed)).await {
+                Ok(_) => Ok(false),
+                // A run of the reservation created it meanwhile: look again.
+                Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => {
+                    Err(StockError::Busy(Duration::from_millis(200)))
+                }
+                Err(e) => Err(unavailable(e)),
+            };
         };
         if matches!(rec.state, ResState::Reserving | ResState::RollingBack) {
             return self.abandon(key, id, rec, rev, run).await;
@@ -612,6 +629,25 @@ impl KvStock {
         rec.lease = None;
         self.save(key, &rec, rev).await?;
         Ok(true)
+    }
+
+    /// Whether `marker`'s change is on `sku`. If it is not, writes the SKU
+    /// again unchanged: a change still in flight from a run that gave up
+    /// (a publish that timed out may yet be stored) then fails its
+    /// compare-and-swap instead of landing after this look.
+    async fn seal(&self, sku: &str, marker: &str) -> Result<bool, StockError> {
+        let mut tries = 0;
+        loop {
+            let (v, rev) = self.sku(sku).await?;
+            if v.pending.contains_key(marker) {
+                return Ok(true);
+            }
+            match self.stock.update(sku, encode(&v), rev).await {
+                Ok(_) => return Ok(false),
+                Err(e) if lost_race(&e, UpdateErrorKind::WrongLastRevision) => after_conflict(&mut tries).await,
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
     }
 
     /// Gives up the order's lease after a run failed with an error (best
@@ -644,7 +680,7 @@ impl KvStock {
             .cloned()
             .collect();
         for sku in unrecorded {
-            if self.sku(&sku).await?.0.pending.contains_key(&reserve) {
+            if self.seal(&sku, &reserve).await? {
                 rec.applied.push(sku);
                 rev = self.save(key, &rec, rev).await?;
             }
