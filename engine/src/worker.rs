@@ -499,8 +499,11 @@ async fn pump<T: Transport>(shared: Arc<Shared<T>>, svc: Arc<Service>, mut consu
             // The acknowledgements of the last steps are queued on the
             // connection: send them before the process may exit, or those
             // steps are delivered again and run twice.
-            if let Err(e) = shared.transport.flush().await {
-                tracing::warn!(error = %e, "could not flush the last acknowledgements");
+            // Bounded: with the server gone, a flush waits for a reconnect.
+            match tokio::time::timeout(Duration::from_secs(5), shared.transport.flush()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not flush the last acknowledgements"),
+                Err(_) => tracing::warn!("the last acknowledgements were not flushed within 5 s"),
             }
             return;
         }
