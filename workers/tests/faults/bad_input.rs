@@ -14,7 +14,7 @@ use waybill_workflows::Order;
 
 use crate::report::Row;
 use crate::run::{self, Driver};
-use crate::stack::{command, Stack};
+use crate::stack::{command, run_to_end, Stack};
 
 /// A good order, as a customer would send it.
 const GOOD: &str = r#"{"customer":"c-bad-input","items":[{"sku":"SKU-1","qty":1,"unit_price_cents":100}],"payment":{"card":"4242424242424242"},"ship_to":{"country":"NL","zip":"1011"}}"#;
@@ -286,16 +286,16 @@ async fn bad_starts(url: &str) -> Vec<String> {
     let file = std::env::temp_dir().join(format!("waybill-huge-{}.json", OrderId::new()));
     let huge_order = GOOD.replace("c-bad-input", &"x".repeat(10 * 1024 * 1024));
     std::fs::write(&file, huge_order).unwrap();
-    let out = command(
-        env!("CARGO_BIN_EXE_waybill"),
-        &["start", "order", &file.display().to_string(), "--nats", url],
-    )
-    .output()
-    .unwrap();
+    let (status, stderr) = run_to_end(
+        "waybill start",
+        command(
+            env!("CARGO_BIN_EXE_waybill"),
+            &["start", "order", &file.display().to_string(), "--nats", url],
+        ),
+    );
     let _ = std::fs::remove_file(&file);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    if out.status.success() || !stderr.contains("over the coordinator's limit") {
-        problems.push(format!("`waybill start` of a 10 MB order: {}: {stderr}", out.status));
+    if status.success() || !stderr.contains("over the coordinator's limit") {
+        problems.push(format!("`waybill start` of a 10 MB order: {status}: {stderr}"));
     }
     problems
 }
@@ -344,7 +344,7 @@ pub async fn scenario() -> Row {
     let hops = send_broken_hops(&js).await;
     let mut problems = bad_starts(&url).await;
     let twice = duplicate_start(&url, &sc.driver, &mut problems).await;
-    let mut driven = run.await.unwrap();
+    let mut driven = run.done().await;
     if let Some(doc) = twice {
         if doc.status != Status::Completed {
             problems.push(format!("the order started twice ended {}", doc.status));

@@ -159,7 +159,7 @@ impl Scene {
 async fn no_faults() -> Row {
     let orders = run::mixed();
     let scene = Scene::new(Stack::single(), 0, 1, orders.len()).await;
-    let driven = scene.driver.start(orders).await.unwrap();
+    let driven = scene.driver.start(orders).done().await;
     scene.end("no faults (reference)", "none".into(), driven, 0).await.0
 }
 
@@ -177,7 +177,7 @@ async fn worker_sigkill() -> Row {
         sc.trigger.fault();
         sc.stack.kill_and_restart_worker(i);
     }
-    let driven = run.await.unwrap();
+    let driven = run.done().await;
     let faults = format!("{KILLS} × SIGKILL of a random worker, restarted");
     sc.end("worker SIGKILL", faults, driven, 0).await.0
 }
@@ -198,7 +198,7 @@ async fn coordinator_sigkill() -> Row {
     sc.trigger.fault();
     sc.stack.kill_coordinator();
     sc.stack.start_coordinator(0);
-    let driven = run.await.unwrap();
+    let driven = run.done().await;
     let faults = "2 × SIGKILL of the coordinator, restarted".to_owned();
     sc.end("coordinator SIGKILL", faults, driven, 0).await.0
 }
@@ -217,7 +217,7 @@ async fn nats_server_sigkill() -> Row {
         };
         server.restart();
     }
-    let driven = run.await.unwrap();
+    let driven = run.done().await;
     let faults = "2 × SIGKILL of nats-server, restarted on its store".to_owned();
     sc.end("nats-server SIGKILL", faults, driven, 0).await.0
 }
@@ -235,14 +235,17 @@ async fn worker_drain() -> Row {
     sc.trigger.fault();
     sc.stack.drain_workers();
     sc.stack.start_workers(1);
-    let driven = run.await.unwrap();
+    let driven = run.done().await;
     let faults = "SIGTERM of all 3 workers (drain), restarted".to_owned();
     let recorded = driven.records();
     let (mut row, stack) = sc.end("worker SIGTERM drain", faults, driven, 0).await;
+    // Every drained worker reported; none was killed. A step run again
+    // after its next hop was stored is `redone`; a handler call that left
+    // no record (a run deferred behind another's lease) is not work done.
     let steps: u64 = stack.drained.iter().map(|d| d.steps).sum();
     let redone: u64 = stack.drained.iter().map(|d| d.redone).sum();
-    if redone != 0 || steps != recorded {
-        row.duplicate_effects += redone + steps.saturating_sub(recorded);
+    if redone != 0 || steps < recorded {
+        row.duplicate_effects += redone;
         row.problems.push(format!(
             "the workers ran {steps} step attempts ({redone} redone); the orders' histories record {recorded}"
         ));
@@ -272,7 +275,9 @@ async fn cluster_node_kill() -> Row {
     let stack::Servers::Cluster(cluster) = &mut sc.stack.servers else {
         unreachable!("a cluster stack")
     };
-    let node = cluster.index_of(&leader).unwrap_or(2);
+    let node = cluster
+        .index_of(&leader)
+        .unwrap_or_else(|| panic!("the hop stream has no known leader: {:?}", info.cluster));
     let at = || began.elapsed().as_secs_f64();
     eprintln!(
         "  {:.1} s: killing {} (it leads {})",
@@ -286,7 +291,7 @@ async fn cluster_node_kill() -> Row {
     eprintln!("  {:.1} s: restarting {}", at(), cluster.name(node));
     cluster.restart(node);
     eprintln!("  {:.1} s: the cluster has formed again", at());
-    let driven = run.await.unwrap();
+    let driven = run.done().await;
     let faults = "SIGKILL of the node leading the hop stream, restarted".to_owned();
     sc.end("3-node cluster, node killed", faults, driven, 0).await.0
 }
@@ -317,7 +322,7 @@ async fn handler_panic_hang() -> Row {
         }
     }
     let sc = Scene::new(Stack::single(), 0, 1, orders.len()).await;
-    let driven = sc.driver.start(orders).await.unwrap();
+    let driven = sc.driver.start(orders).done().await;
     let faults = format!("{} orders whose handler panics, {EACH} whose handler hangs", 2 * EACH);
     let histories = driven.histories();
     let (mut row, _) = sc.end("handler panics and hangs", faults, driven, 0).await;

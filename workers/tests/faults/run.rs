@@ -94,9 +94,9 @@ impl Driver {
     }
 
     /// Starts driving `orders` on a task of its own.
-    pub fn start(self: &Arc<Self>, orders: Vec<PreparedOrder>) -> tokio::task::JoinHandle<Driven> {
+    pub fn start(self: &Arc<Self>, orders: Vec<PreparedOrder>) -> Running {
         let driver = self.clone();
-        tokio::spawn(async move { driver.drive(&orders).await })
+        Running(Some(tokio::spawn(async move { driver.drive(&orders).await })))
     }
 
     async fn drive(&self, orders: &[PreparedOrder]) -> Driven {
@@ -119,6 +119,27 @@ impl Driver {
             report,
             finals,
             finished_at,
+        }
+    }
+}
+
+/// A run of orders under way. Dropped unfinished (its scenario failed), it
+/// stops, rather than drive on into the next scenario.
+#[derive(Debug)]
+pub struct Running(Option<tokio::task::JoinHandle<Driven>>);
+
+impl Running {
+    /// Waits until every order has finished (or was given up on).
+    pub async fn done(mut self) -> Driven {
+        let task = self.0.take().unwrap();
+        task.await.unwrap()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(task) = self.0.take() {
+            task.abort();
         }
     }
 }
@@ -308,7 +329,8 @@ async fn bucket_values(nats: &Nats, bucket: &str) -> HashMap<String, serde_json:
 /// The services' state, read straight from their buckets, against what the
 /// finished orders require: a completed order charged once and not
 /// refunded; a compensated one charged and refunded if its charge went
-/// through, else never charged; a failed one never charged; for every SKU, initial = available + reserved, and reserved =
+/// through, else charged and refunded or neither; a failed one never
+/// charged; for every SKU, initial = available + reserved, and reserved =
 /// what completed orders took.
 async fn effects_match(driver: &Driver, driven: &Driven, v: &mut Verdict) {
     let ledger = bucket_values(&driver.nats, "payments").await;
@@ -325,7 +347,10 @@ async fn effects_match(driver: &Driver, driven: &Driven, v: &mut Verdict) {
         });
         let (want_charged, want_refunded) = match doc.status {
             Status::Completed => (true, false),
-            Status::Compensated => (paid, paid),
+            Status::Compensated if paid => (true, true),
+            // A charge that ran out of attempts may have gone through all
+            // the same; then its refund gave it back. Either way, even.
+            Status::Compensated => (charged, charged),
             _ => (false, false),
         };
         v.missing_effects += u64::from(want_charged && !charged) + u64::from(want_refunded && !refunded);

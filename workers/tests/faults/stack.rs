@@ -94,25 +94,18 @@ impl Stack {
     /// `waybill setup`: the streams, the buckets, the stock.
     fn setup(&self) {
         let replicas = self.replicas.to_string();
-        let out = command(
-            WAYBILL,
-            &[
-                "setup",
-                "--nats",
-                &self.url(0),
-                "--stock",
-                "examples/stock.json",
-                "--replicas",
-                &replicas,
-            ],
-        )
-        .output()
-        .unwrap();
-        assert!(
-            out.status.success(),
-            "waybill setup failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let url = self.url(0);
+        let args = [
+            "setup",
+            "--nats",
+            &url,
+            "--stock",
+            "examples/stock.json",
+            "--replicas",
+            &replicas,
+        ];
+        let (status, stderr) = run_to_end("waybill setup", command(WAYBILL, &args));
+        assert!(status.success(), "waybill setup failed: {stderr}");
     }
 
     /// Starts a worker of `service` connected to `node`.
@@ -188,6 +181,12 @@ impl Stack {
             self.drained.push(parse_drained(line));
         }
     }
+}
+
+/// Runs a command to its end, within a minute; its status and standard
+/// error.
+pub fn run_to_end(name: &str, cmd: Command) -> (std::process::ExitStatus, String) {
+    Proc::spawn(name, cmd).wait_with_stderr(Duration::from_secs(60))
 }
 
 /// `<name>: drained after N steps (D dead-lettered, R redone)`.
