@@ -139,6 +139,12 @@ impl Scene {
                 .push(format!("the workers dead-lettered {said}, expected {dead_letters}"));
         }
         let recover = run::time_to_recover(&self.trigger.faults, &driven);
+        if !verdict.problems.is_empty() || verdict.lost > 0 {
+            // What the processes said, to tell a stall's cause in CI.
+            let coordinator = self.stack.stop_coordinator();
+            let tails = self.stack.drained.iter().map(|d| d.tail.clone());
+            verdict.problems.extend(tails.chain([coordinator]));
+        }
         let injected = self.trigger.faults.len();
         let row = Row::new(
             name,

@@ -209,7 +209,7 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    fn problem(&mut self, p: String) {
+    pub fn problem(&mut self, p: String) {
         if self.problems.len() < 20 {
             self.problems.push(p);
         }

@@ -38,6 +38,9 @@ pub struct Drained {
     pub steps: u64,
     pub dead_lettered: u64,
     pub redone: u64,
+    /// The process's name and the last lines of its standard error, to
+    /// show when a scenario fails.
+    pub tail: String,
 }
 
 #[derive(Debug)]
@@ -137,6 +140,17 @@ impl Stack {
         ));
     }
 
+    /// Stops the coordinator (SIGTERM) and returns the end of what it said.
+    pub fn stop_coordinator(&mut self) -> String {
+        match self.coordinator.take() {
+            Some(c) => {
+                let (_, stderr) = c.signal_and_wait("TERM", Duration::from_secs(30));
+                tail("waybill coordinator", &stderr)
+            }
+            None => String::new(),
+        }
+    }
+
     /// SIGKILL of the coordinator.
     pub fn kill_coordinator(&mut self) {
         if let Some(c) = self.coordinator.take() {
@@ -178,9 +192,18 @@ impl Stack {
                 .lines()
                 .find(|l| l.contains("drained after "))
                 .unwrap_or_else(|| panic!("{name} printed no summary:\n{stderr}"));
-            self.drained.push(parse_drained(line));
+            let mut drained = parse_drained(line);
+            drained.tail = tail(&name, &stderr);
+            self.drained.push(drained);
         }
     }
+}
+
+/// `name` and the last lines of `stderr`.
+fn tail(name: &str, stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().collect();
+    let last = &lines[lines.len().saturating_sub(8)..];
+    format!("{name} said, last:\n    {}", last.join("\n    "))
 }
 
 /// Runs a command to its end, within a minute; its status and standard
@@ -203,5 +226,6 @@ pub fn parse_drained(line: &str) -> Drained {
         steps: number_before(" steps"),
         dead_lettered: number_before(" dead-lettered"),
         redone: number_before(" redone"),
+        tail: String::new(),
     }
 }
