@@ -410,9 +410,7 @@ impl<T: Transport> WorkerBuilder<T> {
             let mut handles = Vec::with_capacity(self.pumps);
             for _ in 0..self.pumps {
                 let consumer =
-                    shared
-                        .transport
-                        .consumer(cfg.clone())
+                    open_consumer(&shared.transport, &cfg)
                         .await
                         .map_err(|source| WorkerError::Consumer {
                             service: svc.service.to_string(),
@@ -484,6 +482,29 @@ struct Shared<T> {
     max_deliver: u32,
     batch: usize,
     cancel: CancellationToken,
+}
+
+/// Opens a consumer, trying again for up to 30 s while the error may pass:
+/// in a cluster, creating a replicated consumer can outlast a request's
+/// timeout while its group forms or a node is away (the fault suite saw a
+/// worker started beside a fresh three-node cluster give up on it).
+async fn open_consumer<T: Transport>(
+    transport: &T,
+    cfg: &ConsumerConfig,
+) -> Result<T::Consumer, crate::transport::Error> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match transport.consumer(cfg.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() + wait < deadline => {
+                tracing::warn!(consumer = %cfg.durable, error = %e, retry_in = ?wait, "cannot open the consumer yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// Fetches work for one service and runs up to `concurrency` steps at once,

@@ -183,7 +183,21 @@ where
     init_logging(args.log_format, "info");
     let run = async {
         let nats = args.nats.connect(name).await?;
-        nats.verify().await?;
+        // A server or a stream leader away (a failover under way) is waited
+        // out, as long as reaching NATS is; a missing stream is not.
+        let deadline = Instant::now() + Duration::from_secs(args.nats.auth.connect_timeout);
+        let mut wait = Duration::from_millis(100);
+        loop {
+            match nats.verify().await {
+                Ok(()) => break,
+                Err(e) if e.is_retryable() && Instant::now() + wait < deadline => {
+                    tracing::warn!(error = %e, retry_in = ?wait, "cannot check the streams yet");
+                    tokio::time::sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_secs(2));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
         // Documents of a workflow or version this build does not define are
         // refused (dead-lettered with the reason), never run on a guess.
         let registry = waybill_workflows::registry()?;

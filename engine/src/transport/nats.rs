@@ -186,10 +186,16 @@ impl Nats {
                     .await
                     .map_err(|e| other(&format!("cannot create or open stream {name}"), e, true))?
             } else {
-                self.js.get_stream(&name).await.map_err(|e| {
-                    Error::BadConfig(format!(
-                        "stream {name} is not there ({e}); create it with `waybill setup`"
-                    ))
+                self.js.get_stream(&name).await.map_err(|e| match e.kind() {
+                    async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
+                        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
+                    {
+                        Error::BadConfig(format!(
+                            "stream {name} is not there ({e}); create it with `waybill setup`"
+                        ))
+                    }
+                    // No answer (a server or a leader away): worth another try.
+                    _ => other(&format!("cannot look up stream {name}"), e, true),
                 })?
             };
             let got = &stream.cached_info().config;
