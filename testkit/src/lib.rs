@@ -425,7 +425,15 @@ impl Proc {
                         return line;
                     }
                 }
-                Err(_) => panic!(
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = self.child.as_mut().and_then(|c| c.wait().ok());
+                    panic!(
+                        "{} ended ({status:?}) without printing `{needle}`; its standard error:\n{}",
+                        self.name,
+                        self.seen.join("\n")
+                    )
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => panic!(
                     "{} did not print `{needle}` within {within:?}; its standard error so far:\n{}",
                     self.name,
                     self.seen.join("\n")
