@@ -58,7 +58,10 @@ pub struct Stack {
 
 pub fn command(bin: &str, args: &[&str]) -> Command {
     let mut c = Command::new(bin);
-    c.args(args).current_dir(workspace_root()).env("RUST_LOG", "warn");
+    // Warnings, and the line a worker prints once it serves.
+    c.args(args)
+        .current_dir(workspace_root())
+        .env("RUST_LOG", "warn,waybill_workers::cli=info");
     c
 }
 
@@ -121,12 +124,17 @@ impl Stack {
         self.workers.push(WorkerProc { service, node, proc });
     }
 
-    /// `per_service` workers of each service, spread over the nodes.
+    /// `per_service` workers of each service, spread over the nodes; waits
+    /// until each is serving.
     pub fn start_workers(&mut self, per_service: usize) {
+        let first = self.workers.len();
         for service in 0..WORKERS.len() {
             for k in 0..per_service {
                 self.start_worker(service, service + k);
             }
+        }
+        for w in &mut self.workers[first..] {
+            w.proc.expect_stderr(" serving", Duration::from_secs(60));
         }
     }
 
@@ -169,11 +177,21 @@ impl Stack {
     /// Every worker and the coordinator are still running (none died on
     /// what it was given).
     pub fn assert_all_alive(&mut self) {
-        for w in &mut self.workers {
-            assert!(w.proc.alive(), "{} died during the run", w.proc.name);
+        if let Some(i) = self.workers.iter_mut().position(|w| !w.proc.alive()) {
+            let dead = self.workers.swap_remove(i).proc;
+            let name = dead.name.clone();
+            let (status, stderr) = dead.wait_with_stderr(Duration::from_secs(5));
+            panic!("{name} died during the run ({status}); it said:\n{stderr}");
         }
         if let Some(c) = &mut self.coordinator {
-            assert!(c.alive(), "the coordinator died during the run");
+            if !c.alive() {
+                let (status, stderr) = self
+                    .coordinator
+                    .take()
+                    .unwrap()
+                    .wait_with_stderr(Duration::from_secs(5));
+                panic!("the coordinator died during the run ({status}); it said:\n{stderr}");
+            }
         }
     }
 
