@@ -306,6 +306,19 @@ pub enum AttemptResult {
     Outcome(compact_str::CompactString),
     /// The handler failed; `transient` errors may be retried.
     Error { message: String, transient: bool },
+    /// The step could not run: the infrastructure it depends on (NATS, a
+    /// store) was unavailable. Not an attempt: it spends none and never
+    /// fails the order. Consecutive tries of one attempt fold into one
+    /// record: `since` the first, `tries` in all, the last `message`.
+    Unavailable { message: String, since: Timestamp, tries: u32 },
+}
+
+impl AttemptResult {
+    /// Whether this record is a wait on infrastructure rather than an
+    /// attempt of the step.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, AttemptResult::Unavailable { .. })
+    }
 }
 
 /// One executed attempt of one step, appended to the history.
@@ -401,14 +414,29 @@ impl Document {
         }
     }
 
-    /// How often the named step was entered (its first attempts counted).
+    /// How often the named step was entered (its first attempts counted;
+    /// waits on infrastructure are not attempts).
     pub fn visits(&self, step: &StepName) -> u32 {
         let n = self
             .history
             .iter()
-            .filter(|r| r.kind == StepKind::Forward && r.attempt == 1 && &r.step == step)
+            .filter(|r| {
+                r.kind == StepKind::Forward && r.attempt == 1 && &r.step == step && !r.result.is_unavailable()
+            })
             .count();
         u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
+    /// The wait on infrastructure the current hop is in, if its last record
+    /// is one: (since, tries, last error).
+    pub fn waiting(&self) -> Option<(Timestamp, u32, &str)> {
+        if self.status.is_terminal() {
+            return None;
+        }
+        match self.history.last().map(|r| &r.result) {
+            Some(AttemptResult::Unavailable { message, since, tries }) => Some((*since, *tries, message.as_str())),
+            _ => None,
+        }
     }
 
     /// The latest `detail` recorded by the named step, if any.
@@ -452,6 +480,13 @@ impl fmt::Display for Journal<'_> {
                     format!(
                         "{} error: {message}",
                         if *transient { "transient" } else { "permanent" }
+                    )
+                }
+                AttemptResult::Unavailable { message, tries, since } => {
+                    let waited = r.ended_at.since(*since);
+                    format!(
+                        "unavailable ({tries} tries over {} ms, not an attempt): {message}",
+                        waited.as_millis()
                     )
                 }
             };

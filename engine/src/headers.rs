@@ -23,6 +23,10 @@ pub const ORDER: &str = "Waybill-Order";
 pub const CONTENT_TYPE: &str = "Content-Type";
 /// On a dead letter: why it is there.
 pub const DLQ_REASON: &str = "Waybill-Dlq-Reason";
+/// Header of a dead letter: why it is one, as a code
+/// ([`crate::transport::DeadLetterKind`]): `invalid`, `exhausted` or
+/// `unavailable`.
+pub const DLQ_KIND: &str = "Waybill-Dlq-Kind";
 
 /// The headers of the hop that carries `doc`.
 pub fn for_hop(doc: &Document, format: Format) -> Headers {

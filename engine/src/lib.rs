@@ -43,7 +43,7 @@ pub use registry::{Registry, StartError, WorkflowPayload};
 pub use transition::{Attempt, Decision, StepResult};
 pub use worker::{
     BoxFuture, Handler, IdempotencyKey, StepContext, StepError, StepOutput, Worker, WorkerBuilder, WorkerError,
-    WorkerHandle, WorkerStats,
+    WorkerHandle, WorkerStats, DEFAULT_UNAVAILABLE_LIMIT,
 };
 pub use workflow::{
     Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Workflow, WorkflowBuilder, DEFAULT_STEP_TIMEOUT,

@@ -24,6 +24,14 @@
 //! - A compensation that cannot be done (its retries exhausted, or a
 //!   permanent error) ends the order `failed`, with the compensations still
 //!   owed left in the document for a person to see.
+//! - An unavailable infrastructure (a store or NATS with no responders, a
+//!   stream electing its leader, a lost connection) is not an attempt: it
+//!   spends none and never fails or compensates the order. The step is
+//!   tried again after a capped backoff ([`unavailable_delay`]) on the same
+//!   attempt; consecutive tries fold into one history record, so a long
+//!   outage does not grow the document. Only the worker's operator-set
+//!   limit ends such a wait, by dead-lettering the hop, never by a
+//!   transition.
 
 use std::time::Duration;
 
@@ -46,6 +54,8 @@ pub enum StepResult {
     Transient(String),
     /// A failure retrying will not fix.
     Permanent(String),
+    /// The infrastructure the step depends on was unavailable: no attempt.
+    Unavailable(String),
 }
 
 impl StepResult {
@@ -98,8 +108,27 @@ pub enum TransitionError {
     NoStep(u16),
 }
 
+/// The first wait after an unavailable infrastructure.
+pub const UNAVAILABLE_FIRST_DELAY: Duration = Duration::from_millis(50);
+/// The longest wait between tries on an unavailable infrastructure.
+pub const UNAVAILABLE_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// How long to wait before try `tries + 1` on an unavailable
+/// infrastructure: 50 ms doubling up to 5 s, each wait drawn from its upper
+/// half by `jitter` (in `[0, 1)`), so the orders an outage held back do not
+/// all come back at the same instant.
+pub fn unavailable_delay(tries: u32, jitter: f64) -> Duration {
+    let doublings = tries.saturating_sub(1).min(16);
+    let full = UNAVAILABLE_FIRST_DELAY
+        .saturating_mul(1 << doublings)
+        .min(UNAVAILABLE_MAX_DELAY);
+    full / 2 + full.mul_f64(0.5 * jitter.clamp(0.0, 1.0))
+}
+
 /// Applies one attempt's result to the document and returns where it goes.
-/// Appends exactly one history record and advances `hop` by one.
+/// Appends exactly one history record (or, for another try on an
+/// unavailable infrastructure, updates the one it folds into) and advances
+/// `hop` by one.
 pub fn apply(doc: &mut Document, attempt: Attempt) -> Result<Decision, TransitionError> {
     let (step_name, service, kind, retry) = match doc.status {
         Status::Running => {
@@ -118,7 +147,24 @@ pub fn apply(doc: &mut Document, attempt: Attempt) -> Result<Decision, Transitio
         terminal => return Err(TransitionError::Terminal(terminal)),
     };
 
-    let (result, detail) = match attempt.result {
+    let Attempt {
+        result,
+        worker,
+        started_at,
+        ended_at,
+        jitter,
+    } = attempt;
+    let (result, detail) = match result {
+        StepResult::Unavailable(message) => {
+            let tries = note_unavailable(doc, (&step_name, &service, kind), message, (started_at, ended_at), worker);
+            doc.hop = doc.hop.saturating_add(1);
+            let delay = unavailable_delay(tries, jitter);
+            doc.not_before = Some(ended_at.plus(delay));
+            return Ok(Decision::Hop {
+                service,
+                delay: Some(delay),
+            });
+        }
         StepResult::Outcome { outcome, detail } => (AttemptResult::Outcome(outcome), detail),
         StepResult::Transient(message) => (
             AttemptResult::Error {
@@ -142,17 +188,17 @@ pub fn apply(doc: &mut Document, attempt: Attempt) -> Result<Decision, Transitio
         attempt: doc.attempt,
         result: result.clone(),
         detail,
-        started_at: attempt.started_at,
-        ended_at: attempt.ended_at,
-        worker: attempt.worker,
+        started_at,
+        ended_at,
+        worker,
     });
     doc.hop = doc.hop.saturating_add(1);
 
     let decision = match (kind, result) {
         (_, AttemptResult::Error { transient: true, .. }) if doc.attempt < retry.max_attempts => {
-            let delay = retry.delay(doc.attempt, attempt.jitter);
+            let delay = retry.delay(doc.attempt, jitter);
             doc.attempt += 1;
-            doc.not_before = Some(attempt.ended_at.plus(delay));
+            doc.not_before = Some(ended_at.plus(delay));
             Decision::Hop {
                 service,
                 delay: Some(delay),
@@ -192,8 +238,54 @@ pub fn apply(doc: &mut Document, attempt: Attempt) -> Result<Decision, Transitio
             }
         }
         (StepKind::Forward, AttemptResult::Outcome(outcome)) => forward(doc, outcome),
+        // Waits on infrastructure returned above: no such record is made
+        // here. Were one to be, the step runs again, which is always safe.
+        (_, AttemptResult::Unavailable { .. }) => Decision::Hop { service, delay: None },
     };
     Ok(decision)
+}
+
+/// Records a try on an unavailable infrastructure: folded into the last
+/// record when that is a wait of the same attempt, a new record otherwise.
+/// Returns the tries of this wait so far.
+fn note_unavailable(
+    doc: &mut Document,
+    (step, service, kind): (&crate::id::StepName, &ServiceSubject, StepKind),
+    message: String,
+    (started_at, ended_at): (Timestamp, Timestamp),
+    worker: WorkerId,
+) -> u32 {
+    let current = doc.attempt;
+    if let Some(last) = doc.history.last_mut() {
+        if let AttemptResult::Unavailable {
+            message: m, tries, ..
+        } = &mut last.result
+        {
+            if &last.step == step && last.kind == kind && last.attempt == current {
+                *m = message;
+                *tries = tries.saturating_add(1);
+                last.ended_at = ended_at;
+                last.worker = worker;
+                return *tries;
+            }
+        }
+    }
+    doc.history.push(StepRecord {
+        step: step.clone(),
+        service: service.clone(),
+        kind,
+        attempt: current,
+        result: AttemptResult::Unavailable {
+            message,
+            since: started_at,
+            tries: 1,
+        },
+        detail: None,
+        started_at,
+        ended_at,
+        worker,
+    });
+    1
 }
 
 fn forward(doc: &mut Document, outcome: CompactString) -> Decision {
@@ -390,6 +482,69 @@ mod tests {
         assert!(d.failure.as_deref().unwrap().contains("after 3 attempts"));
         assert_eq!(d.history.len(), 3);
         assert_eq!(run(&mut d, StepResult::ok()), Decision::Finish(Status::Compensated));
+    }
+
+    #[test]
+    fn unavailable_spends_no_attempt_and_folds_into_one_record() {
+        let mut d = order();
+        // Far more tries than the step's 3 attempts: none is spent.
+        for n in 1..=20u32 {
+            let decision = run(&mut d, StepResult::Unavailable("ledger: no responders".into()));
+            let Decision::Hop { service, delay } = decision else {
+                panic!("an unavailable store must not end the order: {decision:?}")
+            };
+            assert_eq!(service.as_str(), "payment.charge");
+            assert_eq!(delay, Some(unavailable_delay(n, 0.5)));
+            assert_eq!(d.status, Status::Running);
+            assert_eq!(d.attempt, 1);
+            assert_eq!(d.hop, n);
+            assert_eq!(d.history.len(), 1, "tries fold into one record");
+            assert_eq!(d.waiting().map(|(_, tries, _)| tries), Some(n));
+        }
+        assert!(d.owed.is_empty() && d.failure.is_none());
+        // The store is back: the step runs as its first attempt.
+        assert_eq!(run(&mut d, StepResult::ok()), hop("inventory.reserve"));
+        assert_eq!(d.waiting(), None);
+        assert_eq!(d.visits(&d.history[0].step.clone()), 1, "a wait is not a visit");
+        assert_eq!(d.history.len(), 2);
+        assert_eq!(d.history[1].attempt, 1);
+        // A wait after a transient error keeps that error's attempt count.
+        assert!(matches!(run(&mut d, StepResult::Transient("t".into())), Decision::Hop { .. }));
+        assert_eq!(d.attempt, 2);
+        run(&mut d, StepResult::Unavailable("x".into()));
+        run(&mut d, StepResult::Unavailable("y".into()));
+        assert_eq!(d.attempt, 2);
+        let Some(AttemptResult::Unavailable { message, tries, since }) = d.history.last().map(|r| r.result.clone())
+        else {
+            panic!("expected a wait record")
+        };
+        assert_eq!((message.as_str(), tries, since), ("y", 2, Timestamp(1_000)));
+    }
+
+    #[test]
+    fn unavailable_during_compensation_keeps_compensating() {
+        let mut d = order();
+        run(&mut d, StepResult::ok());
+        run(&mut d, StepResult::outcome("weird"));
+        assert_eq!(d.status, Status::Compensating);
+        for _ in 0..10 {
+            assert!(matches!(
+                run(&mut d, StepResult::Unavailable("down".into())),
+                Decision::Hop { ref service, .. } if service.as_str() == "payment.refund"
+            ));
+        }
+        assert_eq!(d.status, Status::Compensating);
+        assert_eq!(run(&mut d, StepResult::ok()), Decision::Finish(Status::Compensated));
+    }
+
+    #[test]
+    fn unavailable_backoff_is_capped_with_jitter() {
+        assert_eq!(unavailable_delay(1, 1.0), Duration::from_millis(50));
+        assert_eq!(unavailable_delay(1, 0.0), Duration::from_millis(25));
+        assert_eq!(unavailable_delay(3, 1.0), Duration::from_millis(200));
+        assert_eq!(unavailable_delay(8, 1.0), UNAVAILABLE_MAX_DELAY);
+        assert_eq!(unavailable_delay(u32::MAX, 1.0), UNAVAILABLE_MAX_DELAY);
+        assert!(unavailable_delay(40, 0.0) >= UNAVAILABLE_MAX_DELAY / 2);
     }
 
     #[test]

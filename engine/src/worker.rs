@@ -10,6 +10,16 @@
 //!                                                  └─ failed ─▶ nak, redelivered later
 //! ```
 //!
+//! Three kinds of failure: a transient error spends one of the step's
+//! attempts (retried with the route's backoff), a permanent one fails the
+//! order (compensating), and an *unavailable* infrastructure (a store or
+//! NATS with no responders, a leader election, a time-out, a lost
+//! connection) spends nothing: the step is tried again after a capped
+//! backoff while the order stays running, its history saying since when it
+//! waits and why; so are the runtime's own publishes. Only the operator's
+//! limit ([`WorkerBuilder::unavailable_limit`]) ends such a wait, as a dead
+//! letter of kind `unavailable` to redrive, never as a failed order.
+//!
 //! The output hop is stored before the input is acknowledged, so a crash at
 //! any point leads to a redelivery, and the redelivery to the same result:
 //! handlers are idempotent on [`StepContext::idempotency_key`], and the
@@ -38,7 +48,7 @@ use crate::headers;
 use crate::id::{DedupId, NameError, OrderId, ServiceSubject, StepName, WorkerId, WorkflowName};
 use crate::subject;
 use crate::transition::{self, Attempt, Decision, StepResult};
-use crate::transport::{Consumer, ConsumerConfig, DeadLetter, Delivery, Outgoing, Transport};
+use crate::transport::{Consumer, ConsumerConfig, DeadLetter, DeadLetterKind, Delivery, Outgoing, Transport};
 use crate::workflow::DEFAULT_STEP_TIMEOUT;
 
 /// A boxed future, as handlers return them.
@@ -133,7 +143,8 @@ impl StepOutput {
     }
 }
 
-/// A handler's failure. Transient ones are retried by the route's backoff.
+/// A handler's failure. Transient ones are retried by the route's backoff;
+/// unavailable ones are waited out without spending an attempt.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct StepError {
@@ -145,6 +156,8 @@ pub struct StepError {
 enum ErrorKind {
     Transient,
     Permanent,
+    /// The infrastructure the step needs is unavailable: not an attempt.
+    Unavailable,
     /// Not an attempt at all: the step could not start yet (another run of
     /// it still holds the order, say); deliver it again after the delay.
     Defer(Duration),
@@ -168,6 +181,24 @@ impl StepError {
         }
     }
 
+    /// The infrastructure the step depends on (NATS, a store, a service it
+    /// calls) is unavailable: no responders, a stream electing its leader,
+    /// a time-out, a lost connection. Not the step's fault and not the
+    /// order's: no attempt is spent, the order stays running and never
+    /// fails or compensates for it. The step is tried again after a capped
+    /// backoff (50 ms doubling to 5 s), the wait recorded in the history,
+    /// until the worker's `unavailable_limit`; then the hop becomes a dead
+    /// letter of kind `unavailable`, to redrive after the outage.
+    ///
+    /// Return it only where the step's effect did not happen or will be
+    /// found again by its idempotency key: the step runs again.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            kind: ErrorKind::Unavailable,
+        }
+    }
+
     /// The step cannot run yet: no attempt is recorded, the delivery is
     /// handed back and comes again after `delay`. For waiting out another
     /// run of the same step (a redelivery overlapping a slow original).
@@ -181,6 +212,11 @@ impl StepError {
 
     pub fn is_transient(&self) -> bool {
         self.kind == ErrorKind::Transient
+    }
+
+    /// Whether this is an unavailable infrastructure, not a step's failure.
+    pub fn is_unavailable(&self) -> bool {
+        self.kind == ErrorKind::Unavailable
     }
 
     /// The delay of a deferred step.
@@ -247,6 +283,12 @@ pub struct WorkerStats {
     pub dead_lettered: AtomicU64,
     /// Deliveries handed back (not due yet, or publishing failed).
     pub naks: AtomicU64,
+    /// Step runs that found their infrastructure unavailable (no attempt
+    /// spent; tried again later).
+    pub unavailable: AtomicU64,
+    /// Publishes of a next hop tried again because the stream was
+    /// unavailable.
+    pub publish_retries: AtomicU64,
 }
 
 impl WorkerStats {
@@ -265,11 +307,17 @@ pub struct WorkerBuilder<T> {
     pumps: usize,
     ack_wait: Duration,
     max_deliver: u32,
+    unavailable_limit: Duration,
     codec: Codec,
     format: Format,
     accept: Option<Arc<HashSet<(WorkflowName, u32)>>>,
     services: Vec<(String, Arc<dyn Handler>)>,
 }
+
+/// How long a step waits out an unavailable infrastructure, by default,
+/// before its hop becomes a dead letter of kind `unavailable`: generous, so
+/// that a node's restart or a long failover only ever delays orders.
+pub const DEFAULT_UNAVAILABLE_LIMIT: Duration = Duration::from_secs(15 * 60);
 
 impl<T: fmt::Debug> fmt::Debug for WorkerBuilder<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -295,6 +343,7 @@ impl Worker {
             pumps: std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
+            unavailable_limit: DEFAULT_UNAVAILABLE_LIMIT,
             codec: Codec::default(),
             format: Format::Postcard,
             accept: None,
@@ -352,6 +401,16 @@ impl<T: Transport> WorkerBuilder<T> {
         self
     }
 
+    /// How long one step may wait out an unavailable infrastructure (its
+    /// handler returning [`StepError::unavailable`], or its next hop not
+    /// being stored) before the hop becomes a dead letter of kind
+    /// `unavailable` (default [`DEFAULT_UNAVAILABLE_LIMIT`]). Never a
+    /// failure of the order: redrive the dead letter after the outage.
+    pub fn unavailable_limit(mut self, limit: Duration) -> Self {
+        self.unavailable_limit = limit;
+        self
+    }
+
     pub fn codec(mut self, codec: Codec) -> Self {
         self.codec = codec;
         self
@@ -397,6 +456,7 @@ impl<T: Transport> WorkerBuilder<T> {
             stats: Arc::new(WorkerStats::default()),
             ack_wait: self.ack_wait,
             max_deliver: self.max_deliver,
+            unavailable_limit: self.unavailable_limit,
             batch: self.batch,
             cancel: cancel.clone(),
         });
@@ -480,6 +540,7 @@ struct Shared<T> {
     stats: Arc<WorkerStats>,
     ack_wait: Duration,
     max_deliver: u32,
+    unavailable_limit: Duration,
     batch: usize,
     cancel: CancellationToken,
 }
@@ -601,7 +662,7 @@ fn unusable<T>(shared: &Shared<T>, svc: &Service, delivery: &impl Delivery) -> R
 async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::Consumer as Consumer>::Delivery) {
     let mut doc = match unusable(shared, svc, &delivery) {
         Ok(doc) => doc,
-        Err(reason) => return Box::pin(dead_letter(shared, svc, delivery, reason)).await,
+        Err(reason) => return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, reason)).await,
     };
     if let Some(due) = doc.not_before {
         let now = Timestamp::now();
@@ -659,6 +720,25 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
             Err(e) => match e.kind {
                 ErrorKind::Transient => StepResult::Transient(e.message),
                 ErrorKind::Permanent => StepResult::Permanent(e.message),
+                ErrorKind::Unavailable => {
+                    WorkerStats::bump(&shared.stats.unavailable);
+                    // Since when this hop's step waits, this try included.
+                    let since = doc.waiting().map_or(started_at, |(since, _, _)| since);
+                    let waited = ended_at.since(since);
+                    if waited >= shared.unavailable_limit {
+                        let reason = format!(
+                            "unavailable: {} (the step waited {} s on its infrastructure, over the limit of {} s; \
+                             nothing failed: redrive it once the outage is over)",
+                            e.message,
+                            waited.as_secs(),
+                            shared.unavailable_limit.as_secs()
+                        );
+                        return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Unavailable, reason))
+                            .await;
+                    }
+                    tracing::debug!(reason = %e.message, ?waited, "infrastructure unavailable; the step will be tried again");
+                    StepResult::Unavailable(e.message)
+                }
                 ErrorKind::Defer(delay) => {
                     tracing::debug!(reason = %e.message, ?delay, "step deferred");
                     let why = format!("deferred: {}", e.message);
@@ -676,7 +756,9 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
         };
         let decision = match transition::apply(&mut doc, attempt) {
             Ok(d) => d,
-            Err(e) => return Box::pin(dead_letter(shared, svc, delivery, e.to_string())).await,
+            Err(e) => {
+                return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, e.to_string())).await
+            }
         };
         let subject = match &decision {
             Decision::Hop { service, .. } => subject::hop(service),
@@ -689,7 +771,7 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
             Ok(b) => b,
             Err(e) => {
                 let reason = format!("the next hop cannot be encoded: {e}");
-                return Box::pin(dead_letter(shared, svc, delivery, reason)).await;
+                return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, reason)).await;
             }
         };
         let out = Outgoing {
@@ -704,7 +786,7 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
             headers: headers::for_hop(&doc, shared.format),
             payload: Bytes::from(body),
         };
-        match shared.transport.publish(out).await {
+        match store(shared, &delivery, out).await {
             Ok(ack) => {
                 WorkerStats::bump(if ack.duplicate {
                     &shared.stats.duplicates
@@ -716,7 +798,15 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
                     tracing::warn!(error = %e, "ack failed");
                 }
             }
-            Err(e) => {
+            Err(Unstored::OverLimit(e)) => {
+                let reason = format!(
+                    "unavailable: the next hop could not be stored for {} s, the limit: {e}; \
+                     nothing failed: redrive it once the outage is over",
+                    shared.unavailable_limit.as_secs()
+                );
+                dead_letter(shared, svc, delivery, DeadLetterKind::Unavailable, reason).await;
+            }
+            Err(Unstored::Failed(e)) => {
                 tracing::warn!(error = %e, "publishing the next hop failed");
                 let delay = publish_retry_delay(delivery.delivered());
                 hand_back(shared, svc, delivery, Some(delay), &format!("publish failed: {e}")).await;
@@ -725,6 +815,79 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
     }
     .instrument(span)
     .await
+}
+
+/// Why a next hop was not stored.
+enum Unstored {
+    /// Unavailable for longer than the worker's limit.
+    OverLimit(crate::transport::Error),
+    /// Not worth trying again here (or the worker is draining): hand the
+    /// input back; its redelivery does the step again, idempotently.
+    Failed(crate::transport::Error),
+}
+
+/// Stores the next hop, waiting out an unavailable stream (a leader
+/// election, a node restarting, a lost connection) with capped backoff
+/// while keeping the input's delivery alive, up to the worker's
+/// `unavailable_limit`. Handing the input back instead would spend one of
+/// its deliveries per try, and a failover longer than those turned healthy
+/// orders into dead letters. Every try carries the same deduplication id,
+/// so a try that was stored after all is not stored twice.
+async fn store<T: Transport>(
+    shared: &Shared<T>,
+    delivery: &impl Delivery,
+    out: Outgoing,
+) -> Result<crate::transport::PublishAck, Unstored> {
+    let began = tokio::time::Instant::now();
+    let tries = async {
+        let mut tries = 0u32;
+        loop {
+            let e = match shared.transport.publish(out.clone()).await {
+                Ok(ack) => return Ok(ack),
+                Err(e) => e,
+            };
+            if !e.is_unavailable() || shared.cancel.is_cancelled() {
+                return Err(Unstored::Failed(e));
+            }
+            if began.elapsed() >= shared.unavailable_limit {
+                return Err(Unstored::OverLimit(e));
+            }
+            tries += 1;
+            WorkerStats::bump(&shared.stats.publish_retries);
+            let wait = transition::unavailable_delay(tries, fastrand::f64());
+            if tries == 1 || tries.is_power_of_two() {
+                tracing::warn!(error = %e, tries, retry_in = ?wait, "the next hop was not stored; trying again");
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shared.cancel.cancelled() => return Err(Unstored::Failed(e)),
+            }
+        }
+    };
+    let mut tries = std::pin::pin!(tries);
+    // Most publishes are stored at once: no timer then.
+    match futures::poll!(tries.as_mut()) {
+        std::task::Poll::Ready(r) => r,
+        std::task::Poll::Pending => keep_alive(tries, delivery, shared.ack_wait).await,
+    }
+}
+
+/// Runs `fut`, telling the server every third of the ack wait that the
+/// delivery is still being worked on.
+async fn keep_alive<F: Future + Unpin>(mut fut: F, delivery: &impl Delivery, ack_wait: Duration) -> F::Output {
+    let mut tick = tokio::time::interval(ack_wait / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            r = &mut fut => return r,
+            _ = tick.tick() => {
+                if let Err(e) = delivery.in_progress().await {
+                    tracing::warn!(error = %e, "could not extend the ack deadline");
+                }
+            }
+        }
+    }
 }
 
 /// Runs the handler under its timeout, turning a panic into a transient
@@ -773,19 +936,7 @@ async fn wait_guarded<F: std::future::Future + Unpin>(
     if timeout <= ack_wait / 2 {
         return guarded.await;
     }
-    tokio::pin!(guarded);
-    let mut tick = tokio::time::interval(ack_wait / 3);
-    tick.tick().await;
-    loop {
-        tokio::select! {
-            r = &mut guarded => return r,
-            _ = tick.tick() => {
-                if let Err(e) = delivery.in_progress().await {
-                    tracing::warn!(error = %e, "could not extend the ack deadline");
-                }
-            }
-        }
-    }
+    keep_alive(std::pin::pin!(guarded), delivery, ack_wait).await
 }
 
 /// How long to wait before trying a step again whose next hop could not be
@@ -812,7 +963,7 @@ async fn hand_back<T: Transport>(
             delivery.delivered(),
             shared.max_deliver
         );
-        return dead_letter(shared, svc, delivery, reason).await;
+        return dead_letter(shared, svc, delivery, DeadLetterKind::Exhausted, reason).await;
     }
     WorkerStats::bump(&shared.stats.naks);
     if let Err(e) = delivery.nak(delay).await {
@@ -824,11 +975,13 @@ async fn dead_letter<T: Transport>(
     shared: &Shared<T>,
     svc: &Service,
     delivery: <T::Consumer as Consumer>::Delivery,
+    kind: DeadLetterKind,
     reason: String,
 ) {
-    tracing::warn!(service = %svc.service, %reason, "dead-lettering a message");
+    tracing::warn!(service = %svc.service, %kind, %reason, "dead-lettering a message");
     let letter = DeadLetter {
         message: delivery.message().clone(),
+        kind,
         reason,
         consumer: subject::service_consumer(&svc.service),
     };

@@ -147,8 +147,73 @@ fn drive(wf: &Workflow, acts: &[Act]) -> (Document, usize) {
     }
 }
 
+/// [`drive`], with `waits[n]` (cycled) tries on an unavailable
+/// infrastructure before each real result, during compensation too.
+fn drive_with_waits(wf: &Workflow, acts: &[Act], waits: &[u8]) -> (Document, usize) {
+    let mut doc = Document::new(OrderId::new(), wf.shared_route(), Payload::postcard(&()).unwrap());
+    let (mut n, mut hops) = (0, 0);
+    loop {
+        for _ in 0..waits[n % waits.len()] {
+            let before = (doc.status, doc.step, doc.attempt, doc.owed.clone());
+            let d = apply(&mut doc, attempt(StepResult::Unavailable("down".into()))).expect("running");
+            hops += 1;
+            assert!(matches!(d, Decision::Hop { delay: Some(_), .. }), "a wait never ends an order");
+            assert_eq!((doc.status, doc.step, doc.attempt, doc.owed.clone()), before, "a wait changes nothing");
+            assert!(doc.history.last().is_some_and(|r| r.result.is_unavailable()));
+        }
+        let result = match doc.status {
+            Status::Compensating => StepResult::ok(),
+            _ => match acts[n % acts.len()] {
+                Act::Outcome(o) => StepResult::outcome(OUTCOMES[usize::from(o)]),
+                Act::Transient => StepResult::Transient("flaky".into()),
+                Act::Permanent => StepResult::Permanent("broken".into()),
+            },
+        };
+        let decision = apply(&mut doc, attempt(result)).expect("a running document accepts a result");
+        n += 1;
+        hops += 1;
+        assert_eq!(doc.hop as usize, hops, "one hop per attempt or wait");
+        if let Decision::Finish(_) = decision {
+            return (doc, n);
+        }
+        assert!(n < 10_000, "route did not terminate");
+    }
+}
+
+/// A history without its waits on infrastructure.
+fn attempts_only(doc: &Document) -> Vec<(String, StepKind, u32, AttemptResult)> {
+    doc.history
+        .iter()
+        .filter(|r| !r.result.is_unavailable())
+        .map(|r| (r.step.to_string(), r.kind, r.attempt, r.result.clone()))
+        .collect()
+}
+
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// An outage delays an order; it never changes how it ends: with any
+    /// number of waits on an unavailable infrastructure anywhere (forward or
+    /// compensating), the order ends as it would without them, through the
+    /// same attempts, and the waits fold into one record each.
+    #[test]
+    fn waits_on_infrastructure_never_change_how_an_order_ends(
+        d in def(),
+        acts in proptest::collection::vec(act(), 1..12),
+        waits in proptest::collection::vec(0u8..20, 1..12),
+    ) {
+        let Some(wf) = build(&d) else { return Ok(()) };
+        let (plain, n_plain) = drive(&wf, &acts);
+        let (waited, n_waited) = drive_with_waits(&wf, &acts, &waits);
+        prop_assert_eq!(n_plain, n_waited);
+        prop_assert_eq!(waited.status, plain.status);
+        prop_assert_eq!(&waited.failure, &plain.failure);
+        prop_assert_eq!(&waited.owed, &plain.owed);
+        prop_assert_eq!(attempts_only(&waited), attempts_only(&plain));
+        for pair in waited.history.windows(2) {
+            prop_assert!(!(pair[0].result.is_unavailable() && pair[1].result.is_unavailable()), "waits fold");
+        }
+    }
 
     #[test]
     fn every_valid_route_terminates(d in def(), acts in proptest::collection::vec(act(), 1..12)) {

@@ -432,7 +432,13 @@ impl Transport for Flaky {
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
         {
-            return Err(TransportError::TimedOut("simulated lost publish".into()));
+            // Not an unavailable stream (that is waited out in place, see
+            // tests/unavailable.rs): a failure the worker hands back, so the
+            // step is delivered and run again.
+            return Err(TransportError::Other {
+                message: "simulated lost publish".into(),
+                retryable: true,
+            });
         }
         self.inner.publish(msg).await
     }

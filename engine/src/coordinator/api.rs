@@ -55,6 +55,10 @@ pub struct HistoryEntry {
     pub error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transient: Option<bool>,
+    /// Set when this record is a wait on unavailable infrastructure (not an
+    /// attempt): `error` is the last fault seen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unavailable: Option<Waiting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     pub started_at: String,
@@ -64,9 +68,19 @@ pub struct HistoryEntry {
 
 impl HistoryEntry {
     pub fn of(r: &StepRecord) -> Self {
-        let (outcome, error, transient) = match &r.result {
-            AttemptResult::Outcome(o) => (Some(o.to_string()), None, None),
-            AttemptResult::Error { message, transient } => (None, Some(message.clone()), Some(*transient)),
+        let (outcome, error, transient, unavailable) = match &r.result {
+            AttemptResult::Outcome(o) => (Some(o.to_string()), None, None, None),
+            AttemptResult::Error { message, transient } => (None, Some(message.clone()), Some(*transient), None),
+            AttemptResult::Unavailable { message, since, tries } => (
+                None,
+                Some(message.clone()),
+                None,
+                Some(Waiting {
+                    since: rfc3339(*since),
+                    tries: *tries,
+                    error: message.clone(),
+                }),
+            ),
         };
         Self {
             step: r.step.clone(),
@@ -76,12 +90,23 @@ impl HistoryEntry {
             outcome,
             error,
             transient,
+            unavailable,
             detail: r.detail.as_ref().map(|d| d.to_string()),
             started_at: rfc3339(r.started_at),
             ended_at: rfc3339(r.ended_at),
             worker: r.worker.to_string(),
         }
     }
+}
+
+/// A step waiting on unavailable infrastructure (a store or NATS with no
+/// responders, a leader election): since when, how many tries, the last
+/// error. No attempt is spent meanwhile and the order does not fail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Waiting {
+    pub since: String,
+    pub tries: u32,
+    pub error: String,
 }
 
 /// Where one order stands, and what happened to it.
@@ -108,6 +133,9 @@ pub struct StatusReply {
     pub stalled: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure: Option<String>,
+    /// Set while the current step waits on unavailable infrastructure.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<Waiting>,
     pub history: Vec<HistoryEntry>,
     /// Set when the latest hop could not be read back from the stream (the
     /// history is then empty).
@@ -133,6 +161,7 @@ impl StatusReply {
             due: state.due.map(rfc3339),
             stalled,
             failure: None,
+            waiting: None,
             history: Vec::new(),
             history_error: None,
             partition,
@@ -143,6 +172,11 @@ impl StatusReply {
     pub fn with_document(mut self, doc: &Document) -> Self {
         self.history = doc.history.iter().map(HistoryEntry::of).collect();
         self.failure = doc.failure.clone();
+        self.waiting = doc.waiting().map(|(since, tries, error)| Waiting {
+            since: rfc3339(since),
+            tries,
+            error: error.to_owned(),
+        });
         self
     }
 }

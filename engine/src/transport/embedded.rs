@@ -266,6 +266,7 @@ impl ConsumerState {
     fn dead_letter(&self, pending: &Arc<Stored>, reason: String) {
         self.dead.push(DeadLetter {
             message: pending.message.clone(),
+            kind: super::DeadLetterKind::Exhausted,
             reason,
             consumer: self.config.durable.clone(),
         });

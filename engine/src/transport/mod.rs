@@ -22,6 +22,7 @@ use bytes::Bytes;
 
 pub mod conformance;
 mod embedded;
+pub mod fault;
 pub mod nats;
 
 pub use embedded::{Embedded, EmbeddedConfig};
@@ -42,6 +43,12 @@ pub enum Error {
     BadConfig(String),
     #[error("message of {size} bytes exceeds the transport's limit of {max}")]
     TooLarge { size: usize, max: usize },
+    /// The infrastructure is unavailable for now (no responders, no
+    /// stream while a leader is elected, a time-out, a lost connection,
+    /// JetStream not ready): the same again later may succeed. A fault of
+    /// the infrastructure, never a business failure.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
     #[error("{message}")]
     Other { message: String, retryable: bool },
 }
@@ -50,10 +57,17 @@ impl Error {
     /// Whether doing the same again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::TimedOut(_) => true,
+            Error::TimedOut(_) | Error::Unavailable(_) => true,
             Error::Other { retryable, .. } => *retryable,
             Error::Closed | Error::NoConsumer(_) | Error::BadConfig(_) | Error::TooLarge { .. } => false,
         }
+    }
+
+    /// Whether this is a fault of the infrastructure (see
+    /// [`Error::Unavailable`]), which a worker waits out without spending
+    /// a step's attempts.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, Error::TimedOut(_) | Error::Unavailable(_))
     }
 }
 
@@ -193,10 +207,42 @@ impl ConsumerConfig {
     }
 }
 
+/// Why a message became a dead letter, as a code to decide on (the
+/// `Waybill-Dlq-Kind` header); the reason text is for people.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DeadLetterKind {
+    /// It cannot be processed as it is: undecodable, failing verification,
+    /// misaddressed, of an unknown workflow, or terminal already.
+    Invalid,
+    /// Its deliveries ran out (a worker died or hung on it every time, or
+    /// it could not be handed on).
+    Exhausted,
+    /// The infrastructure its step needs stayed unavailable past the
+    /// worker's limit. Nothing failed: redrive it once the outage is over.
+    Unavailable,
+}
+
+impl DeadLetterKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterKind::Invalid => "invalid",
+            DeadLetterKind::Exhausted => "exhausted",
+            DeadLetterKind::Unavailable => "unavailable",
+        }
+    }
+}
+
+impl fmt::Display for DeadLetterKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// A message that cannot be processed, kept with the reason.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeadLetter {
     pub message: Message,
+    pub kind: DeadLetterKind,
     pub reason: String,
     /// Where the message was: the consumer that gave up on it.
     pub consumer: String,
