@@ -30,8 +30,18 @@ pub enum Reservation {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StockError {
+    /// The store cannot be reached for now (no responders, a leader
+    /// election, a time-out): the step waits, spending no attempt.
     #[error("stock store unavailable: {0}")]
     Unavailable(String),
+    /// The store answered, but not as it should (an unreadable value):
+    /// worth a retry, counted as an attempt.
+    #[error("stock store error: {0}")]
+    Store(String),
+    /// The order asks for what cannot be stored (a SKU that is no valid
+    /// key): retrying will not help.
+    #[error("{0}")]
+    Invalid(String),
     /// Another run of a step of this order holds it (a redelivery
     /// overlapping a slow original): try again after the delay.
     #[error("another run holds this order's stock for {0:?} more")]
@@ -42,7 +52,9 @@ impl From<StockError> for StepError {
     fn from(e: StockError) -> Self {
         match e {
             StockError::Busy(d) => StepError::defer(e.to_string(), d),
-            StockError::Unavailable(_) => StepError::transient(e.to_string()),
+            StockError::Unavailable(_) => StepError::unavailable(e.to_string()),
+            StockError::Store(_) => StepError::transient(e.to_string()),
+            StockError::Invalid(_) => StepError::permanent(e.to_string()),
         }
     }
 }

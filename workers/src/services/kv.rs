@@ -20,10 +20,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, CreateErrorKind, Store, UpdateErrorKind};
+use async_nats::jetstream::kv::{self, Store};
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+use waybill::transport::fault::{self, Fault};
 use waybill::transport::nats::Nats;
 use waybill::OrderId;
 
@@ -94,7 +95,7 @@ pub async fn seed_stock(nats: &Nats, stock: &BTreeMap<String, i64>) -> Result<us
         };
         match store.create(sku, encode(&value)).await {
             Ok(_) => created += 1,
-            Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => {}
+            Err(e) if fault::is_conflict(&e) => {}
             Err(e) => return Err(kv_err(INVENTORY, e)),
         }
     }
@@ -151,10 +152,9 @@ impl KvLedger {
     }
 
     async fn read(&self, key: &str) -> Result<Option<(PaymentEntry, u64)>, LedgerError> {
-        let unavailable = |e: String| LedgerError::Unavailable(e);
-        match self.store.entry(key).await.map_err(|e| unavailable(e.to_string()))? {
+        match self.store.entry(key).await.map_err(ledger_err)? {
             Some(e) if e.operation == kv::Operation::Put => {
-                let v = decode(PAYMENTS, key, &e.value).map_err(unavailable)?;
+                let v = decode(PAYMENTS, key, &e.value).map_err(LedgerError::Store)?;
                 Ok(Some((v, e.revision)))
             }
             _ => Ok(None),
@@ -172,12 +172,12 @@ impl Ledger for KvLedger {
         };
         match self.store.create(&key, encode(&entry)).await {
             Ok(_) => Ok(entry),
-            Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => self
+            Err(e) if fault::is_conflict(&e) => self
                 .read(&key)
                 .await?
                 .map(|(e, _)| e)
-                .ok_or_else(|| LedgerError::Unavailable(format!("ledger entry {key} vanished"))),
-            Err(e) => Err(LedgerError::Unavailable(e.to_string())),
+                .ok_or_else(|| LedgerError::Store(format!("ledger entry {key} vanished"))),
+            Err(e) => Err(ledger_err(e)),
         }
     }
 
@@ -193,8 +193,8 @@ impl Ledger for KvLedger {
             entry.refunded = true;
             match self.store.update(&key, encode(&entry), revision).await {
                 Ok(_) => return Ok(Some(entry)),
-                Err(e) if lost_race(&e, UpdateErrorKind::WrongLastRevision) => continue,
-                Err(e) => return Err(LedgerError::Unavailable(e.to_string())),
+                Err(e) if fault::is_conflict(&e) => continue,
+                Err(e) => return Err(ledger_err(e)),
             }
         }
     }
@@ -204,17 +204,24 @@ impl Ledger for KvLedger {
     }
 }
 
-/// Whether a create or compare-and-swap lost to another writer. A
-/// clustered nats-server answers such a write with error 10164 (`wrong last
-/// sequence`, its "constant" form), which async-nats 0.51 does not know and
-/// reports as `Other`; a single server answers 10071, which it maps to
-/// `WrongLastRevision`. Without this, a lost race in a cluster looked like
-/// an unavailable store and used up a step's attempts.
-fn lost_race<K>(e: &async_nats::error::Error<K>, kind: K) -> bool
-where
-    K: Clone + Copy + PartialEq + std::fmt::Debug + std::fmt::Display,
-{
-    e.kind() == kind || e.to_string().contains("error code 10164")
+/// A store error of the ledger, told apart by its kind and code
+/// ([`fault::classify`]): an unavailable store (no responders, a leader
+/// election, a time-out) is waited out without spending an attempt. A lost
+/// race is handled where it can happen; anywhere else it, like the rest,
+/// is an error worth a retry.
+fn ledger_err<E: std::error::Error + 'static>(e: E) -> LedgerError {
+    match fault::classify(&e) {
+        Fault::Unavailable => LedgerError::Unavailable(e.to_string()),
+        Fault::Conflict | Fault::Other => LedgerError::Store(e.to_string()),
+    }
+}
+
+/// A store error of the stock, as [`ledger_err`] tells them apart.
+fn stock_err<E: std::error::Error + 'static>(e: E) -> StockError {
+    match fault::classify(&e) {
+        Fault::Unavailable => StockError::Unavailable(e.to_string()),
+        Fault::Conflict | Fault::Other => StockError::Store(e.to_string()),
+    }
 }
 
 // --------------------------------------------------------------- inventory
@@ -294,9 +301,6 @@ pub struct KvStock {
     seed: std::collections::HashMap<String, i64>,
 }
 
-fn unavailable(e: impl std::fmt::Display) -> StockError {
-    StockError::Unavailable(e.to_string())
-}
 
 /// What one change of a SKU came to.
 enum Change {
@@ -319,9 +323,9 @@ impl KvStock {
     /// A SKU's value and revision, created at its initial level if absent.
     async fn sku(&self, sku: &str) -> Result<(SkuValue, u64), StockError> {
         loop {
-            match self.stock.entry(sku).await.map_err(unavailable)? {
+            match self.stock.entry(sku).await.map_err(stock_err)? {
                 Some(e) if e.operation == kv::Operation::Put => {
-                    let v = decode(INVENTORY, sku, &e.value).map_err(StockError::Unavailable)?;
+                    let v = decode(INVENTORY, sku, &e.value).map_err(StockError::Store)?;
                     return Ok((v, e.revision));
                 }
                 _ => {
@@ -332,8 +336,8 @@ impl KvStock {
                     };
                     match self.stock.create(sku, encode(&v)).await {
                         Ok(rev) => return Ok((v, rev)),
-                        Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => continue,
-                        Err(e) => return Err(unavailable(e)),
+                        Err(e) if fault::is_conflict(&e) => continue,
+                        Err(e) => return Err(stock_err(e)),
                     }
                 }
             }
@@ -357,8 +361,8 @@ impl KvStock {
             v.pending.insert(marker.to_owned(), qty);
             match self.stock.update(sku, encode(&v), rev).await {
                 Ok(_) => return Ok(Change::Made),
-                Err(e) if lost_race(&e, UpdateErrorKind::WrongLastRevision) => after_conflict(&mut tries).await,
-                Err(e) => return Err(unavailable(e)),
+                Err(e) if fault::is_conflict(&e) => after_conflict(&mut tries).await,
+                Err(e) => return Err(stock_err(e)),
             }
         }
     }
@@ -373,16 +377,16 @@ impl KvStock {
             }
             match self.stock.update(sku, encode(&v), rev).await {
                 Ok(_) => return Ok(()),
-                Err(e) if lost_race(&e, UpdateErrorKind::WrongLastRevision) => after_conflict(&mut tries).await,
-                Err(e) => return Err(unavailable(e)),
+                Err(e) if fault::is_conflict(&e) => after_conflict(&mut tries).await,
+                Err(e) => return Err(stock_err(e)),
             }
         }
     }
 
     async fn record(&self, order: &str) -> Result<Option<(ResRecord, u64)>, StockError> {
-        match self.orders.entry(order).await.map_err(unavailable)? {
+        match self.orders.entry(order).await.map_err(stock_err)? {
             Some(e) if e.operation == kv::Operation::Put => {
-                let r = decode(RESERVATIONS, order, &e.value).map_err(StockError::Unavailable)?;
+                let r = decode(RESERVATIONS, order, &e.value).map_err(StockError::Store)?;
                 Ok(Some((r, e.revision)))
             }
             _ => Ok(None),
@@ -394,10 +398,10 @@ impl KvStock {
     async fn save(&self, order: &str, r: &ResRecord, rev: u64) -> Result<u64, StockError> {
         match self.orders.update(order, encode(r), rev).await {
             Ok(rev) => Ok(rev),
-            Err(e) if lost_race(&e, UpdateErrorKind::WrongLastRevision) => {
+            Err(e) if fault::is_conflict(&e) => {
                 Err(StockError::Busy(Duration::from_millis(500)))
             }
-            Err(e) => Err(unavailable(e)),
+            Err(e) => Err(stock_err(e)),
         }
     }
 
@@ -477,12 +481,12 @@ impl StockStore for KvStock {
         run: Run,
     ) -> Result<Reservation, StockError> {
         for sku in lines.keys() {
-            check_key(sku).map_err(StockError::Unavailable)?;
+            check_key(sku).map_err(StockError::Invalid)?;
         }
         let key = order.to_string();
         let id = uuid::Uuid::now_v7().simple().to_string();
         let result = self.reserve_as(&key, &id, lines, run).await;
-        if matches!(result, Err(StockError::Unavailable(_))) {
+        if matches!(result, Err(StockError::Unavailable(_) | StockError::Store(_))) {
             self.let_go(&key, &id).await;
         }
         result
@@ -492,7 +496,7 @@ impl StockStore for KvStock {
         let key = order.to_string();
         let id = uuid::Uuid::now_v7().simple().to_string();
         let result = self.release_as(&key, &id, run).await;
-        if matches!(result, Err(StockError::Unavailable(_))) {
+        if matches!(result, Err(StockError::Unavailable(_) | StockError::Store(_))) {
             self.let_go(&key, &id).await;
         }
         result
@@ -528,10 +532,10 @@ impl KvStock {
                 };
                 match self.orders.create(key, encode(&rec)).await {
                     Ok(rev) => (rec, rev),
-                    Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => {
+                    Err(e) if fault::is_conflict(&e) => {
                         return Err(StockError::Busy(Duration::from_millis(200)));
                     }
-                    Err(e) => return Err(unavailable(e)),
+                    Err(e) => return Err(stock_err(e)),
                 }
             }
         };
@@ -606,10 +610,10 @@ impl KvStock {
             return match self.orders.create(key, encode(&closed)).await {
                 Ok(_) => Ok(false),
                 // A run of the reservation created it meanwhile: look again.
-                Err(e) if lost_race(&e, CreateErrorKind::AlreadyExists) => {
+                Err(e) if fault::is_conflict(&e) => {
                     Err(StockError::Busy(Duration::from_millis(200)))
                 }
-                Err(e) => Err(unavailable(e)),
+                Err(e) => Err(stock_err(e)),
             };
         };
         if matches!(rec.state, ResState::Reserving | ResState::RollingBack) {
@@ -644,8 +648,8 @@ impl KvStock {
             }
             match self.stock.update(sku, encode(&v), rev).await {
                 Ok(_) => return Ok(false),
-                Err(e) if lost_race(&e, UpdateErrorKind::WrongLastRevision) => after_conflict(&mut tries).await,
-                Err(e) => return Err(unavailable(e)),
+                Err(e) if fault::is_conflict(&e) => after_conflict(&mut tries).await,
+                Err(e) => return Err(stock_err(e)),
             }
         }
     }

@@ -21,8 +21,23 @@ pub struct PaymentEntry {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LedgerError {
+    /// The ledger's store cannot be reached for now (no responders, a
+    /// leader election, a time-out): the step waits, spending no attempt.
     #[error("ledger unavailable: {0}")]
     Unavailable(String),
+    /// The store answered, but not as a ledger should (an unreadable or
+    /// vanished entry): worth a retry, counted as an attempt.
+    #[error("ledger error: {0}")]
+    Store(String),
+}
+
+impl From<LedgerError> for StepError {
+    fn from(e: LedgerError) -> Self {
+        match e {
+            LedgerError::Unavailable(_) => StepError::unavailable(e.to_string()),
+            LedgerError::Store(_) => StepError::transient(e.to_string()),
+        }
+    }
 }
 
 /// The payment ledger, keyed by order id. Charging an order twice, or
@@ -144,8 +159,7 @@ impl<L: Ledger> PaymentService<L> {
         let entry = self
             .ledger
             .charge(ctx.order_id, amount)
-            .await
-            .map_err(|e| StepError::transient(e.to_string()))?;
+            .await?;
         Ok(StepOutput::ok().with_detail(format!("charged {} cents", entry.amount_cents)))
     }
 
@@ -154,8 +168,7 @@ impl<L: Ledger> PaymentService<L> {
         let entry = self
             .ledger
             .refund(ctx.order_id)
-            .await
-            .map_err(|e| StepError::transient(e.to_string()))?;
+            .await?;
         Ok(match entry {
             Some(e) => StepOutput::ok().with_detail(format!("refunded {} cents", e.amount_cents)),
             None => StepOutput::ok().with_detail("nothing was charged"),
