@@ -278,6 +278,10 @@ struct Lease {
 /// out, and clock differences between hosts.
 const LEASE_MARGIN: Duration = Duration::from_secs(5);
 
+/// How long giving up a lease may take, each of its two calls: the run
+/// keeps [`super::STORE_MARGIN`] of its step's time for it.
+const LET_GO_WITHIN: Duration = Duration::from_millis(900);
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -473,6 +477,20 @@ impl KvStock {
     }
 }
 
+/// Runs one run of a step within its store budget (see
+/// [`super::STORE_MARGIN`]): a store that does not answer by then is
+/// unavailable, and the run still has time to give up its lease.
+async fn within_run<T>(run: Run, op: impl std::future::Future<Output = Result<T, StockError>>) -> Result<T, StockError> {
+    let budget = super::store_budget(run.window);
+    match tokio::time::timeout(budget, op).await {
+        Ok(r) => r,
+        Err(_) => Err(StockError::Unavailable(format!(
+            "the stock store did not answer within {} ms",
+            budget.as_millis()
+        ))),
+    }
+}
+
 impl StockStore for KvStock {
     async fn reserve(
         &self,
@@ -485,7 +503,7 @@ impl StockStore for KvStock {
         }
         let key = order.to_string();
         let id = uuid::Uuid::now_v7().simple().to_string();
-        let result = self.reserve_as(&key, &id, lines, run).await;
+        let result = within_run(run, self.reserve_as(&key, &id, lines, run)).await;
         if matches!(result, Err(StockError::Unavailable(_) | StockError::Store(_))) {
             self.let_go(&key, &id).await;
         }
@@ -495,7 +513,7 @@ impl StockStore for KvStock {
     async fn release(&self, order: OrderId, run: Run) -> Result<bool, StockError> {
         let key = order.to_string();
         let id = uuid::Uuid::now_v7().simple().to_string();
-        let result = self.release_as(&key, &id, run).await;
+        let result = within_run(run, self.release_as(&key, &id, run)).await;
         if matches!(result, Err(StockError::Unavailable(_) | StockError::Store(_))) {
             self.let_go(&key, &id).await;
         }
@@ -659,12 +677,16 @@ impl KvStock {
     /// waiting for the lease to lapse. A run that dies or hangs cannot, and
     /// its lease lapses after the step's timeout plus the margin.
     async fn let_go(&self, key: &str, id: &str) {
-        if let Ok(Some((mut rec, rev))) = self.record(key).await {
-            if rec.lease.as_ref().is_some_and(|l| l.run == id) {
-                rec.lease = None;
-                if let Err(e) = self.save(key, &rec, rev).await {
-                    tracing::debug!(order = key, error = %e, "could not give up the lease");
-                }
+        // Bounded: with the store away, the lease lapses by itself.
+        let Ok(Ok(Some((mut rec, rev)))) = tokio::time::timeout(LET_GO_WITHIN, self.record(key)).await else {
+            return;
+        };
+        if rec.lease.as_ref().is_some_and(|l| l.run == id) {
+            rec.lease = None;
+            match tokio::time::timeout(LET_GO_WITHIN, self.save(key, &rec, rev)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!(order = key, error = %e, "could not give up the lease"),
+                Err(_) => tracing::debug!(order = key, "could not give up the lease in time"),
             }
         }
     }

@@ -26,6 +26,41 @@ pub(crate) fn order_of(payload: &Payload) -> Result<OrderView<'_>, StepError> {
     Ok(payload.decode_borrowed::<OrderView>()?)
 }
 
+/// How much of a step's time a call to its store leaves unused: the call
+/// gives up that long before the step would time out, so a store that does
+/// not answer (a node away, a leader being elected) is an unavailable store,
+/// waited out without spending an attempt, and not a step that timed out,
+/// which spends one (and an outage of a few step timeouts used them all).
+/// It also leaves the store time to give up an inventory lease.
+pub(crate) const STORE_MARGIN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How long a store call may take out of a step's `window`: all of it but
+/// [`STORE_MARGIN`], and at least half of it.
+pub(crate) fn store_budget(window: std::time::Duration) -> std::time::Duration {
+    window.saturating_sub(STORE_MARGIN).max(window / 2)
+}
+
+/// Runs a call to the step's store within [`store_budget`] of the step's
+/// time; one that does not answer by then is an unavailable store.
+pub(crate) async fn store_call<T, E>(
+    ctx: &StepContext,
+    what: &str,
+    call: impl std::future::Future<Output = Result<T, E>>,
+) -> Result<T, StepError>
+where
+    StepError: From<E>,
+{
+    let window = ctx.deadline.saturating_duration_since(tokio::time::Instant::now());
+    let budget = store_budget(window);
+    match tokio::time::timeout(budget, call).await {
+        Ok(r) => r.map_err(StepError::from),
+        Err(_) => Err(StepError::unavailable(format!(
+            "{what} did not answer within {} ms",
+            budget.as_millis()
+        ))),
+    }
+}
+
 /// A step handler calling `method` of the shared service `svc`.
 macro_rules! handler {
     ($svc:expr, $method:ident) => {{

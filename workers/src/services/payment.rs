@@ -156,19 +156,13 @@ impl<L: Ledger> PaymentService<L> {
             panic!("payment gateway client bug (simulated for cards ending 0259)");
         }
         let amount = order.total_cents().map_err(|e| StepError::permanent(e.to_string()))?;
-        let entry = self
-            .ledger
-            .charge(ctx.order_id, amount)
-            .await?;
+        let entry = super::store_call(&ctx, "the ledger", self.ledger.charge(ctx.order_id, amount)).await?;
         Ok(StepOutput::ok().with_detail(format!("charged {} cents", entry.amount_cents)))
     }
 
     /// Refunds the order's charge, once.
     pub async fn refund(&self, ctx: StepContext, _payload: Payload) -> Result<StepOutput, StepError> {
-        let entry = self
-            .ledger
-            .refund(ctx.order_id)
-            .await?;
+        let entry = super::store_call(&ctx, "the ledger", self.ledger.refund(ctx.order_id)).await?;
         Ok(match entry {
             Some(e) => StepOutput::ok().with_detail(format!("refunded {} cents", e.amount_cents)),
             None => StepOutput::ok().with_detail("nothing was charged"),
