@@ -274,9 +274,25 @@ struct Lease {
     until_ms: u64,
 }
 
-/// Added to a run's window: covers a request in flight when its step times
-/// out, and clock differences between hosts.
-const LEASE_MARGIN: Duration = Duration::from_secs(5);
+/// The longest one run of a reservation or a release acts. A run takes
+/// milliseconds; one that cannot finish in this time faces a store that is
+/// away or overloaded: it gives up as an unavailable store (the step waits
+/// and tries again, spending no attempt) and lets its lease go. The lease
+/// is this long plus [`LEASE_MARGIN`], so a run whose worker died holds the
+/// order back about 4 s, not the step's whole timeout (10 s) plus 5 s: the
+/// fault suite measured 15-20 s of recovery after a worker's SIGKILL, set
+/// by that lease.
+const RUN_BUDGET: Duration = Duration::from_millis(2500);
+
+/// Added to a run's budget in its lease: covers a write still in flight
+/// when the run gives up, and clock differences between hosts (the lease
+/// is wall-clock time; hosts must agree within this margin).
+const LEASE_MARGIN: Duration = Duration::from_millis(1500);
+
+/// How long one run may act: [`RUN_BUDGET`], within its step's time.
+fn run_budget(run: Run) -> Duration {
+    super::store_budget(run.window).min(RUN_BUDGET)
+}
 
 /// How long giving up a lease may take, each of its two calls: the run
 /// keeps [`super::STORE_MARGIN`] of its step's time for it.
@@ -290,7 +306,7 @@ fn now_ms() -> u64 {
 
 /// A fresh lease for a run.
 fn lease(id: &str, run: Run) -> Lease {
-    let ms = u64::try_from((run.window + LEASE_MARGIN).as_millis()).unwrap_or(u64::MAX);
+    let ms = u64::try_from((run_budget(run) + LEASE_MARGIN).as_millis()).unwrap_or(u64::MAX);
     Lease {
         run: id.to_owned(),
         until_ms: now_ms().saturating_add(ms),
@@ -477,11 +493,11 @@ impl KvStock {
     }
 }
 
-/// Runs one run of a step within its store budget (see
-/// [`super::STORE_MARGIN`]): a store that does not answer by then is
-/// unavailable, and the run still has time to give up its lease.
+/// Runs one run of a step within its budget ([`run_budget`]): a store that
+/// does not answer by then is unavailable, and the run still has time to
+/// give up its lease.
 async fn within_run<T>(run: Run, op: impl std::future::Future<Output = Result<T, StockError>>) -> Result<T, StockError> {
-    let budget = super::store_budget(run.window);
+    let budget = run_budget(run);
     match tokio::time::timeout(budget, op).await {
         Ok(r) => r,
         Err(_) => Err(StockError::Unavailable(format!(
