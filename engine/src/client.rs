@@ -2,6 +2,12 @@
 //!
 //! A client follows the terminal hops (`waybill.done.>`) on a consumer of its
 //! own and hands each finished document to whoever waits for that order.
+//!
+//! Starting is safe against outages: the order's id is chosen before the
+//! first try, and a try that is not confirmed stored (a time-out, no stream
+//! while a leader is elected, a lost connection) is tried again under the
+//! same id, which the stream's deduplication stores once. An outage delays a
+//! start; it neither loses nor doubles it.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -19,8 +25,23 @@ use crate::headers;
 use crate::id::{DedupId, OrderId};
 use crate::registry::StartError;
 use crate::subject;
-use crate::transport::{Consumer, ConsumerConfig, Delivery, Outgoing, PublishAck, Transport};
+use crate::transport::{Consumer, ConsumerConfig, Delivery, Error as TransportError, Outgoing, PublishAck, Transport};
 use crate::workflow::Workflow;
+
+/// How long [`Client::start`] keeps trying to store an order by default.
+pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The longest [`Client::start_timeout`] accepted. A retry is deduplicated
+/// against the tries before it only inside the stream's duplicate window
+/// (120 s by default, `NatsConfig::duplicate_window`): a retry later than
+/// that, of a try that was stored after all, would store the order twice.
+/// Kept well inside the window, with room for a try's own time-out.
+pub const MAX_START_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The pause after a start's first unconfirmed try; it doubles per try.
+const START_BACKOFF_FIRST: Duration = Duration::from_millis(50);
+/// The longest pause between two tries of a start.
+const START_BACKOFF_CAP: Duration = Duration::from_secs(2);
 
 /// Why waiting for an order failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,6 +73,7 @@ pub struct Client<T> {
     inner: Arc<Inner<T>>,
     cancel: CancellationToken,
     tracker: TaskTracker,
+    start_timeout: Duration,
 }
 
 impl<T> Clone for Client<T> {
@@ -60,6 +82,7 @@ impl<T> Clone for Client<T> {
             inner: self.inner.clone(),
             cancel: self.cancel.clone(),
             tracker: self.tracker.clone(),
+            start_timeout: self.start_timeout,
         }
     }
 }
@@ -99,12 +122,28 @@ impl<T: Transport> Client<T> {
         let cancel = CancellationToken::new();
         let tracker = TaskTracker::new();
         tracker.spawn(follow(inner.clone(), consumer, cancel.clone()).instrument(tracing::info_span!("client_follow")));
-        Ok(Self { inner, cancel, tracker })
+        Ok(Self {
+            inner,
+            cancel,
+            tracker,
+            start_timeout: DEFAULT_START_TIMEOUT,
+        })
+    }
+
+    /// How long a start keeps trying to store its order through retryable
+    /// errors (default [`DEFAULT_START_TIMEOUT`], at most
+    /// [`MAX_START_TIMEOUT`], which keeps every retry inside the stream's
+    /// duplicate window). Zero tries once. Applies to this handle and the
+    /// clones made from it afterwards.
+    pub fn start_timeout(mut self, timeout: Duration) -> Self {
+        self.start_timeout = timeout.min(MAX_START_TIMEOUT);
+        self
     }
 
     /// Starts an order of `workflow` with a payload (validate it first, for
-    /// instance with [`crate::Registry::prepare`]). Returns once hop 0 is
-    /// stored.
+    /// instance with [`crate::Registry::prepare`]) under a new id (UUID v7).
+    /// Returns once hop 0 is stored. Retries as [`Client::start_with_id`]
+    /// does; if it still fails, [`StartError::NotStored`] names the id.
     pub async fn start(&self, workflow: &Workflow, payload: Payload) -> Result<OrderId, StartError> {
         let id = OrderId::new();
         self.start_with_id(id, workflow, payload).await?;
@@ -114,6 +153,15 @@ impl<T: Transport> Client<T> {
     /// Starts an order with a given id. Starting the same id twice (inside
     /// the duplicate window) stores it once; the second answer says
     /// `duplicate`.
+    ///
+    /// A try that fails with a retryable error (a time-out, no stream while
+    /// a leader is elected, a lost connection) is tried again with the same
+    /// id, after 50 ms doubling to 2 s (with jitter), until the start
+    /// timeout; then [`StartError::NotStored`]. A duplicate answer to a
+    /// retry means an earlier try was stored after all: that is success,
+    /// and the answer says `duplicate` (it cannot tell this call's own try
+    /// from an earlier start of the id). Any other error is returned at
+    /// once, and nothing was stored.
     pub async fn start_with_id(
         &self,
         id: OrderId,
@@ -122,11 +170,22 @@ impl<T: Transport> Client<T> {
     ) -> Result<PublishAck, StartError> {
         let out = first_hop(&self.inner.codec, self.inner.format, id, workflow, payload)?;
         slots(&self.inner).entry(id).or_insert(Slot::Started);
-        match self.inner.transport.publish(out).await {
+        let deadline = tokio::time::Instant::now() + self.start_timeout;
+        let backoff = (START_BACKOFF_FIRST, START_BACKOFF_CAP);
+        match store_first_hop(&self.inner.transport, out, deadline, backoff, false).await {
             Ok(ack) => Ok(ack),
-            Err(e) => {
+            Err(not) => {
                 slots(&self.inner).remove(&id);
-                Err(e.into())
+                Err(if not.error.is_retryable() {
+                    StartError::NotStored {
+                        id,
+                        tries: not.tries,
+                        waited: not.waited,
+                        source: not.error,
+                    }
+                } else {
+                    StartError::Transport(not.error)
+                })
             }
         }
     }
@@ -185,6 +244,72 @@ pub(crate) fn first_hop(
         headers: headers::for_hop(&doc, format),
         payload: Bytes::from(body),
     })
+}
+
+/// Why [`store_first_hop`] gave up.
+#[derive(Debug)]
+pub(crate) struct Unstored {
+    /// The last error: retryable if the deadline ended the tries.
+    pub error: TransportError,
+    pub tries: u32,
+    pub waited: Duration,
+}
+
+/// Publishes a first hop, trying again under its same deduplication id
+/// while the errors are retryable and a pause (`backoff`: the first, and the
+/// cap it doubles up to; each with jitter) still ends before `deadline`.
+/// With `cut`, a try still under way at the deadline is given up (it may
+/// yet be stored: a retry with the same id tells), so the whole takes no
+/// longer than the deadline; without, a try takes as long as the
+/// transport's own time-out.
+pub(crate) async fn store_first_hop<T: Transport>(
+    transport: &T,
+    out: Outgoing,
+    deadline: tokio::time::Instant,
+    backoff: (Duration, Duration),
+    cut: bool,
+) -> Result<PublishAck, Unstored> {
+    let began = tokio::time::Instant::now();
+    let (mut pause, cap) = backoff;
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let attempt = transport.publish(out.clone());
+        let result = if cut {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match tokio::time::timeout(left, attempt).await {
+                Ok(r) => r,
+                Err(_) => Err(TransportError::TimedOut(format!(
+                    "storing hop 0 gave no answer within {left:?}"
+                ))),
+            }
+        } else {
+            attempt.await
+        };
+        let error = match result {
+            Ok(ack) => {
+                if tries > 1 {
+                    tracing::info!(subject = %out.subject, tries, duplicate = ack.duplicate, "a start was stored after retries");
+                }
+                return Ok(ack);
+            }
+            Err(e) => e,
+        };
+        let now = tokio::time::Instant::now();
+        // Half the pause, plus up to as much again at random: many clients
+        // cut off by one outage do not all come back at once.
+        let wait = pause / 2 + pause.mul_f64(fastrand::f64() / 2.0);
+        if !error.is_retryable() || now + wait >= deadline {
+            return Err(Unstored {
+                error,
+                tries,
+                waited: now.duration_since(began),
+            });
+        }
+        tracing::warn!(subject = %out.subject, error = %error, tries, retry_in = ?wait, "a start was not stored; trying again with the same id");
+        tokio::time::sleep(wait).await;
+        pause = (pause * 2).min(cap);
+    }
 }
 
 async fn follow<T: Transport>(inner: Arc<Inner<T>>, mut consumer: T::Consumer, cancel: CancellationToken) {

@@ -32,7 +32,7 @@ pub mod transport;
 mod worker;
 mod workflow;
 
-pub use client::{Client, ClientError};
+pub use client::{Client, ClientError, DEFAULT_START_TIMEOUT, MAX_START_TIMEOUT};
 pub use codec::{Codec, DecodeError, EncodeError, Envelope, Format};
 pub use document::{
     AttemptResult, Compensation, ContentType, Document, Journal, Payload, PayloadError, Status, StepKind, StepRecord,

@@ -8,12 +8,13 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::time::Duration;
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::document::{Payload, PayloadError};
-use crate::id::WorkflowName;
+use crate::id::{OrderId, WorkflowName};
 use crate::workflow::Workflow;
 
 /// A payload type a workflow can be started with.
@@ -22,7 +23,8 @@ pub trait WorkflowPayload: Serialize + DeserializeOwned + Send + Sync + 'static 
     fn validate(&self) -> Result<(), String>;
 }
 
-/// Why an order could not be started. Nothing was started then.
+/// Why an order could not be started. Nothing was started then, except
+/// perhaps after [`StartError::NotStored`] (see there).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("unknown workflow `{0}`")]
@@ -35,6 +37,37 @@ pub enum StartError {
     Transport(#[from] crate::transport::Error),
     #[error("the document could not be encoded: {0}")]
     Encode(#[from] crate::codec::EncodeError),
+    /// Storing the order's first hop failed with retryable errors until the
+    /// start's deadline ([`crate::Client::start_timeout`]). A try that got
+    /// no answer may still have been stored: start the same `id` again
+    /// (inside the stream's duplicate window) to be sure, never a new one.
+    #[error("order {id} was not confirmed stored after {tries} tries in {waited:?} (start it again with this id): {source}")]
+    NotStored {
+        id: OrderId,
+        tries: u32,
+        waited: Duration,
+        source: crate::transport::Error,
+    },
+}
+
+impl StartError {
+    /// Whether starting again may succeed: after [`StartError::NotStored`]
+    /// (with the same id), or a retryable transport error.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            StartError::NotStored { .. } => true,
+            StartError::Transport(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// The id to start again with, when it matters which.
+    pub fn order_id(&self) -> Option<OrderId> {
+        match self {
+            StartError::NotStored { id, .. } => Some(*id),
+            _ => None,
+        }
+    }
 }
 
 type Parse = dyn Fn(&[u8]) -> Result<Payload, String> + Send + Sync;

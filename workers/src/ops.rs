@@ -40,7 +40,7 @@ pub async fn request<T: serde::de::DeserializeOwned>(
         }
         Err(e) => bail!("request on `{subject}` failed: {e}"),
     };
-    if let Ok(ErrorReply { error }) = serde_json::from_slice::<ErrorReply>(&answer.payload) {
+    if let Ok(ErrorReply { error, .. }) = serde_json::from_slice::<ErrorReply>(&answer.payload) {
         bail!("{error}");
     }
     serde_json::from_slice(&answer.payload).with_context(|| {
@@ -119,15 +119,70 @@ pub fn read_orders(path: &Path) -> anyhow::Result<Vec<Bytes>> {
         .collect()
 }
 
-/// `waybill start`: starts each order under an id chosen here (so a retry
-/// of the same request cannot start it twice) and hands each answer to
-/// `started` as it comes, so a failure part-way loses no id already started.
+/// What came of one start request.
+#[derive(Debug)]
+enum StartTry {
+    Started(StartReply),
+    /// Nothing is known to be stored: no coordinator answered, no answer in
+    /// time, or the coordinator answered `"retryable": true`.
+    Retry(String),
+    /// Refused for cause: the same request again will not succeed.
+    Refused(String),
+}
+
+async fn start_once(
+    client: &async_nats::Client,
+    subject: &str,
+    body: Bytes,
+    id: uuid::Uuid,
+    timeout: Duration,
+) -> StartTry {
+    let mut h = async_nats::HeaderMap::new();
+    h.insert(waybill::headers::ORDER, id.to_string().as_str());
+    let req = async_nats::Request::new().payload(body).headers(h).timeout(Some(timeout));
+    let answer = match client.send_request(subject.to_owned(), req).await {
+        Ok(m) => m,
+        Err(e) => {
+            return StartTry::Retry(match e.kind() {
+                async_nats::RequestErrorKind::NoResponders => {
+                    format!("no coordinator answers on `{subject}` (start one with `waybill coordinator`)")
+                }
+                async_nats::RequestErrorKind::TimedOut => format!("no answer on `{subject}` within {timeout:?}"),
+                _ => format!("request on `{subject}` failed: {e}"),
+            })
+        }
+    };
+    if let Ok(e) = serde_json::from_slice::<ErrorReply>(&answer.payload) {
+        return if e.retryable == Some(true) {
+            StartTry::Retry(e.error)
+        } else {
+            StartTry::Refused(e.error)
+        };
+    }
+    match serde_json::from_slice::<StartReply>(&answer.payload) {
+        Ok(r) => StartTry::Started(r),
+        Err(_) => StartTry::Refused(format!(
+            "unexpected answer on `{subject}`: {}",
+            String::from_utf8_lossy(&answer.payload)
+        )),
+    }
+}
+
+/// `waybill start`: starts each order under an id chosen here and hands
+/// each answer to `started` as it comes, so a failure part-way loses no id
+/// already started. A start with no answer, no coordinator, or an answer
+/// `"retryable": true` is sent again under the same id (50 ms doubling to
+/// 2 s, with jitter) for up to `retry_for` (keep it inside the stream's
+/// 2-minute duplicate window): the coordinator stores the id once, so an
+/// outage delays a start but neither loses nor doubles it. A refusal for
+/// cause ends it at once.
 pub async fn start(
     client: &async_nats::Client,
     workflow: &str,
     orders: Vec<Bytes>,
     id: Option<uuid::Uuid>,
     timeout: Duration,
+    retry_for: Duration,
     mut started: impl FnMut(&StartReply),
 ) -> anyhow::Result<usize> {
     if id.is_some() && orders.len() > 1 {
@@ -141,20 +196,39 @@ pub async fn start(
             big.len()
         );
     }
+    let subject = format!("{}{workflow}", subject::START_PREFIX);
     let mut n = 0;
     for body in orders {
+        let chosen_here = id.is_none();
         let id = id.unwrap_or_else(uuid::Uuid::now_v7);
-        let mut h = async_nats::HeaderMap::new();
-        h.insert(waybill::headers::ORDER, id.to_string().as_str());
-        let reply: StartReply = request(
-            client,
-            format!("{}{workflow}", subject::START_PREFIX),
-            body,
-            Some(h),
-            timeout,
-        )
-        .await
-        .with_context(|| format!("order {} (id {id}) was not started", n + 1))?;
+        let deadline = Instant::now() + retry_for;
+        let mut pause = Duration::from_millis(50);
+        let mut tries = 0u32;
+        let mut reply = loop {
+            tries += 1;
+            match start_once(client, &subject, body.clone(), id, timeout).await {
+                StartTry::Started(r) => break r,
+                StartTry::Refused(e) => bail!("order {} (id {id}) was not started: {e}", n + 1),
+                StartTry::Retry(why) => {
+                    let wait = pause / 2 + pause.mul_f64(fastrand::f64() / 2.0);
+                    if Instant::now() + wait >= deadline {
+                        bail!(
+                            "order {} (id {id}) was not confirmed started after {tries} tries in {retry_for:?}: {why}; \
+                             it may have been stored: run `waybill start --id {id}` with the same order to be sure",
+                            n + 1
+                        );
+                    }
+                    tracing::warn!(order = n + 1, %id, tries, retry_in = ?wait, "{why}; trying again with the same id");
+                    tokio::time::sleep(wait).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        // A fresh id answered `duplicate` on a retry: an earlier try of
+        // this very call was stored, so this call started it.
+        if chosen_here && tries > 1 {
+            reply.duplicate = false;
+        }
         started(&reply);
         n += 1;
     }

@@ -405,28 +405,23 @@ pub async fn run_orders<T: Transport>(
     }
 }
 
-/// Starts an order, retrying what may pass (a server restarting, a leader
-/// moving) for up to `give_up`; the same id makes a retry that was in fact
-/// stored a duplicate, dropped by the stream.
+/// Starts an order; the client retries what may pass (a server
+/// restarting, a leader moving) under the same id for up to `give_up` (at
+/// most [`waybill::MAX_START_TIMEOUT`], inside the stream's duplicate
+/// window), so a retry that was in fact stored is a duplicate, dropped by
+/// the stream.
 async fn start_retrying<T: Transport>(
     client: &Client<T>,
     id: OrderId,
     o: &PreparedOrder,
     give_up: Duration,
 ) -> Result<(), waybill::StartError> {
-    let deadline = Instant::now() + give_up;
-    let mut wait = Duration::from_millis(50);
-    loop {
-        match client.start_with_id(id, &o.workflow, o.payload.clone()).await {
-            Ok(_) => return Ok(()),
-            Err(waybill::StartError::Transport(e)) if e.is_retryable() && Instant::now() + wait < deadline => {
-                tracing::warn!(order_id = %id, error = %e, "start failed; retrying");
-                tokio::time::sleep(wait).await;
-                wait = (wait * 2).min(Duration::from_secs(1));
-            }
-            Err(e) => return Err(e),
-        }
-    }
+    client
+        .clone()
+        .start_timeout(give_up)
+        .start_with_id(id, &o.workflow, o.payload.clone())
+        .await
+        .map(|_| ())
 }
 
 fn mismatch(o: &PreparedOrder, id: OrderId, doc: &Arc<Document>) -> Mismatch {

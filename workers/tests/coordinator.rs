@@ -548,8 +548,17 @@ async fn bad_requests_get_clear_errors_and_the_coordinator_keeps_serving() {
         ("waybill.orders", br#"{"status":"lost"}"#.to_vec(), "unknown variant"),
     ];
     for (subject, body, want) in cases {
-        let e = error_of(c, subject, body).await;
+        let v: serde_json::Value = ask(c, subject.to_owned(), body.into()).await;
+        let e = v["error"].as_str().unwrap_or_else(|| panic!("expected an error on {subject}, got {v}"));
         assert!(e.contains(want), "{subject}: expected `{want}` in `{e}`");
+        // A start refused for cause says that trying again will not help;
+        // other requests' errors carry no such field.
+        if subject.starts_with("waybill.start.") {
+            assert_eq!(v["retryable"], false, "{subject}: {v}");
+        } else {
+            assert!(v.get("retryable").is_none(), "{subject}: {v}");
+        }
+        assert!(v.get("id").is_none(), "{subject}: {v}");
     }
     let e = error_of(c, &format!("waybill.status.{}", OrderId::new()), Bytes::new()).await;
     assert!(e.starts_with("unknown order"), "{e}");
@@ -563,7 +572,9 @@ async fn bad_requests_get_clear_errors_and_the_coordinator_keeps_serving() {
         )
         .await
         .unwrap();
-    assert!(String::from_utf8_lossy(&m.payload).contains("nope"));
+    let v: serde_json::Value = serde_json::from_slice(&m.payload).unwrap();
+    assert!(v["error"].as_str().unwrap().contains("nope"), "{v}");
+    assert_eq!(v["retryable"], false, "{v}");
     // Nothing was started by any of it.
     assert_eq!(last_sequence(&nats).await, 0);
 
@@ -586,6 +597,100 @@ async fn bad_requests_get_clear_errors_and_the_coordinator_keeps_serving() {
     assert_eq!(r.summary.ids, vec![id]);
     let s = status_of(c, id).await;
     assert_eq!((s.status, s.step.as_str(), s.hop), (Status::Running, "charge", 0));
+    coord.shutdown().await;
+}
+
+/// A start request for an order of the `order` workflow, with or without a
+/// chosen id; the answer as JSON.
+async fn start_request(c: &async_nats::Client, body: &'static str, id: Option<OrderId>) -> serde_json::Value {
+    let mut req = async_nats::Request::new().payload(Bytes::from(body));
+    if let Some(id) = id {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("Waybill-Order", id.to_string().as_str());
+        req = req.headers(h);
+    }
+    let m = tokio::time::timeout(Duration::from_secs(10), c.send_request("waybill.start.order", req))
+        .await
+        .expect("no answer to a start within 10 s")
+        .unwrap();
+    serde_json::from_slice(&m.payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_that_cannot_be_stored_answers_retryable_with_its_id_and_its_retry_stores_it_once() {
+    const GOOD: &str = r#"{"customer":"c-1","items":[{"sku":"SKU-1","qty":1,"unit_price_cents":100}],
+        "payment":{"card":"4242424242424242"},"ship_to":{"country":"NL","zip":"1011"}}"#;
+    let server = NatsServer::start();
+    let nats = nats(&server.url()).await;
+    // The coordinator on a connection of its own, whose messages sent are
+    // its tries to store a start (and its answers).
+    let own = self::nats(&server.url()).await;
+    let coord = coordinator(
+        &own,
+        CoordinatorConfig {
+            start_timeout: Duration::from_secs(2),
+            ..CoordinatorConfig::default()
+        },
+    )
+    .await;
+    let c = nats.client();
+    // No stream stores hops any more (as none answers for them while a
+    // replicated stream elects its leader): the stream keeps only the
+    // terminal subjects.
+    let js = nats.jetstream();
+    let full = js.get_stream(HOPS_STREAM).await.unwrap().cached_info().config.clone();
+    let no_hops = async_nats::jetstream::stream::Config {
+        subjects: vec!["waybill.done.>".into()],
+        ..full.clone()
+    };
+    js.update_stream(no_hops).await.unwrap();
+
+    // With a chosen id: tried for the coordinator's 2 s, then answered
+    // retryable, naming the id.
+    let chosen = OrderId::new();
+    let v = start_request(c, GOOD, Some(chosen)).await;
+    assert_eq!(v["retryable"], true, "{v}");
+    assert_eq!(v["id"], chosen.to_string(), "{v}");
+    assert!(v["error"].as_str().unwrap().contains("could not be stored"), "{v}");
+    // Without one: the id the coordinator chose, to retry with.
+    let v = start_request(c, GOOD, None).await;
+    assert_eq!(v["retryable"], true, "{v}");
+    let theirs: OrderId = v["id"].as_str().unwrap().parse().unwrap();
+    // A refusal for cause is answered at once, outage or not.
+    let v = start_request(c, r#"{"customer":"c-1"}"#, Some(OrderId::new())).await;
+    assert_eq!(v["retryable"], false, "{v}");
+    assert!(v.get("id").is_none(), "{v}");
+
+    // The stream back while a start is being tried: the coordinator's own
+    // retries store it. Every try is a message the coordinator's connection
+    // sends (a subscriber here would answer the tries, and change them);
+    // the stream comes back after the second.
+    let sent = own.client().statistics();
+    let before = sent.out_messages.load(Ordering::Relaxed);
+    let third = OrderId::new();
+    let pending = tokio::spawn({
+        let c = c.clone();
+        async move { start_request(&c, GOOD, Some(third)).await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while sent.out_messages.load(Ordering::Relaxed) < before + 2 {
+        assert!(std::time::Instant::now() < deadline, "the coordinator did not try to store the start twice");
+        // Polling a counter, bounded by the deadline.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    assert!(!pending.is_finished(), "answered before the stream came back");
+    js.update_stream(full).await.unwrap();
+    let r: StartReply = serde_json::from_value(pending.await.unwrap()).unwrap();
+    assert_eq!((r.id, r.duplicate), (third, false));
+
+    // The two answered retryable, retried under their ids: stored once.
+    for id in [chosen, theirs] {
+        let first: StartReply = serde_json::from_value(start_request(c, GOOD, Some(id)).await).unwrap();
+        assert_eq!((first.id, first.duplicate), (id, false));
+        let again: StartReply = serde_json::from_value(start_request(c, GOOD, Some(id)).await).unwrap();
+        assert_eq!((again.id, again.duplicate), (id, true));
+    }
+    assert_eq!(last_sequence(&nats).await, 3);
     coord.shutdown().await;
 }
 

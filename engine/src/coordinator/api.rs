@@ -7,7 +7,9 @@
 //! | `waybill.status.<order id>`  | empty                         | [`StatusReply`]             |
 //! | `waybill.orders`             | empty, or an [`OrdersQuery`]  | [`OrdersReply`]             |
 //!
-//! Every failure is `{"error": "<message>"}` ([`ErrorReply`]).
+//! Every failure is `{"error": "<message>"}` ([`ErrorReply`]); a failed
+//! start also says whether to try again (`"retryable"`) and under which id
+//! (`"id"`).
 
 use serde::{Deserialize, Serialize};
 
@@ -26,6 +28,48 @@ pub const MAX_LIST: usize = 10_000;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ErrorReply {
     pub error: String,
+    /// On a start: `true` if the order could not be stored for now (the
+    /// stream unavailable: a time-out, a leader election, a lost
+    /// connection): send the same request again, with header
+    /// `Waybill-Order` set to `id`; `false` if it was refused for cause
+    /// (an invalid order, an unknown workflow, a bad id), which the same
+    /// request again will not change. Absent on other requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retryable: Option<bool>,
+    /// On a retryable start: the order's id (the header's, or the one the
+    /// coordinator chose), to retry with. The try may have been stored
+    /// after all; a retry under this id then answers `"duplicate": true`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<OrderId>,
+}
+
+impl ErrorReply {
+    /// An error of a request other than a start.
+    pub fn new(error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            retryable: None,
+            id: None,
+        }
+    }
+
+    /// A start refused for cause: the same request again will not succeed.
+    pub fn refused(error: impl Into<String>) -> Self {
+        Self {
+            error: error.into(),
+            retryable: Some(false),
+            id: None,
+        }
+    }
+
+    /// A start that could not be stored for now: retry it under `id`.
+    pub fn retry(error: impl Into<String>, id: OrderId) -> Self {
+        Self {
+            error: error.into(),
+            retryable: Some(true),
+            id: Some(id),
+        }
+    }
 }
 
 /// The answer to a start: the new order's id once hop 0 is stored.

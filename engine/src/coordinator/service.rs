@@ -20,7 +20,7 @@ use super::api::{
     MAX_START_BYTES,
 };
 use super::view::{OrderState, Partition, StoredHop, View};
-use crate::client::first_hop;
+use crate::client::{first_hop, store_first_hop};
 use crate::codec::{Codec, Format};
 use crate::document::Timestamp;
 use crate::headers;
@@ -28,7 +28,7 @@ use crate::id::OrderId;
 use crate::registry::Registry;
 use crate::subject;
 use crate::transport::nats::HOPS_STREAM;
-use crate::transport::{Error as TransportError, Nats, Transport};
+use crate::transport::{Error as TransportError, Nats};
 
 /// How a coordinator runs.
 #[derive(Debug, Clone)]
@@ -46,6 +46,11 @@ pub struct CoordinatorConfig {
     pub redrive: bool,
     /// How long a forwarded request waits for the partition's coordinator.
     pub forward_timeout: Duration,
+    /// How long a start keeps trying to store its order's first hop through
+    /// retryable errors before it answers `"retryable": true`: under the
+    /// 5 s a client typically waits for an answer, so the answer comes
+    /// before the client gives up.
+    pub start_timeout: Duration,
     pub codec: Codec,
     /// The format of the documents it starts.
     pub format: Format,
@@ -60,6 +65,7 @@ impl Default for CoordinatorConfig {
             check_every: Duration::from_secs(1),
             redrive: true,
             forward_timeout: Duration::from_secs(2),
+            start_timeout: Duration::from_secs(4),
             codec: Codec::default(),
             format: Format::Postcard,
         }
@@ -541,9 +547,17 @@ fn json<T: serde::Serialize>(value: &T) -> Bytes {
 }
 
 fn error(message: impl Into<String>) -> Bytes {
-    let e = ErrorReply { error: message.into() };
-    // A struct of one string always serialises.
-    Bytes::from(serde_json::to_vec(&e).unwrap_or_default())
+    error_reply(&ErrorReply::new(message))
+}
+
+fn error_reply(e: &ErrorReply) -> Bytes {
+    // Strings, a flag and an id always serialise.
+    Bytes::from(serde_json::to_vec(e).unwrap_or_default())
+}
+
+/// A start refused for cause (`"retryable": false`).
+fn refused(message: impl Into<String>) -> Bytes {
+    error_reply(&ErrorReply::refused(message))
 }
 
 /// Takes requests off every subscription and answers each in a task of its
@@ -612,12 +626,20 @@ async fn answer(shared: &Shared, hops: &Stream, msg: &async_nats::Message) -> By
     }
 }
 
+/// The pause after a start's first unconfirmed try, and the most it
+/// doubles to, inside the coordinator's `start_timeout`.
+const START_BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_millis(500));
+
+/// Starts an order: refusals for cause answer `"retryable": false`; a first
+/// hop that could not be stored is tried again under the same id until
+/// `start_timeout`, then answered `"retryable": true` with the id.
 async fn start_order(shared: &Shared, workflow: &str, msg: &async_nats::Message) -> Bytes {
+    let deadline = tokio::time::Instant::now() + shared.config.start_timeout;
     let Some(registry) = &shared.registry else {
-        return error("this coordinator was started without workflow definitions and cannot start orders");
+        return refused("this coordinator was started without workflow definitions and cannot start orders");
     };
     if msg.payload.len() > MAX_START_BYTES {
-        return error(format!(
+        return refused(format!(
             "the order is {} bytes, over the limit of {MAX_START_BYTES}",
             msg.payload.len()
         ));
@@ -625,26 +647,39 @@ async fn start_order(shared: &Shared, workflow: &str, msg: &async_nats::Message)
     let id = match msg.headers.as_ref().and_then(|h| h.get(headers::ORDER)) {
         Some(v) => match v.as_str().parse::<OrderId>() {
             Ok(id) => id,
-            Err(e) => return error(format!("header {}: {e}", headers::ORDER)),
+            Err(e) => return refused(format!("header {}: {e}", headers::ORDER)),
         },
         None => OrderId::new(),
     };
     let (wf, payload) = match registry.prepare_json(workflow, &msg.payload) {
         Ok(p) => p,
-        Err(e) => return error(e.to_string()),
+        Err(e) => return refused(e.to_string()),
     };
     let out = match first_hop(&shared.config.codec, shared.config.format, id, &wf, payload) {
         Ok(o) => o,
-        Err(e) => return error(e.to_string()),
+        Err(e) => return refused(e.to_string()),
     };
-    match shared.nats.publish(out).await {
+    match store_first_hop(&shared.nats, out, deadline, START_BACKOFF, true).await {
         Ok(ack) => json(&StartReply {
             id,
             workflow: wf.name().clone(),
             version: wf.version(),
             duplicate: ack.duplicate,
         }),
-        Err(e) => error(format!("the order could not be stored: {e}")),
+        Err(not) if not.error.is_retryable() => {
+            tracing::warn!(order_id = %id, tries = not.tries, error = %not.error, "a start could not be stored; answering retryable");
+            error_reply(&ErrorReply::retry(
+                format!(
+                    "the order could not be stored for now ({} tries in {:?}): {}; send it again with header {}: {id}",
+                    not.tries,
+                    not.waited,
+                    not.error,
+                    headers::ORDER
+                ),
+                id,
+            ))
+        }
+        Err(not) => refused(format!("the order could not be stored: {}", not.error)),
     }
 }
 

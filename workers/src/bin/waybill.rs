@@ -121,10 +121,17 @@ enum Command {
         id: Option<uuid::Uuid>,
         #[command(flatten)]
         nats: NatsArgs,
-        /// Seconds to wait for each answer (longer than the stream's own
-        /// 5 s to store a hop).
+        /// Seconds to wait for each answer (longer than the coordinator's
+        /// own 4 s to store a hop).
         #[arg(long, default_value_t = 10)]
         timeout: u64,
+        /// Seconds to keep sending an order again, under its same id, while
+        /// no coordinator answers or one answers that it could not store it
+        /// for now (an outage delays a start, it never loses or doubles
+        /// it). At most 90: every retry stays inside the stream's 2-minute
+        /// duplicate window.
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=90))]
+        retry_for: u64,
     },
     /// Where one order stands, and its history.
     Status {
@@ -238,11 +245,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             id,
             nats,
             timeout,
+            retry_for,
         } => {
             let orders = ops::read_orders(&file)?;
             runtime()?.block_on(async {
                 let t = nats.connect("waybill-start").await?;
-                ops::start(t.client(), &workflow, orders, id, Duration::from_secs(timeout), |r| {
+                let (timeout, retry_for) = (Duration::from_secs(timeout), Duration::from_secs(retry_for));
+                ops::start(t.client(), &workflow, orders, id, timeout, retry_for, |r| {
                     if r.duplicate {
                         println!("{} (already started)", r.id);
                     } else {
