@@ -6,15 +6,18 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use waybill::transport::nats::{Nats, NatsConfig};
+use waybill::transport::nats::{Nats, NatsConfig, ServerList};
 use waybill::{Codec, Worker, WorkerBuilder};
 
 /// How to reach NATS.
 #[derive(clap::Args, Debug, Clone)]
 pub struct NatsArgs {
-    /// NATS server URL (nats-server 2.10 or later).
-    #[arg(long = "nats", env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    pub url: String,
+    /// NATS server URL, or a comma-separated list of the cluster's servers
+    /// (`nats://n1:4222,nats://n2:4222`; `nats://` and port 4222 may be left
+    /// out): the process connects to any live one and fails over to the
+    /// others. nats-server 2.10 or later.
+    #[arg(long = "nats", env = "NATS_URL", value_name = "URL[,URL…]", default_value = "nats://127.0.0.1:4222")]
+    pub url: ServerList,
     #[command(flatten)]
     pub auth: AuthArgs,
 }
@@ -79,17 +82,21 @@ impl AuthArgs {
         Ok(o.name(name))
     }
 
-    /// Connects to `url`, retrying until `--connect-timeout` runs out, and
-    /// checks the server's version.
-    pub async fn connect(&self, url: &str, name: &str) -> anyhow::Result<Nats> {
+    /// Connects to any live server of `url` (every one of them gets the
+    /// same credentials and TLS settings), retrying until
+    /// `--connect-timeout` runs out, and checks the server's version.
+    pub async fn connect(&self, url: &ServerList, name: &str) -> anyhow::Result<Nats> {
         self.connect_with(url, name, NatsConfig::default()).await
     }
 
     /// [`connect`](Self::connect) with stream settings of one's own.
-    pub async fn connect_with(&self, url: &str, name: &str, config: NatsConfig) -> anyhow::Result<Nats> {
+    pub async fn connect_with(&self, url: &ServerList, name: &str, config: NatsConfig) -> anyhow::Result<Nats> {
         let deadline = Instant::now() + Duration::from_secs(self.connect_timeout);
         let mut wait = Duration::from_millis(100);
         let client = loop {
+            // The client tries every server of the list in one attempt (a
+            // dead one is refused at once, or after its connection
+            // timeout), so one live server is enough.
             match self.options(name).await?.connect(url).await {
                 Ok(c) => break c,
                 Err(e) if Instant::now() + wait < deadline => {
@@ -148,6 +155,13 @@ pub struct WorkerArgs {
     /// (after a crash, say). Every process of a service must use the same.
     #[arg(long, default_value_t = 30)]
     pub ack_wait: u64,
+    /// Seconds a step may wait out unavailable infrastructure (NATS or a
+    /// KV bucket with no responders, a leader election, a lost connection)
+    /// before its hop goes to the dead letters with kind `unavailable`, to
+    /// redrive later. Such a wait spends none of the step's attempts and
+    /// never fails or compensates an order.
+    #[arg(long, default_value_t = waybill::DEFAULT_UNAVAILABLE_LIMIT.as_secs())]
+    pub unavailable_limit: u64,
     /// Documents larger than this (in bytes) are refused and dead-lettered
     /// unread.
     #[arg(long, default_value_t = waybill::codec::DEFAULT_MAX_SIZE, value_parser = clap::value_parser!(usize))]
@@ -205,6 +219,7 @@ where
             .accept(registry.versions())
             .concurrency(args.concurrency)
             .ack_wait(Duration::from_secs(args.ack_wait.max(1)))
+            .unavailable_limit(Duration::from_secs(args.unavailable_limit))
             .codec(Codec::with_max_size(args.max_document_bytes));
         let worker = serve(nats, builder).await?.start().await?;
         tracing::info!(url = %args.nats.url, "{name} serving");

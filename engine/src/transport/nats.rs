@@ -29,6 +29,9 @@ use super::{
 use crate::headers::DLQ_REASON;
 use crate::subject;
 
+mod servers;
+pub use servers::{InvalidServer, ServerList, ServerListError};
+
 /// The stream every hop is stored in.
 pub const HOPS_STREAM: &str = "WAYBILL_HOPS";
 /// The stream of dead letters.
@@ -107,13 +110,16 @@ pub fn check_server_version(version: &str) -> Result<(), Error> {
 impl Nats {
     /// Connects to `url` with default options, checks the server's version
     /// and that the streams exist as Waybill needs them (see
-    /// [`Nats::setup`] to create them).
+    /// [`Nats::setup`] to create them). `url` is one URL or a
+    /// comma-separated seed list ([`ServerList`]): the client connects to
+    /// any live server of it, and reconnects to any later.
     pub async fn connect(url: &str, config: NatsConfig) -> Result<Self, Error> {
+        let servers: ServerList = url.parse().map_err(|e: ServerListError| Error::BadConfig(e.to_string()))?;
         let client = async_nats::ConnectOptions::new()
             .name("waybill")
-            .connect(url)
+            .connect(&servers)
             .await
-            .map_err(|e| other(&format!("cannot connect to NATS at {url}"), e, true))?;
+            .map_err(|e| other(&format!("cannot connect to NATS at {servers}"), e, true))?;
         let nats = Self::with_client(client, config)?;
         nats.setup().await?;
         Ok(nats)

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use waybill::coordinator::api::OrdersQuery;
 use waybill::coordinator::{CoordinatorConfig, Partition};
+use waybill::transport::nats::ServerList;
 use waybill::transport::NatsConfig;
 use waybill::Status;
 use waybill_workers::cli::{init_logging, AuthArgs, LogFormat, NatsArgs};
@@ -64,11 +65,12 @@ enum Command {
         /// Do not draw a progress bar.
         #[arg(long)]
         no_progress: bool,
-        /// Replay over NATS at this URL instead of the embedded default: the
-        /// orders are started here, the worker processes run wherever they
-        /// run (start them, and run `waybill setup`, first).
-        #[arg(long, value_name = "URL")]
-        nats: Option<String>,
+        /// Replay over NATS at this URL (or comma-separated list of a
+        /// cluster's servers: any live one is used) instead of the embedded
+        /// default: the orders are started here, the worker processes run
+        /// wherever they run (start them, and run `waybill setup`, first).
+        #[arg(long, value_name = "URL[,URL…]")]
+        nats: Option<ServerList>,
         #[command(flatten)]
         auth: AuthArgs,
     },
