@@ -26,7 +26,7 @@ use super::{
     Consumer, ConsumerConfig, ConsumerKind, DeadLetter, Delivery, Error, Headers, Message, Outgoing, PublishAck,
     Transport,
 };
-use crate::headers::DLQ_REASON;
+use crate::headers::{DLQ_KIND, DLQ_REASON};
 use crate::subject;
 
 mod servers;
@@ -78,6 +78,16 @@ pub struct Nats {
     config: NatsConfig,
 }
 
+/// An error of async-nats, told apart by its kind and code
+/// ([`super::fault`]): an unavailable infrastructure, or else another
+/// error, which the caller may still try again.
+fn nats_err<E: std::error::Error + 'static>(what: &str, e: E) -> Error {
+    match super::fault::classify(&e) {
+        super::fault::Fault::Unavailable => Error::Unavailable(format!("{what}: {e}")),
+        _ => other(what, e, true),
+    }
+}
+
 fn other(what: &str, e: impl std::fmt::Display, retryable: bool) -> Error {
     Error::Other {
         message: format!("{what}: {e}"),
@@ -119,7 +129,7 @@ impl Nats {
             .name("waybill")
             .connect(&servers)
             .await
-            .map_err(|e| other(&format!("cannot connect to NATS at {servers}"), e, true))?;
+            .map_err(|e| nats_err(&format!("cannot connect to NATS at {servers}"), e))?;
         let nats = Self::with_client(client, config)?;
         nats.setup().await?;
         Ok(nats)
@@ -190,7 +200,7 @@ impl Nats {
                 self.js
                     .get_or_create_stream(want.clone())
                     .await
-                    .map_err(|e| other(&format!("cannot create or open stream {name}"), e, true))?
+                    .map_err(|e| nats_err(&format!("cannot create or open stream {name}"), e))?
             } else {
                 self.js.get_stream(&name).await.map_err(|e| match e.kind() {
                     async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
@@ -201,7 +211,7 @@ impl Nats {
                         ))
                     }
                     // No answer (a server or a leader away): worth another try.
-                    _ => other(&format!("cannot look up stream {name}"), e, true),
+                    _ => nats_err(&format!("cannot look up stream {name}"), e),
                 })?
             };
             let got = &stream.cached_info().config;
@@ -234,11 +244,11 @@ impl Nats {
             .js
             .get_stream(DLQ_STREAM)
             .await
-            .map_err(|e| other(&format!("stream {DLQ_STREAM} is missing"), e, true))?;
+            .map_err(|e| nats_err(&format!("stream {DLQ_STREAM} is missing"), e))?;
         let info = s
             .info()
             .await
-            .map_err(|e| other(&format!("cannot read stream {DLQ_STREAM}"), e, true))?;
+            .map_err(|e| nats_err(&format!("cannot read stream {DLQ_STREAM}"), e))?;
         Ok(info.state.messages)
     }
 
@@ -254,7 +264,7 @@ impl Nats {
             .client
             .subscribe(subject)
             .await
-            .map_err(|e| other("cannot watch for exhausted deliveries", e, true))?;
+            .map_err(|e| nats_err("cannot watch for exhausted deliveries", e))?;
         let nats = self.clone();
         let durable = durable.to_owned();
         Ok(tokio::spawn(async move {
@@ -278,7 +288,7 @@ impl Nats {
         let m = stream
             .get_raw_message(a.stream_seq)
             .await
-            .map_err(|e| other(&format!("cannot read message {}", a.stream_seq), e, true))?;
+            .map_err(|e| nats_err(&format!("cannot read message {}", a.stream_seq), e))?;
         let mut headers = m.headers.clone();
         headers.insert(
             DLQ_REASON,
@@ -289,6 +299,7 @@ impl Nats {
             .as_str(),
         );
         headers.insert("Waybill-Dlq-Consumer", durable);
+        headers.insert(DLQ_KIND, super::DeadLetterKind::Exhausted.as_str());
         let p = PublishMessage::build()
             .payload(m.payload)
             .headers(headers)
@@ -296,9 +307,9 @@ impl Nats {
         self.js
             .send_publish(subject::dead_letter(m.subject.as_str()), p)
             .await
-            .map_err(|e| other("dead letter publish failed", e, true))?
+            .map_err(|e| nats_err("dead letter publish failed", e))?
             .await
-            .map_err(|e| other("dead letter was not acknowledged", e, true))?;
+            .map_err(|e| nats_err("dead letter was not acknowledged", e))?;
         tracing::warn!(consumer = %durable, sequence = a.stream_seq, "dead-lettered a message that exhausted its deliveries");
         Ok(())
     }
@@ -307,7 +318,7 @@ impl Nats {
         self.js
             .get_stream(HOPS_STREAM)
             .await
-            .map_err(|e| other(&format!("stream {HOPS_STREAM} is missing"), e, true))
+            .map_err(|e| nats_err(&format!("stream {HOPS_STREAM} is missing"), e))
     }
 }
 
@@ -345,9 +356,9 @@ impl Transport for Nats {
             .js
             .send_publish(msg.subject, p)
             .await
-            .map_err(|e| other("publish failed", e, true))?
+            .map_err(|e| nats_err("publish failed", e))?
             .await
-            .map_err(|e| other("publish was not acknowledged", e, true))?;
+            .map_err(|e| nats_err("publish was not acknowledged", e))?;
         Ok(PublishAck {
             sequence: ack.sequence,
             duplicate: ack.duplicate,
@@ -375,7 +386,7 @@ impl Transport for Nats {
         let consumer = stream
             .get_or_create_consumer(&config.durable, want.clone())
             .await
-            .map_err(|e| other(&format!("cannot create or open consumer {}", config.durable), e, true))?;
+            .map_err(|e| nats_err(&format!("cannot create or open consumer {}", config.durable), e))?;
         let got = &consumer.cached_info().config;
         if got.filter_subject != want.filter_subject
             || got.ack_policy != want.ack_policy
@@ -398,7 +409,7 @@ impl Transport for Nats {
         }
         let messages = pull_messages(&consumer)
             .await
-            .map_err(|e| other(&format!("cannot pull from consumer {}", config.durable), e, true))?;
+            .map_err(|e| nats_err(&format!("cannot pull from consumer {}", config.durable), e))?;
         let watcher = if private {
             None
         } else {
@@ -415,14 +426,15 @@ impl Transport for Nats {
     async fn dead_letter(&self, letter: DeadLetter) -> Result<(), Error> {
         let mut headers = to_nats_headers(&letter.message.headers);
         headers.insert(DLQ_REASON, letter.reason.as_str());
+        headers.insert(DLQ_KIND, letter.kind.as_str());
         headers.insert("Waybill-Dlq-Consumer", letter.consumer.as_str());
         let p = PublishMessage::build().payload(letter.message.payload).headers(headers);
         self.js
             .send_publish(subject::dead_letter(&letter.message.subject), p)
             .await
-            .map_err(|e| other("dead letter publish failed", e, true))?
+            .map_err(|e| nats_err("dead letter publish failed", e))?
             .await
-            .map_err(|e| other("dead letter was not acknowledged", e, true))?;
+            .map_err(|e| nats_err("dead letter was not acknowledged", e))?;
         Ok(())
     }
 
@@ -435,11 +447,11 @@ impl Transport for Nats {
         self.client
             .flush()
             .await
-            .map_err(|e| other("cannot flush the connection", e, true))?;
+            .map_err(|e| nats_err("cannot flush the connection", e))?;
         self.js
             .query_account()
             .await
-            .map_err(|e| other("no answer from the server after flushing", e, true))?;
+            .map_err(|e| nats_err("no answer from the server after flushing", e))?;
         Ok(())
     }
 
@@ -447,8 +459,13 @@ impl Transport for Nats {
         let stream = self.hops().await?;
         match stream.delete_consumer(durable).await {
             Ok(_) => Ok(()),
-            Err(e) if e.to_string().contains("not found") => Ok(()),
-            Err(e) => Err(other(&format!("cannot delete consumer {durable}"), e, true)),
+            Err(e)
+                if matches!(e.kind(), async_nats::jetstream::stream::ConsumerErrorKind::JetStream(api)
+                    if api.error_code() == async_nats::jetstream::ErrorCode::CONSUMER_NOT_FOUND) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(nats_err(&format!("cannot delete consumer {durable}"), e)),
         }
     }
 }
@@ -499,7 +516,7 @@ impl NatsConsumer {
     async fn restart(&mut self) -> Result<(), Error> {
         self.messages = pull_messages(&self.consumer)
             .await
-            .map_err(|e| other(&format!("cannot pull from consumer {}", self.durable), e, true))?;
+            .map_err(|e| nats_err(&format!("cannot pull from consumer {}", self.durable), e))?;
         Ok(())
     }
 }
@@ -580,8 +597,11 @@ async fn pull_messages(
         .await
 }
 
-fn ack_err(e: impl std::fmt::Display) -> Error {
-    other("acknowledgement failed", e, true)
+fn ack_err(e: async_nats::Error) -> Error {
+    match super::fault::classify(e.as_ref()) {
+        super::fault::Fault::Unavailable => Error::Unavailable(format!("acknowledgement failed: {e}")),
+        _ => other("acknowledgement failed", e, true),
+    }
 }
 
 impl Delivery for NatsDelivery {
