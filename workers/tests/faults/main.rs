@@ -17,6 +17,11 @@
 //! `target/reliability/report.md` (and `.json`). Run them all with
 //! `cargo test -p waybill-workers --test faults`, or some with
 //! `… --test faults -- cluster drain` (scenarios whose name contains a word).
+//!
+//! The soak (`scripts/soak`) runs the same scenarios with more orders,
+//! several times: `… --test faults -- --repeat 5 --orders 3000 cluster`.
+//! `--orders N` sets the orders of the cluster scenarios (default 400,
+//! enough for CI) and of the worker-kill one.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
@@ -26,8 +31,9 @@ mod run;
 mod stack;
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::LocalBoxFuture;
 use futures::FutureExt;
@@ -35,7 +41,7 @@ use waybill::Status;
 
 use report::Row;
 use run::{Driven, Driver, Trigger};
-use stack::Stack;
+use stack::{Connect, Stack};
 
 type Scenario = fn() -> LocalBoxFuture<'static, Row>;
 
@@ -45,13 +51,46 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("coordinator-sigkill", || coordinator_sigkill().boxed_local()),
     ("nats-server-sigkill", || nats_server_sigkill().boxed_local()),
     ("worker-drain", || worker_drain().boxed_local()),
-    ("cluster-node-kill", || cluster_node_kill().boxed_local()),
+    ("cluster-node1-payment-coordinator-kill", || {
+        cluster_outage(Victim::Node(0), Connect::Own).boxed_local()
+    }),
+    ("cluster-node2-inventory-kill", || cluster_outage(Victim::Node(1), Connect::Own).boxed_local()),
+    ("cluster-node3-shipping-kill", || cluster_outage(Victim::Node(2), Connect::Own).boxed_local()),
+    ("cluster-seeds-hop-leader-kill", || {
+        cluster_outage(Victim::HopLeader, Connect::Seeds).boxed_local()
+    }),
     ("handler-panic-hang", || handler_panic_hang().boxed_local()),
     ("bad-input", || bad_input::scenario().boxed_local()),
 ];
 
+/// Orders of the cluster and worker-kill scenarios (`--orders N`).
+static ORDERS: AtomicUsize = AtomicUsize::new(0);
+
+/// The orders of a scenario that scales with `--orders`.
+fn orders_or(default: usize) -> usize {
+    match ORDERS.load(Ordering::Relaxed) {
+        0 => default,
+        n => n,
+    }
+}
+
 fn main() -> ExitCode {
-    let words: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let mut words: Vec<String> = Vec::new();
+    let mut repeat = 1usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut number = |what: &str| -> usize {
+            args.next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{what} takes a number"))
+        };
+        match a.as_str() {
+            "--repeat" => repeat = number("--repeat").max(1),
+            "--orders" => ORDERS.store(number("--orders"), Ordering::Relaxed),
+            _ if a.starts_with('-') => {}
+            _ => words.push(a),
+        }
+    }
     if std::env::args().any(|a| a == "--list") {
         for (name, _) in SCENARIOS {
             println!("{name}: test");
@@ -72,11 +111,16 @@ fn main() -> ExitCode {
         .build()
         .unwrap();
     let mut rows = Vec::new();
-    for (name, scenario) in SCENARIOS {
-        if !words.is_empty() && !words.iter().any(|w| name.contains(w.as_str())) {
-            continue;
+    let chosen = SCENARIOS
+        .iter()
+        .filter(|(name, _)| words.is_empty() || words.iter().any(|w| name.contains(w.as_str())));
+    let runs: Vec<_> = (1..=repeat).flat_map(|run| chosen.clone().map(move |s| (run, s))).collect();
+    for (run, (name, scenario)) in runs {
+        if repeat > 1 {
+            eprintln!("fault scenario {name} (run {run} of {repeat}) ...");
+        } else {
+            eprintln!("fault scenario {name} ...");
         }
-        eprintln!("fault scenario {name} ...");
         let began = Instant::now();
         let row = runtime.block_on(std::panic::AssertUnwindSafe(scenario()).catch_unwind());
         let row = row.unwrap_or_else(|panic| {
@@ -97,7 +141,7 @@ fn main() -> ExitCode {
         }
         rows.push(row);
     }
-    let table = report::write(&rows);
+    let table = report::write(&rows, repeat);
     println!("{table}");
     if rows.iter().all(Row::passed) {
         ExitCode::SUCCESS
@@ -122,7 +166,8 @@ impl Scene {
         let began = Instant::now();
         stack.start_coordinator(coordinator_node);
         stack.start_workers(per_service);
-        let driver = Driver::connect(&stack.url(0)).await;
+        // The driver is the clients: given every node, as clients are.
+        let driver = Driver::connect(&stack.seeds()).await;
         let trigger = driver.trigger(orders);
         Self {
             began,
@@ -147,6 +192,12 @@ impl Scene {
                 .push(format!("the workers dead-lettered {said}, expected {dead_letters}"));
         }
         let recover = run::time_to_recover(&self.trigger.faults, &driven);
+        if std::env::var_os("WAYBILL_FAULTS_SLOWEST").is_some() {
+            eprintln!("{}", run::slowest(&driven));
+        }
+        if run::waited(&driven) > 0 {
+            eprintln!("  {} orders waited on unavailable infrastructure, then went on", run::waited(&driven));
+        }
         if !verdict.problems.is_empty() || verdict.lost > 0 {
             // What the processes said, to tell a stall's cause in CI.
             let coordinator = self.stack.stop_coordinator();
@@ -160,7 +211,7 @@ impl Scene {
             (faults, injected),
             &verdict,
             dead_letters,
-            recover,
+            &recover,
             seconds,
         );
         self.driver.client.close().await;
@@ -181,7 +232,7 @@ async fn no_faults() -> Row {
 /// through the run, each started again at once.
 async fn worker_sigkill() -> Row {
     const KILLS: usize = 12;
-    let orders = run::mixed();
+    let orders = run::mixed_n(orders_or(2000));
     let mut sc = Scene::new(Stack::single(), 0, 2, orders.len()).await;
     let mut rng = fastrand::Rng::with_seed(5);
     let run = sc.driver.start(orders);
@@ -267,47 +318,91 @@ async fn worker_drain() -> Row {
     row
 }
 
-/// A three-node cluster, streams and buckets with three replicas, each
-/// service's two workers and the coordinator on different nodes. The node
-/// that leads the hop stream is killed a third through and started again
-/// two thirds through.
-async fn cluster_node_kill() -> Row {
-    let orders = run::mixed();
-    let mut sc = Scene::new(Stack::cluster(), 1, 2, orders.len()).await;
+/// How long a killed node stays away in the cluster scenarios: longer than
+/// a step's whole retry budget (8 attempts from 50 ms, about 6 s), which
+/// is what an outage used to spend, turning healthy orders into refunds.
+const OUTAGE: Duration = Duration::from_secs(20);
+
+/// Which node a cluster scenario kills.
+#[derive(Debug, Clone, Copy)]
+enum Victim {
+    /// Node `i` (0: the payment worker's and the coordinator's, 1: the
+    /// inventory worker's, 2: the shipping worker's).
+    Node(usize),
+    /// Whichever node leads the hop stream when the fault strikes.
+    HopLeader,
+}
+
+/// A three-node cluster, streams and buckets with three replicas; one
+/// worker per service, each on its own node (payment and the coordinator
+/// on the first, inventory on the second, shipping on the third; with
+/// `Connect::HopLeader`, two per service, spread); each process given only
+/// its node's URL or the seed list. While orders are still being started,
+/// a third of the way through, the victim is SIGKILLed, stays away for
+/// [`OUTAGE`], and is started again on its store. Every order must end
+/// exactly as the same order ends without faults (its line's `expect`),
+/// none lost, no effect twice: a restart delays orders, it never changes
+/// how they end.
+async fn cluster_outage(victim: Victim, connect: Connect) -> Row {
+    let orders = run::mixed_n(orders_or(400));
+    let mut stack = Stack::cluster();
+    stack.connect = connect;
+    let per_service = if matches!(victim, Victim::HopLeader) { 2 } else { 1 };
+    let mut sc = Scene::new(stack, 0, per_service, orders.len()).await;
     let began = sc.began;
-    let run = sc.driver.start(orders);
-    sc.trigger.at(0.33).await;
-    let mut hops = sc
-        .driver
-        .nats
-        .jetstream()
-        .get_stream(waybill::transport::nats::HOPS_STREAM)
-        .await
-        .unwrap();
-    let info = hops.info().await.unwrap();
-    let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap_or_default();
+    // 64 at a time: the starts go on through the outage.
+    let run = sc.driver.start_paced(orders, 64);
+    sc.trigger.at(1.0 / 3.0).await;
+    let node = match victim {
+        Victim::Node(i) => i,
+        Victim::HopLeader => {
+            let mut hops = sc
+                .driver
+                .nats
+                .jetstream()
+                .get_stream(waybill::transport::nats::HOPS_STREAM)
+                .await
+                .unwrap();
+            let info = hops.info().await.unwrap();
+            let leader = info.cluster.as_ref().and_then(|c| c.leader.clone()).unwrap_or_default();
+            let stack::Servers::Cluster(cluster) = &sc.stack.servers else {
+                unreachable!("a cluster stack")
+            };
+            cluster
+                .index_of(&leader)
+                .unwrap_or_else(|| panic!("the hop stream has no known leader: {:?}", info.cluster))
+        }
+    };
     let stack::Servers::Cluster(cluster) = &mut sc.stack.servers else {
         unreachable!("a cluster stack")
     };
-    let node = cluster
-        .index_of(&leader)
-        .unwrap_or_else(|| panic!("the hop stream has no known leader: {:?}", info.cluster));
     let at = || began.elapsed().as_secs_f64();
-    eprintln!(
-        "  {:.1} s: killing {} (it leads {})",
-        at(),
-        cluster.name(node),
-        waybill::transport::nats::HOPS_STREAM
-    );
+    eprintln!("  {:.1} s: killing {} for {} s", at(), cluster.name(node), OUTAGE.as_secs());
     sc.trigger.fault();
     cluster.kill(node);
-    sc.trigger.at(0.66).await;
+    // The fault under test is an outage of this length, not a wait for an
+    // event: the node stays away while the orders go on without it.
+    tokio::time::sleep(OUTAGE).await;
     eprintln!("  {:.1} s: restarting {}", at(), cluster.name(node));
     cluster.restart(node);
     eprintln!("  {:.1} s: the cluster has formed again", at());
     let driven = run.done().await;
-    let faults = "SIGKILL of the node leading the hop stream, restarted".to_owned();
-    sc.end("3-node cluster, node killed", faults, driven, 0).await.0
+    let who = match victim {
+        Victim::Node(0) => "the payment worker's and coordinator's node".to_owned(),
+        Victim::Node(1) => "the inventory worker's node".to_owned(),
+        Victim::Node(i) => format!("the shipping worker's node (n{})", i + 1),
+        Victim::HopLeader => "the node leading the hop stream".to_owned(),
+    };
+    let given = match connect {
+        Connect::Own => "each process given its node's URL",
+        Connect::Seeds => "every process given the seed list",
+    };
+    let faults = format!("SIGKILL of {who}, away {} s; {given}", OUTAGE.as_secs());
+    let name = match (victim, connect) {
+        (Victim::HopLeader, _) => "3-node cluster, seed lists, hop-stream leader away 20 s".to_owned(),
+        (Victim::Node(i), _) => format!("3-node cluster, node n{} away 20 s", i + 1),
+    };
+    sc.end(&name, faults, driven, 0).await.0
 }
 
 /// Handlers that panic or hang, mixed into the flows: a card whose gateway

@@ -24,8 +24,14 @@ pub struct Row {
     pub missing_effects: u64,
     /// Dead letters found, all of them expected (bad input only).
     pub dead_letters: u64,
-    /// The longest time from a fault to the next order finishing.
+    /// For each fault, the time until every order in flight when it struck
+    /// had finished: the longest, the median and the 99th percentile.
     pub recover_seconds: Option<f64>,
+    pub recover_p50_seconds: Option<f64>,
+    pub recover_p99_seconds: Option<f64>,
+    /// Orders whose history shows a wait on unavailable infrastructure
+    /// (the outage was felt, and waited out).
+    pub waited: usize,
     /// The whole scenario: start-up, orders, faults.
     pub seconds: f64,
     pub orders_per_sec: f64,
@@ -41,9 +47,15 @@ impl Row {
         (faults, faults_injected): (String, usize),
         verdict: &Verdict,
         dead_letters: u64,
-        recover: Option<Duration>,
+        recover: &[Duration],
         seconds: Duration,
     ) -> Self {
+        let mut sorted = recover.to_vec();
+        sorted.sort();
+        let pct = |q: f64| -> Option<f64> {
+            let i = ((sorted.len() as f64 * q).ceil() as usize).clamp(1, sorted.len().max(1)) - 1;
+            sorted.get(i).map(Duration::as_secs_f64)
+        };
         Self {
             scenario: scenario.to_owned(),
             orders: driven.report.orders,
@@ -53,7 +65,10 @@ impl Row {
             duplicate_effects: verdict.duplicate_effects,
             missing_effects: verdict.missing_effects,
             dead_letters,
-            recover_seconds: recover.map(|d| d.as_secs_f64()),
+            recover_seconds: sorted.last().map(Duration::as_secs_f64),
+            recover_p50_seconds: pct(0.5),
+            recover_p99_seconds: pct(0.99),
+            waited: crate::run::waited(driven),
             seconds: seconds.as_secs_f64(),
             orders_per_sec: driven.report.orders_per_sec,
             p99_ms: driven.report.p99_ms,
@@ -73,6 +88,9 @@ impl Row {
             missing_effects: 0,
             dead_letters: 0,
             recover_seconds: None,
+            recover_p50_seconds: None,
+            recover_p99_seconds: None,
+            waited: 0,
             seconds: seconds.as_secs_f64(),
             orders_per_sec: 0.0,
             p99_ms: 0.0,
@@ -95,14 +113,15 @@ fn directory() -> PathBuf {
 
 /// Renders the rows as a Markdown table, writes it and the JSON next to it,
 /// and returns the table.
-pub fn write(rows: &[Row]) -> String {
+pub fn write(rows: &[Row], repeat: usize) -> String {
     let mut t = String::from(
-        "| Scenario | Orders | Faults injected | Lost | Duplicate / missing effects | Dead letters (expected) | Time to recover | Order p99 | Run time | Result |\n\
-         |---|---:|---|---:|---:|---:|---:|---:|---:|---|\n",
+        "| Scenario | Orders | Faults injected | Lost | Duplicate / missing effects | Dead letters (expected) | Waited on infrastructure | Time to recover (p50 / p99 / max) | Order p99 | Run time | Result |\n\
+         |---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|\n",
     );
+    let secs = |s: Option<f64>| s.map_or_else(|| "–".to_owned(), |s| format!("{s:.1} s"));
     for r in rows {
         t.push_str(&format!(
-            "| {} | {} | {} | {} | {} / {} | {} | {} | {:.1} s | {:.1} s | {} |\n",
+            "| {} | {} | {} | {} | {} / {} | {} | {} | {} | {:.1} s | {:.1} s | {} |\n",
             r.scenario,
             r.orders,
             r.faults,
@@ -110,12 +129,23 @@ pub fn write(rows: &[Row]) -> String {
             r.duplicate_effects,
             r.missing_effects,
             r.dead_letters,
-            r.recover_seconds
-                .map_or_else(|| "–".to_owned(), |s| format!("{s:.1} s")),
+            r.waited,
+            match (r.recover_p50_seconds, r.recover_p99_seconds) {
+                (Some(_), Some(_)) if r.faults_injected > 1 => format!(
+                    "{} / {} / {}",
+                    secs(r.recover_p50_seconds),
+                    secs(r.recover_p99_seconds),
+                    secs(r.recover_seconds)
+                ),
+                _ => secs(r.recover_seconds),
+            },
             r.p99_ms / 1000.0,
             r.seconds,
             if r.passed() { "pass" } else { "FAIL" },
         ));
+    }
+    if repeat > 1 {
+        t.push_str(&format!("\n{}", soak_summary(rows, repeat)));
     }
     let dir = directory();
     let written = std::fs::create_dir_all(&dir)
@@ -129,6 +159,46 @@ pub fn write(rows: &[Row]) -> String {
     match written {
         Ok(()) => t.push_str(&format!("\n(written to {})\n", dir.join("report.md").display())),
         Err(e) => t.push_str(&format!("\n(could not write {}: {e})\n", dir.display())),
+    }
+    t
+}
+
+/// Per scenario, over its repeated runs: runs, orders, wrong outcomes,
+/// lost, duplicate effects, and the time to recover (p50 and p99 over the
+/// runs' per-fault figures are not kept; the runs' own p50, p99 and max
+/// are summarised by their median and worst).
+fn soak_summary(rows: &[Row], repeat: usize) -> String {
+    let mut t = format!(
+        "Soak: each scenario {repeat} times\n\n\
+         | Scenario | Runs passed | Orders | Wrong outcomes or lost | Duplicate / missing effects | Waited on infrastructure | Recovery p50 (median of runs) | Recovery p99 (worst run) | Recovery max (worst run) |\n\
+         |---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    );
+    let mut names: Vec<&str> = Vec::new();
+    for r in rows {
+        if !names.contains(&r.scenario.as_str()) {
+            names.push(&r.scenario);
+        }
+    }
+    let secs = |s: Option<f64>| s.map_or_else(|| "–".to_owned(), |s| format!("{s:.1} s"));
+    for name in names {
+        let runs: Vec<&Row> = rows.iter().filter(|r| r.scenario == name).collect();
+        let passed = runs.iter().filter(|r| r.passed()).count();
+        let sum = |f: &dyn Fn(&Row) -> u64| runs.iter().map(|r| f(r)).sum::<u64>();
+        let mut p50s: Vec<f64> = runs.iter().filter_map(|r| r.recover_p50_seconds).collect();
+        p50s.sort_by(f64::total_cmp);
+        let worst = |f: &dyn Fn(&Row) -> Option<f64>| runs.iter().filter_map(|r| f(r)).reduce(f64::max);
+        t.push_str(&format!(
+            "| {name} | {passed} of {} | {} | {} | {} / {} | {} | {} | {} | {} |\n",
+            runs.len(),
+            sum(&|r| r.orders as u64),
+            sum(&|r| r.lost as u64),
+            sum(&|r| r.duplicate_effects),
+            sum(&|r| r.missing_effects),
+            sum(&|r| r.waited as u64),
+            secs(p50s.get(p50s.len() / 2).copied()),
+            secs(worst(&|r| r.recover_p99_seconds)),
+            secs(worst(&|r| r.recover_seconds)),
+        ));
     }
     t
 }

@@ -27,6 +27,15 @@ pub fn mixed() -> Vec<PreparedOrder> {
         .orders
 }
 
+/// `n` orders of the mixed flows: a prefix, or the file again and again
+/// (each start is a new order; the stock is plentiful for every SKU the
+/// file uses, so each line ends as its `expect` says however often it
+/// runs).
+pub fn mixed_n(n: usize) -> Vec<PreparedOrder> {
+    let all = mixed();
+    all.iter().cycle().take(n).cloned().collect()
+}
+
 /// Orders built from one JSON line template, `n` times.
 pub fn orders_like(template: &str, expect: Status, n: usize) -> Vec<PreparedOrder> {
     let registry = waybill_workflows::registry().unwrap();
@@ -99,9 +108,20 @@ impl Driver {
         Running(Some(tokio::spawn(async move { driver.drive(&orders).await })))
     }
 
+    /// Starts driving `orders` on a task of its own, at most `in_flight`
+    /// at a time (fewer spread the starts over the run).
+    pub fn start_paced(self: &Arc<Self>, orders: Vec<PreparedOrder>, in_flight: usize) -> Running {
+        let driver = self.clone();
+        Running(Some(tokio::spawn(async move { driver.drive_with(&orders, in_flight).await })))
+    }
+
     async fn drive(&self, orders: &[PreparedOrder]) -> Driven {
+        self.drive_with(orders, 512).await
+    }
+
+    async fn drive_with(&self, orders: &[PreparedOrder], in_flight: usize) -> Driven {
         let opts = ReplayOptions {
-            in_flight: 512,
+            in_flight,
             order_timeout: Duration::from_secs(90),
             ..ReplayOptions::default()
         };
@@ -172,10 +192,10 @@ impl Trigger {
     }
 }
 
-/// How long the stack took to get over its worst fault: for each fault,
-/// the time until the last order that was in flight when it struck had
-/// finished (zero when none was); the longest of these.
-pub fn time_to_recover(faults: &[Timestamp], driven: &Driven) -> Option<Duration> {
+/// How long the stack took to get over each fault: the time until the last
+/// order that was in flight when it struck had finished (zero when none
+/// was). One figure per fault, in the order of the faults.
+pub fn time_to_recover(faults: &[Timestamp], driven: &Driven) -> Vec<Duration> {
     faults
         .iter()
         .map(|&fault| {
@@ -189,7 +209,16 @@ pub fn time_to_recover(faults: &[Timestamp], driven: &Driven) -> Option<Duration
                 .max()
                 .unwrap_or_default()
         })
-        .max()
+        .collect()
+}
+
+/// Orders whose history shows a wait on unavailable infrastructure.
+pub fn waited(driven: &Driven) -> usize {
+    driven
+        .finals
+        .values()
+        .filter(|d| d.history.iter().any(|r| r.result.is_unavailable()))
+        .count()
 }
 
 /// What the checks found.
@@ -397,4 +426,33 @@ async fn effects_match(driver: &Driver, driven: &Driven, v: &mut Verdict) {
             v.problem(format!("{sku} was taken by completed orders but has no level"));
         }
     }
+}
+
+/// The slowest order's history, each record with its start and end in
+/// seconds since the order was created, and its worker: what held it up
+/// (`WAYBILL_FAULTS_SLOWEST=1` prints it for each scenario).
+pub fn slowest(driven: &Driven) -> String {
+    let Some((doc, end)) = driven
+        .finals
+        .values()
+        .filter_map(|d| driven.finished_at.get(&d.id).map(|end| (d, *end)))
+        .max_by_key(|(d, end)| end.since(d.created_at))
+    else {
+        return "no order finished".into();
+    };
+    let t = |ts: Timestamp| ts.since(doc.created_at).as_secs_f64();
+    let mut out = format!("  slowest order {} took {:.1} s:\n", doc.id, t(end));
+    for r in &doc.history {
+        out.push_str(&format!(
+            "    {:>6.2}-{:>6.2} s {} {:?} attempt {} {:?} on {}\n",
+            t(r.started_at),
+            t(r.ended_at),
+            r.step,
+            r.kind,
+            r.attempt,
+            r.result,
+            r.worker
+        ));
+    }
+    out
 }

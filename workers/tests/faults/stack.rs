@@ -54,6 +54,18 @@ pub struct Stack {
     pub drained: Vec<Drained>,
     /// Extra options for every worker started from now on.
     pub worker_args: Vec<String>,
+    /// How processes started from now on are told where NATS is.
+    pub connect: Connect,
+}
+
+/// What a process is given as `--nats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connect {
+    /// Only its own node's URL, as a process on its own host in its own
+    /// zone would be (it may still learn the other nodes from the server).
+    Own,
+    /// The seed list of every node, the NATS convention.
+    Seeds,
 }
 
 pub fn command(bin: &str, args: &[&str]) -> Command {
@@ -85,6 +97,7 @@ impl Stack {
             coordinator_node: 0,
             drained: Vec::new(),
             worker_args: Vec::new(),
+            connect: Connect::Own,
         };
         s.setup();
         s
@@ -94,6 +107,22 @@ impl Stack {
         match &self.servers {
             Servers::One(s) => s.url(),
             Servers::Cluster(c) => c.url(node % c.len()),
+        }
+    }
+
+    /// Every node's URL, as a comma-separated seed list.
+    pub fn seeds(&self) -> String {
+        match &self.servers {
+            Servers::One(s) => s.url(),
+            Servers::Cluster(c) => (0..c.len()).map(|i| c.url(i)).collect::<Vec<_>>().join(","),
+        }
+    }
+
+    /// What a process on `node` is given as `--nats` (see [`Connect`]).
+    pub fn nats_for(&self, node: usize) -> String {
+        match self.connect {
+            Connect::Own => self.url(node),
+            Connect::Seeds => self.seeds(),
         }
     }
 
@@ -117,7 +146,7 @@ impl Stack {
     /// Starts a worker of `service` connected to `node`.
     pub fn start_worker(&mut self, service: usize, node: usize) {
         let (name, bin) = WORKERS[service];
-        let url = self.url(node);
+        let url = self.nats_for(node);
         let mut args = vec!["--nats", &url, "--ack-wait", ACK_WAIT];
         args.extend(self.worker_args.iter().map(String::as_str));
         let proc = Proc::spawn(format!("{name} on node {node}"), command(bin, &args));
@@ -140,7 +169,7 @@ impl Stack {
 
     /// Starts the coordinator, connected to `node`.
     pub fn start_coordinator(&mut self, node: usize) {
-        let url = self.url(node);
+        let url = self.nats_for(node);
         self.coordinator_node = node;
         self.coordinator = Some(Proc::spawn(
             "waybill coordinator",
