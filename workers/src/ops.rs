@@ -282,6 +282,12 @@ pub fn print_status(s: &StatusReply) {
     if let Some(f) = &s.failure {
         println!("failure   {f}");
     }
+    if let Some(w) = &s.waiting {
+        println!(
+            "waiting   on unavailable infrastructure since {}, {} tries (no attempt spent): {}",
+            w.since, w.tries, w.error
+        );
+    }
     println!("partition {}", s.partition);
     if let Some(e) = &s.history_error {
         println!("history   unavailable: {e}");
@@ -323,10 +329,12 @@ fn result_of(h: &HistoryEntry) -> String {
     let mut r = match (&h.outcome, &h.error) {
         (Some(o), _) => o.clone(),
         (None, Some(e)) => {
-            let kind = if h.transient == Some(true) {
-                "transient"
+            let kind = if let Some(w) = &h.unavailable {
+                format!("waited, {} tries", w.tries)
+            } else if h.transient == Some(true) {
+                "transient".to_owned()
             } else {
-                "error"
+                "error".to_owned()
             };
             format!("{kind}: {e}")
         }

@@ -421,6 +421,33 @@ mod tests {
     }
 
     #[test]
+    fn a_wait_on_infrastructure_reads_as_one_not_as_an_attempt() {
+        let r = StepRecord {
+            step: StepName::new("charge").unwrap(),
+            service: ServiceSubject::new("payment.charge").unwrap(),
+            kind: StepKind::Forward,
+            attempt: 1,
+            result: AttemptResult::Unavailable {
+                message: "ledger unavailable: no responders".into(),
+                since: Timestamp(1_795_677_024_500_000),
+                tries: 7,
+            },
+            detail: None,
+            started_at: Timestamp(1_795_677_024_500_000),
+            ended_at: Timestamp(1_795_677_030_500_000),
+            worker: crate::id::WorkerId::new("w"),
+        };
+        let h = HistoryEntry::of(&r);
+        assert_eq!(h.outcome, None);
+        assert_eq!(h.transient, None);
+        let json = serde_json::to_value(&h).unwrap();
+        assert_eq!(
+            json["unavailable"],
+            serde_json::json!({"since": "2026-11-26T07:10:24.500000Z", "tries": 7, "error": "ledger unavailable: no responders"})
+        );
+    }
+
+    #[test]
     fn orders_queries_reject_unknown_fields_and_cap_the_list() {
         let q: OrdersQuery = serde_json::from_str(r#"{"status":"running","stalled":true,"limit":99999}"#).unwrap();
         assert_eq!(q.limit(), MAX_LIST);
