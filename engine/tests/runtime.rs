@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use waybill::transport::{
-    ConsumerConfig, DeadLetter, Embedded, Error as TransportError, Headers, Outgoing, PublishAck, Transport,
+    DeadLetter, Embedded, Error as TransportError, Headers, Outgoing, Transport,
 };
 use waybill::{
     headers, subject, AttemptResult, Client, Codec, Document, Format, OrderId, Payload, Registry, Status, StepContext,
@@ -21,7 +21,7 @@ use waybill::{
 const DEADLINE: Duration = Duration::from_secs(10);
 
 mod common;
-use common::{script, serve, three_steps, Log, Script};
+use common::{script, serve, three_steps, Faulty, Log, PublishFault, Script};
 
 struct Harness {
     transport: Embedded,
@@ -413,57 +413,29 @@ async fn bad_input_is_dead_lettered_with_its_reason_and_the_worker_carries_on() 
     h.stop().await;
 }
 
-/// A transport whose next publishes fail: the output of a step is lost, as
-/// when a worker dies between running a step and storing its result.
-#[derive(Clone)]
-struct Flaky {
-    inner: Embedded,
-    subject: String,
-    failures_left: Arc<AtomicUsize>,
-}
-
-impl Transport for Flaky {
-    type Consumer = <Embedded as Transport>::Consumer;
-
-    async fn publish(&self, msg: Outgoing) -> Result<PublishAck, TransportError> {
-        if msg.subject == self.subject
-            && self
-                .failures_left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
-            // Not an unavailable stream (that is waited out in place, see
-            // tests/unavailable.rs): a failure the worker hands back, so the
-            // step is delivered and run again.
-            return Err(TransportError::Other {
-                message: "simulated lost publish".into(),
-                retryable: true,
-            });
-        }
-        self.inner.publish(msg).await
-    }
-
-    async fn consumer(&self, config: ConsumerConfig) -> Result<Self::Consumer, TransportError> {
-        self.inner.consumer(config).await
-    }
-
-    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), TransportError> {
-        self.inner.dead_letter(letter).await
-    }
-
-    async fn delete_consumer(&self, durable: &str) -> Result<(), TransportError> {
-        self.inner.delete_consumer(durable).await
-    }
-}
-
 #[tokio::test]
 async fn a_lost_output_is_redelivered_and_its_effect_happens_once() {
+    // The next two publishes of step b's output fail, as when a worker
+    // dies between running a step and storing its result. Not an
+    // unavailable stream (that is waited out in place, see
+    // tests/unavailable.rs): a failure the worker hands back, so the step
+    // is delivered and run again.
     let inner = Embedded::new();
-    let flaky = Flaky {
-        inner: inner.clone(),
-        subject: "waybill.hop.t.c".into(),
-        failures_left: Arc::new(AtomicUsize::new(2)),
-    };
+    let failures_left = AtomicUsize::new(2);
+    let flaky = Faulty::new(inner.clone(), move |m: &Outgoing| {
+        let lost = m.subject == "waybill.hop.t.c"
+            && failures_left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+        if lost {
+            PublishFault::Refuse(TransportError::Other {
+                message: "simulated lost publish".into(),
+                retryable: true,
+            })
+        } else {
+            PublishFault::Pass
+        }
+    });
     let log = Arc::new(Log::default());
     let worker = serve(Worker::builder(flaky.clone()), &log).start().await.unwrap();
     let client = Client::connect(inner.clone()).await.unwrap();

@@ -11,10 +11,13 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use waybill::transport::{DeadLetter, Embedded, Error, Outgoing, PublishAck, Transport};
+use waybill::transport::{Embedded, Error};
 use waybill::{Client, Payload, StartError, Status, StepOutput, Worker, Workflow};
 
 const DEADLINE: Duration = Duration::from_secs(20);
+
+mod common;
+use common::{Faulty, PublishFault};
 
 /// What the next publishes of a first hop (deduplication id `<id>:0`) do.
 #[derive(Debug, Clone)]
@@ -27,9 +30,9 @@ enum Fault {
 
 /// The embedded transport with scripted faults on first hops. Other
 /// messages (the workers' hops) pass untouched.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Flaky {
-    inner: Embedded,
+    transport: Faulty,
     /// Faults for the next first-hop publishes, in order; then every
     /// publish passes (or, with `always`, every one fails so).
     script: Arc<Mutex<Vec<Fault>>>,
@@ -39,52 +42,33 @@ struct Flaky {
 
 impl Flaky {
     fn new(script: Vec<Fault>) -> Self {
-        Self {
-            inner: Embedded::new(),
-            script: Arc::new(Mutex::new(script)),
-            always: Arc::new(Mutex::new(None)),
-            first_hop_publishes: Arc::new(AtomicU32::new(0)),
-        }
-    }
-
-    fn next_fault(&self) -> Option<Fault> {
-        let mut s = self.script.lock().unwrap();
-        if s.is_empty() {
-            self.always.lock().unwrap().clone()
-        } else {
-            Some(s.remove(0))
-        }
-    }
-}
-
-impl Transport for Flaky {
-    type Consumer = <Embedded as Transport>::Consumer;
-
-    async fn publish(&self, msg: Outgoing) -> Result<PublishAck, Error> {
-        if msg.msg_id.as_deref().is_some_and(|id| id.ends_with(":0")) {
-            self.first_hop_publishes.fetch_add(1, Ordering::SeqCst);
-            match self.next_fault() {
-                Some(Fault::Refuse(e)) => return Err(e),
-                Some(Fault::StoreThenFail(e)) => {
-                    self.inner.publish(msg).await?;
-                    return Err(e);
-                }
-                None => {}
+        let script = Arc::new(Mutex::new(script));
+        let always: Arc<Mutex<Option<Fault>>> = Arc::new(Mutex::new(None));
+        let first_hop_publishes = Arc::new(AtomicU32::new(0));
+        let (sc, a, n) = (script.clone(), always.clone(), first_hop_publishes.clone());
+        let transport = Faulty::new(Embedded::new(), move |msg| {
+            if !msg.msg_id.as_deref().is_some_and(|id| id.ends_with(":0")) {
+                return PublishFault::Pass;
             }
+            n.fetch_add(1, Ordering::SeqCst);
+            let mut s = sc.lock().unwrap();
+            let next = if s.is_empty() {
+                a.lock().unwrap().clone()
+            } else {
+                Some(s.remove(0))
+            };
+            match next {
+                Some(Fault::Refuse(e)) => PublishFault::Refuse(e),
+                Some(Fault::StoreThenFail(e)) => PublishFault::StoreThenFail(e),
+                None => PublishFault::Pass,
+            }
+        });
+        Self {
+            transport,
+            script,
+            always,
+            first_hop_publishes,
         }
-        self.inner.publish(msg).await
-    }
-
-    async fn consumer(&self, config: waybill::transport::ConsumerConfig) -> Result<Self::Consumer, Error> {
-        self.inner.consumer(config).await
-    }
-
-    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), Error> {
-        self.inner.dead_letter(letter).await
-    }
-
-    async fn delete_consumer(&self, durable: &str) -> Result<(), Error> {
-        self.inner.delete_consumer(durable).await
     }
 }
 
@@ -105,7 +89,7 @@ fn no_stream() -> Error {
 }
 
 async fn worker(t: &Flaky) -> waybill::WorkerHandle {
-    Worker::builder(t.clone())
+    Worker::builder(t.transport.clone())
         .serve("retry.only", |_ctx, _p: Payload| async { Ok(StepOutput::ok()) })
         .start()
         .await
@@ -119,9 +103,9 @@ async fn unanswered_and_unstored_starts_are_retried_under_one_id_and_stored_once
     // its retries are duplicates of the first try. Order 3: no fault.
     let t = Flaky::new(vec![Fault::Refuse(timed_out()), Fault::Refuse(no_stream())]);
     let w = worker(&t).await;
-    let client = Client::connect(t.clone()).await.unwrap();
+    let client = Client::connect(t.transport.clone()).await.unwrap();
     let wf = one_step();
-    let stored_before = t.inner.stored();
+    let stored_before = t.transport.inner.stored();
 
     let first = client.start(&wf, Payload::postcard(&1u8).unwrap()).await.unwrap();
     assert_eq!(t.first_hop_publishes.load(Ordering::SeqCst), 3);
@@ -148,7 +132,7 @@ async fn unanswered_and_unstored_starts_are_retried_under_one_id_and_stored_once
         assert_eq!(doc.history.len(), 1, "one step ran once: {}", doc.journal());
     }
     // Three first hops, three done hops: nothing stored twice.
-    assert_eq!(t.inner.stored() - stored_before, 6);
+    assert_eq!(t.transport.inner.stored() - stored_before, 6);
     w.shutdown().await;
     client.close().await;
 }
@@ -156,7 +140,7 @@ async fn unanswered_and_unstored_starts_are_retried_under_one_id_and_stored_once
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refusal_is_returned_at_once_and_an_outage_past_the_deadline_names_the_id() {
     let t = Flaky::new(vec![Fault::Refuse(Error::TooLarge { size: 10, max: 1 })]);
-    let client = Client::connect(t.clone()).await.unwrap();
+    let client = Client::connect(t.transport.clone()).await.unwrap();
     let wf = one_step();
 
     let e = client.start(&wf, Payload::postcard(&1u8).unwrap()).await.unwrap_err();
@@ -187,13 +171,13 @@ async fn a_refusal_is_returned_at_once_and_an_outage_past_the_deadline_names_the
 
     // The outage over, the same id goes through and is stored once.
     *t.always.lock().unwrap() = None;
-    let stored = t.inner.stored();
+    let stored = t.transport.inner.stored();
     let ack = client
         .start_with_id(id, &wf, Payload::postcard(&2u8).unwrap())
         .await
         .unwrap();
     assert!(!ack.duplicate);
-    assert_eq!(t.inner.stored(), stored + 1);
+    assert_eq!(t.transport.inner.stored(), stored + 1);
 
     // The timeout is capped inside the stream's duplicate window.
     assert!(waybill::MAX_START_TIMEOUT < waybill::transport::NatsConfig::default().duplicate_window);

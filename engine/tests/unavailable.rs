@@ -10,15 +10,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use waybill::transport::{
-    ConsumerConfig, DeadLetter, DeadLetterKind, Embedded, Error as TransportError, Outgoing, PublishAck, Transport,
-};
+use waybill::transport::{DeadLetterKind, Embedded, Error as TransportError, Transport};
 use waybill::{
     AttemptResult, Backoff, Client, Document, Payload, Registry, Status, StepContext, StepError, StepKind,
     StepOutput, Then, Worker, WorkerHandle, Workflow,
 };
 
 const DEADLINE: Duration = Duration::from_secs(20);
+
+mod common;
+use common::{Faulty, PublishFault};
 
 /// A store the handlers use, which the test takes down and brings back.
 /// Every call is counted and announced, so the test waits on calls.
@@ -234,50 +235,25 @@ async fn past_the_operators_limit_the_hop_is_a_dead_letter_of_kind_unavailable_n
     stack.stop().await;
 }
 
-/// The embedded transport, but hops cannot be stored while `down` is set
-/// (a stream electing its leader): publishes fail as unavailable.
-#[derive(Clone)]
-struct Outage {
-    inner: Embedded,
-    down: Arc<AtomicBool>,
-    refused: Arc<watch::Sender<u32>>,
-}
-
-impl Transport for Outage {
-    type Consumer = <Embedded as Transport>::Consumer;
-
-    async fn publish(&self, msg: Outgoing) -> Result<PublishAck, TransportError> {
-        if self.down.load(Ordering::SeqCst) {
-            self.refused.send_modify(|n| *n += 1);
-            return Err(TransportError::Unavailable("no stream found for given subject".into()));
-        }
-        self.inner.publish(msg).await
-    }
-
-    async fn consumer(&self, config: ConsumerConfig) -> Result<Self::Consumer, TransportError> {
-        self.inner.consumer(config).await
-    }
-
-    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), TransportError> {
-        self.inner.dead_letter(letter).await
-    }
-
-    async fn delete_consumer(&self, durable: &str) -> Result<(), TransportError> {
-        self.inner.delete_consumer(durable).await
-    }
-}
-
 #[tokio::test]
 async fn a_hop_that_cannot_be_stored_is_tried_again_without_spending_deliveries() {
+    // Hops cannot be stored while `down` is set (a stream electing its
+    // leader): publishes fail as unavailable.
     let embedded = Embedded::new();
-    let outage = Outage {
-        inner: embedded.clone(),
-        down: Arc::new(AtomicBool::new(false)),
-        refused: Arc::new(watch::channel(0).0),
-    };
+    let down = Arc::new(AtomicBool::new(false));
+    let refused = Arc::new(watch::channel(0u32).0);
+    let (d, r) = (down.clone(), refused.clone());
+    let outage = Faulty::new(embedded.clone(), move |_| {
+        if d.load(Ordering::SeqCst) {
+            r.send_modify(|n| *n += 1);
+            PublishFault::Refuse(TransportError::Unavailable("no stream found for given subject".into()))
+        } else {
+            PublishFault::Pass
+        }
+    });
     let charge = Store::new(false);
-    let stack = Stack::new(outage.clone(), charge.clone(), Store::new(false), None).await;
-    outage.down.store(true, Ordering::SeqCst);
+    let stack = Stack::new(outage, charge.clone(), Store::new(false), None).await;
+    down.store(true, Ordering::SeqCst);
     // The start itself is not stored yet either: start it on the inner
     // transport, as a client on a node still up would.
     let client = Client::connect(embedded.clone()).await.unwrap();
@@ -286,12 +262,12 @@ async fn a_hop_that_cannot_be_stored_is_tried_again_without_spending_deliveries(
     // The worker ran the charge and now cannot store its next hop. The
     // consumer allows 3 deliveries: handing the input back on every failed
     // publish would have made it a dead letter long before 7 refusals.
-    let mut refused = outage.refused.subscribe();
+    let mut refused = refused.subscribe();
     tokio::time::timeout(DEADLINE, refused.wait_for(|n| *n >= 7))
         .await
         .expect("the worker should keep trying to store the hop")
         .unwrap();
-    outage.down.store(false, Ordering::SeqCst);
+    down.store(false, Ordering::SeqCst);
     let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
     assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
     assert_eq!(charge.effects.load(Ordering::SeqCst), 1, "charged once");

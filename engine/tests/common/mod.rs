@@ -9,7 +9,9 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use std::sync::Arc;
-use waybill::transport::Transport;
+use waybill::transport::{
+    ConsumerConfig, DeadLetter, Embedded, Error as TransportError, Outgoing, PublishAck, Transport,
+};
 use waybill::{Backoff, Payload, StepContext, StepError, StepOutput, Then, WorkerBuilder, Workflow, WorkflowPayload};
 
 /// The payload of these tests: what the handlers should do.
@@ -151,4 +153,61 @@ pub fn serve<T: Transport>(b: WorkerBuilder<T>, log: &Arc<Log>) -> WorkerBuilder
             Ok(StepOutput::ok())
         }
     })
+}
+
+/// What a [`Faulty`] transport does with one publish.
+#[derive(Debug, Clone)]
+pub enum PublishFault {
+    /// Stores it, as the embedded transport would.
+    Pass,
+    /// Does not store it; the publish fails with this error.
+    Refuse(TransportError),
+    /// Stores it, but the answer is lost: the publish fails with this error.
+    StoreThenFail(TransportError),
+}
+
+/// The embedded transport, with each publish first shown to a function of
+/// the test's, which says what happens to it (a server restarting, a
+/// leader election, an output lost with its worker). Everything else
+/// passes through.
+#[derive(Clone)]
+pub struct Faulty {
+    pub inner: Embedded,
+    decide: Arc<dyn Fn(&Outgoing) -> PublishFault + Send + Sync>,
+}
+
+impl Faulty {
+    pub fn new(inner: Embedded, decide: impl Fn(&Outgoing) -> PublishFault + Send + Sync + 'static) -> Self {
+        Self {
+            inner,
+            decide: Arc::new(decide),
+        }
+    }
+}
+
+impl Transport for Faulty {
+    type Consumer = <Embedded as Transport>::Consumer;
+
+    async fn publish(&self, msg: Outgoing) -> Result<PublishAck, TransportError> {
+        match (self.decide)(&msg) {
+            PublishFault::Pass => self.inner.publish(msg).await,
+            PublishFault::Refuse(e) => Err(e),
+            PublishFault::StoreThenFail(e) => {
+                self.inner.publish(msg).await?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn consumer(&self, config: ConsumerConfig) -> Result<Self::Consumer, TransportError> {
+        self.inner.consumer(config).await
+    }
+
+    async fn dead_letter(&self, letter: DeadLetter) -> Result<(), TransportError> {
+        self.inner.dead_letter(letter).await
+    }
+
+    async fn delete_consumer(&self, durable: &str) -> Result<(), TransportError> {
+        self.inner.delete_consumer(durable).await
+    }
 }
