@@ -117,6 +117,16 @@ fn attempt(result: StepResult) -> Attempt {
     }
 }
 
+/// What the handler's act comes to; compensations always succeed.
+fn result_of(doc: &Document, act: Act) -> StepResult {
+    match (doc.status, act) {
+        (Status::Compensating, _) => StepResult::ok(),
+        (_, Act::Outcome(o)) => StepResult::outcome(OUTCOMES[usize::from(o)]),
+        (_, Act::Transient) => StepResult::Transient("flaky".into()),
+        (_, Act::Permanent) => StepResult::Permanent("broken".into()),
+    }
+}
+
 /// Drives a document to its end with the given acts (cycled), compensations
 /// always succeeding; returns the final document and how many attempts ran.
 fn drive(wf: &Workflow, acts: &[Act]) -> (Document, usize) {
@@ -124,14 +134,7 @@ fn drive(wf: &Workflow, acts: &[Act]) -> (Document, usize) {
     let mut n = 0;
     loop {
         let before = doc.history.len();
-        let result = match doc.status {
-            Status::Compensating => StepResult::ok(),
-            _ => match acts[n % acts.len()] {
-                Act::Outcome(o) => StepResult::outcome(OUTCOMES[usize::from(o)]),
-                Act::Transient => StepResult::Transient("flaky".into()),
-                Act::Permanent => StepResult::Permanent("broken".into()),
-            },
-        };
+        let result = result_of(&doc, acts[n % acts.len()]);
         let decision = apply(&mut doc, attempt(result)).expect("a running document accepts a result");
         n += 1;
         assert_eq!(doc.history.len(), before + 1, "one record per executed attempt");
@@ -161,14 +164,7 @@ fn drive_with_waits(wf: &Workflow, acts: &[Act], waits: &[u8]) -> (Document, usi
             assert_eq!((doc.status, doc.step, doc.attempt, doc.owed.clone()), before, "a wait changes nothing");
             assert!(doc.history.last().is_some_and(|r| r.result.is_unavailable()));
         }
-        let result = match doc.status {
-            Status::Compensating => StepResult::ok(),
-            _ => match acts[n % acts.len()] {
-                Act::Outcome(o) => StepResult::outcome(OUTCOMES[usize::from(o)]),
-                Act::Transient => StepResult::Transient("flaky".into()),
-                Act::Permanent => StepResult::Permanent("broken".into()),
-            },
-        };
+        let result = result_of(&doc, acts[n % acts.len()]);
         let decision = apply(&mut doc, attempt(result)).expect("a running document accepts a result");
         n += 1;
         hops += 1;
