@@ -16,7 +16,13 @@
 //!
 //! Decoding is bounded by a size limit and never panics: anything malformed
 //! is a [`DecodeError`]. The wire structs live here and only here;
-//! [`ENVELOPE_VERSION`] changes when they do.
+//! [`ENVELOPE_VERSION`] changes when they do in a way that this build would
+//! read an older document differently. An addition that every older
+//! document still decodes the same under (a new variant at the end of an
+//! enum, such as a history record's `Unavailable` wait) keeps the version:
+//! this build reads every version-1 document, and an older build refuses a
+//! document with the new variant as malformed (a dead letter), so workers
+//! are upgraded before the builds that write it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
