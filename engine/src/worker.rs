@@ -774,8 +774,10 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
                 return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, reason)).await;
             }
         };
-        let out = Outgoing {
-            subject,
+        let body = Bytes::from(body);
+        // Built again for each try (rare): cheaper than copying one up front.
+        let out = || Outgoing {
+            subject: subject.clone(),
             msg_id: Some(
                 DedupId {
                     order: doc.id,
@@ -784,7 +786,7 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
                 .to_string(),
             ),
             headers: headers::for_hop(&doc, shared.format),
-            payload: Bytes::from(body),
+            payload: body.clone(),
         };
         match store(shared, &delivery, out).await {
             Ok(ack) => {
@@ -836,13 +838,13 @@ enum Unstored {
 async fn store<T: Transport>(
     shared: &Shared<T>,
     delivery: &impl Delivery,
-    out: Outgoing,
+    out: impl Fn() -> Outgoing,
 ) -> Result<crate::transport::PublishAck, Unstored> {
     let began = tokio::time::Instant::now();
     let tries = async {
         let mut tries = 0u32;
         loop {
-            let e = match shared.transport.publish(out.clone()).await {
+            let e = match shared.transport.publish(out()).await {
                 Ok(ack) => return Ok(ack),
                 Err(e) => e,
             };
