@@ -111,6 +111,31 @@ fn decode<T: DeserializeOwned>(bucket: &'static str, key: &str, b: &[u8]) -> Res
     serde_json::from_slice(b).map_err(|e| format!("bucket {bucket}, key {key}: unreadable value: {e}"))
 }
 
+/// A key's latest value and revision, read from the bucket's stream leader:
+/// every write acknowledged before this read is in it. `Store::entry` reads
+/// with a direct get, which any replica answers, and a replica that lags
+/// (a node catching up after a restart) answers with an older value. Where
+/// a write follows the read, its compare-and-swap refuses a stale revision;
+/// where a decision rests on the read alone (nothing left to settle,
+/// nothing charged, not enough stock), the read must be this one. The
+/// cluster soak found a stock marker left behind because a settle read a
+/// lagging replica that did not have it yet.
+async fn latest(store: &Store, key: &str) -> Result<Option<(Bytes, u64)>, (Fault, String)> {
+    use async_nats::jetstream::stream::LastRawMessageErrorKind;
+    let subject = format!("{}{key}", store.prefix);
+    match store.stream.get_last_raw_message_by_subject(&subject).await {
+        Ok(m) => {
+            let removed = m
+                .headers
+                .get("KV-Operation")
+                .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
+            Ok((!removed).then_some((m.payload, m.sequence)))
+        }
+        Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+        Err(e) => Err((fault::classify(&e), e.to_string())),
+    }
+}
+
 /// Waits a little after losing a compare-and-swap race: under many
 /// concurrent reservations of one SKU, retrying at once only loses again.
 async fn after_conflict(tries: &mut u32) {
@@ -162,6 +187,21 @@ impl KvLedger {
     }
 }
 
+impl KvLedger {
+    /// [`Self::read`], from the bucket's stream leader ([`latest`]).
+    async fn read_latest(&self, key: &str) -> Result<Option<(PaymentEntry, u64)>, LedgerError> {
+        match latest(&self.store, key).await {
+            Ok(Some((value, revision))) => Ok(Some((
+                decode(PAYMENTS, key, &value).map_err(LedgerError::Store)?,
+                revision,
+            ))),
+            Ok(None) => Ok(None),
+            Err((Fault::Unavailable, e)) => Err(LedgerError::Unavailable(format!("bucket {PAYMENTS}, key {key}: {e}"))),
+            Err((_, e)) => Err(LedgerError::Store(format!("bucket {PAYMENTS}, key {key}: {e}"))),
+        }
+    }
+}
+
 impl Ledger for KvLedger {
     async fn charge(&self, order: OrderId, amount: i64) -> Result<PaymentEntry, LedgerError> {
         let key = order.to_string();
@@ -172,8 +212,10 @@ impl Ledger for KvLedger {
         };
         match self.store.create(&key, encode(&entry)).await {
             Ok(_) => Ok(entry),
+            // Charged before (a redelivery): read it from the leader, which
+            // has it, not from a replica that may not yet.
             Err(e) if fault::is_conflict(&e) => self
-                .read(&key)
+                .read_latest(&key)
                 .await?
                 .map(|(e, _)| e)
                 .ok_or_else(|| LedgerError::Store(format!("ledger entry {key} vanished"))),
@@ -184,7 +226,9 @@ impl Ledger for KvLedger {
     async fn refund(&self, order: OrderId) -> Result<Option<PaymentEntry>, LedgerError> {
         let key = order.to_string();
         loop {
-            let Some((mut entry, revision)) = self.read(&key).await? else {
+            // Read from the leader: "never charged" must not be a lagging
+            // replica's answer, or a charge would be kept.
+            let Some((mut entry, revision)) = self.read_latest(&key).await? else {
                 return Ok(None);
             };
             if !entry.charged || entry.refunded {
@@ -367,17 +411,41 @@ impl KvStock {
         }
     }
 
+    /// A SKU's value and revision from the bucket's stream leader
+    /// ([`latest`]); `None` if it has no level yet.
+    async fn sku_latest(&self, sku: &str) -> Result<Option<(SkuValue, u64)>, StockError> {
+        match latest(&self.stock, sku).await {
+            Ok(Some((value, revision))) => Ok(Some((
+                decode(INVENTORY, sku, &value).map_err(StockError::Store)?,
+                revision,
+            ))),
+            Ok(None) => Ok(None),
+            Err((Fault::Unavailable, e)) => Err(StockError::Unavailable(format!("bucket {INVENTORY}, key {sku}: {e}"))),
+            Err((_, e)) => Err(StockError::Store(format!("bucket {INVENTORY}, key {sku}: {e}"))),
+        }
+    }
+
     /// Moves `qty` units of `sku` from available to reserved (negative: back),
     /// once per `marker`; refuses to make available negative when `check`.
     async fn change(&self, sku: &str, marker: &str, qty: i64, check: bool) -> Result<Change, StockError> {
         let mut tries = 0;
         loop {
-            let (mut v, rev) = self.sku(sku).await?;
+            let (mut v, mut rev) = self.sku(sku).await?;
             if v.pending.contains_key(marker) {
                 return Ok(Change::Made);
             }
             if check && v.available < qty {
-                return Ok(Change::Short { available: v.available });
+                // Short is decided on a read alone: not on a lagging
+                // replica's older level.
+                if let Some(fresh) = self.sku_latest(sku).await? {
+                    (v, rev) = fresh;
+                }
+                if v.pending.contains_key(marker) {
+                    return Ok(Change::Made);
+                }
+                if v.available < qty {
+                    return Ok(Change::Short { available: v.available });
+                }
             }
             v.available -= qty;
             v.reserved += qty;
@@ -394,7 +462,11 @@ impl KvStock {
     async fn settle(&self, sku: &str, marker: &str) -> Result<(), StockError> {
         let mut tries = 0;
         loop {
-            let (mut v, rev) = self.sku(sku).await?;
+            // "No marker, nothing to do" is decided on the read alone: it
+            // must not be a lagging replica's (see [`latest`]).
+            let Some((mut v, rev)) = self.sku_latest(sku).await? else {
+                return Ok(());
+            };
             if v.pending.remove(marker).is_none() {
                 return Ok(());
             }
