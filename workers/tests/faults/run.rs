@@ -251,6 +251,9 @@ impl Verdict {
 /// dead letters.
 pub async fn verify(stack: &Stack, driver: &Driver, driven: &Driven, dead_letters: u64) -> Verdict {
     let mut v = Verdict::default();
+    if let Err(p) = replicas_current(&driver.nats, Duration::from_secs(60)).await {
+        v.problem(p);
+    }
     for m in &driven.report.mismatches {
         v.lost += 1;
         v.problem(format!(
@@ -339,6 +342,49 @@ async fn coordinator_agrees(stack: &Stack, driver: &Driver, driven: &Driven, v: 
                 v.problem(format!("order {}: the coordinator cannot tell: {e:#}", doc.id));
             }
         }
+    }
+}
+
+/// Waits until every replica of the streams and buckets has caught up with
+/// its leader. The checks read through any node, and a node that was just
+/// restarted answers with what it has so far: a read of a lagging replica
+/// showed orders uncharged and markers unsettled that were not (a false
+/// failure of the checks, not of the services, which read what they decide
+/// on from the leader).
+async fn replicas_current(nats: &Nats, within: Duration) -> Result<(), String> {
+    let streams = [HOPS_STREAM, DLQ_STREAM, "KV_payments", "KV_inventory", "KV_reservations"];
+    let deadline = tokio::time::Instant::now() + within;
+    let mut wait = Duration::from_millis(20);
+    loop {
+        let mut behind = Vec::new();
+        for name in streams {
+            let info = match nats.jetstream().get_stream(name).await {
+                Ok(mut s) => s.info().await.map(|i| i.clone()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match info {
+                Ok(info) => {
+                    for peer in info.cluster.map(|c| c.replicas).unwrap_or_default() {
+                        if !peer.current || peer.offline || peer.lag.unwrap_or(0) > 0 {
+                            behind.push(format!("{name} on {} (lag {:?})", peer.name, peer.lag));
+                        }
+                    }
+                }
+                Err(e) => behind.push(format!("{name}: {e}")),
+            }
+        }
+        if behind.is_empty() {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() + wait > deadline {
+            return Err(format!(
+                "replicas still behind their leader after {} s: {}",
+                within.as_secs(),
+                behind.join(", ")
+            ));
+        }
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_millis(500));
     }
 }
 
