@@ -56,6 +56,9 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     }),
     ("cluster-node2-inventory-kill", || cluster_outage(Victim::Node(1), Connect::Own).boxed_local()),
     ("cluster-node3-shipping-kill", || cluster_outage(Victim::Node(2), Connect::Own).boxed_local()),
+    ("cluster-seeds-n1-kill", || cluster_outage(Victim::Node(0), Connect::Seeds).boxed_local()),
+    ("cluster-seeds-n2-kill", || cluster_outage(Victim::Node(1), Connect::Seeds).boxed_local()),
+    ("cluster-seeds-n3-kill", || cluster_outage(Victim::Node(2), Connect::Seeds).boxed_local()),
     ("cluster-seeds-hop-leader-kill", || {
         cluster_outage(Victim::HopLeader, Connect::Seeds).boxed_local()
     }),
@@ -336,7 +339,7 @@ enum Victim {
 /// A three-node cluster, streams and buckets with three replicas; one
 /// worker per service, each on its own node (payment and the coordinator
 /// on the first, inventory on the second, shipping on the third; with
-/// `Connect::HopLeader`, two per service, spread); each process given only
+/// `Victim::HopLeader`, two per service, spread); each process given only
 /// its node's URL or the seed list. While orders are still being started,
 /// a third of the way through, the victim is SIGKILLed, stays away for
 /// [`OUTAGE`], and is started again on its store. Every order must end
@@ -390,7 +393,7 @@ async fn cluster_outage(victim: Victim, connect: Connect) -> Row {
     let who = match victim {
         Victim::Node(0) => "the payment worker's and coordinator's node".to_owned(),
         Victim::Node(1) => "the inventory worker's node".to_owned(),
-        Victim::Node(i) => format!("the shipping worker's node (n{})", i + 1),
+        Victim::Node(_) => "the shipping worker's node".to_owned(),
         Victim::HopLeader => "the node leading the hop stream".to_owned(),
     };
     let given = match connect {
@@ -400,7 +403,8 @@ async fn cluster_outage(victim: Victim, connect: Connect) -> Row {
     let faults = format!("SIGKILL of {who}, away {} s; {given}", OUTAGE.as_secs());
     let name = match (victim, connect) {
         (Victim::HopLeader, _) => "3-node cluster, seed lists, hop-stream leader away 20 s".to_owned(),
-        (Victim::Node(i), _) => format!("3-node cluster, node n{} away 20 s", i + 1),
+        (Victim::Node(i), Connect::Own) => format!("3-node cluster, node n{} away 20 s", i + 1),
+        (Victim::Node(i), Connect::Seeds) => format!("3-node cluster, seed lists, node n{} away 20 s", i + 1),
     };
     sc.end(&name, faults, driven, 0).await.0
 }
