@@ -359,7 +359,7 @@ async fn replicas_current(nats: &Nats, within: Duration) -> Result<(), String> {
         let mut behind = Vec::new();
         for name in streams {
             let info = match nats.jetstream().get_stream(name).await {
-                Ok(mut s) => s.info().await.map(|i| i.clone()).map_err(|e| e.to_string()),
+                Ok(mut s) => s.info().await.cloned().map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
             match info {
