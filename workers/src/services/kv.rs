@@ -226,12 +226,20 @@ impl Ledger for KvLedger {
     async fn refund(&self, order: OrderId) -> Result<Option<PaymentEntry>, LedgerError> {
         let key = order.to_string();
         loop {
-            // Read from the leader: "never charged" must not be a lagging
-            // replica's answer, or a charge would be kept.
-            let Some((mut entry, revision)) = self.read_latest(&key).await? else {
+            let owed = |e: &PaymentEntry| e.charged && !e.refunded;
+            let read = match self.read(&key).await? {
+                Some(r) if owed(&r.0) => Some(r),
+                // "Never charged" or "refunded already" is decided on the
+                // read alone: not on a lagging replica's answer, or a
+                // charge would be kept (see [`latest`]). A refund to make
+                // needs no such read: its compare-and-swap refuses a stale
+                // revision.
+                _ => self.read_latest(&key).await?,
+            };
+            let Some((mut entry, revision)) = read else {
                 return Ok(None);
             };
-            if !entry.charged || entry.refunded {
+            if !owed(&entry) {
                 return Ok(Some(entry));
             }
             entry.refunded = true;
@@ -462,14 +470,18 @@ impl KvStock {
     async fn settle(&self, sku: &str, marker: &str) -> Result<(), StockError> {
         let mut tries = 0;
         loop {
-            // "No marker, nothing to do" is decided on the read alone: it
-            // must not be a lagging replica's (see [`latest`]).
-            let Some((mut v, rev)) = self.sku_latest(sku).await? else {
-                return Ok(());
-            };
-            if v.pending.remove(marker).is_none() {
-                return Ok(());
+            let (mut v, mut rev) = self.sku(sku).await?;
+            if !v.pending.contains_key(marker) {
+                // "No marker, nothing to do" is decided on the read alone:
+                // not on a lagging replica's (see [`latest`]). The common
+                // case, a marker to remove, needs no such read: the
+                // compare-and-swap below refuses a stale revision.
+                match self.sku_latest(sku).await? {
+                    Some(fresh) if fresh.0.pending.contains_key(marker) => (v, rev) = fresh,
+                    _ => return Ok(()),
+                }
             }
+            v.pending.remove(marker);
             match self.stock.update(sku, encode(&v), rev).await {
                 Ok(_) => return Ok(()),
                 Err(e) if fault::is_conflict(&e) => after_conflict(&mut tries).await,
@@ -521,7 +533,8 @@ impl KvStock {
         Ok((rec, rev))
     }
 
-    /// Runs `op` over the record's SKUs not yet `done`, saving each.
+    /// Runs `op` over the record's SKUs not yet `done`, saving each;
+    /// returns the SKUs it settled.
     async fn apply_all(
         &self,
         order: &str,
@@ -529,8 +542,9 @@ impl KvStock {
         rev: &mut u64,
         op: &str,
         sign: i64,
-    ) -> Result<(), StockError> {
+    ) -> Result<Vec<String>, StockError> {
         let marker = format!("{order}:{op}");
+        let mut settled = Vec::new();
         let todo: Vec<String> = rec
             .applied
             .iter()
@@ -543,13 +557,19 @@ impl KvStock {
             rec.returned.push(sku.clone());
             *rev = self.save(order, rec, *rev).await?;
             self.settle(&sku, &marker).await?;
+            settled.push(sku);
         }
-        Ok(())
+        Ok(settled)
     }
 
-    async fn settle_all(&self, order: &str, skus: &[String], op: &str) -> Result<(), StockError> {
+    /// Settles `op`'s markers on `skus`, but for those this run settled
+    /// already (`done`): a run interrupted between saving and settling
+    /// leaves markers for the next to settle. Skipping what this run did
+    /// itself spares a read of the stream leader per SKU (a settle that
+    /// finds no marker confirms it there).
+    async fn settle_all(&self, order: &str, skus: &[String], op: &str, done: &[String]) -> Result<(), StockError> {
         let marker = format!("{order}:{op}");
-        for sku in skus {
+        for sku in skus.iter().filter(|s| !done.contains(s)) {
             self.settle(sku, &marker).await?;
         }
         Ok(())
@@ -657,6 +677,8 @@ impl KvStock {
             None => Reservation::Reserved,
         };
         let marker = format!("{key}:reserve");
+        // The SKUs whose markers this run settled itself.
+        let mut settled: Vec<String> = Vec::new();
         if rec.state == ResState::Reserving {
             let todo: Vec<(String, i64)> = rec
                 .lines
@@ -670,6 +692,7 @@ impl KvStock {
                         rec.applied.push(sku.clone());
                         rev = self.save(key, &rec, rev).await?;
                         self.settle(&sku, &marker).await?;
+                        settled.push(sku);
                     }
                     Change::Short { available } => {
                         rec.short = Some((sku, qty, available));
@@ -680,7 +703,7 @@ impl KvStock {
                 }
             }
             if rec.state == ResState::Reserving {
-                self.settle_all(key, &rec.applied, "reserve").await?;
+                self.settle_all(key, &rec.applied, "reserve", &settled).await?;
                 rec.state = ResState::Reserved;
                 rec.lease = None;
                 self.save(key, &rec, rev).await?;
@@ -689,9 +712,9 @@ impl KvStock {
         }
         match rec.state {
             ResState::RollingBack => {
-                self.settle_all(key, &rec.applied, "reserve").await?;
-                self.apply_all(key, &mut rec, &mut rev, "undo", -1).await?;
-                self.settle_all(key, &rec.returned, "undo").await?;
+                self.settle_all(key, &rec.applied, "reserve", &settled).await?;
+                let undone = self.apply_all(key, &mut rec, &mut rev, "undo", -1).await?;
+                self.settle_all(key, &rec.returned, "undo", &undone).await?;
                 rec.state = ResState::Insufficient;
                 rec.lease = None;
                 self.save(key, &rec, rev).await?;
@@ -736,8 +759,8 @@ impl KvStock {
             rec.state = ResState::Releasing;
             rev = self.save(key, &rec, rev).await?;
         }
-        self.apply_all(key, &mut rec, &mut rev, "release", -1).await?;
-        self.settle_all(key, &rec.returned, "release").await?;
+        let released = self.apply_all(key, &mut rec, &mut rev, "release", -1).await?;
+        self.settle_all(key, &rec.returned, "release", &released).await?;
         rec.state = ResState::Released;
         rec.lease = None;
         self.save(key, &rec, rev).await?;
@@ -802,7 +825,7 @@ impl KvStock {
                 rev = self.save(key, &rec, rev).await?;
             }
         }
-        self.settle_all(key, &rec.applied, "reserve").await?;
+        self.settle_all(key, &rec.applied, "reserve", &[]).await?;
         // A rollback under way keeps its marker, so a change it made
         // before is not made twice.
         let op = if rec.state == ResState::RollingBack {
@@ -810,8 +833,8 @@ impl KvStock {
         } else {
             "release"
         };
-        self.apply_all(key, &mut rec, &mut rev, op, -1).await?;
-        self.settle_all(key, &rec.returned, op).await?;
+        let given_back = self.apply_all(key, &mut rec, &mut rev, op, -1).await?;
+        self.settle_all(key, &rec.returned, op, &given_back).await?;
         let gave_back = !rec.returned.is_empty();
         rec.state = ResState::Released;
         rec.lease = None;
