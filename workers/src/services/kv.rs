@@ -136,6 +136,23 @@ async fn latest(store: &Store, key: &str) -> Result<Option<(Bytes, u64)>, (Fault
     }
 }
 
+/// [`latest`], decoded as `T`, with the service's own errors: `unavailable`
+/// for a leader that does not answer, `broken` for anything else.
+async fn latest_as<T: DeserializeOwned, E>(
+    store: &Store,
+    bucket: &'static str,
+    key: &str,
+    unavailable: fn(String) -> E,
+    broken: fn(String) -> E,
+) -> Result<Option<(T, u64)>, E> {
+    match latest(store, key).await {
+        Ok(Some((value, revision))) => Ok(Some((decode(bucket, key, &value).map_err(broken)?, revision))),
+        Ok(None) => Ok(None),
+        Err((Fault::Unavailable, e)) => Err(unavailable(format!("bucket {bucket}, key {key}: {e}"))),
+        Err((_, e)) => Err(broken(format!("bucket {bucket}, key {key}: {e}"))),
+    }
+}
+
 /// Waits a little after losing a compare-and-swap race: under many
 /// concurrent reservations of one SKU, retrying at once only loses again.
 async fn after_conflict(tries: &mut u32) {
@@ -190,15 +207,7 @@ impl KvLedger {
 impl KvLedger {
     /// [`Self::read`], from the bucket's stream leader ([`latest`]).
     async fn read_latest(&self, key: &str) -> Result<Option<(PaymentEntry, u64)>, LedgerError> {
-        match latest(&self.store, key).await {
-            Ok(Some((value, revision))) => Ok(Some((
-                decode(PAYMENTS, key, &value).map_err(LedgerError::Store)?,
-                revision,
-            ))),
-            Ok(None) => Ok(None),
-            Err((Fault::Unavailable, e)) => Err(LedgerError::Unavailable(format!("bucket {PAYMENTS}, key {key}: {e}"))),
-            Err((_, e)) => Err(LedgerError::Store(format!("bucket {PAYMENTS}, key {key}: {e}"))),
-        }
+        latest_as(&self.store, PAYMENTS, key, LedgerError::Unavailable, LedgerError::Store).await
     }
 }
 
@@ -422,15 +431,7 @@ impl KvStock {
     /// A SKU's value and revision from the bucket's stream leader
     /// ([`latest`]); `None` if it has no level yet.
     async fn sku_latest(&self, sku: &str) -> Result<Option<(SkuValue, u64)>, StockError> {
-        match latest(&self.stock, sku).await {
-            Ok(Some((value, revision))) => Ok(Some((
-                decode(INVENTORY, sku, &value).map_err(StockError::Store)?,
-                revision,
-            ))),
-            Ok(None) => Ok(None),
-            Err((Fault::Unavailable, e)) => Err(StockError::Unavailable(format!("bucket {INVENTORY}, key {sku}: {e}"))),
-            Err((_, e)) => Err(StockError::Store(format!("bucket {INVENTORY}, key {sku}: {e}"))),
-        }
+        latest_as(&self.stock, INVENTORY, sku, StockError::Unavailable, StockError::Store).await
     }
 
     /// Moves `qty` units of `sku` from available to reserved (negative: back),
