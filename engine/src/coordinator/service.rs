@@ -831,7 +831,7 @@ async fn consumer_of(
     let durable = subject::service_consumer(service);
     match hops.consumer_info(&durable).await {
         Ok(info) => Ok(Some(info)),
-        Err(e) if e.to_string().contains("not found") => Ok(None),
+        Err(e) if e.kind() == async_nats::jetstream::context::ConsumerInfoErrorKind::NotFound => Ok(None),
         Err(e) => Err(format!("consumer {durable} could not be read: {e}")),
     }
 }
