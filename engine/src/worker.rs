@@ -806,7 +806,7 @@ async fn process<T: Transport>(shared: &Shared<T>, svc: &Service, delivery: <T::
                      nothing failed: redrive it once the outage is over",
                     shared.unavailable_limit.as_secs()
                 );
-                dead_letter(shared, svc, delivery, DeadLetterKind::Unavailable, reason).await;
+                Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Unavailable, reason)).await;
             }
             Err(Unstored::Failed(e)) => {
                 tracing::warn!(error = %e, "publishing the next hop failed");
