@@ -1,0 +1,60 @@
+//! The JSON form of a document, for clients in other languages: one object,
+//! `"envelope": 1`, the route under `"route"`, and the body's fields.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::wire::{WireBody, WireBodyRef, WireRoute, WireRouteRef};
+use super::{DecodeError, EncodeError, ENVELOPE_VERSION};
+use crate::document::Document;
+use crate::workflow::Route;
+
+#[derive(Serialize)]
+struct JsonOut<'a> {
+    envelope: u8,
+    route: WireRouteRef<'a>,
+    #[serde(flatten)]
+    body: WireBodyRef<'a>,
+}
+
+#[derive(Deserialize)]
+struct JsonVersion {
+    envelope: u64,
+}
+
+#[derive(Deserialize)]
+struct JsonIn {
+    #[allow(dead_code)]
+    envelope: u64,
+    route: WireRoute,
+    #[serde(flatten)]
+    body: WireBody,
+}
+
+pub(super) fn encode(doc: &Document) -> Result<Vec<u8>, EncodeError> {
+    serde_json::to_vec(&JsonOut {
+        envelope: ENVELOPE_VERSION,
+        route: WireRouteRef::from(&*doc.route),
+        body: WireBodyRef::from(doc),
+    })
+    .map_err(|e| EncodeError::Failed(e.to_string()))
+}
+
+pub(super) fn decode(bytes: &[u8]) -> Result<Document, DecodeError> {
+    let v: JsonVersion = serde_json::from_slice(bytes).map_err(json_err)?;
+    if v.envelope != u64::from(ENVELOPE_VERSION) {
+        return Err(DecodeError::UnknownVersion(v.envelope));
+    }
+    let doc: JsonIn = serde_json::from_slice(bytes).map_err(json_err)?;
+    let route = Route::try_from(doc.route)?;
+    Ok(doc.body.with_route(Arc::new(route)))
+}
+
+fn json_err(e: serde_json::Error) -> DecodeError {
+    if e.is_eof() {
+        DecodeError::Truncated
+    } else {
+        DecodeError::Malformed(e.to_string())
+    }
+}

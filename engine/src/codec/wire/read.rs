@@ -1,0 +1,321 @@
+//! The wire structs as read, and what they become.
+//!
+//! They carry the names of the domain types they stand for (the codec uses
+//! them as `WireRoute` and so on): serde quotes a type's own name in its
+//! errors (`expected struct StepRecord with 9 elements`, `struct variant
+//! AttemptResult::Error`), and the reason a dead letter gives for a
+//! malformed document reads as it did when the domain types were read
+//! directly. The small enums and `Backoff` are written as they are read.
+
+use serde::{Deserialize, Serialize};
+
+use super::super::payload::WirePayload;
+use super::super::DecodeError;
+use crate::document::{self, Document, Timestamp};
+use crate::id::{OrderId, Outcome, ServiceSubject, StepName, WorkerId, WorkflowName};
+use crate::workflow;
+
+// ---------------------------------------------------------------- route
+
+#[derive(Deserialize)]
+pub(in crate::codec) struct Route {
+    workflow: WorkflowName,
+    version: u32,
+    steps: Vec<RouteStep>,
+}
+
+#[derive(Deserialize)]
+struct RouteStep {
+    name: StepName,
+    service: ServiceSubject,
+    compensate: Option<ServiceSubject>,
+    retry: Backoff,
+    timeout_ms: u32,
+    branches: Vec<Branch>,
+    max_visits: Option<u32>,
+}
+
+#[derive(Deserialize)]
+struct Branch {
+    outcome: Outcome,
+    next: Next,
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+pub(super) enum Next {
+    Continue,
+    Goto(u16),
+    Fail,
+    Complete,
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+pub(super) struct Backoff {
+    max_attempts: u32,
+    initial_ms: u32,
+    max_ms: u32,
+    multiplier: f32,
+    jitter: f32,
+}
+
+/// A route off the wire is followed only once its structure is sound.
+impl TryFrom<Route> for workflow::Route {
+    type Error = DecodeError;
+
+    fn try_from(r: Route) -> Result<Self, DecodeError> {
+        let route = workflow::Route {
+            workflow: r.workflow,
+            version: r.version,
+            steps: r.steps.into_iter().map(workflow::RouteStep::from).collect(),
+        };
+        route.check_structure()?;
+        Ok(route)
+    }
+}
+
+impl From<RouteStep> for workflow::RouteStep {
+    fn from(s: RouteStep) -> Self {
+        Self {
+            name: s.name,
+            service: s.service,
+            compensate: s.compensate,
+            retry: s.retry.into(),
+            timeout_ms: s.timeout_ms,
+            branches: s
+                .branches
+                .into_iter()
+                .map(|b| workflow::Branch {
+                    outcome: b.outcome,
+                    next: b.next.into(),
+                })
+                .collect(),
+            max_visits: s.max_visits,
+        }
+    }
+}
+
+impl From<workflow::Next> for Next {
+    fn from(n: workflow::Next) -> Self {
+        match n {
+            workflow::Next::Continue => Next::Continue,
+            workflow::Next::Goto(i) => Next::Goto(i),
+            workflow::Next::Fail => Next::Fail,
+            workflow::Next::Complete => Next::Complete,
+        }
+    }
+}
+
+impl From<Next> for workflow::Next {
+    fn from(n: Next) -> Self {
+        match n {
+            Next::Continue => workflow::Next::Continue,
+            Next::Goto(i) => workflow::Next::Goto(i),
+            Next::Fail => workflow::Next::Fail,
+            Next::Complete => workflow::Next::Complete,
+        }
+    }
+}
+
+impl From<workflow::Backoff> for Backoff {
+    fn from(b: workflow::Backoff) -> Self {
+        Self {
+            max_attempts: b.max_attempts,
+            initial_ms: b.initial_ms,
+            max_ms: b.max_ms,
+            multiplier: b.multiplier,
+            jitter: b.jitter,
+        }
+    }
+}
+
+impl From<Backoff> for workflow::Backoff {
+    fn from(b: Backoff) -> Self {
+        Self {
+            max_attempts: b.max_attempts,
+            initial_ms: b.initial_ms,
+            max_ms: b.max_ms,
+            multiplier: b.multiplier,
+            jitter: b.jitter,
+        }
+    }
+}
+
+// ---------------------------------------------------------------- body
+
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(in crate::codec) enum Status {
+    Running,
+    Compensating,
+    Completed,
+    Failed,
+    Compensated,
+    Cancelled,
+}
+
+impl From<document::Status> for Status {
+    fn from(s: document::Status) -> Self {
+        match s {
+            document::Status::Running => Status::Running,
+            document::Status::Compensating => Status::Compensating,
+            document::Status::Completed => Status::Completed,
+            document::Status::Failed => Status::Failed,
+            document::Status::Compensated => Status::Compensated,
+            document::Status::Cancelled => Status::Cancelled,
+        }
+    }
+}
+
+impl From<Status> for document::Status {
+    fn from(s: Status) -> Self {
+        match s {
+            Status::Running => document::Status::Running,
+            Status::Compensating => document::Status::Compensating,
+            Status::Completed => document::Status::Completed,
+            Status::Failed => document::Status::Failed,
+            Status::Compensated => document::Status::Compensated,
+            Status::Cancelled => document::Status::Cancelled,
+        }
+    }
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum StepKind {
+    Forward,
+    Compensation,
+}
+
+impl From<document::StepKind> for StepKind {
+    fn from(k: document::StepKind) -> Self {
+        match k {
+            document::StepKind::Forward => StepKind::Forward,
+            document::StepKind::Compensation => StepKind::Compensation,
+        }
+    }
+}
+
+impl From<StepKind> for document::StepKind {
+    fn from(k: StepKind) -> Self {
+        match k {
+            StepKind::Forward => document::StepKind::Forward,
+            StepKind::Compensation => document::StepKind::Compensation,
+        }
+    }
+}
+
+/// What one attempt came to. New variants go at the end only: an older
+/// document must keep its variant indices.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum AttemptResult {
+    Outcome(compact_str::CompactString),
+    Error { message: String, transient: bool },
+    Unavailable { message: String, since: u64, tries: u32 },
+}
+
+impl From<AttemptResult> for document::AttemptResult {
+    fn from(r: AttemptResult) -> Self {
+        match r {
+            AttemptResult::Outcome(o) => Self::Outcome(o),
+            AttemptResult::Error { message, transient } => Self::Error { message, transient },
+            AttemptResult::Unavailable { message, since, tries } => Self::Unavailable {
+                message,
+                since: Timestamp(since),
+                tries,
+            },
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct StepRecord {
+    step: StepName,
+    service: ServiceSubject,
+    kind: StepKind,
+    attempt: u32,
+    result: AttemptResult,
+    detail: Option<compact_str::CompactString>,
+    started_at: u64,
+    ended_at: u64,
+    worker: WorkerId,
+}
+
+impl From<StepRecord> for document::StepRecord {
+    fn from(r: StepRecord) -> Self {
+        Self {
+            step: r.step,
+            service: r.service,
+            kind: r.kind.into(),
+            attempt: r.attempt,
+            result: r.result.into(),
+            detail: r.detail,
+            started_at: Timestamp(r.started_at),
+            ended_at: Timestamp(r.ended_at),
+            worker: r.worker,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Compensation {
+    step: StepName,
+    service: ServiceSubject,
+}
+
+impl From<Compensation> for document::Compensation {
+    fn from(c: Compensation) -> Self {
+        Self {
+            step: c.step,
+            service: c.service,
+        }
+    }
+}
+
+/// The document's fields other than the route, as they are read.
+#[derive(Deserialize)]
+pub(in crate::codec) struct WireBody {
+    id: OrderId,
+    hop: u32,
+    status: Status,
+    step: u16,
+    attempt: u32,
+    not_before: Option<u64>,
+    history: Vec<StepRecord>,
+    owed: Vec<Compensation>,
+    failure: Option<String>,
+    created_at: u64,
+    payload: WirePayload,
+}
+
+impl WireBody {
+    /// The document these fields make with its route.
+    pub(in crate::codec) fn with_route(self, route: std::sync::Arc<workflow::Route>) -> Document {
+        Document {
+            id: self.id,
+            route,
+            hop: self.hop,
+            status: self.status.into(),
+            step: self.step,
+            attempt: self.attempt,
+            not_before: self.not_before.map(Timestamp),
+            history: self.history.into_iter().map(document::StepRecord::from).collect(),
+            owed: self.owed.into_iter().map(document::Compensation::from).collect(),
+            failure: self.failure,
+            created_at: Timestamp(self.created_at),
+            payload: self.payload.0,
+        }
+    }
+}
+
+/// The leading fields of [`WireBody`], read on their own: postcard reads
+/// fields in order, so the rest (history, payload) is never touched.
+#[derive(Deserialize)]
+pub(in crate::codec) struct WireHead {
+    pub id: OrderId,
+    pub hop: u32,
+    pub status: Status,
+    pub step: u16,
+    pub attempt: u32,
+    pub not_before: Option<u64>,
+}

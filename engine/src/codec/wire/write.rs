@@ -1,0 +1,176 @@
+//! The wire structs as written: borrowed views of the domain types, each
+//! with the same fields in the same order as its twin in `read`.
+
+use serde::Serialize;
+
+use super::super::payload::WirePayloadRef;
+use super::read::{Backoff, Next, Status, StepKind};
+use super::Seq;
+use crate::document::{AttemptResult, Compensation, Document, StepRecord};
+use crate::id::{OrderId, Outcome, ServiceSubject, StepName, WorkerId, WorkflowName};
+use crate::workflow::{Branch, Route, RouteStep};
+
+// ---------------------------------------------------------------- route
+
+/// A route, as written.
+#[derive(Serialize)]
+pub(in crate::codec) struct WireRouteRef<'a> {
+    workflow: &'a WorkflowName,
+    version: u32,
+    steps: Seq<'a, RouteStep, WireStepRef<'a>>,
+}
+
+#[derive(Serialize)]
+struct WireStepRef<'a> {
+    name: &'a StepName,
+    service: &'a ServiceSubject,
+    compensate: Option<&'a ServiceSubject>,
+    retry: Backoff,
+    timeout_ms: u32,
+    branches: Seq<'a, Branch, WireBranchRef<'a>>,
+    max_visits: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct WireBranchRef<'a> {
+    outcome: &'a Outcome,
+    next: Next,
+}
+
+impl<'a> From<&'a Route> for WireRouteRef<'a> {
+    fn from(r: &'a Route) -> Self {
+        Self {
+            workflow: &r.workflow,
+            version: r.version,
+            steps: Seq::of(&r.steps),
+        }
+    }
+}
+
+impl<'a> From<&'a RouteStep> for WireStepRef<'a> {
+    fn from(s: &'a RouteStep) -> Self {
+        Self {
+            name: &s.name,
+            service: &s.service,
+            compensate: s.compensate.as_ref(),
+            retry: s.retry.into(),
+            timeout_ms: s.timeout_ms,
+            branches: Seq::of(&s.branches),
+            max_visits: s.max_visits,
+        }
+    }
+}
+
+impl<'a> From<&'a Branch> for WireBranchRef<'a> {
+    fn from(b: &'a Branch) -> Self {
+        Self {
+            outcome: &b.outcome,
+            next: b.next.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- body
+
+#[derive(Serialize)]
+#[serde(rename_all = "lowercase")]
+enum WireAttemptRef<'a> {
+    Outcome(&'a compact_str::CompactString),
+    Error { message: &'a str, transient: bool },
+    Unavailable { message: &'a str, since: u64, tries: u32 },
+}
+
+impl<'a> From<&'a AttemptResult> for WireAttemptRef<'a> {
+    fn from(r: &'a AttemptResult) -> Self {
+        match r {
+            AttemptResult::Outcome(o) => WireAttemptRef::Outcome(o),
+            AttemptResult::Error { message, transient } => WireAttemptRef::Error {
+                message,
+                transient: *transient,
+            },
+            AttemptResult::Unavailable { message, since, tries } => WireAttemptRef::Unavailable {
+                message,
+                since: since.0,
+                tries: *tries,
+            },
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WireRecordRef<'a> {
+    step: &'a StepName,
+    service: &'a ServiceSubject,
+    kind: StepKind,
+    attempt: u32,
+    result: WireAttemptRef<'a>,
+    detail: Option<&'a compact_str::CompactString>,
+    started_at: u64,
+    ended_at: u64,
+    worker: &'a WorkerId,
+}
+
+impl<'a> From<&'a StepRecord> for WireRecordRef<'a> {
+    fn from(r: &'a StepRecord) -> Self {
+        Self {
+            step: &r.step,
+            service: &r.service,
+            kind: r.kind.into(),
+            attempt: r.attempt,
+            result: (&r.result).into(),
+            detail: r.detail.as_ref(),
+            started_at: r.started_at.0,
+            ended_at: r.ended_at.0,
+            worker: &r.worker,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct WireCompensationRef<'a> {
+    step: &'a StepName,
+    service: &'a ServiceSubject,
+}
+
+impl<'a> From<&'a Compensation> for WireCompensationRef<'a> {
+    fn from(c: &'a Compensation) -> Self {
+        Self {
+            step: &c.step,
+            service: &c.service,
+        }
+    }
+}
+
+/// The document's fields other than the route, as they are written.
+#[derive(Serialize)]
+pub(in crate::codec) struct WireBodyRef<'a> {
+    id: &'a OrderId,
+    hop: u32,
+    status: Status,
+    step: u16,
+    attempt: u32,
+    not_before: Option<u64>,
+    history: Seq<'a, StepRecord, WireRecordRef<'a>>,
+    owed: Seq<'a, Compensation, WireCompensationRef<'a>>,
+    failure: Option<&'a str>,
+    created_at: u64,
+    payload: WirePayloadRef<'a>,
+}
+
+impl<'a> From<&'a Document> for WireBodyRef<'a> {
+    fn from(d: &'a Document) -> Self {
+        Self {
+            id: &d.id,
+            hop: d.hop,
+            status: d.status.into(),
+            step: d.step,
+            attempt: d.attempt,
+            not_before: d.not_before.map(|t| t.0),
+            history: Seq::of(&d.history),
+            owed: Seq::of(&d.owed),
+            failure: d.failure.as_deref(),
+            created_at: d.created_at.0,
+            payload: WirePayloadRef(&d.payload),
+        }
+    }
+}
