@@ -15,7 +15,9 @@ use serde::{Deserialize, Serialize};
 use crate::id::{OrderId, ServiceSubject, StepName, WorkerId};
 use crate::workflow::{Route, RouteStep};
 
-/// Microseconds since the Unix epoch.
+/// Microseconds since the Unix epoch. Its serde form (the number) belongs to
+/// the coordinator (`OrderState`); documents write it through the codec's
+/// wire structs.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, Default)]
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
@@ -46,7 +48,9 @@ impl fmt::Debug for Timestamp {
     }
 }
 
-/// Where an order stands. Written in lower case wherever it appears as text.
+/// Where an order stands. Written in lower case wherever it appears as text
+/// (its serde form is the coordinator's JSON replies and queries; documents
+/// write it through the codec's wire structs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
@@ -107,11 +111,9 @@ impl FromStr for Status {
 }
 
 /// How a payload's bytes are encoded.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ContentType {
-    #[serde(rename = "application/postcard")]
     Postcard,
-    #[serde(rename = "application/json")]
     Json,
 }
 
@@ -192,105 +194,9 @@ impl Payload {
     }
 }
 
-// Binary formats carry the bytes as bytes; JSON carries a JSON payload as the
-// JSON value itself (so other languages read it directly) and a binary one as
-// an array of numbers.
-impl Serialize for Payload {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        if s.is_human_readable() && self.content_type == ContentType::Json {
-            let value: serde_json::Value = serde_json::from_slice(&self.bytes).map_err(serde::ser::Error::custom)?;
-            let mut st = s.serialize_struct("Payload", 2)?;
-            st.serialize_field("content_type", &self.content_type)?;
-            st.serialize_field("json", &value)?;
-            st.end()
-        } else {
-            let mut st = s.serialize_struct("Payload", 2)?;
-            st.serialize_field("content_type", &self.content_type)?;
-            st.serialize_field("bytes", &RawBytes(&self.bytes))?;
-            st.end()
-        }
-    }
-}
-
-struct RawBytes<'a>(&'a [u8]);
-
-impl Serialize for RawBytes<'_> {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_bytes(self.0)
-    }
-}
-
-struct OwnedBytes(Vec<u8>);
-
-impl<'de> Deserialize<'de> for OwnedBytes {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = OwnedBytes;
-            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                f.write_str("bytes")
-            }
-            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<OwnedBytes, E> {
-                Ok(OwnedBytes(v.to_vec()))
-            }
-            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<OwnedBytes, E> {
-                Ok(OwnedBytes(v))
-            }
-            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<OwnedBytes, A::Error> {
-                let mut out = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(4096));
-                while let Some(b) = seq.next_element::<u8>()? {
-                    out.push(b);
-                }
-                Ok(OwnedBytes(out))
-            }
-        }
-        d.deserialize_bytes(V)
-    }
-}
-
-impl<'de> Deserialize<'de> for Payload {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        if d.is_human_readable() {
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct Human {
-                content_type: ContentType,
-                #[serde(default)]
-                json: Option<serde_json::Value>,
-                #[serde(default)]
-                bytes: Option<Vec<u8>>,
-            }
-            let h = Human::deserialize(d)?;
-            let bytes = match (h.content_type, h.json, h.bytes) {
-                (ContentType::Json, Some(v), None) => serde_json::to_vec(&v).map_err(serde::de::Error::custom)?,
-                (_, None, Some(b)) => b,
-                _ => {
-                    return Err(serde::de::Error::custom(
-                        "payload needs `json` (for application/json) or `bytes`, not both",
-                    ))
-                }
-            };
-            Ok(Payload {
-                content_type: h.content_type,
-                bytes,
-            })
-        } else {
-            #[derive(Deserialize)]
-            struct Binary {
-                content_type: ContentType,
-                bytes: OwnedBytes,
-            }
-            let b = Binary::deserialize(d)?;
-            Ok(Payload {
-                content_type: b.content_type,
-                bytes: b.bytes.0,
-            })
-        }
-    }
-}
-
-/// Whether a step record is the step itself or the undoing of it.
+/// Whether a step record is the step itself or the undoing of it. Its serde
+/// form (lower case) is in the coordinator's JSON replies; documents write it
+/// through the codec's wire structs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum StepKind {
@@ -299,8 +205,7 @@ pub enum StepKind {
 }
 
 /// What one attempt of a step came to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptResult {
     /// The handler reported a business outcome (`ok`, `declined`, …).
     Outcome(compact_str::CompactString),
@@ -322,7 +227,7 @@ impl AttemptResult {
 }
 
 /// One executed attempt of one step, appended to the history.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepRecord {
     pub step: StepName,
     pub service: ServiceSubject,
@@ -337,7 +242,7 @@ pub struct StepRecord {
 }
 
 /// A compensation still owed: the undoing of a step that completed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compensation {
     pub step: StepName,
     pub service: ServiceSubject,
@@ -532,27 +437,6 @@ mod tests {
             assert_eq!(st.as_str(), st.as_str().to_lowercase());
         }
         assert!("Completed".parse::<Status>().is_err());
-    }
-
-    #[test]
-    fn payload_round_trips_both_ways() {
-        #[derive(Serialize, Deserialize, PartialEq, Debug)]
-        struct P {
-            a: u32,
-            b: String,
-        }
-        let v = P { a: 7, b: "x".into() };
-        for p in [Payload::postcard(&v).unwrap(), Payload::json(&v).unwrap()] {
-            assert_eq!(p.decode::<P>().unwrap(), v);
-            let json = serde_json::to_string(&p).unwrap();
-            let back: Payload = serde_json::from_str(&json).unwrap();
-            assert_eq!(back.decode::<P>().unwrap(), v);
-            let bin = postcard::to_stdvec(&p).unwrap();
-            let back: Payload = postcard::from_bytes(&bin).unwrap();
-            assert_eq!(back, p);
-        }
-        let json = serde_json::to_string(&Payload::json(&v).unwrap()).unwrap();
-        assert!(json.contains(r#""json":{"a":7,"b":"x"}"#), "{json}");
     }
 
     #[test]

@@ -12,8 +12,6 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
 use crate::id::{NameError, Outcome, ServiceSubject, StepName, WorkflowName};
 
 /// Most steps a route may have: the cursor is a `u16` and a route travels in
@@ -63,7 +61,7 @@ pub enum DefinitionError {
 }
 
 /// When and how often a failed step is tried again.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backoff {
     /// Attempts in all, the first one included. `1` means no retry.
     pub max_attempts: u32,
@@ -171,7 +169,7 @@ fn duration_ms(d: Duration) -> u32 {
 }
 
 /// Where an outcome leads, in a built route (steps by index).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
     /// The following step, or completion after the last one.
     Continue,
@@ -203,14 +201,14 @@ impl Then {
 }
 
 /// One outcome-to-next mapping of a step.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Branch {
     pub outcome: Outcome,
     pub next: Next,
 }
 
 /// One step of a route.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct RouteStep {
     pub name: StepName,
     pub service: ServiceSubject,
@@ -241,8 +239,9 @@ impl RouteStep {
     }
 }
 
-/// A workflow's route: what every document started with it carries.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// A workflow's route: what every document started with it carries. Its
+/// wire form is defined in [`crate::codec`], not by this struct.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Route {
     pub workflow: WorkflowName,
     pub version: u32,
