@@ -1,0 +1,173 @@
+//! The builder users write definitions with.
+
+use std::time::Duration;
+
+use super::{duration_ms, Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Workflow, MAX_STEPS};
+use crate::id::{Outcome, ServiceSubject, StepName, WorkflowName};
+
+impl Workflow {
+    /// Starts a definition of workflow `name`, version `version` (≥ 1).
+    pub fn builder(name: impl Into<String>, version: u32) -> WorkflowBuilder {
+        WorkflowBuilder {
+            name: name.into(),
+            version,
+            steps: Vec::new(),
+        }
+    }
+}
+
+struct StepDraft {
+    name: String,
+    service: String,
+    compensate: Option<String>,
+    retry: Backoff,
+    timeout: Duration,
+    branches: Vec<(String, Then)>,
+    max_visits: Option<u32>,
+}
+
+/// Builds a [`Workflow`]. Methods after `step(…)` configure that step.
+/// Nothing is checked until [`build`](Self::build), which checks everything.
+#[must_use]
+pub struct WorkflowBuilder {
+    name: String,
+    version: u32,
+    steps: Vec<StepDraft>,
+}
+
+impl std::fmt::Debug for WorkflowBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkflowBuilder")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("steps", &self.steps.len())
+            .finish()
+    }
+}
+
+/// The timeout of a step that names none.
+pub const DEFAULT_STEP_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl WorkflowBuilder {
+    /// Adds a step named `name` served by `service`.
+    pub fn step(mut self, name: impl Into<String>, service: impl Into<String>) -> Self {
+        self.steps.push(StepDraft {
+            name: name.into(),
+            service: service.into(),
+            compensate: None,
+            retry: Backoff::default(),
+            timeout: DEFAULT_STEP_TIMEOUT,
+            branches: Vec::new(),
+            max_visits: None,
+        });
+        self
+    }
+
+    fn last(&mut self) -> Option<&mut StepDraft> {
+        self.steps.last_mut()
+    }
+
+    /// The service that undoes the last step if a later one fails.
+    pub fn compensate(mut self, service: impl Into<String>) -> Self {
+        if let Some(s) = self.last() {
+            s.compensate = Some(service.into());
+        }
+        self
+    }
+
+    /// Retry policy of the last step for transient errors.
+    pub fn retry(mut self, backoff: Backoff) -> Self {
+        if let Some(s) = self.last() {
+            s.retry = backoff;
+        }
+        self
+    }
+
+    /// Longest one attempt of the last step may run.
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        if let Some(s) = self.last() {
+            s.timeout = timeout;
+        }
+        self
+    }
+
+    /// Where `outcome` of the last step leads.
+    pub fn on(mut self, outcome: impl Into<String>, then: Then) -> Self {
+        if let Some(s) = self.last() {
+            s.branches.push((outcome.into(), then));
+        }
+        self
+    }
+
+    /// Most times the last step may be entered; bounds any loop through it.
+    pub fn max_visits(mut self, visits: u32) -> Self {
+        if let Some(s) = self.last() {
+            s.max_visits = Some(visits);
+        }
+        self
+    }
+
+    /// Validates the definition and returns the workflow, or the first
+    /// problem found.
+    pub fn build(self) -> Result<Workflow, DefinitionError> {
+        let workflow = self.name.clone();
+        let bad_name = |source| DefinitionError::BadName {
+            workflow: workflow.clone(),
+            source,
+        };
+        let name = WorkflowName::new(self.name.clone()).map_err(bad_name)?;
+        if self.steps.len() > MAX_STEPS {
+            return Err(DefinitionError::TooManySteps {
+                workflow,
+                count: self.steps.len(),
+            });
+        }
+        let index_of = |wanted: &str| self.steps.iter().position(|s| s.name == wanted);
+        let mut steps = Vec::with_capacity(self.steps.len());
+        for draft in &self.steps {
+            let mut branches = Vec::with_capacity(draft.branches.len());
+            for (outcome, then) in &draft.branches {
+                let next = match then {
+                    Then::Continue => Next::Continue,
+                    Then::Fail => Next::Fail,
+                    Then::Complete => Next::Complete,
+                    Then::Step(to) => match index_of(to) {
+                        // Below MAX_STEPS, so the index fits.
+                        Some(i) => Next::Goto(u16::try_from(i).unwrap_or(u16::MAX)),
+                        None => {
+                            return Err(DefinitionError::UnknownStep {
+                                workflow,
+                                from: draft.name.clone(),
+                                outcome: outcome.clone(),
+                                to: to.clone(),
+                            })
+                        }
+                    },
+                };
+                branches.push(Branch {
+                    outcome: Outcome::new(outcome.clone()).map_err(bad_name)?,
+                    next,
+                });
+            }
+            steps.push(RouteStep {
+                name: StepName::new(draft.name.clone()).map_err(bad_name)?,
+                service: ServiceSubject::new(draft.service.clone()).map_err(bad_name)?,
+                compensate: draft
+                    .compensate
+                    .clone()
+                    .map(ServiceSubject::new)
+                    .transpose()
+                    .map_err(bad_name)?,
+                retry: draft.retry,
+                timeout_ms: duration_ms(draft.timeout),
+                branches,
+                max_visits: draft.max_visits,
+            });
+        }
+        Workflow::from_route(Route {
+            workflow: name,
+            version: self.version,
+            steps,
+        })
+    }
+}

@@ -1,0 +1,208 @@
+//! Workflow definitions: the builder users write, and the [`Route`] that is
+//! copied into every document at start.
+//!
+//! A route is a list of steps. After a step, its *outcome* picks what comes
+//! next: `ok` goes on to the following step unless the route says otherwise,
+//! other outcomes go where `on(outcome, …)` sends them, and an outcome the
+//! route does not name fails the order. `build()` refuses a route that could
+//! surprise at run time: duplicate or unknown step names, unreachable steps,
+//! loops without a bound.
+
+mod backoff;
+mod builder;
+#[cfg(test)]
+mod tests;
+mod validate;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::id::{NameError, Outcome, ServiceSubject, StepName, WorkflowName};
+
+pub use backoff::Backoff;
+pub use builder::{WorkflowBuilder, DEFAULT_STEP_TIMEOUT};
+
+/// Most steps a route may have: the cursor is a `u16` and a route travels in
+/// every document, so it must stay small.
+pub const MAX_STEPS: usize = 256;
+
+/// Why a workflow definition was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DefinitionError {
+    #[error("workflow `{workflow}` has no steps")]
+    NoSteps { workflow: String },
+    #[error("workflow `{workflow}` has {count} steps; at most {MAX_STEPS} are allowed")]
+    TooManySteps { workflow: String, count: usize },
+    #[error("workflow `{workflow}`: {source}")]
+    BadName {
+        workflow: String,
+        #[source]
+        source: NameError,
+    },
+    #[error("workflow `{workflow}` version must be at least 1")]
+    BadVersion { workflow: String },
+    #[error("workflow `{workflow}` defines step `{step}` twice")]
+    DuplicateStep { workflow: String, step: String },
+    #[error("workflow `{workflow}`: step `{from}` branches on `{outcome}` to unknown step `{to}`")]
+    UnknownStep {
+        workflow: String,
+        from: String,
+        outcome: String,
+        to: String,
+    },
+    #[error("workflow `{workflow}`: step `{step}` maps outcome `{outcome}` twice")]
+    DuplicateOutcome {
+        workflow: String,
+        step: String,
+        outcome: String,
+    },
+    #[error("workflow `{workflow}`: step `{step}` can never be reached from the first step")]
+    Unreachable { workflow: String, step: String },
+    #[error("workflow `{workflow}`: the loop {} has no bound; give one of its steps `.max_visits(n)`", .cycle.join(" -> "))]
+    UnboundedLoop { workflow: String, cycle: Vec<String> },
+    #[error("workflow `{workflow}`: step `{step}`: {problem}")]
+    BadStep {
+        workflow: String,
+        step: String,
+        problem: String,
+    },
+}
+
+/// Where an outcome leads, in a built route (steps by index).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// The following step, or completion after the last one.
+    Continue,
+    /// The step with this index.
+    Goto(u16),
+    /// The order fails: owed compensations run, newest first.
+    Fail,
+    /// The order is complete.
+    Complete,
+}
+
+/// Where an outcome leads, as written in a definition (steps by name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Then {
+    /// The following step, or completion after the last one.
+    Continue,
+    /// The named step.
+    Step(String),
+    /// Fail the order (compensating what was done).
+    Fail,
+    /// Complete the order.
+    Complete,
+}
+
+impl Then {
+    pub fn step(name: impl Into<String>) -> Self {
+        Self::Step(name.into())
+    }
+}
+
+/// One outcome-to-next mapping of a step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Branch {
+    pub outcome: Outcome,
+    pub next: Next,
+}
+
+/// One step of a route.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteStep {
+    pub name: StepName,
+    pub service: ServiceSubject,
+    /// The service that undoes this step, if it needs undoing.
+    pub compensate: Option<ServiceSubject>,
+    pub retry: Backoff,
+    /// Longest one attempt may run, in milliseconds.
+    pub timeout_ms: u32,
+    /// Outcome mappings; `ok` continues unless mapped here.
+    pub branches: Vec<Branch>,
+    /// Most times the step may be entered (bounds loops through it).
+    pub max_visits: Option<u32>,
+}
+
+impl RouteStep {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(u64::from(self.timeout_ms))
+    }
+
+    /// Where `outcome` leads from this step; `None` when the route does not
+    /// map it (which fails the order).
+    pub fn next_for(&self, outcome: &Outcome) -> Option<Next> {
+        match self.branches.iter().find(|b| &b.outcome == outcome) {
+            Some(b) => Some(b.next),
+            None if outcome.is_ok() => Some(Next::Continue),
+            None => None,
+        }
+    }
+}
+
+/// A workflow's route: what every document started with it carries. Its
+/// wire form is defined in [`crate::codec`], not by this struct.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    pub workflow: WorkflowName,
+    pub version: u32,
+    pub steps: Vec<RouteStep>,
+}
+
+impl Route {
+    pub fn step(&self, index: u16) -> Option<&RouteStep> {
+        self.steps.get(usize::from(index))
+    }
+
+    pub fn step_by_name(&self, name: &StepName) -> Option<&RouteStep> {
+        self.steps.iter().find(|s| &s.name == name)
+    }
+}
+
+/// A validated workflow definition. Cheap to clone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Workflow {
+    route: Arc<Route>,
+}
+
+impl Workflow {
+    /// Wraps a route after validating it in full.
+    pub fn from_route(route: Route) -> Result<Self, DefinitionError> {
+        route.validate()?;
+        Ok(Self { route: Arc::new(route) })
+    }
+
+    pub fn name(&self) -> &WorkflowName {
+        &self.route.workflow
+    }
+
+    pub fn version(&self) -> u32 {
+        self.route.version
+    }
+
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// The shared route, as documents carry it.
+    pub fn shared_route(&self) -> Arc<Route> {
+        self.route.clone()
+    }
+
+    /// Every service subject the route can send a document to (steps and
+    /// compensations), without repeats.
+    pub fn services(&self) -> Vec<ServiceSubject> {
+        let mut out: Vec<ServiceSubject> = Vec::new();
+        for s in &self.route.steps {
+            for subj in std::iter::once(&s.service).chain(s.compensate.as_ref()) {
+                if !out.contains(subj) {
+                    out.push(subj.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+fn duration_ms(d: Duration) -> u32 {
+    u32::try_from(d.as_millis()).unwrap_or(u32::MAX)
+}

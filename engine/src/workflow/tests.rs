@@ -1,0 +1,103 @@
+use super::*;
+
+fn three() -> WorkflowBuilder {
+    Workflow::builder("order", 1)
+        .step("charge", "payment.charge")
+        .compensate("payment.refund")
+        .step("reserve", "inventory.reserve")
+        .compensate("inventory.release")
+        .step("ship", "shipping.dispatch")
+}
+
+#[test]
+fn a_good_route_builds() {
+    let wf = three().build().unwrap();
+    assert_eq!(wf.route().steps.len(), 3);
+    assert_eq!(wf.services().len(), 5);
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let e = Workflow::builder("order", 1).build().unwrap_err();
+    assert!(matches!(e, DefinitionError::NoSteps { .. }), "{e}");
+
+    let e = three().step("charge", "x.y").build().unwrap_err();
+    assert_eq!(
+        e,
+        DefinitionError::DuplicateStep {
+            workflow: "order".into(),
+            step: "charge".into()
+        }
+    );
+
+    let e = three().on("lost", Then::step("nowhere")).build().unwrap_err();
+    assert!(e.to_string().contains("unknown step `nowhere`"), "{e}");
+
+    let e = Workflow::builder("order", 1)
+        .step("a", "s.a")
+        .on("ok", Then::Complete)
+        .step("b", "s.b")
+        .build()
+        .unwrap_err();
+    assert_eq!(
+        e,
+        DefinitionError::Unreachable {
+            workflow: "order".into(),
+            step: "b".into()
+        }
+    );
+
+    let e = Workflow::builder("order", 1)
+        .step("a", "s.a")
+        .step("b", "s.b")
+        .on("again", Then::step("a"))
+        .build()
+        .unwrap_err();
+    assert!(
+        matches!(e, DefinitionError::UnboundedLoop { ref cycle, .. } if cycle == &["a", "b"]),
+        "{e}"
+    );
+
+    let e = three().step("bad", "has space").build().unwrap_err();
+    assert!(e.to_string().contains("has space"), "{e}");
+
+    let e = three().retry(Backoff::fixed(0, Duration::ZERO)).build().unwrap_err();
+    assert!(e.to_string().contains("0 attempts"), "{e}");
+
+    let e = three().on("x", Then::Fail).on("x", Then::Complete).build().unwrap_err();
+    assert!(matches!(e, DefinitionError::DuplicateOutcome { .. }), "{e}");
+
+    let e = Workflow::builder("order", 0).step("a", "s.a").build().unwrap_err();
+    assert!(matches!(e, DefinitionError::BadVersion { .. }), "{e}");
+}
+
+#[test]
+fn a_bounded_loop_builds() {
+    Workflow::builder("order", 1)
+        .step("a", "s.a")
+        .max_visits(3)
+        .step("b", "s.b")
+        .on("again", Then::step("a"))
+        .build()
+        .unwrap();
+    // A self-loop must be bounded too.
+    let e = Workflow::builder("poll", 1)
+        .step("wait", "s.wait")
+        .on("not_yet", Then::step("wait"))
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, DefinitionError::UnboundedLoop { .. }), "{e}");
+}
+
+#[test]
+fn backoff_grows_and_is_capped() {
+    let b = Backoff::exponential(5, Duration::from_millis(50)).with_jitter(0.0);
+    assert_eq!(b.delay(1, 0.5), Duration::from_millis(50));
+    assert_eq!(b.delay(2, 0.5), Duration::from_millis(100));
+    assert_eq!(b.delay(3, 0.5), Duration::from_millis(200));
+    let capped = b.with_max_delay(Duration::from_millis(120));
+    assert_eq!(capped.delay(4, 0.5), Duration::from_millis(120));
+    let j = Backoff::exponential(5, Duration::from_millis(100));
+    assert_eq!(j.delay(1, 0.0), Duration::from_millis(80));
+    assert_eq!(j.delay(1, 1.0), Duration::from_millis(120));
+}

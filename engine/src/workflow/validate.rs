@@ -1,0 +1,169 @@
+//! What a route must be: the structural checks every decoded route passes,
+//! and the graph checks of a definition at build.
+
+use std::collections::HashSet;
+
+use super::{DefinitionError, Next, Route, MAX_STEPS};
+
+impl Route {
+    /// The structural checks a route off the wire must pass before anything
+    /// follows it: steps exist, indices point inside, values are sane. Cheap
+    /// enough to run on every hop.
+    pub fn check_structure(&self) -> Result<(), DefinitionError> {
+        let workflow = self.workflow.to_string();
+        if self.steps.is_empty() {
+            return Err(DefinitionError::NoSteps { workflow });
+        }
+        if self.steps.len() > MAX_STEPS {
+            return Err(DefinitionError::TooManySteps {
+                workflow,
+                count: self.steps.len(),
+            });
+        }
+        if self.version == 0 {
+            return Err(DefinitionError::BadVersion { workflow });
+        }
+        for step in &self.steps {
+            let bad = |problem: String| DefinitionError::BadStep {
+                workflow: workflow.clone(),
+                step: step.name.to_string(),
+                problem,
+            };
+            if let Some(p) = step.retry.problem() {
+                return Err(bad(p));
+            }
+            if step.timeout_ms == 0 {
+                return Err(bad("timeout must be greater than zero".into()));
+            }
+            if step.max_visits == Some(0) {
+                return Err(bad("max_visits must be at least 1".into()));
+            }
+            for b in &step.branches {
+                if let Next::Goto(i) = b.next {
+                    if usize::from(i) >= self.steps.len() {
+                        return Err(bad(format!(
+                            "outcome `{}` points at step index {i}, past the end",
+                            b.outcome
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything `check_structure` does, plus the graph checks: unique
+    /// names, every step reachable, every loop bounded.
+    pub fn validate(&self) -> Result<(), DefinitionError> {
+        self.check_structure()?;
+        let workflow = self.workflow.to_string();
+        let mut names = HashSet::new();
+        for step in &self.steps {
+            if !names.insert(&step.name) {
+                return Err(DefinitionError::DuplicateStep {
+                    workflow,
+                    step: step.name.to_string(),
+                });
+            }
+            let mut outcomes = HashSet::new();
+            for b in &step.branches {
+                if !outcomes.insert(&b.outcome) {
+                    return Err(DefinitionError::DuplicateOutcome {
+                        workflow,
+                        step: step.name.to_string(),
+                        outcome: b.outcome.to_string(),
+                    });
+                }
+            }
+        }
+        let edges: Vec<Vec<usize>> = (0..self.steps.len()).map(|i| self.successors(i)).collect();
+
+        // Reachability from the first step.
+        let mut seen = vec![false; self.steps.len()];
+        let mut stack = vec![0usize];
+        while let Some(i) = stack.pop() {
+            if std::mem::replace(&mut seen[i], true) {
+                continue;
+            }
+            stack.extend(edges[i].iter().copied().filter(|&j| !seen[j]));
+        }
+        if let Some(i) = seen.iter().position(|s| !s) {
+            return Err(DefinitionError::Unreachable {
+                workflow,
+                step: self.steps[i].name.to_string(),
+            });
+        }
+
+        // Every cycle must pass through a step with a visit bound: with the
+        // bounded steps taken out, the rest of the graph must be acyclic.
+        let bounded: Vec<bool> = self.steps.iter().map(|s| s.max_visits.is_some()).collect();
+        if let Some(cycle) = find_cycle(&edges, &bounded) {
+            return Err(DefinitionError::UnboundedLoop {
+                workflow,
+                cycle: cycle.into_iter().map(|i| self.steps[i].name.to_string()).collect(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The steps that can follow step `i`.
+    fn successors(&self, i: usize) -> Vec<usize> {
+        let step = &self.steps[i];
+        let mut out = Vec::new();
+        let ok_mapped = step.branches.iter().any(|b| b.outcome.is_ok());
+        let mut push = |next: Next| match next {
+            Next::Continue if i + 1 < self.steps.len() => out.push(i + 1),
+            Next::Goto(j) => out.push(usize::from(j)),
+            _ => {}
+        };
+        if !ok_mapped {
+            push(Next::Continue);
+        }
+        for b in &step.branches {
+            push(b.next);
+        }
+        out
+    }
+}
+
+/// Depth-first search for a cycle among the steps not marked `skip`.
+fn find_cycle(edges: &[Vec<usize>], skip: &[bool]) -> Option<Vec<usize>> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mark {
+        New,
+        OnPath,
+        Done,
+    }
+    let mut mark = vec![Mark::New; edges.len()];
+    for start in 0..edges.len() {
+        if skip[start] || mark[start] != Mark::New {
+            continue;
+        }
+        // (node, next edge to look at)
+        let mut path: Vec<(usize, usize)> = vec![(start, 0)];
+        mark[start] = Mark::OnPath;
+        while let Some(&mut (node, ref mut edge)) = path.last_mut() {
+            if let Some(&next) = edges[node].get(*edge) {
+                *edge += 1;
+                if skip[next] {
+                    continue;
+                }
+                match mark[next] {
+                    Mark::OnPath => {
+                        let from = path.iter().position(|&(n, _)| n == next).unwrap_or(0);
+                        return Some(path[from..].iter().map(|&(n, _)| n).collect());
+                    }
+                    Mark::New => {
+                        mark[next] = Mark::OnPath;
+                        path.push((next, 0));
+                    }
+                    Mark::Done => {}
+                }
+            } else {
+                mark[node] = Mark::Done;
+                path.pop();
+            }
+        }
+    }
+    None
+}
