@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 pub use inventory::{initial_stock, InventoryService, Level, MemoryStock, Reservation, Run, StockError, StockStore};
 pub use payment::{Ledger, LedgerError, MemoryLedger, PaymentEntry, PaymentService};
-pub use shipping::{tracking_number, MemoryShipments, ShipmentLog, ShippingService};
+pub use shipping::{tracking_number, MemoryShipments, ShipmentError, ShipmentLog, ShippingService};
 
 use waybill::transport::Transport;
 use waybill::{Payload, StepContext, StepError, WorkerBuilder};
