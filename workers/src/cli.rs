@@ -1,13 +1,75 @@
 //! What the programs share: NATS connection options, logging, signals, and
 //! the life of a worker process.
 
+use std::error::Error as StdError;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use waybill::transport::nats::{Nats, NatsConfig, ServerList};
 use waybill::{Codec, Worker, WorkerBuilder};
+
+/// Any error, boxed: what a worker binary's own set-up may fail with.
+pub type BoxError = Box<dyn StdError + Send + Sync + 'static>;
+
+/// Why a program could not connect to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The credentials file cannot be read.
+    #[error("cannot read credentials file {}", path.display())]
+    Credentials {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The NKey seed file cannot be read.
+    #[error("cannot read NKey seed file {}", path.display())]
+    NkeySeed {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// No server of the list answered within `--connect-timeout`.
+    #[error("could not reach NATS at {url} within {seconds} s: {last}")]
+    Unreachable {
+        url: ServerList,
+        seconds: u64,
+        /// The last attempt's error.
+        last: async_nats::ConnectError,
+    },
+    /// Connected, but the server or its streams are not as Waybill needs.
+    #[error(transparent)]
+    Transport(#[from] waybill::transport::Error),
+}
+
+impl ConnectError {
+    /// Whether trying again later may succeed: a server that did not answer
+    /// may come back; a file that cannot be read will not appear by itself.
+    pub fn retryable(&self) -> bool {
+        match self {
+            ConnectError::Credentials { .. } | ConnectError::NkeySeed { .. } => false,
+            ConnectError::Unreachable { .. } => true,
+            ConnectError::Transport(e) => e.is_retryable(),
+        }
+    }
+}
+
+/// Why the process cannot listen for its stop signals.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen for {signal}")]
+pub struct SignalError {
+    pub signal: &'static str,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl SignalError {
+    /// Never: a process that cannot install its signal handlers will not
+    /// manage it on a second try.
+    pub fn retryable(&self) -> bool {
+        false
+    }
+}
 
 /// How to reach NATS.
 #[derive(clap::Args, Debug, Clone)]
@@ -23,7 +85,7 @@ pub struct NatsArgs {
 }
 
 impl NatsArgs {
-    pub async fn connect(&self, name: &str) -> anyhow::Result<Nats> {
+    pub async fn connect(&self, name: &str) -> Result<Nats, ConnectError> {
         self.auth.connect(&self.url, name).await
     }
 }
@@ -58,19 +120,24 @@ pub struct AuthArgs {
 }
 
 impl AuthArgs {
-    async fn options(&self, name: &str) -> anyhow::Result<async_nats::ConnectOptions> {
+    async fn options(&self, name: &str) -> Result<async_nats::ConnectOptions, ConnectError> {
         let mut o = match &self.creds {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path.clone())
                 .await
-                .with_context(|| format!("cannot read credentials file {}", path.display()))?,
+                .map_err(|source| ConnectError::Credentials {
+                    path: path.clone(),
+                    source,
+                })?,
             None => async_nats::ConnectOptions::new(),
         };
         if let (Some(user), Some(password)) = (&self.user, &self.password) {
             o = o.user_and_password(user.clone(), password.clone());
         }
         if let Some(path) = &self.nkey {
-            let seed = std::fs::read_to_string(path)
-                .with_context(|| format!("cannot read NKey seed file {}", path.display()))?;
+            let seed = std::fs::read_to_string(path).map_err(|source| ConnectError::NkeySeed {
+                path: path.clone(),
+                source,
+            })?;
             o = o.nkey(seed.trim().to_owned());
         }
         if let Some(ca) = &self.tls_ca {
@@ -85,12 +152,12 @@ impl AuthArgs {
     /// Connects to any live server of `url` (every one of them gets the
     /// same credentials and TLS settings), retrying until
     /// `--connect-timeout` runs out, and checks the server's version.
-    pub async fn connect(&self, url: &ServerList, name: &str) -> anyhow::Result<Nats> {
+    pub async fn connect(&self, url: &ServerList, name: &str) -> Result<Nats, ConnectError> {
         self.connect_with(url, name, NatsConfig::default()).await
     }
 
     /// [`connect`](Self::connect) with stream settings of one's own.
-    pub async fn connect_with(&self, url: &ServerList, name: &str, config: NatsConfig) -> anyhow::Result<Nats> {
+    pub async fn connect_with(&self, url: &ServerList, name: &str, config: NatsConfig) -> Result<Nats, ConnectError> {
         let deadline = Instant::now() + Duration::from_secs(self.connect_timeout);
         let mut wait = Duration::from_millis(100);
         let client = loop {
@@ -104,7 +171,13 @@ impl AuthArgs {
                     tokio::time::sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_secs(2));
                 }
-                Err(e) => anyhow::bail!("could not reach NATS at {url} within {} s: {e}", self.connect_timeout),
+                Err(last) => {
+                    return Err(ConnectError::Unreachable {
+                        url: url.clone(),
+                        seconds: self.connect_timeout,
+                        last,
+                    })
+                }
             }
         };
         Ok(Nats::with_client(client, config)?)
@@ -133,10 +206,11 @@ pub fn init_logging(format: LogFormat, default: &str) {
 }
 
 /// Resolves on SIGTERM or SIGINT.
-pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
+pub async fn shutdown_signal() -> Result<&'static str, SignalError> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let listen = |kind, name| signal(kind).map_err(|source| SignalError { signal: name, source });
+    let mut term = listen(SignalKind::terminate(), "SIGTERM")?;
+    let mut int = listen(SignalKind::interrupt(), "SIGINT")?;
     Ok(tokio::select! {
         _ = term.recv() => "SIGTERM",
         _ = int.recv() => "SIGINT",
@@ -192,7 +266,7 @@ pub enum StateArg {
 pub fn worker_main<F, Fut>(name: &'static str, args: WorkerArgs, serve: F) -> ExitCode
 where
     F: FnOnce(Nats, WorkerBuilder<Nats>) -> Fut,
-    Fut: std::future::Future<Output = anyhow::Result<WorkerBuilder<Nats>>>,
+    Fut: std::future::Future<Output = Result<WorkerBuilder<Nats>, BoxError>>,
 {
     init_logging(args.log_format, "info");
     let run = async {
@@ -235,7 +309,7 @@ where
         // `redone`: steps run again whose next hop was already stored (a
         // redelivery after a crash; after a clean drain it stays 0).
         eprintln!("{name}: drained after {steps} steps ({dead} dead-lettered, {redone} redone)");
-        anyhow::Ok(())
+        Ok::<(), BoxError>(())
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -247,8 +321,51 @@ where
     match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("{name}: error: {e:#}");
+            eprintln!("{name}: error: {}", with_causes(e.as_ref()));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// An error and its causes, outermost first, joined by `: `.
+fn with_causes(e: &(dyn StdError + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn auth(creds: Option<&str>, nkey: Option<&str>) -> AuthArgs {
+        AuthArgs {
+            creds: creds.map(PathBuf::from),
+            user: None,
+            password: None,
+            nkey: nkey.map(PathBuf::from),
+            tls_ca: None,
+            tls_cert: None,
+            tls_key: None,
+            connect_timeout: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_missing_file_is_named_and_not_retryable() {
+        let url: ServerList = "nats://127.0.0.1:1".parse().unwrap();
+        let e = auth(Some("/nonexistent/creds"), None).connect(&url, "t").await.unwrap_err();
+        assert!(matches!(e, ConnectError::Credentials { .. }), "{e:?}");
+        assert!(!e.retryable());
+        let text = with_causes(&e);
+        assert!(text.starts_with("cannot read credentials file /nonexistent/creds: "), "{text}");
+        let e = auth(None, Some("/nonexistent/seed")).connect(&url, "t").await.unwrap_err();
+        assert!(matches!(e, ConnectError::NkeySeed { .. }), "{e:?}");
+        assert!(!e.retryable());
     }
 }

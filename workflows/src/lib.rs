@@ -1,5 +1,6 @@
-//! The order domain: the [`Order`] payload, the `order` workflow, and the
-//! generator of example order flows.
+//! The order domain: the [`Order`] payload, the `order` workflow, the
+//! names of the services it asks for ([`services`]), and the generator of
+//! example order flows.
 //!
 //! The JSON form of [`Order`] is a public interface (example files, clients
 //! in other languages):
@@ -16,6 +17,7 @@ use serde::{Deserialize, Serialize};
 use waybill::{Backoff, DefinitionError, Registry, Then, Workflow, WorkflowPayload};
 
 pub mod samples;
+pub mod services;
 
 /// The name of the order workflow.
 pub const ORDER: &str = "order";
@@ -179,17 +181,17 @@ impl WorkflowPayload for Order {
 /// ends it `compensated`.
 pub fn order_v1() -> Result<Workflow, DefinitionError> {
     Workflow::builder(ORDER, 1)
-        .step("charge", "payment.charge")
-        .compensate("payment.refund")
+        .step("charge", services::PAYMENT_CHARGE)
+        .compensate(services::PAYMENT_REFUND)
         .retry(Backoff::exponential(8, Duration::from_millis(50)))
         .timeout(Duration::from_secs(10))
         .on("declined", Then::Fail)
-        .step("reserve", "inventory.reserve")
-        .compensate("inventory.release")
+        .step("reserve", services::INVENTORY_RESERVE)
+        .compensate(services::INVENTORY_RELEASE)
         .retry(Backoff::exponential(8, Duration::from_millis(50)))
         .timeout(Duration::from_secs(10))
         .on("out_of_stock", Then::Fail)
-        .step("ship", "shipping.dispatch")
+        .step("ship", services::SHIPPING_DISPATCH)
         .retry(Backoff::exponential(8, Duration::from_millis(50)))
         .timeout(Duration::from_secs(30))
         .build()

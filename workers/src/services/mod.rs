@@ -14,10 +14,13 @@ use std::sync::Arc;
 
 pub use inventory::{initial_stock, InventoryService, Level, MemoryStock, Reservation, Run, StockError, StockStore};
 pub use payment::{Ledger, LedgerError, MemoryLedger, PaymentEntry, PaymentService};
-pub use shipping::{tracking_number, MemoryShipments, ShipmentLog, ShippingService};
+pub use shipping::{tracking_number, MemoryShipments, ShipmentError, ShipmentLog, ShippingService};
 
 use waybill::transport::Transport;
 use waybill::{Payload, StepContext, StepError, WorkerBuilder};
+use waybill_workflows::services::{
+    INVENTORY_RELEASE, INVENTORY_RESERVE, PAYMENT_CHARGE, PAYMENT_REFUND, SHIPPING_DISPATCH,
+};
 use waybill_workflows::OrderView;
 
 /// Reads the order a step works on (without copying it); a payload that is
@@ -105,8 +108,8 @@ pub fn serve_payment<T: Transport, L: Ledger>(
     builder: WorkerBuilder<T>,
 ) -> WorkerBuilder<T> {
     builder
-        .serve("payment.charge", handler!(svc, charge))
-        .serve("payment.refund", handler!(svc, refund))
+        .serve(PAYMENT_CHARGE, handler!(svc, charge))
+        .serve(PAYMENT_REFUND, handler!(svc, refund))
 }
 
 /// Serves `inventory.reserve` and `inventory.release`.
@@ -115,8 +118,8 @@ pub fn serve_inventory<T: Transport, S: StockStore>(
     builder: WorkerBuilder<T>,
 ) -> WorkerBuilder<T> {
     builder
-        .serve("inventory.reserve", handler!(svc, reserve))
-        .serve("inventory.release", handler!(svc, release))
+        .serve(INVENTORY_RESERVE, handler!(svc, reserve))
+        .serve(INVENTORY_RELEASE, handler!(svc, release))
 }
 
 /// Serves `shipping.dispatch`.
@@ -124,5 +127,5 @@ pub fn serve_shipping<T: Transport, S: ShipmentLog>(
     svc: &Arc<ShippingService<S>>,
     builder: WorkerBuilder<T>,
 ) -> WorkerBuilder<T> {
-    builder.serve("shipping.dispatch", handler!(svc, dispatch))
+    builder.serve(SHIPPING_DISPATCH, handler!(svc, dispatch))
 }

@@ -15,11 +15,28 @@ pub fn tracking_number(order: OrderId) -> String {
     format!("WB{}", &hex[20..])
 }
 
+/// Why a shipment could not be recorded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShipmentError {
+    /// The log's store answered, but not as it should: worth a retry,
+    /// counted as an attempt.
+    #[error("{0}")]
+    Store(String),
+}
+
+impl From<ShipmentError> for StepError {
+    fn from(e: ShipmentError) -> Self {
+        match e {
+            ShipmentError::Store(message) => StepError::transient(message),
+        }
+    }
+}
+
 /// Where shipments are recorded.
 pub trait ShipmentLog: Send + Sync + 'static {
     /// Records the shipment of `order` unless it is recorded; returns its
     /// tracking number.
-    fn record(&self, order: OrderId, tracking: String) -> impl Future<Output = Result<String, String>> + Send;
+    fn record(&self, order: OrderId, tracking: String) -> impl Future<Output = Result<String, ShipmentError>> + Send;
 }
 
 /// Shipments in memory.
@@ -35,7 +52,7 @@ impl MemoryShipments {
 }
 
 impl ShipmentLog for MemoryShipments {
-    async fn record(&self, order: OrderId, tracking: String) -> Result<String, String> {
+    async fn record(&self, order: OrderId, tracking: String) -> Result<String, ShipmentError> {
         let mut s = self.shipments.lock().unwrap_or_else(|p| p.into_inner());
         Ok(s.entry(order).or_insert(tracking).clone())
     }
@@ -68,11 +85,7 @@ impl<S: ShipmentLog> ShippingService<S> {
         if order.ship_to.zip == "99999" {
             panic!("carrier client bug (simulated for zip 99999)");
         }
-        let tracking = self
-            .log
-            .record(ctx.order_id, tracking_number(ctx.order_id))
-            .await
-            .map_err(StepError::transient)?;
+        let tracking = self.log.record(ctx.order_id, tracking_number(ctx.order_id)).await?;
         Ok(StepOutput::ok().with_detail(tracking))
     }
 }

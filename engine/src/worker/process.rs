@@ -1,0 +1,215 @@
+//! One delivery, in three phases: admit (decode and check it: [`admit`]),
+//! run (the handler under its deadline, folded into an attempt: [`run`]) and
+//! hand off (the attempt applied and the next hop encoded, [`next_hop`];
+//! stored, [`hand_off`]; then the input acknowledged).
+
+use std::fmt;
+
+use tracing::Instrument;
+
+use super::handle::{Service, Shared, WorkerStats};
+use super::handoff::{dead_letter, hand_back, hand_off, next_hop, publish_retry_delay, Unstored};
+use super::run::{prepare, run, Ran};
+use crate::codec::DecodeError;
+use crate::document::{Document, Status, Timestamp};
+use crate::headers::{self, HeaderError};
+use crate::id::{OrderId, ServiceSubject, WorkflowName};
+use crate::transport::{Consumer, DeadLetterKind, Delivery, Transport};
+
+/// Takes one delivery through its three phases: [`admit`] it, [`run`] its
+/// step, and hand the next hop off ([`next_hop`], [`hand_off`]), then
+/// acknowledge it. Every way out that is not the usual one (a rejection, a
+/// wait past the limit, a deferral, a hop that cannot be made or stored)
+/// ends in a dead letter or hands the delivery back.
+///
+/// The slow paths' futures are boxed so that they do not weigh on every
+/// step's future; the delivery is owned here alone, and the phases borrow
+/// it (a NATS delivery is a few hundred bytes).
+pub(super) async fn process<T: Transport>(
+    shared: &Shared<T>,
+    svc: &Service,
+    delivery: <T::Consumer as Consumer>::Delivery,
+) {
+    let mut doc = match admit(shared, svc, &delivery) {
+        Ok(doc) => doc,
+        Err(why) => return Box::pin(dead_letter(shared, svc, delivery, why.kind(), why.to_string())).await,
+    };
+    if let Some(due) = doc.not_before {
+        let now = Timestamp::now();
+        if due > now {
+            return Box::pin(hand_back(shared, svc, delivery, Some(due.since(now)), "not due yet")).await;
+        }
+    }
+    let Some((ctx, timeout, span)) = prepare(shared, &doc) else {
+        return;
+    };
+    async {
+        let attempt = match run(shared, svc, &mut doc, ctx, timeout, &delivery).await {
+            Ran::Attempt(attempt) => attempt,
+            Ran::OverLimit(reason) => {
+                return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Unavailable, reason)).await
+            }
+            Ran::Deferred { delay, why } => return Box::pin(hand_back(shared, svc, delivery, Some(delay), &why)).await,
+        };
+        let hop = match next_hop(shared, &mut doc, attempt) {
+            Ok(hop) => hop,
+            Err(e) => {
+                return Box::pin(dead_letter(
+                    shared,
+                    svc,
+                    delivery,
+                    DeadLetterKind::Invalid,
+                    e.to_string(),
+                ))
+                .await
+            }
+        };
+        match hand_off(shared, &doc, hop, &delivery).await {
+            Ok(ack) => {
+                WorkerStats::bump(if ack.duplicate {
+                    &shared.stats.duplicates
+                } else {
+                    &shared.stats.published
+                });
+                if let Err(e) = delivery.ack().await {
+                    // The output is stored; a redelivery will be a duplicate.
+                    tracing::warn!(error = %e, "ack failed");
+                }
+            }
+            Err(Unstored::OverLimit(e)) => {
+                let reason = format!(
+                    "unavailable: the next hop could not be stored for {} s, the limit: {e}; \
+                     nothing failed: redrive it once the outage is over",
+                    shared.unavailable_limit.as_secs()
+                );
+                Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Unavailable, reason)).await;
+            }
+            Err(Unstored::Failed(e)) => {
+                tracing::warn!(error = %e, "publishing the next hop failed");
+                let delay = publish_retry_delay(delivery.delivered());
+                hand_back(shared, svc, delivery, Some(delay), &format!("publish failed: {e}")).await;
+            }
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Why a delivery is not work this worker can do: each becomes a dead
+/// letter of the kind [`Rejection::kind`] says, with the reason its
+/// `Display` gives.
+#[derive(Debug)]
+pub(super) enum Rejection {
+    /// The body cannot be read (or its content type is missing or unknown).
+    Undecodable(DecodeError),
+    /// The routing header says otherwise than the body.
+    HeadersDisagree(HeaderError),
+    /// The order is finished: a terminal document is no work.
+    Terminal { id: OrderId, status: Status },
+    /// The document's cursor points at no step.
+    NoCurrentStep,
+    /// The hop is addressed to another service than the one it came on.
+    Misaddressed { to: ServiceSubject, on: ServiceSubject },
+    /// The worker does not accept this workflow version.
+    UnknownVersion { workflow: WorkflowName, version: u32 },
+}
+
+impl Rejection {
+    /// The kind of dead letter the delivery becomes: every rejection is an
+    /// input that cannot be processed as it is.
+    pub(super) fn kind(&self) -> DeadLetterKind {
+        match self {
+            Rejection::Undecodable(_)
+            | Rejection::HeadersDisagree(_)
+            | Rejection::Terminal { .. }
+            | Rejection::NoCurrentStep
+            | Rejection::Misaddressed { .. }
+            | Rejection::UnknownVersion { .. } => DeadLetterKind::Invalid,
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rejection::Undecodable(e) => write!(f, "undecodable: {e}"),
+            Rejection::HeadersDisagree(e) => write!(f, "headers disagree with the body: {e}"),
+            Rejection::Terminal { id, status } => {
+                write!(f, "order {id} is already {status}; a terminal document is no work")
+            }
+            Rejection::NoCurrentStep => f.write_str("document has no current step"),
+            Rejection::Misaddressed { to, on } => write!(f, "hop addressed to `{to}` arrived on `{on}`"),
+            Rejection::UnknownVersion { workflow, version } => {
+                write!(f, "unknown workflow `{workflow}` version {version}")
+            }
+        }
+    }
+}
+
+/// Decodes a delivery and checks it is this service's work: the headers
+/// agree with the body, the order is running, the hop is addressed here,
+/// and (if the worker restricts them) its workflow version is accepted.
+fn admit<T>(shared: &Shared<T>, svc: &Service, delivery: &impl Delivery) -> Result<Document, Rejection> {
+    let msg = delivery.message();
+    let doc = shared
+        .codec
+        .decode_as(&msg.payload, msg.headers.get(headers::CONTENT_TYPE))
+        .map_err(Rejection::Undecodable)?;
+    headers::verify(&msg.headers, &doc).map_err(Rejection::HeadersDisagree)?;
+    if doc.status.is_terminal() {
+        return Err(Rejection::Terminal {
+            id: doc.id,
+            status: doc.status,
+        });
+    }
+    let Some(target) = doc.target() else {
+        return Err(Rejection::NoCurrentStep);
+    };
+    if target.service != &svc.service {
+        return Err(Rejection::Misaddressed {
+            to: target.service.clone(),
+            on: svc.service.clone(),
+        });
+    }
+    if let Some(accept) = &shared.accept {
+        if !accept.contains(&(doc.route.workflow.clone(), doc.route.version)) {
+            return Err(Rejection::UnknownVersion {
+                workflow: doc.route.workflow.clone(),
+                version: doc.route.version,
+            });
+        }
+    }
+    Ok(doc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Rejection;
+    use crate::id::{ServiceSubject, WorkflowName};
+    use crate::transport::DeadLetterKind;
+
+    #[test]
+    fn rejections_say_why_and_are_invalid_input() {
+        let cases = [
+            (Rejection::NoCurrentStep, "document has no current step"),
+            (
+                Rejection::Misaddressed {
+                    to: ServiceSubject::new("t.a").unwrap(),
+                    on: ServiceSubject::new("t.b").unwrap(),
+                },
+                "hop addressed to `t.a` arrived on `t.b`",
+            ),
+            (
+                Rejection::UnknownVersion {
+                    workflow: WorkflowName::new("order").unwrap(),
+                    version: 9,
+                },
+                "unknown workflow `order` version 9",
+            ),
+        ];
+        for (why, reason) in cases {
+            assert_eq!(why.kind(), DeadLetterKind::Invalid);
+            assert_eq!(why.to_string(), reason);
+        }
+    }
+}
