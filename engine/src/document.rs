@@ -215,7 +215,11 @@ pub enum AttemptResult {
     /// store) was unavailable. Not an attempt: it spends none and never
     /// fails the order. Consecutive tries of one attempt fold into one
     /// record: `since` the first, `tries` in all, the last `message`.
-    Unavailable { message: String, since: Timestamp, tries: u32 },
+    Unavailable {
+        message: String,
+        since: Timestamp,
+        tries: u32,
+    },
 }
 
 impl AttemptResult {
@@ -325,9 +329,7 @@ impl Document {
         let n = self
             .history
             .iter()
-            .filter(|r| {
-                r.kind == StepKind::Forward && r.attempt == 1 && &r.step == step && !r.result.is_unavailable()
-            })
+            .filter(|r| r.kind == StepKind::Forward && r.attempt == 1 && &r.step == step && !r.result.is_unavailable())
             .count();
         u32::try_from(n).unwrap_or(u32::MAX)
     }

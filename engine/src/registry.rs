@@ -41,7 +41,9 @@ pub enum StartError {
     /// start's deadline ([`crate::Client::start_timeout`]). A try that got
     /// no answer may still have been stored: start the same `id` again
     /// (inside the stream's duplicate window) to be sure, never a new one.
-    #[error("order {id} was not confirmed stored after {tries} tries in {waited:?} (start it again with this id): {source}")]
+    #[error(
+        "order {id} was not confirmed stored after {tries} tries in {waited:?} (start it again with this id): {source}"
+    )]
     NotStored {
         id: OrderId,
         tries: u32,

@@ -156,7 +156,13 @@ pub fn apply(doc: &mut Document, attempt: Attempt) -> Result<Decision, Transitio
     } = attempt;
     let (result, detail) = match result {
         StepResult::Unavailable(message) => {
-            let tries = note_unavailable(doc, (&step_name, &service, kind), message, (started_at, ended_at), worker);
+            let tries = note_unavailable(
+                doc,
+                (&step_name, &service, kind),
+                message,
+                (started_at, ended_at),
+                worker,
+            );
             doc.hop = doc.hop.saturating_add(1);
             let delay = unavailable_delay(tries, jitter);
             doc.not_before = Some(ended_at.plus(delay));
@@ -257,10 +263,7 @@ fn note_unavailable(
 ) -> u32 {
     let current = doc.attempt;
     if let Some(last) = doc.history.last_mut() {
-        if let AttemptResult::Unavailable {
-            message: m, tries, ..
-        } = &mut last.result
-        {
+        if let AttemptResult::Unavailable { message: m, tries, .. } = &mut last.result {
             if &last.step == step && last.kind == kind && last.attempt == current {
                 *m = message;
                 *tries = tries.saturating_add(1);
@@ -509,7 +512,10 @@ mod tests {
         assert_eq!(d.history.len(), 2);
         assert_eq!(d.history[1].attempt, 1);
         // A wait after a transient error keeps that error's attempt count.
-        assert!(matches!(run(&mut d, StepResult::Transient("t".into())), Decision::Hop { .. }));
+        assert!(matches!(
+            run(&mut d, StepResult::Transient("t".into())),
+            Decision::Hop { .. }
+        ));
         assert_eq!(d.attempt, 2);
         run(&mut d, StepResult::Unavailable("x".into()));
         run(&mut d, StepResult::Unavailable("y".into()));

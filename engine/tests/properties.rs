@@ -160,8 +160,15 @@ fn drive_with_waits(wf: &Workflow, acts: &[Act], waits: &[u8]) -> (Document, usi
             let before = (doc.status, doc.step, doc.attempt, doc.owed.clone());
             let d = apply(&mut doc, attempt(StepResult::Unavailable("down".into()))).expect("running");
             hops += 1;
-            assert!(matches!(d, Decision::Hop { delay: Some(_), .. }), "a wait never ends an order");
-            assert_eq!((doc.status, doc.step, doc.attempt, doc.owed.clone()), before, "a wait changes nothing");
+            assert!(
+                matches!(d, Decision::Hop { delay: Some(_), .. }),
+                "a wait never ends an order"
+            );
+            assert_eq!(
+                (doc.status, doc.step, doc.attempt, doc.owed.clone()),
+                before,
+                "a wait changes nothing"
+            );
             assert!(doc.history.last().is_some_and(|r| r.result.is_unavailable()));
         }
         let result = result_of(&doc, acts[n % acts.len()]);

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use waybill::transport::{
-    DeadLetter, Embedded, Error as TransportError, Headers, Outgoing, Transport,
-};
+use waybill::transport::{DeadLetter, Embedded, Error as TransportError, Headers, Outgoing, Transport};
 use waybill::{
     headers, subject, AttemptResult, Client, Codec, Document, Format, OrderId, Payload, Registry, Status, StepContext,
     StepError, StepKind, StepOutput, Worker, WorkerBuilder, WorkerError, WorkerHandle, Workflow, WorkflowName,

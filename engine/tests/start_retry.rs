@@ -73,7 +73,10 @@ impl Flaky {
 }
 
 fn one_step() -> Workflow {
-    Workflow::builder("retry", 1).step("only", "retry.only").build().unwrap()
+    Workflow::builder("retry", 1)
+        .step("only", "retry.only")
+        .build()
+        .unwrap()
 }
 
 fn timed_out() -> Error {
@@ -127,7 +130,10 @@ async fn unanswered_and_unstored_starts_are_retried_under_one_id_and_stored_once
     assert_eq!(t.first_hop_publishes.load(Ordering::SeqCst), 7);
 
     for order in [first, id, third] {
-        let doc = tokio::time::timeout(DEADLINE, client.wait(order)).await.unwrap().unwrap();
+        let doc = tokio::time::timeout(DEADLINE, client.wait(order))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
         assert_eq!(doc.history.len(), 1, "one step ran once: {}", doc.journal());
     }
@@ -158,7 +164,13 @@ async fn a_refusal_is_returned_at_once_and_an_outage_past_the_deadline_names_the
         .await
         .unwrap_err();
     let took = began.elapsed();
-    let StartError::NotStored { id: named, tries, ref source, .. } = e else {
+    let StartError::NotStored {
+        id: named,
+        tries,
+        ref source,
+        ..
+    } = e
+    else {
         panic!("expected NotStored, got {e:?}");
     };
     assert_eq!(named, id);

@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio::sync::watch;
 use waybill::transport::{DeadLetterKind, Embedded, Error as TransportError, Transport};
 use waybill::{
-    AttemptResult, Backoff, Client, Document, Payload, Registry, Status, StepContext, StepError, StepKind,
-    StepOutput, Then, Worker, WorkerHandle, Workflow,
+    AttemptResult, Backoff, Client, Document, Payload, Registry, Status, StepContext, StepError, StepKind, StepOutput,
+    Then, Worker, WorkerHandle, Workflow,
 };
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -205,7 +205,13 @@ async fn an_unavailable_store_during_compensation_delays_it_and_it_compensates()
 async fn past_the_operators_limit_the_hop_is_a_dead_letter_of_kind_unavailable_not_a_failure() {
     let charge = Store::new(true);
     let transport = Embedded::new();
-    let stack = Stack::new(transport.clone(), charge.clone(), Store::new(false), Some(Duration::from_millis(300))).await;
+    let stack = Stack::new(
+        transport.clone(),
+        charge.clone(),
+        Store::new(false),
+        Some(Duration::from_millis(300)),
+    )
+    .await;
     let id = stack.start(true).await;
     let letter = tokio::time::timeout(DEADLINE, async {
         loop {
@@ -220,7 +226,11 @@ async fn past_the_operators_limit_the_hop_is_a_dead_letter_of_kind_unavailable_n
     .await
     .expect("the hop should become a dead letter past the limit");
     assert_eq!(letter.kind, DeadLetterKind::Unavailable);
-    assert!(letter.reason.starts_with("unavailable: store: no responders"), "{}", letter.reason);
+    assert!(
+        letter.reason.starts_with("unavailable: store: no responders"),
+        "{}",
+        letter.reason
+    );
     // The order did not fail: nothing finished it.
     let doc = waybill::Codec::default()
         .decode_as(
@@ -231,7 +241,9 @@ async fn past_the_operators_limit_the_hop_is_a_dead_letter_of_kind_unavailable_n
     assert_eq!(doc.id, id);
     assert_eq!(doc.status, Status::Running);
     assert!(doc.waiting().is_some(), "{}", doc.journal());
-    assert!(tokio::time::timeout(Duration::from_millis(50), stack.client.wait(id)).await.is_err());
+    assert!(tokio::time::timeout(Duration::from_millis(50), stack.client.wait(id))
+        .await
+        .is_err());
     stack.stop().await;
 }
 

@@ -122,13 +122,13 @@ fn classify_one(e: &(dyn StdError + 'static)) -> Option<Fault> {
     if let Some(e) = e.downcast_ref::<E<DirectGetErrorKind>>() {
         return match e.kind() {
             DirectGetErrorKind::TimedOut | DirectGetErrorKind::Request => Some(Unavailable),
-            DirectGetErrorKind::ErrorResponse(status, _) => {
-                Some(if status == async_nats::StatusCode::NO_RESPONDERS || status.as_u16() >= 500 {
+            DirectGetErrorKind::ErrorResponse(status, _) => Some(
+                if status == async_nats::StatusCode::NO_RESPONDERS || status.as_u16() >= 500 {
                     Unavailable
                 } else {
                     Fault::Other
-                })
-            }
+                },
+            ),
             DirectGetErrorKind::NotFound | DirectGetErrorKind::InvalidSubject => Some(Fault::Other),
             DirectGetErrorKind::Other => None,
         };
@@ -184,9 +184,10 @@ fn classify_one(e: &(dyn StdError + 'static)) -> Option<Fault> {
     }
     if let Some(e) = e.downcast_ref::<E<ConnectErrorKind>>() {
         return Some(match e.kind() {
-            ConnectErrorKind::TimedOut | ConnectErrorKind::Io | ConnectErrorKind::Dns | ConnectErrorKind::MaxReconnects => {
-                Unavailable
-            }
+            ConnectErrorKind::TimedOut
+            | ConnectErrorKind::Io
+            | ConnectErrorKind::Dns
+            | ConnectErrorKind::MaxReconnects => Unavailable,
             _ => Fault::Other,
         });
     }
@@ -238,8 +239,7 @@ mod tests {
         let single: UpdateError = PublishError::new(PublishErrorKind::WrongLastSequence).into();
         assert_eq!(classify(&single), Fault::Conflict);
         // A cluster's 10164 arrives as `Other` with the API error inside.
-        let clustered: UpdateError =
-            PublishError::with_source(PublishErrorKind::Other, api(400, 10164)).into();
+        let clustered: UpdateError = PublishError::with_source(PublishErrorKind::Other, api(400, 10164)).into();
         assert_eq!(clustered.kind(), UpdateErrorKind::Other);
         assert_eq!(classify(&clustered), Fault::Conflict);
         let exists: CreateError = clustered.into();
@@ -258,10 +258,8 @@ mod tests {
             let c: CreateError = u.into();
             assert_eq!(classify(&c), Fault::Unavailable, "{kind:?}");
         }
-        let no_responders: async_nats::jetstream::stream::DirectGetError = async_nats::RequestError::new(
-            RequestErrorKind::NoResponders,
-        )
-        .into();
+        let no_responders: async_nats::jetstream::stream::DirectGetError =
+            async_nats::RequestError::new(RequestErrorKind::NoResponders).into();
         let entry = EntryError::with_source(EntryErrorKind::Other, no_responders);
         assert_eq!(classify(&entry), Fault::Unavailable);
         assert_eq!(classify(&EntryError::new(EntryErrorKind::TimedOut)), Fault::Unavailable);

@@ -9,6 +9,13 @@
 //! not delivered again. A message published with a deduplication id that was
 //! already stored (inside the duplicate window) is dropped.
 //!
+//! The stream is also a log the coordinator reads: in order from any
+//! sequence and then live ([`Transport::read_log`]), one message by its
+//! sequence ([`Transport::get`]), and where each durable consumer stands
+//! ([`Transport::consumer_position`]). Beside the stream, plain requests
+//! and answers ([`Transport::serve`], [`Transport::request`]) and events
+//! nobody stores ([`Transport::announce`]) carry the coordinator's API.
+//!
 //! [`Embedded`] implements the seam in one process, [`Nats`] on NATS
 //! JetStream across hosts. The conformance suite in
 //! [`conformance`] checks any implementation against these rules.
@@ -20,12 +27,15 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::document::Timestamp;
+
+#[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod embedded;
 pub mod fault;
 pub mod nats;
 
-pub use embedded::{Embedded, EmbeddedConfig};
+pub use embedded::{ConsumerStats, Embedded, EmbeddedConfig, EmbeddedConsumer, EmbeddedDelivery, EmbeddedLog};
 pub use nats::{Nats, NatsConfig};
 
 /// Why a transport operation failed.
@@ -49,6 +59,10 @@ pub enum Error {
     /// the infrastructure, never a business failure.
     #[error("unavailable: {0}")]
     Unavailable(String),
+    /// A request nobody serves (no process subscribed to its subject). An
+    /// infrastructure fault: the serving process may be starting.
+    #[error("nobody answers requests on `{0}`")]
+    NoResponders(String),
     #[error("{message}")]
     Other { message: String, retryable: bool },
 }
@@ -57,7 +71,7 @@ impl Error {
     /// Whether doing the same again later may succeed.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Error::TimedOut(_) | Error::Unavailable(_) => true,
+            Error::TimedOut(_) | Error::Unavailable(_) | Error::NoResponders(_) => true,
             Error::Other { retryable, .. } => *retryable,
             Error::Closed | Error::NoConsumer(_) | Error::BadConfig(_) | Error::TooLarge { .. } => false,
         }
@@ -67,7 +81,10 @@ impl Error {
     /// [`Error::Unavailable`]), which a worker waits out without spending
     /// a step's attempts.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, Error::TimedOut(_) | Error::Unavailable(_))
+        matches!(
+            self,
+            Error::TimedOut(_) | Error::Unavailable(_) | Error::NoResponders(_)
+        )
     }
 }
 
@@ -138,6 +155,42 @@ pub struct Message {
     pub subject: String,
     pub headers: Headers,
     pub payload: Bytes,
+}
+
+/// A message as the stream stored it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stored {
+    pub sequence: u64,
+    /// When the stream stored it (wall clock).
+    pub stored_at: Timestamp,
+    pub message: Message,
+}
+
+/// How much of the log is there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LogInfo {
+    /// Messages kept now: older ones may have been removed by the log's
+    /// limits (age, size, count).
+    pub messages: u64,
+    /// The sequence of the oldest message kept (0 when none is).
+    pub first_sequence: u64,
+    /// The sequence of the last message stored (0 when none ever was).
+    pub last_sequence: u64,
+}
+
+/// Where a durable consumer stands in the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConsumerPosition {
+    pub durable: String,
+    /// Every message of the consumer up to this sequence is settled
+    /// (acknowledged, or terminated): nothing will deliver it again.
+    pub ack_floor: u64,
+    /// The highest sequence delivered so far.
+    pub delivered: u64,
+    /// Messages not delivered yet.
+    pub pending: u64,
+    /// Fetches waiting for messages now: how many processes are pulling.
+    pub waiting: u64,
 }
 
 /// A message to publish.
@@ -273,6 +326,77 @@ pub trait Transport: Clone + Send + Sync + 'static {
     fn flush(&self) -> impl Future<Output = Result<(), Error>> + Send {
         std::future::ready(Ok(()))
     }
+}
+
+/// The stream read as a log: what the coordinator follows. Every transport
+/// whose stream keeps its messages implements it.
+pub trait HopLog: Transport {
+    type Reader: LogReader;
+
+    /// How much of the log is there.
+    fn log_info(&self) -> impl Future<Output = Result<LogInfo, Error>> + Send;
+
+    /// Reads the log in order from `from` (or from its oldest message, if
+    /// that one is gone), then every message stored later as it comes.
+    fn read_log(&self, from: u64) -> impl Future<Output = Result<Self::Reader, Error>> + Send;
+
+    /// One stored message; `None` when no message has that sequence (never
+    /// stored, or removed by the log's limits).
+    fn get(&self, sequence: u64) -> impl Future<Output = Result<Option<Stored>, Error>> + Send;
+
+    /// Where a durable consumer stands; `None` when it does not exist.
+    fn consumer_position(&self, durable: &str) -> impl Future<Output = Result<Option<ConsumerPosition>, Error>> + Send;
+}
+
+/// Requests, answers and events beside the stream: how the coordinator's
+/// API is reached.
+pub trait Rpc: Transport {
+    type Requests: Requests;
+
+    /// Receives the requests (and announcements) sent to any of
+    /// `subjects`, each given to one process of those serving in `group`.
+    /// A subject's token `*` matches any one token, a last token `>` one or
+    /// more.
+    fn serve(&self, subjects: &[String], group: &str) -> impl Future<Output = Result<Self::Requests, Error>> + Send;
+
+    /// Sends a request and waits at most `timeout` for its answer:
+    /// [`Error::NoResponders`] when nobody serves the subject,
+    /// [`Error::TimedOut`] when no answer came in time.
+    fn request(
+        &self,
+        subject: String,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Bytes, Error>> + Send;
+
+    /// Publishes an event nobody stores, for whoever serves its subject now.
+    fn announce(&self, subject: String, payload: Bytes) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+/// A reader of the log, in order.
+pub trait LogReader: Send + 'static {
+    /// Waits for at least one message and returns up to `max`, in sequence
+    /// order. After an error the reader is spent: open a new one after the
+    /// last message read. Cancel-safe.
+    fn next_batch(&mut self, max: usize) -> impl Future<Output = Result<Vec<Stored>, Error>> + Send;
+}
+
+/// The requests sent to what a process serves.
+pub trait Requests: Send + 'static {
+    type Request: Request;
+
+    /// The next request; `None` once nothing more will come.
+    fn next(&mut self) -> impl Future<Output = Option<Self::Request>> + Send;
+}
+
+/// One request to answer.
+pub trait Request: Send + 'static {
+    fn subject(&self) -> &str;
+    fn headers(&self) -> &Headers;
+    fn payload(&self) -> &Bytes;
+    /// Answers it (an announcement, which expects no answer, ignores it).
+    fn respond(self, answer: Bytes) -> impl Future<Output = Result<(), Error>> + Send;
 }
 
 /// One process's handle on a durable consumer.

@@ -124,7 +124,9 @@ impl Nats {
     /// comma-separated seed list ([`ServerList`]): the client connects to
     /// any live server of it, and reconnects to any later.
     pub async fn connect(url: &str, config: NatsConfig) -> Result<Self, Error> {
-        let servers: ServerList = url.parse().map_err(|e: ServerListError| Error::BadConfig(e.to_string()))?;
+        let servers: ServerList = url
+            .parse()
+            .map_err(|e: ServerListError| Error::BadConfig(e.to_string()))?;
         let client = async_nats::ConnectOptions::new()
             .name("waybill")
             .connect(&servers)

@@ -158,7 +158,11 @@ fn parse_entry(entry: &str) -> Result<ServerAddr, InvalidServer> {
             Some((host, after)) => match after.strip_prefix(':') {
                 Some(port) => (host, Some(port)),
                 None if after.is_empty() => (host, None),
-                None => return Err(InvalidServer::Url(format!("unexpected `{after}` after the IPv6 address"))),
+                None => {
+                    return Err(InvalidServer::Url(format!(
+                        "unexpected `{after}` after the IPv6 address"
+                    )))
+                }
             },
             None => return Err(InvalidServer::Url("an IPv6 address without its closing `]`".into())),
         },
@@ -177,7 +181,9 @@ fn parse_entry(entry: &str) -> Result<ServerAddr, InvalidServer> {
     }
     // What is left to find wrong (a bad character in the host, say) the
     // client's own parser finds; its message is only shown.
-    entry.parse::<ServerAddr>().map_err(|e| InvalidServer::Url(e.to_string()))
+    entry
+        .parse::<ServerAddr>()
+        .map_err(|e| InvalidServer::Url(e.to_string()))
 }
 
 /// `entry` with the password (or a token standing alone) of its user
@@ -203,10 +209,7 @@ fn redact(entry: &str) -> String {
 }
 
 fn redact_list(list: &str) -> String {
-    list.split(',')
-        .map(|e| redact(e.trim()))
-        .collect::<Vec<_>>()
-        .join(",")
+    list.split(',').map(|e| redact(e.trim())).collect::<Vec<_>>().join(",")
 }
 
 #[cfg(test)]
@@ -229,7 +232,10 @@ mod tests {
 
     #[test]
     fn one_url_or_a_list_with_or_without_schemes_and_spaces() {
-        assert_eq!(hosts("nats://127.0.0.1:4222"), [("nats".into(), "127.0.0.1".into(), 4222)]);
+        assert_eq!(
+            hosts("nats://127.0.0.1:4222"),
+            [("nats".into(), "127.0.0.1".into(), 4222)]
+        );
         assert_eq!(
             hosts("nats://127.0.0.1:4222,nats://127.0.0.1:4223"),
             [
@@ -246,7 +252,10 @@ mod tests {
             ]
         );
         assert_eq!(hosts("[::1]:4223"), [("nats".into(), "::1".into(), 4223)]);
-        assert_eq!(hosts("NATS://localhost:4222/"), [("nats".into(), "localhost".into(), 4222)]);
+        assert_eq!(
+            hosts("NATS://localhost:4222/"),
+            [("nats".into(), "localhost".into(), 4222)]
+        );
         assert_eq!(hosts("ws://a:80,wss://b:443").len(), 2);
         let l: ServerList = "nats://u:secret@a:4222,b".parse().unwrap();
         assert_eq!(l.len(), 2);
@@ -265,8 +274,14 @@ mod tests {
                 position: 2
             }
         );
-        assert!(matches!(err("a:4222, "), ServerListError::EmptyEntry { position: 2, .. }));
-        assert!(matches!(err(",a:4222"), ServerListError::EmptyEntry { position: 1, .. }));
+        assert!(matches!(
+            err("a:4222, "),
+            ServerListError::EmptyEntry { position: 2, .. }
+        ));
+        assert!(matches!(
+            err(",a:4222"),
+            ServerListError::EmptyEntry { position: 1, .. }
+        ));
     }
 
     #[test]
