@@ -27,6 +27,13 @@ pub const DLQ_REASON: &str = "Waybill-Dlq-Reason";
 /// ([`crate::transport::DeadLetterKind`]): `invalid`, `exhausted` or
 /// `unavailable`.
 pub const DLQ_KIND: &str = "Waybill-Dlq-Kind";
+/// On a dead letter: the consumer that gave up on it.
+pub const DLQ_CONSUMER: &str = "Waybill-Dlq-Consumer";
+/// On a hop the coordinator re-drove: the sequence of the hop it repeats.
+pub const REDRIVE: &str = "Waybill-Redrive";
+/// NATS's deduplication id (set through [`crate::transport::Outgoing::msg_id`],
+/// never by hand).
+pub const MSG_ID: &str = "Nats-Msg-Id";
 
 /// The headers of the hop that carries `doc`.
 pub fn for_hop(doc: &Document, format: Format) -> Headers {

@@ -1,7 +1,7 @@
 //! Every NATS subject and consumer name Waybill uses is built here, and only
 //! here.
 
-use crate::id::{ServiceSubject, WorkflowName};
+use crate::id::{OrderId, ServiceSubject, WorkflowName};
 
 /// Prefix of every hop that asks a service for work.
 pub const HOP_PREFIX: &str = "waybill.hop.";
@@ -56,6 +56,63 @@ pub fn partition_prefix(index: u32, count: u32) -> String {
     format!("waybill.coordinator.p{count}.{index}")
 }
 
+/// `<partition prefix>.status.<id>`: a status request only the
+/// coordinators of partition `owner` of `count` answer.
+pub fn partition_status(owner: u32, count: u32, id: &OrderId) -> String {
+    format!("{}.status.{id}", partition_prefix(owner, count))
+}
+
+/// `<partition prefix>.orders`: an orders request for one partition.
+pub fn partition_orders(owner: u32, count: u32) -> String {
+    format!("{}.orders", partition_prefix(owner, count))
+}
+
+/// The subjects a coordinator of partition `index` of `count` serves.
+pub fn coordinator_subjects(index: u32, count: u32) -> Vec<String> {
+    let own = partition_prefix(index, count);
+    vec![
+        format!("{START_PREFIX}*"),
+        format!("{STATUS_PREFIX}*"),
+        ORDERS.to_owned(),
+        format!("{own}.status.*"),
+        format!("{own}.orders"),
+    ]
+}
+
+/// A request to the coordinators, as its subject says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CoordinatorRequest<'a> {
+    /// `waybill.start.<workflow>`.
+    Start { workflow: &'a str },
+    /// `waybill.status.<id>` (public: any coordinator takes it and asks
+    /// the owner), or the partition's own form (only the owner answers).
+    Status { id: &'a str, public: bool },
+    /// `waybill.orders`, or the partition's own form.
+    Orders { public: bool },
+}
+
+impl<'a> CoordinatorRequest<'a> {
+    /// The request `subject` asks of the coordinators of partition `index`
+    /// of `count`; `None` for a subject that is none of theirs.
+    pub fn parse(subject: &'a str, index: u32, count: u32) -> Option<Self> {
+        if let Some(workflow) = subject.strip_prefix(START_PREFIX) {
+            return Some(Self::Start { workflow });
+        }
+        if let Some(id) = subject.strip_prefix(STATUS_PREFIX) {
+            return Some(Self::Status { id, public: true });
+        }
+        if subject == ORDERS {
+            return Some(Self::Orders { public: true });
+        }
+        let own = partition_prefix(index, count);
+        let rest = subject.strip_prefix(own.as_str())?;
+        if let Some(id) = rest.strip_prefix(".status.") {
+            return Some(Self::Status { id, public: false });
+        }
+        (rest == ".orders").then_some(Self::Orders { public: false })
+    }
+}
+
 /// The durable consumer shared by every process serving `service`.
 pub fn service_consumer(service: &ServiceSubject) -> String {
     format!("wb_{}", service.as_str().replace('.', "_"))
@@ -78,5 +135,34 @@ mod tests {
         assert_eq!(service_consumer(&s), "wb_payment_charge");
         assert_eq!(service_of("waybill.hop.payment.charge"), Some("payment.charge"));
         assert_eq!(done(&WorkflowName::new("order").unwrap()), "waybill.done.order");
+    }
+
+    #[test]
+    fn coordinator_requests_parse_from_their_subjects() {
+        use CoordinatorRequest as R;
+        assert_eq!(
+            R::parse("waybill.start.order", 0, 2),
+            Some(R::Start { workflow: "order" })
+        );
+        assert_eq!(
+            R::parse("waybill.status.x", 0, 2),
+            Some(R::Status { id: "x", public: true })
+        );
+        assert_eq!(R::parse("waybill.orders", 0, 2), Some(R::Orders { public: true }));
+        assert_eq!(
+            R::parse("waybill.coordinator.p2.1.status.x", 1, 2),
+            Some(R::Status { id: "x", public: false })
+        );
+        assert_eq!(
+            R::parse("waybill.coordinator.p2.1.orders", 1, 2),
+            Some(R::Orders { public: false })
+        );
+        assert_eq!(R::parse("waybill.coordinator.p2.0.orders", 1, 2), None);
+        assert_eq!(R::parse("waybill.coordinator.p2.1.ordersx", 1, 2), None);
+        assert_eq!(R::parse("waybill.other", 0, 1), None);
+        for s in coordinator_subjects(1, 2) {
+            let concrete = s.replace('*', "x");
+            assert!(R::parse(&concrete, 1, 2).is_some(), "{s}");
+        }
     }
 }

@@ -41,7 +41,7 @@ fn registry() -> Arc<waybill::Registry> {
     Arc::new(waybill_workflows::registry().unwrap())
 }
 
-async fn coordinator(nats: &Nats, config: CoordinatorConfig) -> CoordinatorHandle {
+async fn coordinator(nats: &Nats, config: CoordinatorConfig) -> CoordinatorHandle<Nats> {
     coordinator::start(nats.clone(), Some(registry()), config)
         .await
         .unwrap()

@@ -391,7 +391,7 @@ pub trait Requests: Send + 'static {
 }
 
 /// One request to answer.
-pub trait Request: Send + 'static {
+pub trait Request: Send + Sync + 'static {
     fn subject(&self) -> &str;
     fn headers(&self) -> &Headers;
     fn payload(&self) -> &Bytes;

@@ -13,7 +13,6 @@
 //! `../shared/NATS-NOTES.md` (beside the repository) records the behaviour of
 //! async-nats and nats-server this module relies on.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
@@ -26,10 +25,12 @@ use super::{
     Consumer, ConsumerConfig, ConsumerKind, DeadLetter, Delivery, Error, Headers, Message, Outgoing, PublishAck,
     Transport,
 };
-use crate::headers::{DLQ_KIND, DLQ_REASON};
+use crate::headers::{DLQ_CONSUMER, DLQ_KIND, DLQ_REASON};
 use crate::subject;
 
+mod log;
 mod servers;
+pub use log::NatsLog;
 pub use servers::{InvalidServer, ServerList, ServerListError};
 
 /// The stream every hop is stored in.
@@ -81,7 +82,7 @@ pub struct Nats {
 /// An error of async-nats, told apart by its kind and code
 /// ([`super::fault`]): an unavailable infrastructure, or else another
 /// error, which the caller may still try again.
-fn nats_err<E: std::error::Error + 'static>(what: &str, e: E) -> Error {
+pub(super) fn nats_err<E: std::error::Error + 'static>(what: &str, e: E) -> Error {
     match super::fault::classify(&e) {
         super::fault::Fault::Unavailable => Error::Unavailable(format!("{what}: {e}")),
         _ => other(what, e, true),
@@ -300,7 +301,7 @@ impl Nats {
             )
             .as_str(),
         );
-        headers.insert("Waybill-Dlq-Consumer", durable);
+        headers.insert(DLQ_CONSUMER, durable);
         headers.insert(DLQ_KIND, super::DeadLetterKind::Exhausted.as_str());
         let p = PublishMessage::build()
             .payload(m.payload)
@@ -316,7 +317,7 @@ impl Nats {
         Ok(())
     }
 
-    async fn hops(&self) -> Result<stream::Stream, Error> {
+    pub(super) async fn hops(&self) -> Result<stream::Stream, Error> {
         self.js
             .get_stream(HOPS_STREAM)
             .await
@@ -332,12 +333,12 @@ fn to_nats_headers(h: &Headers) -> async_nats::HeaderMap {
     out
 }
 
-fn from_nats_headers(h: Option<&async_nats::HeaderMap>) -> Headers {
+pub(super) fn from_nats_headers(h: Option<&async_nats::HeaderMap>) -> Headers {
     let mut out = Headers::new();
     if let Some(h) = h {
         for (name, values) in h.iter() {
             if let Some(v) = values.first() {
-                out.append(Cow::Owned(name.to_string()), v.as_str());
+                out.append(log::known_header(name.as_ref()), v.as_str());
             }
         }
     }
@@ -429,7 +430,7 @@ impl Transport for Nats {
         let mut headers = to_nats_headers(&letter.message.headers);
         headers.insert(DLQ_REASON, letter.reason.as_str());
         headers.insert(DLQ_KIND, letter.kind.as_str());
-        headers.insert("Waybill-Dlq-Consumer", letter.consumer.as_str());
+        headers.insert(DLQ_CONSUMER, letter.consumer.as_str());
         let p = PublishMessage::build().payload(letter.message.payload).headers(headers);
         self.js
             .send_publish(subject::dead_letter(&letter.message.subject), p)
