@@ -29,6 +29,7 @@ use super::{
 use crate::headers::{DLQ_KIND, DLQ_REASON};
 use crate::subject;
 
+mod rpc;
 mod servers;
 pub use servers::{InvalidServer, ServerList, ServerListError};
 
