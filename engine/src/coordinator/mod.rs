@@ -8,8 +8,10 @@
 //!   hops nothing will deliver again.
 
 pub mod api;
+pub mod client;
 mod service;
 pub mod view;
 
+pub use client::{CoordinatorClient, RequestError};
 pub use service::{start, CoordinatorConfig, CoordinatorError, CoordinatorHandle};
 pub use view::{Applied, Filter, OrderState, Partition, PartitionError, StoredHop, Summary, View};
