@@ -9,46 +9,28 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use bytes::Bytes;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use waybill::coordinator::api::{ErrorReply, HistoryEntry, OrdersQuery, OrdersReply, StartReply, StatusReply};
-use waybill::coordinator::{self, CoordinatorConfig};
+use waybill::coordinator::api::{HistoryEntry, OrdersQuery, OrdersReply, StartReply, StatusReply};
+use waybill::coordinator::{self, CoordinatorClient, CoordinatorConfig, RequestError};
 use waybill::subject;
+use waybill::transport::{Error as TransportError, Nats};
+use waybill::OrderId;
 use waybill::{Registry, Status};
 
 use crate::cli::{shutdown_signal, NatsArgs};
 
-/// Sends a request and reads the answer as `T`, or as the coordinator's
-/// `{"error": …}`.
-pub async fn request<T: serde::de::DeserializeOwned>(
-    client: &async_nats::Client,
-    subject: String,
-    body: Bytes,
-    headers: Option<async_nats::HeaderMap>,
-    timeout: Duration,
-) -> anyhow::Result<T> {
-    let req = async_nats::Request::new().payload(body).timeout(Some(timeout));
-    let req = match headers {
-        Some(h) => req.headers(h),
-        None => req,
-    };
-    let answer = match client.send_request(subject.clone(), req).await {
-        Ok(m) => m,
-        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-            bail!("no coordinator answers on `{subject}`: start one with `waybill coordinator`")
+/// The message of a failed request, as the command line says it.
+fn request_failed(subject: &str, timeout: Duration, e: RequestError) -> anyhow::Error {
+    match e {
+        RequestError::Transport(TransportError::NoResponders(_)) => {
+            anyhow::anyhow!("no coordinator answers on `{subject}`: start one with `waybill coordinator`")
         }
-        Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
-            bail!("no answer on `{subject}` within {timeout:?}")
+        RequestError::Transport(TransportError::TimedOut(_)) => {
+            anyhow::anyhow!("no answer on `{subject}` within {timeout:?}")
         }
-        Err(e) => bail!("request on `{subject}` failed: {e}"),
-    };
-    if let Ok(ErrorReply { error, .. }) = serde_json::from_slice::<ErrorReply>(&answer.payload) {
-        bail!("{error}");
+        RequestError::Transport(e) => anyhow::anyhow!("request on `{subject}` failed: {e}"),
+        RequestError::Refused { message } | RequestError::Retry { message, .. } => anyhow::anyhow!("{message}"),
+        e @ (RequestError::BadAnswer { .. } | RequestError::Encode { .. }) => e.into(),
     }
-    serde_json::from_slice(&answer.payload).with_context(|| {
-        format!(
-            "unexpected answer on `{subject}`: {}",
-            String::from_utf8_lossy(&answer.payload)
-        )
-    })
 }
 
 /// `waybill coordinator`: runs until SIGTERM or SIGINT.
@@ -130,41 +112,21 @@ enum StartTry {
     Refused(String),
 }
 
-async fn start_once(
-    client: &async_nats::Client,
-    subject: &str,
-    body: Bytes,
-    id: uuid::Uuid,
-    timeout: Duration,
-) -> StartTry {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(waybill::headers::ORDER, id.to_string().as_str());
-    let req = async_nats::Request::new().payload(body).headers(h).timeout(Some(timeout));
-    let answer = match client.send_request(subject.to_owned(), req).await {
-        Ok(m) => m,
-        Err(e) => {
-            return StartTry::Retry(match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
-                    format!("no coordinator answers on `{subject}` (start one with `waybill coordinator`)")
-                }
-                async_nats::RequestErrorKind::TimedOut => format!("no answer on `{subject}` within {timeout:?}"),
-                _ => format!("request on `{subject}` failed: {e}"),
-            })
-        }
-    };
-    if let Ok(e) = serde_json::from_slice::<ErrorReply>(&answer.payload) {
-        return if e.retryable == Some(true) {
-            StartTry::Retry(e.error)
-        } else {
-            StartTry::Refused(e.error)
-        };
-    }
-    match serde_json::from_slice::<StartReply>(&answer.payload) {
+async fn start_once(client: &CoordinatorClient<Nats>, workflow: &str, body: Bytes, id: OrderId) -> StartTry {
+    let subject = subject::start(workflow);
+    let timeout = client.timeout();
+    match client.start(workflow, Some(id), body).await {
         Ok(r) => StartTry::Started(r),
-        Err(_) => StartTry::Refused(format!(
-            "unexpected answer on `{subject}`: {}",
-            String::from_utf8_lossy(&answer.payload)
+        Err(RequestError::Transport(TransportError::NoResponders(_))) => StartTry::Retry(format!(
+            "no coordinator answers on `{subject}` (start one with `waybill coordinator`)"
         )),
+        Err(RequestError::Transport(TransportError::TimedOut(_))) => {
+            StartTry::Retry(format!("no answer on `{subject}` within {timeout:?}"))
+        }
+        Err(RequestError::Transport(e)) => StartTry::Retry(format!("request on `{subject}` failed: {e}")),
+        Err(RequestError::Retry { message, .. }) => StartTry::Retry(message),
+        Err(RequestError::Refused { message }) => StartTry::Refused(message),
+        Err(e @ (RequestError::BadAnswer { .. } | RequestError::Encode { .. })) => StartTry::Refused(e.to_string()),
     }
 }
 
@@ -177,7 +139,7 @@ async fn start_once(
 /// outage delays a start but neither loses nor doubles it. A refusal for
 /// cause ends it at once.
 pub async fn start(
-    client: &async_nats::Client,
+    transport: &Nats,
     workflow: &str,
     orders: Vec<Bytes>,
     id: Option<uuid::Uuid>,
@@ -196,17 +158,18 @@ pub async fn start(
             big.len()
         );
     }
-    let subject = format!("{}{workflow}", subject::START_PREFIX);
+    let client = CoordinatorClient::new(transport.clone(), timeout);
     let mut n = 0;
     for body in orders {
         let chosen_here = id.is_none();
         let id = id.unwrap_or_else(uuid::Uuid::now_v7);
+        let order_id = OrderId::from_uuid(id);
         let deadline = Instant::now() + retry_for;
         let mut pause = Duration::from_millis(50);
         let mut tries = 0u32;
         let mut reply = loop {
             tries += 1;
-            match start_once(client, &subject, body.clone(), id, timeout).await {
+            match start_once(&client, workflow, body.clone(), order_id).await {
                 StartTry::Started(r) => break r,
                 StartTry::Refused(e) => bail!("order {} (id {id}) was not started: {e}", n + 1),
                 StartTry::Retry(why) => {
@@ -235,31 +198,19 @@ pub async fn start(
     Ok(n)
 }
 
-pub async fn status(client: &async_nats::Client, id: &str, timeout: Duration) -> anyhow::Result<StatusReply> {
-    id.parse::<waybill::OrderId>()?;
-    request(
-        client,
-        format!("{}{id}", subject::STATUS_PREFIX),
-        Bytes::new(),
-        None,
-        timeout,
-    )
-    .await
+pub async fn status(transport: &Nats, id: &str, timeout: Duration) -> anyhow::Result<StatusReply> {
+    let id = id.parse::<OrderId>()?;
+    CoordinatorClient::new(transport.clone(), timeout)
+        .status(&id)
+        .await
+        .map_err(|e| request_failed(&subject::status(&id), timeout, e))
 }
 
-pub async fn orders(
-    client: &async_nats::Client,
-    query: &OrdersQuery,
-    timeout: Duration,
-) -> anyhow::Result<OrdersReply> {
-    request(
-        client,
-        subject::ORDERS.to_owned(),
-        Bytes::from(serde_json::to_vec(query)?),
-        None,
-        timeout,
-    )
-    .await
+pub async fn orders(transport: &Nats, query: &OrdersQuery, timeout: Duration) -> anyhow::Result<OrdersReply> {
+    CoordinatorClient::new(transport.clone(), timeout)
+        .orders(query)
+        .await
+        .map_err(|e| request_failed(subject::ORDERS, timeout, e))
 }
 
 /// A status as a readable table.
@@ -412,7 +363,7 @@ pub fn print_orders(r: &OrdersReply) {
 }
 
 /// `waybill watch`: a live view until Ctrl-C.
-pub async fn watch(client: &async_nats::Client, every: Duration, timeout: Duration) -> anyhow::Result<()> {
+pub async fn watch(transport: &Nats, every: Duration, timeout: Duration) -> anyhow::Result<()> {
     let query = OrdersQuery {
         limit: Some(0),
         ..OrdersQuery::default()
@@ -438,7 +389,7 @@ pub async fn watch(client: &async_nats::Client, every: Duration, timeout: Durati
             s = &mut stop => { s?; break; }
             _ = tick.tick() => {}
         }
-        let reply = match orders(client, &query, timeout).await {
+        let reply = match orders(transport, &query, timeout).await {
             Ok(r) => r,
             Err(e) => {
                 header.set_message(format!("waiting for a coordinator: {e:#}"));
