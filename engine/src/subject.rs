@@ -123,6 +123,16 @@ pub fn service_of(subject: &str) -> Option<&str> {
     subject.strip_prefix(HOP_PREFIX)
 }
 
+/// `waybill.status.<order id>`: the status request of one order.
+pub fn status(id: &crate::id::OrderId) -> String {
+    format!("{STATUS_PREFIX}{id}")
+}
+
+/// `waybill.start.<workflow>`: the start request of a workflow's orders.
+pub fn start(workflow: &str) -> String {
+    format!("{START_PREFIX}{workflow}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

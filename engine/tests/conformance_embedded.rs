@@ -54,6 +54,80 @@ async fn all_checks_share_one_transport() {
     conformance::run_all(&Embedded::new()).await;
 }
 
+#[tokio::test(start_paused = true)]
+async fn request_is_answered() {
+    conformance::request_is_answered(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn nobody_serving_is_no_responders() {
+    conformance::nobody_serving_is_no_responders(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn unanswered_request_times_out() {
+    conformance::unanswered_request_times_out(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_answers_each_request_once() {
+    conformance::a_group_answers_each_request_once(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn wildcards_match_tokens() {
+    conformance::wildcards_match_tokens(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn request_headers_reach_the_server() {
+    conformance::request_headers_reach_the_server(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn announcements_need_no_answer() {
+    conformance::announcements_need_no_answer(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_request_checks_share_one_transport() {
+    conformance::run_all_rpc(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_takes_turns_and_bad_subjects_are_refused() {
+    use waybill::transport::{Error, Request, Requests, Rpc};
+    let t = Embedded::new();
+    let subject = "waybill.x.turns".to_owned();
+    let mut a = t.serve(std::slice::from_ref(&subject), "g").await.unwrap();
+    let mut b = t.serve(std::slice::from_ref(&subject), "g").await.unwrap();
+    for _ in 0..3 {
+        t.announce(subject.clone(), Bytes::from_static(b"n")).await.unwrap();
+    }
+    // Strictly in turn: a, b, a.
+    assert_eq!(a.next().await.unwrap().payload(), &Bytes::from_static(b"n"));
+    assert_eq!(b.next().await.unwrap().payload(), &Bytes::from_static(b"n"));
+    assert_eq!(a.next().await.unwrap().payload(), &Bytes::from_static(b"n"));
+    // A dropped server is passed over: b gets the next one.
+    drop(a);
+    t.announce(subject.clone(), Bytes::from_static(b"m")).await.unwrap();
+    assert_eq!(b.next().await.unwrap().payload(), &Bytes::from_static(b"m"));
+    drop(b);
+    let e = t
+        .request(subject.clone(), Headers::new(), Bytes::new(), Duration::from_secs(1))
+        .await
+        .unwrap_err();
+    assert_eq!(e, Error::NoResponders(subject));
+    for bad in ["waybill..x", "waybill.x y", "", "waybill.>.x"] {
+        let e = t.serve(&[bad.to_owned()], "g").await.unwrap_err();
+        assert!(matches!(e, Error::BadConfig(_)), "{bad:?}: {e}");
+    }
+    let e = t.announce("waybill.*".into(), Bytes::new()).await.unwrap_err();
+    assert!(matches!(e, Error::BadConfig(_)), "{e}");
+    let e = t.serve(&["waybill.x".to_owned()], "a group").await.unwrap_err();
+    assert!(matches!(e, Error::BadConfig(_)), "{e}");
+}
+
 fn msg(subject: &str, body: &'static str) -> Outgoing {
     Outgoing {
         subject: subject.into(),

@@ -20,6 +20,49 @@ async fn the_conformance_suite_passes_on_nats() {
 }
 
 #[tokio::test]
+async fn the_request_checks_pass_on_nats() {
+    let server = NatsServer::start();
+    let t = transport(&server).await;
+    conformance::run_all_rpc(&t).await;
+}
+
+#[tokio::test]
+async fn requests_between_two_connections() {
+    use waybill::transport::Rpc;
+    // A server on one connection, the requester on another: what the
+    // coordinator and the command line are.
+    let server = NatsServer::start();
+    let serving = transport(&server).await;
+    let asking = transport(&server).await;
+    let subject = "waybill.conformance.two_connections".to_owned();
+    let mut requests = serving.serve(std::slice::from_ref(&subject), "g").await.unwrap();
+    let answer = tokio::spawn(async move {
+        use waybill::transport::{Request, Requests};
+        let r = requests.next().await.unwrap();
+        r.respond(bytes::Bytes::from_static(b"pong")).await.unwrap();
+    });
+    // The other connection's subscription reaches the server a moment
+    // after `serve` returns: until then, nobody answers.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let got = loop {
+        let r = asking
+            .request(
+                subject.clone(),
+                waybill::transport::Headers::new(),
+                bytes::Bytes::from_static(b"ping"),
+                std::time::Duration::from_secs(5),
+            )
+            .await;
+        match r {
+            Err(waybill::transport::Error::NoResponders(_)) if std::time::Instant::now() < deadline => continue,
+            r => break r.unwrap(),
+        }
+    };
+    assert_eq!(got, bytes::Bytes::from_static(b"pong"));
+    answer.await.unwrap();
+}
+
+#[tokio::test]
 async fn a_consumer_with_other_settings_is_refused() {
     let server = NatsServer::start();
     let t = transport(&server).await;

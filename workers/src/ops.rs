@@ -3,56 +3,118 @@
 //! (`waybill::coordinator::api`), as any NATS client could.
 
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use bytes::Bytes;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use waybill::coordinator::api::{ErrorReply, HistoryEntry, OrdersQuery, OrdersReply, StartReply, StatusReply};
-use waybill::coordinator::{self, CoordinatorConfig};
+use waybill::coordinator::api::{HistoryEntry, OrdersQuery, OrdersReply, StartReply, StatusReply};
+use waybill::coordinator::{self, CoordinatorClient, CoordinatorConfig, RequestError};
 use waybill::subject;
+use waybill::transport::{Error as TransportError, Nats};
+use waybill::OrderId;
 use waybill::{Registry, Status};
 
-use crate::cli::{shutdown_signal, NatsArgs};
+use crate::cli::{shutdown_signal, ConnectError, NatsArgs, SignalError};
 
-/// Sends a request and reads the answer as `T`, or as the coordinator's
-/// `{"error": …}`.
-pub async fn request<T: serde::de::DeserializeOwned>(
-    client: &async_nats::Client,
-    subject: String,
-    body: Bytes,
-    headers: Option<async_nats::HeaderMap>,
-    timeout: Duration,
-) -> anyhow::Result<T> {
-    let req = async_nats::Request::new().payload(body).timeout(Some(timeout));
-    let req = match headers {
-        Some(h) => req.headers(h),
-        None => req,
-    };
-    let answer = match client.send_request(subject.clone(), req).await {
-        Ok(m) => m,
-        Err(e) if e.kind() == async_nats::RequestErrorKind::NoResponders => {
-            bail!("no coordinator answers on `{subject}`: start one with `waybill coordinator`")
+/// Why an operator's command failed. The messages are the command line's.
+#[derive(Debug, thiserror::Error)]
+pub enum OpsError {
+    #[error(transparent)]
+    Connect(#[from] ConnectError),
+    #[error(transparent)]
+    Coordinator(#[from] coordinator::CoordinatorError),
+    #[error(transparent)]
+    Signal(#[from] SignalError),
+    #[error("cannot read standard input")]
+    ReadStdin(#[source] std::io::Error),
+    #[error("cannot read {}", path.display())]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} line {line}: not JSON", path.display())]
+    NotJson {
+        path: PathBuf,
+        line: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{}: no order in it", path.display())]
+    NoOrders { path: PathBuf },
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("--id names one order, but {count} were given")]
+    IdForMany { count: usize },
+    #[error(
+        "order {order} is {size} bytes of JSON, over the coordinator's limit of {limit}; nothing was started"
+    )]
+    TooLarge { order: usize, size: usize, limit: usize },
+    #[error("order {order} (id {id}) was not started: {reason}")]
+    NotStarted { order: usize, id: uuid::Uuid, reason: String },
+    #[error(
+        "order {order} (id {id}) was not confirmed started after {tries} tries in {retry_for:?}: {reason}; \
+         it may have been stored: run `waybill start --id {id}` with the same order to be sure"
+    )]
+    NotConfirmed {
+        order: usize,
+        id: uuid::Uuid,
+        tries: u32,
+        retry_for: Duration,
+        reason: String,
+    },
+    #[error(transparent)]
+    BadId(#[from] waybill::NameError),
+    #[error("no coordinator answers on `{subject}`: start one with `waybill coordinator`")]
+    NoCoordinator { subject: String },
+    #[error("no answer on `{subject}` within {timeout:?}")]
+    NoAnswer { subject: String, timeout: Duration },
+    #[error("request on `{subject}` failed: {error}")]
+    RequestFailed { subject: String, error: TransportError },
+    /// The coordinator answered an error.
+    #[error("{message}")]
+    Answered { message: String, retryable: bool },
+    /// An answer that is not what was asked for.
+    #[error(transparent)]
+    Request(RequestError),
+}
+
+impl OpsError {
+    /// A failed request, as the command line says it.
+    fn request(subject: &str, timeout: Duration, e: RequestError) -> Self {
+        let subject = subject.to_owned();
+        match e {
+            RequestError::Transport(TransportError::NoResponders(_)) => OpsError::NoCoordinator { subject },
+            RequestError::Transport(TransportError::TimedOut(_)) => OpsError::NoAnswer { subject, timeout },
+            RequestError::Transport(error) => OpsError::RequestFailed { subject, error },
+            RequestError::Refused { message } => OpsError::Answered {
+                message,
+                retryable: false,
+            },
+            RequestError::Retry { message, .. } => OpsError::Answered {
+                message,
+                retryable: true,
+            },
+            e @ (RequestError::BadAnswer { .. } | RequestError::Encode { .. }) => OpsError::Request(e),
         }
-        Err(e) if e.kind() == async_nats::RequestErrorKind::TimedOut => {
-            bail!("no answer on `{subject}` within {timeout:?}")
-        }
-        Err(e) => bail!("request on `{subject}` failed: {e}"),
-    };
-    if let Ok(ErrorReply { error, .. }) = serde_json::from_slice::<ErrorReply>(&answer.payload) {
-        bail!("{error}");
     }
-    serde_json::from_slice(&answer.payload).with_context(|| {
-        format!(
-            "unexpected answer on `{subject}`: {}",
-            String::from_utf8_lossy(&answer.payload)
-        )
-    })
+}
+
+/// `e` and its causes, as `anyhow` prints them with `{:#}`.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        text.push_str(": ");
+        text.push_str(&c.to_string());
+        cause = c.source();
+    }
+    text
 }
 
 /// `waybill coordinator`: runs until SIGTERM or SIGINT.
-pub async fn run_coordinator(nats: &NatsArgs, registry: Registry, config: CoordinatorConfig) -> anyhow::Result<()> {
+pub async fn run_coordinator(nats: &NatsArgs, registry: Registry, config: CoordinatorConfig) -> Result<(), OpsError> {
     let transport = nats.connect("waybill-coordinator").await?;
     let partition = config.partition;
     let handle = coordinator::start(transport, Some(std::sync::Arc::new(registry)), config).await?;
@@ -85,14 +147,17 @@ pub async fn run_coordinator(nats: &NatsArgs, registry: Registry, config: Coordi
 
 /// The orders in a file (or standard input for `-`): one JSON object, or
 /// JSON Lines. The `expect` field of replay files is dropped.
-pub fn read_orders(path: &Path) -> anyhow::Result<Vec<Bytes>> {
+pub fn read_orders(path: &Path) -> Result<Vec<Bytes>, OpsError> {
     let mut text = String::new();
     if path == Path::new("-") {
         std::io::stdin()
             .read_to_string(&mut text)
-            .context("cannot read standard input")?;
+            .map_err(OpsError::ReadStdin)?;
     } else {
-        text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+        text = std::fs::read_to_string(path).map_err(|source| OpsError::ReadFile {
+            path: path.to_owned(),
+            source,
+        })?;
     }
     let values: Vec<serde_json::Value> = match serde_json::from_str::<serde_json::Value>(&text) {
         Ok(v) => vec![v],
@@ -101,12 +166,16 @@ pub fn read_orders(path: &Path) -> anyhow::Result<Vec<Bytes>> {
             .enumerate()
             .filter(|(_, l)| !l.trim().is_empty())
             .map(|(i, l)| {
-                serde_json::from_str(l).with_context(|| format!("{} line {}: not JSON", path.display(), i + 1))
+                serde_json::from_str(l).map_err(|source| OpsError::NotJson {
+                    path: path.to_owned(),
+                    line: i + 1,
+                    source,
+                })
             })
-            .collect::<anyhow::Result<_>>()?,
+            .collect::<Result<_, OpsError>>()?,
     };
     if values.is_empty() {
-        bail!("{}: no order in it", path.display());
+        return Err(OpsError::NoOrders { path: path.to_owned() });
     }
     values
         .into_iter()
@@ -130,41 +199,21 @@ enum StartTry {
     Refused(String),
 }
 
-async fn start_once(
-    client: &async_nats::Client,
-    subject: &str,
-    body: Bytes,
-    id: uuid::Uuid,
-    timeout: Duration,
-) -> StartTry {
-    let mut h = async_nats::HeaderMap::new();
-    h.insert(waybill::headers::ORDER, id.to_string().as_str());
-    let req = async_nats::Request::new().payload(body).headers(h).timeout(Some(timeout));
-    let answer = match client.send_request(subject.to_owned(), req).await {
-        Ok(m) => m,
-        Err(e) => {
-            return StartTry::Retry(match e.kind() {
-                async_nats::RequestErrorKind::NoResponders => {
-                    format!("no coordinator answers on `{subject}` (start one with `waybill coordinator`)")
-                }
-                async_nats::RequestErrorKind::TimedOut => format!("no answer on `{subject}` within {timeout:?}"),
-                _ => format!("request on `{subject}` failed: {e}"),
-            })
-        }
-    };
-    if let Ok(e) = serde_json::from_slice::<ErrorReply>(&answer.payload) {
-        return if e.retryable == Some(true) {
-            StartTry::Retry(e.error)
-        } else {
-            StartTry::Refused(e.error)
-        };
-    }
-    match serde_json::from_slice::<StartReply>(&answer.payload) {
+async fn start_once(client: &CoordinatorClient<Nats>, workflow: &str, body: Bytes, id: OrderId) -> StartTry {
+    let subject = subject::start(workflow);
+    let timeout = client.timeout();
+    match client.start(workflow, Some(id), body).await {
         Ok(r) => StartTry::Started(r),
-        Err(_) => StartTry::Refused(format!(
-            "unexpected answer on `{subject}`: {}",
-            String::from_utf8_lossy(&answer.payload)
+        Err(RequestError::Transport(TransportError::NoResponders(_))) => StartTry::Retry(format!(
+            "no coordinator answers on `{subject}` (start one with `waybill coordinator`)"
         )),
+        Err(RequestError::Transport(TransportError::TimedOut(_))) => {
+            StartTry::Retry(format!("no answer on `{subject}` within {timeout:?}"))
+        }
+        Err(RequestError::Transport(e)) => StartTry::Retry(format!("request on `{subject}` failed: {e}")),
+        Err(RequestError::Retry { message, .. }) => StartTry::Retry(message),
+        Err(RequestError::Refused { message }) => StartTry::Refused(message),
+        Err(e @ (RequestError::BadAnswer { .. } | RequestError::Encode { .. })) => StartTry::Refused(e.to_string()),
     }
 }
 
@@ -177,46 +226,55 @@ async fn start_once(
 /// outage delays a start but neither loses nor doubles it. A refusal for
 /// cause ends it at once.
 pub async fn start(
-    client: &async_nats::Client,
+    transport: &Nats,
     workflow: &str,
     orders: Vec<Bytes>,
     id: Option<uuid::Uuid>,
     timeout: Duration,
     retry_for: Duration,
     mut started: impl FnMut(&StartReply),
-) -> anyhow::Result<usize> {
+) -> Result<usize, OpsError> {
     if id.is_some() && orders.len() > 1 {
-        bail!("--id names one order, but {} were given", orders.len());
+        return Err(OpsError::IdForMany { count: orders.len() });
     }
     let limit = waybill::coordinator::api::MAX_START_BYTES;
     if let Some((i, big)) = orders.iter().enumerate().find(|(_, b)| b.len() > limit) {
-        bail!(
-            "order {} is {} bytes of JSON, over the coordinator's limit of {limit}; nothing was started",
-            i + 1,
-            big.len()
-        );
+        return Err(OpsError::TooLarge {
+            order: i + 1,
+            size: big.len(),
+            limit,
+        });
     }
-    let subject = format!("{}{workflow}", subject::START_PREFIX);
+    let client = CoordinatorClient::new(transport.clone(), timeout);
     let mut n = 0;
     for body in orders {
         let chosen_here = id.is_none();
         let id = id.unwrap_or_else(uuid::Uuid::now_v7);
+        let order_id = OrderId::from_uuid(id);
         let deadline = Instant::now() + retry_for;
         let mut pause = Duration::from_millis(50);
         let mut tries = 0u32;
         let mut reply = loop {
             tries += 1;
-            match start_once(client, &subject, body.clone(), id, timeout).await {
+            match start_once(&client, workflow, body.clone(), order_id).await {
                 StartTry::Started(r) => break r,
-                StartTry::Refused(e) => bail!("order {} (id {id}) was not started: {e}", n + 1),
+                StartTry::Refused(reason) => {
+                    return Err(OpsError::NotStarted {
+                        order: n + 1,
+                        id,
+                        reason,
+                    })
+                }
                 StartTry::Retry(why) => {
                     let wait = pause / 2 + pause.mul_f64(fastrand::f64() / 2.0);
                     if Instant::now() + wait >= deadline {
-                        bail!(
-                            "order {} (id {id}) was not confirmed started after {tries} tries in {retry_for:?}: {why}; \
-                             it may have been stored: run `waybill start --id {id}` with the same order to be sure",
-                            n + 1
-                        );
+                        return Err(OpsError::NotConfirmed {
+                            order: n + 1,
+                            id,
+                            tries,
+                            retry_for,
+                            reason: why,
+                        });
                     }
                     tracing::warn!(order = n + 1, %id, tries, retry_in = ?wait, "{why}; trying again with the same id");
                     tokio::time::sleep(wait).await;
@@ -235,31 +293,19 @@ pub async fn start(
     Ok(n)
 }
 
-pub async fn status(client: &async_nats::Client, id: &str, timeout: Duration) -> anyhow::Result<StatusReply> {
-    id.parse::<waybill::OrderId>()?;
-    request(
-        client,
-        format!("{}{id}", subject::STATUS_PREFIX),
-        Bytes::new(),
-        None,
-        timeout,
-    )
-    .await
+pub async fn status(transport: &Nats, id: &str, timeout: Duration) -> Result<StatusReply, OpsError> {
+    let id = id.parse::<OrderId>()?;
+    CoordinatorClient::new(transport.clone(), timeout)
+        .status(&id)
+        .await
+        .map_err(|e| OpsError::request(&subject::status(&id), timeout, e))
 }
 
-pub async fn orders(
-    client: &async_nats::Client,
-    query: &OrdersQuery,
-    timeout: Duration,
-) -> anyhow::Result<OrdersReply> {
-    request(
-        client,
-        subject::ORDERS.to_owned(),
-        Bytes::from(serde_json::to_vec(query)?),
-        None,
-        timeout,
-    )
-    .await
+pub async fn orders(transport: &Nats, query: &OrdersQuery, timeout: Duration) -> Result<OrdersReply, OpsError> {
+    CoordinatorClient::new(transport.clone(), timeout)
+        .orders(query)
+        .await
+        .map_err(|e| OpsError::request(subject::ORDERS, timeout, e))
 }
 
 /// A status as a readable table.
@@ -412,7 +458,7 @@ pub fn print_orders(r: &OrdersReply) {
 }
 
 /// `waybill watch`: a live view until Ctrl-C.
-pub async fn watch(client: &async_nats::Client, every: Duration, timeout: Duration) -> anyhow::Result<()> {
+pub async fn watch(transport: &Nats, every: Duration, timeout: Duration) -> Result<(), OpsError> {
     let query = OrdersQuery {
         limit: Some(0),
         ..OrdersQuery::default()
@@ -438,12 +484,13 @@ pub async fn watch(client: &async_nats::Client, every: Duration, timeout: Durati
             s = &mut stop => { s?; break; }
             _ = tick.tick() => {}
         }
-        let reply = match orders(client, &query, timeout).await {
+        let reply = match orders(transport, &query, timeout).await {
             Ok(r) => r,
             Err(e) => {
-                header.set_message(format!("waiting for a coordinator: {e:#}"));
+                let e = with_causes(&e);
+                header.set_message(format!("waiting for a coordinator: {e}"));
                 if !tty {
-                    eprintln!("waiting for a coordinator: {e:#}");
+                    eprintln!("waiting for a coordinator: {e}");
                 }
                 continue;
             }

@@ -23,7 +23,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::Bytes;
 use futures::stream::StreamExt;
-use waybill::coordinator::api::{OrdersReply, StatusReply};
+use waybill::coordinator::api::OrdersQuery;
+use waybill::coordinator::CoordinatorClient;
 use waybill::transport::nats::Nats;
 use waybill::transport::{NatsConfig, Outgoing, Transport};
 use waybill::{
@@ -76,7 +77,11 @@ fn main() -> anyhow::Result<()> {
         cpu_seconds(coord.pid())?,
         cpu_seconds(server.pid())? - server_cpu
     );
-    let summary: OrdersReply = rt.block_on(request(&nats, "waybill.orders", "{\"limit\":0}"))?;
+    let coordinators = CoordinatorClient::new(nats.clone(), REQUEST_TIMEOUT);
+    let summary = rt.block_on(coordinators.orders(&OrdersQuery {
+        limit: Some(0),
+        ..OrdersQuery::default()
+    }))?;
     let tracked = summary.summary.tracked;
     let view_bytes = summary.feeds.first().map_or(0, |f| f.view_bytes);
     println!(
@@ -111,7 +116,7 @@ fn main() -> anyhow::Result<()> {
         while !stop.load(Ordering::Relaxed) && lat.len() < 20_000 {
             let i = fastrand_index(orders);
             let t = Instant::now();
-            match request::<StatusReply>(&nats, &format!("waybill.status.{}", docs.ids[i]), "").await {
+            match coordinators.status(&docs.ids[i]).await {
                 Ok(s) if s.id == docs.ids[i] => lat.push(t.elapsed().as_micros() as u64),
                 _ => failed += 1,
             }
@@ -176,14 +181,9 @@ fn fastrand_index(n: usize) -> usize {
     })
 }
 
-async fn request<T: serde::de::DeserializeOwned>(nats: &Nats, subject: &str, body: &'static str) -> anyhow::Result<T> {
-    let m = nats
-        .client()
-        .request(subject.to_owned(), Bytes::from_static(body.as_bytes()))
-        .await?;
-    serde_json::from_slice(&m.payload)
-        .with_context(|| format!("answer on {subject}: {}", String::from_utf8_lossy(&m.payload)))
-}
+/// How long a request waits for the coordinator's answer (async-nats's
+/// default request time-out).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The documents of the run: one payload per order, from the mixed flows.
 struct Docs {

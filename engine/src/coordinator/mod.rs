@@ -21,6 +21,7 @@
 //! - `feed`, `requests`, `stalls`: one task each.
 
 pub mod api;
+pub mod client;
 mod feed;
 mod requests;
 mod stalls;
@@ -34,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+pub use client::{CoordinatorClient, RequestError};
 pub use view::{Applied, Filter, OrderState, Partition, PartitionError, StoredHop, Summary, View};
 
 use crate::codec::{Codec, Format};

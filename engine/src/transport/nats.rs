@@ -29,8 +29,10 @@ use crate::headers::{DLQ_CONSUMER, DLQ_KIND, DLQ_REASON};
 use crate::subject;
 
 mod log;
+mod rpc;
 mod servers;
 pub use log::NatsLog;
+pub use rpc::{NatsRequest, NatsRequests};
 pub use servers::{InvalidServer, ServerList, ServerListError};
 
 /// The stream every hop is stored in.

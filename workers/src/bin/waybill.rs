@@ -292,7 +292,7 @@ fn start(args: StartArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let t = nats.connect("waybill-start").await?;
         let (timeout, retry_for) = (Duration::from_secs(timeout), Duration::from_secs(retry_for));
-        ops::start(t.client(), &workflow, orders, id, timeout, retry_for, |r| {
+        ops::start(&t, &workflow, orders, id, timeout, retry_for, |r| {
             if r.duplicate {
                 println!("{} (already started)", r.id);
             } else {
@@ -315,7 +315,7 @@ fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     } = args;
     let s = runtime()?.block_on(async {
         let t = nats.connect("waybill-status").await?;
-        ops::status(t.client(), &id, Duration::from_secs(timeout)).await
+        ops::status(&t, &id, Duration::from_secs(timeout)).await
     })?;
     show(&s, json, ops::print_status)
 }
@@ -342,7 +342,7 @@ fn orders(args: OrdersArgs) -> anyhow::Result<ExitCode> {
     };
     let r = runtime()?.block_on(async {
         let t = nats.connect("waybill-orders").await?;
-        ops::orders(t.client(), &query, Duration::from_secs(timeout)).await
+        ops::orders(&t, &query, Duration::from_secs(timeout)).await
     })?;
     show(&r, json, ops::print_orders)
 }
@@ -353,7 +353,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     runtime()?.block_on(async {
         let t = nats.connect("waybill-watch").await?;
         ops::watch(
-            t.client(),
+            &t,
             Duration::from_millis(every_ms.max(50)),
             Duration::from_secs(5),
         )

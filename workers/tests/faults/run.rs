@@ -293,6 +293,7 @@ pub async fn dead_letter_reasons(nats: &Nats) -> Vec<String> {
 /// each order: it must tell the status and hop of the final document.
 async fn coordinator_agrees(stack: &Stack, driver: &Driver, driven: &Driven, v: &mut Verdict) {
     let client = async_nats::connect(stack.url(stack.coordinator_node)).await.unwrap();
+    let client = waybill::transport::Nats::with_client(client, waybill::transport::NatsConfig::default()).unwrap();
     let mut hops = driver.nats.jetstream().get_stream(HOPS_STREAM).await.unwrap();
     let last = hops.info().await.unwrap().state.last_sequence;
     // `after`: the coordinator answers once its view has read that hop,

@@ -33,6 +33,7 @@ use crate::document::Timestamp;
 
 mod consumer;
 mod log;
+mod rpc;
 
 use consumer::{ConsumerState, Filter};
 pub use consumer::{ConsumerStats, EmbeddedConsumer, EmbeddedDelivery};
@@ -85,6 +86,8 @@ struct Inner {
     log: Mutex<VecDeque<Arc<Stored>>>,
     /// Wakes the log's readers when a message is appended.
     appended: Notify,
+    /// Who serves requests and announcements.
+    rpc: rpc::Subscriptions,
 }
 
 #[derive(Debug, Default)]
@@ -178,6 +181,7 @@ impl Embedded {
                 }),
                 log: Mutex::new(VecDeque::new()),
                 appended: Notify::new(),
+                rpc: rpc::Subscriptions::default(),
             }),
         }
     }
