@@ -90,6 +90,32 @@ async fn announcements_need_no_answer() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_log_reads_from_a_sequence_then_live() {
+    conformance::log_reads_from_a_sequence_then_live(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn get_reads_one_message() {
+    conformance::get_reads_one_message(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn consumer_position_follows_deliveries() {
+    conformance::consumer_position_follows_deliveries(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_log_checks_share_one_transport() {
+    conformance::run_all_log(&Embedded::new()).await;
+}
+
+/// On the wall clock: the coordinator tells stalls by it.
+#[tokio::test]
+async fn the_coordinator_tracks_and_redrives_on_the_embedded_transport() {
+    conformance::coordinator_tracks_and_redrives(&Embedded::new()).await;
+}
+
+#[tokio::test(start_paused = true)]
 async fn all_request_checks_share_one_transport() {
     conformance::run_all_rpc(&Embedded::new()).await;
 }

@@ -20,10 +20,11 @@ async fn the_conformance_suite_passes_on_nats() {
 }
 
 #[tokio::test]
-async fn the_request_checks_pass_on_nats() {
+async fn the_request_and_log_checks_pass_on_nats() {
     let server = NatsServer::start();
     let t = transport(&server).await;
     conformance::run_all_rpc(&t).await;
+    conformance::run_all_log(&t).await;
 }
 
 #[tokio::test]
@@ -60,6 +61,13 @@ async fn requests_between_two_connections() {
     };
     assert_eq!(got, bytes::Bytes::from_static(b"pong"));
     answer.await.unwrap();
+}
+
+#[tokio::test]
+async fn the_coordinator_tracks_and_redrives_on_nats() {
+    let server = NatsServer::start();
+    let t = transport(&server).await;
+    conformance::coordinator_tracks_and_redrives(&t).await;
 }
 
 #[tokio::test]
