@@ -11,7 +11,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use waybill::coordinator::api::{HistoryEntry, OrdersQuery, OrdersReply, StartReply, StatusReply};
 use waybill::coordinator::{self, CoordinatorClient, CoordinatorConfig, RequestError};
 use waybill::subject;
-use waybill::transport::{Error as TransportError, Nats};
+use waybill::transport::{Error as TransportError, Nats, Rpc};
 use waybill::OrderId;
 use waybill::{Registry, Status};
 
@@ -293,7 +293,7 @@ pub async fn start(
     Ok(n)
 }
 
-pub async fn status(transport: &Nats, id: &str, timeout: Duration) -> Result<StatusReply, OpsError> {
+pub async fn status<T: Rpc>(transport: &T, id: &str, timeout: Duration) -> Result<StatusReply, OpsError> {
     let id = id.parse::<OrderId>()?;
     CoordinatorClient::new(transport.clone(), timeout)
         .status(&id)
@@ -301,7 +301,7 @@ pub async fn status(transport: &Nats, id: &str, timeout: Duration) -> Result<Sta
         .map_err(|e| OpsError::request(&subject::status(&id), timeout, e))
 }
 
-pub async fn orders(transport: &Nats, query: &OrdersQuery, timeout: Duration) -> Result<OrdersReply, OpsError> {
+pub async fn orders<T: Rpc>(transport: &T, query: &OrdersQuery, timeout: Duration) -> Result<OrdersReply, OpsError> {
     CoordinatorClient::new(transport.clone(), timeout)
         .orders(query)
         .await
@@ -458,7 +458,22 @@ pub fn print_orders(r: &OrdersReply) {
 }
 
 /// `waybill watch`: a live view until Ctrl-C.
-pub async fn watch(transport: &Nats, every: Duration, timeout: Duration) -> Result<(), OpsError> {
+pub async fn watch<T: Rpc>(transport: &T, every: Duration, timeout: Duration) -> Result<(), OpsError> {
+    watch_until(transport, every, timeout, async {
+        shutdown_signal().await?;
+        Ok(())
+    })
+    .await
+}
+
+/// The live view of [`watch`], until `stop` ends (over any transport the
+/// coordinators answer on: NATS, or the embedded default of a replay).
+pub async fn watch_until<T: Rpc>(
+    transport: &T,
+    every: Duration,
+    timeout: Duration,
+    stop: impl std::future::Future<Output = Result<(), OpsError>>,
+) -> Result<(), OpsError> {
     let query = OrdersQuery {
         limit: Some(0),
         ..OrdersQuery::default()
@@ -477,14 +492,20 @@ pub async fn watch(transport: &Nats, every: Duration, timeout: Duration) -> Resu
     let mut bars: std::collections::BTreeMap<String, ProgressBar> = std::collections::BTreeMap::new();
     let mut last: Option<(Instant, u64)> = None;
     let mut tick = tokio::time::interval(every);
-    let stop = shutdown_signal();
     tokio::pin!(stop);
+    let mut last_round = false;
     loop {
+        if last_round {
+            break;
+        }
         tokio::select! {
-            s = &mut stop => { s?; break; }
+            // One last look when told to stop: the view ends on what is.
+            s = &mut stop => { s?; last_round = true; }
             _ = tick.tick() => {}
         }
-        let reply = match orders(transport, &query, timeout).await {
+        // A stop is not kept waiting long by a coordinator that is away.
+        let wait = if last_round { timeout.min(Duration::from_secs(1)) } else { timeout };
+        let reply = match orders(transport, &query, wait).await {
             Ok(r) => r,
             Err(e) => {
                 let e = with_causes(&e);

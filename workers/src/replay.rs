@@ -9,8 +9,10 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
+use waybill::coordinator::api::{OrdersQuery, StatusReply};
+use waybill::coordinator::{self, CoordinatorClient, CoordinatorConfig, CoordinatorHandle};
 use waybill::hash::FastMap;
-use waybill::transport::{Embedded, Transport};
+use waybill::transport::{Embedded, HopLog, Transport};
 use waybill::{Client, Document, OrderId, Payload, Registry, Status, Worker, WorkerHandle, Workflow};
 
 use crate::services::MemoryServices;
@@ -241,14 +243,34 @@ pub fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
 }
 
 /// The embedded default: one transport, one worker serving the five
-/// reference services, one client, all in this process.
+/// reference services, one client, and a coordinator that tracks every
+/// order and answers status, orders and start requests on the embedded
+/// transport as the coordinators of a NATS deployment do ([`Self::asks`]).
 #[derive(Debug)]
 pub struct EmbeddedRuntime {
     pub transport: Embedded,
     pub client: Client<Embedded>,
     pub services: MemoryServices,
     worker: WorkerHandle,
+    coordinator: CoordinatorHandle<Embedded>,
 }
+
+/// How long a request to the replay's own coordinator may take: it runs in
+/// this process, so only a stuck one takes long.
+const ASK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the replay's coordinator says of a run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CoordinatorCheck {
+    /// Where it disagrees with the orders' own ends (empty: it agrees).
+    pub disagreements: Vec<String>,
+    /// Its status of each order that ended other than expected (at most
+    /// [`MAX_STATUSES`]), with the order's history.
+    pub statuses: Vec<StatusReply>,
+}
+
+/// Statuses of mismatched orders reported, at most.
+pub const MAX_STATUSES: usize = 5;
 
 impl EmbeddedRuntime {
     pub async fn start(stock: HashMap<String, i64>, opts: &ReplayOptions) -> Result<Self, ReplayError> {
@@ -262,12 +284,78 @@ impl EmbeddedRuntime {
         let client = Client::connect(transport.clone())
             .await
             .map_err(|e| ReplayError::Start(e.to_string()))?;
+        let registry = waybill_workflows::registry().map_err(|e| ReplayError::Start(e.to_string()))?;
+        let coordinator = coordinator::start(transport.clone(), Some(Arc::new(registry)), CoordinatorConfig::default())
+            .await
+            .map_err(|e| ReplayError::Start(e.to_string()))?;
         Ok(Self {
             transport,
             client,
             services,
             worker,
+            coordinator,
         })
+    }
+
+    /// A client of the replay's coordinator: the same requests (and the
+    /// same answers) as `waybill status`, `orders` and `watch` over NATS.
+    pub fn asks(&self) -> CoordinatorClient<Embedded> {
+        CoordinatorClient::new(self.transport.clone(), ASK_TIMEOUT)
+    }
+
+    /// Compares what the coordinator tracked, from the hops alone, with
+    /// how the orders of `reports` ended, and fetches its status of the
+    /// orders that ended other than expected.
+    pub async fn check(&self, reports: &[FileReport]) -> CoordinatorCheck {
+        let asks = self.asks();
+        let mut disagreements = Vec::new();
+        let after = match self.transport.log_info().await {
+            Ok(info) => Some(info.last_sequence),
+            Err(e) => {
+                disagreements.push(format!("the log could not be read: {e}"));
+                None
+            }
+        };
+        let query = OrdersQuery {
+            after,
+            limit: Some(0),
+            ..OrdersQuery::default()
+        };
+        match asks.orders(&query).await {
+            Ok(reply) => {
+                let tracked = |s: Status| reply.summary.finished.get(&s).copied().unwrap_or(0);
+                let ended = |f: fn(&FileReport) -> usize| reports.iter().map(f).sum::<usize>() as u64;
+                for (status, ended) in [
+                    (Status::Completed, ended(|r| r.completed)),
+                    (Status::Failed, ended(|r| r.failed)),
+                    (Status::Compensated, ended(|r| r.compensated)),
+                    (Status::Cancelled, ended(|r| r.cancelled)),
+                ] {
+                    if tracked(status) != ended {
+                        disagreements.push(format!(
+                            "the coordinator counted {} orders {status}; the replay saw {ended}",
+                            tracked(status)
+                        ));
+                    }
+                }
+            }
+            Err(e) => disagreements.push(format!("the coordinator did not answer: {e}")),
+        }
+        let mut statuses = Vec::new();
+        let mismatched = reports
+            .iter()
+            .flat_map(|r| &r.mismatches)
+            .filter_map(|m| m.order_id.as_deref()?.parse::<OrderId>().ok());
+        for id in mismatched.take(MAX_STATUSES) {
+            match asks.status(&id).await {
+                Ok(s) => statuses.push(s),
+                Err(e) => disagreements.push(format!("no status of order {id}: {e}")),
+            }
+        }
+        CoordinatorCheck {
+            disagreements,
+            statuses,
+        }
     }
 
     /// Runs `orders` on the embedded default (see [`run_orders`]).
@@ -281,10 +369,12 @@ impl EmbeddedRuntime {
         run_orders(&self.client, label, orders, opts, on_done).await
     }
 
-    /// Stops the worker (letting steps in flight finish) and the client.
+    /// Stops the worker (letting steps in flight finish), the client and
+    /// the coordinator.
     pub async fn shutdown(self) {
         self.worker.shutdown().await;
         self.client.close().await;
+        self.coordinator.shutdown().await;
     }
 }
 

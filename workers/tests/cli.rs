@@ -35,6 +35,18 @@ fn replay_reports_json() {
     assert_eq!(v["ok"], true);
     assert_eq!(v["files"][0]["failed"], v["files"][0]["orders"]);
     assert!(v["files"][0]["p99_ms"].is_number());
+    // The replay's own coordinator tracked the same ends from the hops.
+    assert_eq!(v["coordinator"]["disagreements"], serde_json::json!([]), "{v}");
+}
+
+#[test]
+fn replay_can_show_the_coordinators_live_view() {
+    let out = waybill(&["replay", "--watch", "examples/orders/declined.jsonl"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    // Not a terminal: the view prints its lines.
+    assert!(stdout.contains("in flight,") && stdout.contains("partitions 1/1"), "{stdout}");
+    assert!(stdout.contains("all orders ended as expected"), "{stdout}");
 }
 
 #[test]
@@ -49,6 +61,11 @@ fn a_mismatch_is_named_and_fails_the_run() {
     let stdout = text(&out.stdout);
     assert!(
         stdout.contains("line 1") && stdout.contains("expected completed, got failed"),
+        "{stdout}"
+    );
+    // The replay's coordinator shows the order's status and history.
+    assert!(
+        stdout.contains("status    failed") && stdout.contains("payment.charge"),
         "{stdout}"
     );
 

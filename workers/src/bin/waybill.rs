@@ -15,7 +15,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use waybill::coordinator::api::OrdersQuery;
 use waybill::coordinator::{CoordinatorConfig, Partition};
 use waybill::transport::nats::ServerList;
-use waybill::transport::NatsConfig;
+use waybill::transport::{NatsConfig, Rpc};
 use waybill::Status;
 use waybill_workers::cli::{init_logging, AuthArgs, LogFormat, NatsArgs};
 use waybill_workers::ops;
@@ -88,6 +88,11 @@ struct ReplayArgs {
     /// Do not draw a progress bar.
     #[arg(long)]
     no_progress: bool,
+    /// Show the coordinators' live view (as `waybill watch` does) instead of
+    /// the progress bar: on the embedded default, the replay's own
+    /// coordinator; over NATS, the deployment's.
+    #[arg(long, conflicts_with = "json")]
+    watch: bool,
     /// Replay over NATS at this URL (or comma-separated list of a
     /// cluster's servers: any live one is used) instead of the embedded
     /// default: the orders are started here, the worker processes run
@@ -433,6 +438,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         concurrency,
         order_timeout,
         no_progress,
+        watch,
         nats,
         auth,
     } = args;
@@ -457,7 +463,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         .collect::<Result<Vec<_>, _>>()?;
     let total: usize = files.iter().map(|f| f.orders.len()).sum();
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    let bar = if no_progress || json {
+    let bar = if no_progress || json || watch {
         ProgressBar::hidden()
     } else {
         ProgressBar::new(total as u64)
@@ -470,16 +476,26 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
     // The replay runs as a task on the runtime's workers rather than on
     // this thread: waking another thread for every finished order
     // would cost more than the order.
-    let task = replay_files(files, stock, opts, nats, auth, bar);
-    let (reports, dead) = rt.block_on(async { tokio::spawn(task).await })??;
-    let ok = reports.iter().all(FileReport::ok) && dead.is_empty();
+    let task = replay_files(files, stock, opts, nats, auth, bar, watch);
+    let (reports, dead, check) = rt.block_on(async { tokio::spawn(task).await })??;
+    let agrees = check.as_ref().is_none_or(|c| c.disagreements.is_empty());
+    let ok = reports.iter().all(FileReport::ok) && dead.is_empty() && agrees;
     if json {
-        let out = serde_json::json!({"ok": ok, "files": reports, "dead_letters": dead});
+        let out = serde_json::json!({"ok": ok, "files": reports, "dead_letters": dead, "coordinator": check});
         println!("{}", serde_json::to_string_pretty(&out)?);
     } else {
         print_table(&reports);
         for d in &dead {
             println!("{d}");
+        }
+        if let Some(c) = &check {
+            for d in &c.disagreements {
+                println!("coordinator: {d}");
+            }
+            for s in &c.statuses {
+                println!();
+                ops::print_status(s);
+            }
         }
         println!(
             "{}",
@@ -502,16 +518,22 @@ async fn replay_files(
     nats: Option<ServerList>,
     auth: AuthArgs,
     bar: ProgressBar,
-) -> anyhow::Result<(Vec<FileReport>, Vec<String>)> {
+    watch: bool,
+) -> anyhow::Result<(Vec<FileReport>, Vec<String>, Option<replay::CoordinatorCheck>)> {
     let mut reports = Vec::new();
+    let mut check = None;
     let dead = match nats {
         None => {
             let engine = EmbeddedRuntime::start(stock, &opts).await?;
-            for f in &files {
-                let label = f.path.display().to_string();
-                bar.set_message(label.clone());
-                reports.push(engine.run(&label, &f.orders, &opts, |_, _| bar.inc(1)).await);
-            }
+            let run = async {
+                for f in &files {
+                    let label = f.path.display().to_string();
+                    bar.set_message(label.clone());
+                    reports.push(engine.run(&label, &f.orders, &opts, |_, _| bar.inc(1)).await);
+                }
+            };
+            watching(&engine.transport, watch, run).await?;
+            check = Some(engine.check(&reports).await);
             let dead: Vec<String> = engine
                 .transport
                 .dead_letters()
@@ -526,11 +548,14 @@ async fn replay_files(
             transport.verify().await?;
             let before = transport.dead_letter_count().await?;
             let client = waybill::Client::connect(transport.clone()).await?;
-            for f in &files {
-                let label = f.path.display().to_string();
-                bar.set_message(label.clone());
-                reports.push(replay::run_orders(&client, &label, &f.orders, &opts, |_, _| bar.inc(1)).await);
-            }
+            let run = async {
+                for f in &files {
+                    let label = f.path.display().to_string();
+                    bar.set_message(label.clone());
+                    reports.push(replay::run_orders(&client, &label, &f.orders, &opts, |_, _| bar.inc(1)).await);
+                }
+            };
+            watching(&transport, watch, run).await?;
             client.close().await;
             let added = transport.dead_letter_count().await?.saturating_sub(before);
             if added > 0 {
@@ -543,7 +568,28 @@ async fn replay_files(
         }
     };
     bar.finish_and_clear();
-    Ok((reports, dead))
+    Ok((reports, dead, check))
+}
+
+/// Runs `run`, with the coordinators' live view beside it if asked.
+async fn watching<T: Rpc>(transport: &T, watch: bool, run: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    if !watch {
+        run.await;
+        return Ok(());
+    }
+    let (done, finished) = tokio::sync::oneshot::channel::<()>();
+    let view = ops::watch_until(transport, Duration::from_millis(500), Duration::from_secs(5), async {
+        // Ends with the run (its sender dropped or sent).
+        let _ = finished.await;
+        Ok(())
+    });
+    let run = async move {
+        run.await;
+        let _ = done.send(());
+    };
+    let (watched, ()) = tokio::join!(view, run);
+    watched?;
+    Ok(())
 }
 
 /// Prints an answer as pretty JSON, or as `table` draws it.
