@@ -166,6 +166,9 @@ pub struct ReplayOptions {
     /// How long the run may go without any order finishing before the
     /// orders still in flight are reported as not finished.
     pub order_timeout: Duration,
+    /// Run a coordinator beside the embedded default (on by default; off
+    /// measures the engine alone).
+    pub coordinator: bool,
 }
 
 impl Default for ReplayOptions {
@@ -174,6 +177,7 @@ impl Default for ReplayOptions {
             in_flight: 2048,
             concurrency: 512,
             order_timeout: Duration::from_secs(60),
+            coordinator: true,
         }
     }
 }
@@ -252,7 +256,7 @@ pub struct EmbeddedRuntime {
     pub client: Client<Embedded>,
     pub services: MemoryServices,
     worker: WorkerHandle,
-    coordinator: CoordinatorHandle<Embedded>,
+    coordinator: Option<CoordinatorHandle<Embedded>>,
 }
 
 /// How long a request to the replay's own coordinator may take: it runs in
@@ -284,10 +288,16 @@ impl EmbeddedRuntime {
         let client = Client::connect(transport.clone())
             .await
             .map_err(|e| ReplayError::Start(e.to_string()))?;
-        let registry = waybill_workflows::registry().map_err(|e| ReplayError::Start(e.to_string()))?;
-        let coordinator = coordinator::start(transport.clone(), Some(Arc::new(registry)), CoordinatorConfig::default())
-            .await
-            .map_err(|e| ReplayError::Start(e.to_string()))?;
+        let coordinator = if opts.coordinator {
+            let registry = waybill_workflows::registry().map_err(|e| ReplayError::Start(e.to_string()))?;
+            let config = CoordinatorConfig::default();
+            let handle = coordinator::start(transport.clone(), Some(Arc::new(registry)), config)
+                .await
+                .map_err(|e| ReplayError::Start(e.to_string()))?;
+            Some(handle)
+        } else {
+            None
+        };
         Ok(Self {
             transport,
             client,
@@ -309,6 +319,12 @@ impl EmbeddedRuntime {
     pub async fn check(&self, reports: &[FileReport]) -> CoordinatorCheck {
         let asks = self.asks();
         let mut disagreements = Vec::new();
+        if self.coordinator.is_none() {
+            return CoordinatorCheck {
+                disagreements,
+                statuses: Vec::new(),
+            };
+        }
         let after = match self.transport.log_info().await {
             Ok(info) => Some(info.last_sequence),
             Err(e) => {
@@ -374,7 +390,9 @@ impl EmbeddedRuntime {
     pub async fn shutdown(self) {
         self.worker.shutdown().await;
         self.client.close().await;
-        self.coordinator.shutdown().await;
+        if let Some(c) = self.coordinator {
+            c.shutdown().await;
+        }
     }
 }
 

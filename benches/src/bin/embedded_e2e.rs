@@ -23,8 +23,11 @@ fn main() -> anyhow::Result<()> {
     let prepared = waybill_benches::mixed_orders(orders)?;
     let stock: HashMap<String, i64> =
         serde_json::from_str(&std::fs::read_to_string(stock_path()).context("reading examples/stock.json")?)?;
+    // WAYBILL_BENCH_NO_COORDINATOR=1 measures the engine alone, without
+    // the coordinator `waybill replay` runs beside it.
     let opts = ReplayOptions {
         in_flight,
+        coordinator: std::env::var_os("WAYBILL_BENCH_NO_COORDINATOR").is_none(),
         ..ReplayOptions::default()
     };
 
@@ -45,7 +48,13 @@ fn main() -> anyhow::Result<()> {
             tokio::spawn(async move {
                 let engine = EmbeddedRuntime::start(stock, &opts2).await?;
                 let report = engine.run("mixed", &prepared2, &opts2, |_, _| {}).await;
+                let check = engine.check(std::slice::from_ref(&report)).await;
                 engine.shutdown().await;
+                anyhow::ensure!(
+                    check.disagreements.is_empty(),
+                    "the coordinator disagrees: {:?}",
+                    check.disagreements
+                );
                 anyhow::Ok(report)
             })
             .await?

@@ -446,6 +446,7 @@ fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         in_flight,
         concurrency,
         order_timeout: Duration::from_secs(order_timeout),
+        coordinator: true,
     };
     let registry = waybill_workflows::registry().context("the built-in workflows do not build")?;
     // Stock seeds the in-process inventory of the embedded default; over
