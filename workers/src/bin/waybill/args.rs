@@ -1,0 +1,208 @@
+//! The command line of `waybill`: every subcommand and its flags.
+
+use super::*;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "waybill",
+    version,
+    about = "Waybill: workflows whose documents carry their own route"
+)]
+pub(crate) struct Cli {
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum Command {
+    /// Replay order flows (JSON Lines files, or folders of them): on the
+    /// embedded default (workers in this process, no server), or over NATS
+    /// with `--nats URL`. Exits non-zero if any order ends other than its
+    /// `expect` field says.
+    Replay(ReplayArgs),
+    /// Create the streams Waybill needs on a NATS server, or check the ones
+    /// there (idempotent).
+    Setup(SetupArgs),
+    /// Track every order from the hop stream and answer the start, status
+    /// and orders requests (`waybill.start.<workflow>`,
+    /// `waybill.status.<id>`, `waybill.orders`), until SIGTERM or Ctrl-C.
+    Coordinator(CoordinatorArgs),
+    /// Start orders: one JSON order, or JSON Lines, from a file or `-`
+    /// (standard input). Prints each new order's id. Needs a coordinator.
+    Start(StartArgs),
+    /// Where one order stands, and its history.
+    Status(StatusArgs),
+    /// Counts of the tracked orders, and the ids that match.
+    Orders(OrdersArgs),
+    /// A live view of the orders in flight by step, the throughput and the
+    /// finished counts, until Ctrl-C.
+    Watch(WatchArgs),
+    /// Print generated example order flows (JSON Lines) to standard output.
+    ExampleOrders(ExampleOrdersArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ReplayArgs {
+    /// Files or folders of `.jsonl` order flows.
+    #[arg(required = true)]
+    pub(crate) paths: Vec<PathBuf>,
+    /// Initial stock, a JSON object of SKU → units, for the embedded
+    /// default. Default: the `stock.json` beside the first path (or its
+    /// parent folder), else `examples/stock.json`.
+    #[arg(long)]
+    pub(crate) stock: Option<PathBuf>,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Orders in flight at once.
+    #[arg(long, default_value_t = 2048)]
+    pub(crate) in_flight: usize,
+    /// Steps the in-process worker runs at once.
+    #[arg(long, default_value_t = 512)]
+    pub(crate) concurrency: usize,
+    /// Seconds the replay may go without any order finishing before the
+    /// orders still in flight count as not finished.
+    #[arg(long, default_value_t = 60)]
+    pub(crate) order_timeout: u64,
+    /// Do not draw a progress bar.
+    #[arg(long)]
+    pub(crate) no_progress: bool,
+    /// Show the coordinators' live view (as `waybill watch` does) instead of
+    /// the progress bar: on the embedded default, the replay's own
+    /// coordinator; over NATS, the deployment's.
+    #[arg(long, conflicts_with = "json")]
+    pub(crate) watch: bool,
+    /// Replay over NATS at this URL (or comma-separated list of a
+    /// cluster's servers: any live one is used) instead of the embedded
+    /// default: the orders are started here, the worker processes run
+    /// wherever they run (start them, and run `waybill setup`, first).
+    #[arg(long, value_name = "URL[,URL…]")]
+    pub(crate) nats: Option<ServerList>,
+    #[command(flatten)]
+    pub(crate) auth: AuthArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SetupArgs {
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+    /// Seed stock levels from this JSON object of SKU → units (SKUs that
+    /// already have a level keep it).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) stock: Option<PathBuf>,
+    /// Replicas of each stream and bucket (3 in a three-node cluster).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) replicas: usize,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CoordinatorArgs {
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+    /// Which share of the orders to track, `index/count`: run one
+    /// coordinator per index (`0/2` and `1/2`) to split the orders.
+    #[arg(long, default_value = "0/1")]
+    pub(crate) partition: Partition,
+    /// Seconds finished orders stay queryable.
+    #[arg(long, default_value_t = 600)]
+    pub(crate) retention: u64,
+    /// Seconds past its step's deadline before an order counts as stalled.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) stall_grace: u64,
+    /// Only report stalled hops; never republish them.
+    #[arg(long)]
+    pub(crate) no_redrive: bool,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub(crate) log_format: LogFormat,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StartArgs {
+    /// The workflow, e.g. `order`.
+    pub(crate) workflow: String,
+    /// The order file, or `-` for standard input.
+    pub(crate) file: PathBuf,
+    /// Start the (one) order under this id (default: a fresh one per
+    /// order). Starting an id again inside the stream's duplicate window
+    /// (2 minutes by default) does nothing new and says `duplicate`.
+    #[arg(long)]
+    pub(crate) id: Option<uuid::Uuid>,
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+    /// Seconds to wait for each answer (longer than the coordinator's
+    /// own 4 s to store a hop).
+    #[arg(long, default_value_t = 10)]
+    pub(crate) timeout: u64,
+    /// Seconds to keep sending an order again, under its same id, while
+    /// no coordinator answers or one answers that it could not store it
+    /// for now (an outage delays a start, it never loses or doubles
+    /// it). At most 90: every retry stays inside the stream's 2-minute
+    /// duplicate window.
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=90))]
+    pub(crate) retry_for: u64,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct StatusArgs {
+    pub(crate) id: String,
+    /// Print the coordinator's JSON answer.
+    #[arg(long)]
+    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+    #[arg(long, default_value_t = 5)]
+    pub(crate) timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct OrdersArgs {
+    #[arg(long)]
+    pub(crate) status: Option<Status>,
+    /// A step name, or `workflow/step`.
+    #[arg(long)]
+    pub(crate) step: Option<String>,
+    #[arg(long)]
+    pub(crate) workflow: Option<String>,
+    /// Only orders past their step's deadline.
+    #[arg(long)]
+    pub(crate) stalled: bool,
+    /// How many ids to list (at most 10,000).
+    #[arg(long, default_value_t = 20)]
+    pub(crate) limit: usize,
+    #[arg(long)]
+    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+    #[arg(long, default_value_t = 5)]
+    pub(crate) timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct WatchArgs {
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+    /// Milliseconds between updates.
+    #[arg(long, default_value_t = 500)]
+    pub(crate) every_ms: u64,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct ExampleOrdersArgs {
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) count: usize,
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    #[arg(long, value_enum, default_value_t = KindArg::Mixed)]
+    pub(crate) kind: KindArg,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub(crate) enum KindArg {
+    Mixed,
+    Happy,
+    Declined,
+    OutOfStock,
+    Unshippable,
+    Transient,
+}
+
