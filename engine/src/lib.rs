@@ -1,20 +1,29 @@
 //! Waybill: a workflow engine where each order is a document that carries its
 //! own route and state from one stateless worker to the next.
 //!
-//! Read first: `examples/` at the repository root, and [`Workflow::builder`].
+//! Read first: `engine/examples/quickstart.rs` (`cargo run -p waybill
+//! --example quickstart`: a workflow, its handlers, orders on the embedded
+//! transport), then [`Workflow::builder`]. The order domain the programs run
+//! is the `waybill-workflows` crate; the repository's `ARCHITECTURE.md` is
+//! the map.
 //!
 //! Module map:
 //! - [`id`]: newtypes for every identity (`OrderId`, `ServiceSubject`, …).
-//! - `workflow`: definitions ([`Workflow::builder`]) and the [`Route`] copied
-//!   into every document.
+//! - `workflow`: definitions ([`Workflow::builder`]), their validation, and
+//!   the [`Route`] copied into every document.
 //! - `document`: the [`Document`] envelope, readable without the payload type.
 //! - [`codec`]: the one versioned wire format (postcard, or JSON), bounded.
 //! - [`transition`]: pure (document, step result) → next hop.
-//! - [`transport`]: the seam, and the [`Embedded`](transport::Embedded)
-//!   transport.
+//! - [`transport`]: the seam ([`Transport`](transport::Transport),
+//!   [`HopLog`](transport::HopLog), [`Rpc`](transport::Rpc)) and its two
+//!   implementations, [`Embedded`](transport::Embedded) and
+//!   [`Nats`](transport::Nats).
 //! - `worker`: the runtime that runs step handlers ([`Worker::builder`]).
 //! - `client`: start orders and wait for their end ([`Client`]).
 //! - `registry`: the workflows a process can start, with payload validation.
+//! - [`coordinator`]: every order tracked and queryable beside the data
+//!   path, written once over [`HopLog`](transport::HopLog) +
+//!   [`Rpc`](transport::Rpc).
 //! - [`subject`] and [`headers`]: every subject name and header, in one place.
 //! - [`hash`]: a fast hasher for maps keyed by Waybill's ids.
 

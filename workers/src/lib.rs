@@ -1,7 +1,9 @@
 //! The programs people run, and what they are made of: the reference services
-//! (payment, inventory, shipping) in [`services`], and the replay of example
-//! order flows in [`replay`], and what the programs share in [`cli`]. The
-//! programs are in `src/bin/`: `waybill` and the three worker binaries.
+//! (payment, inventory, shipping) in [`services`], the replay of example
+//! order flows in [`replay`], the operator's commands (coordinator, start,
+//! status, orders, watch) in [`ops`], and what the programs share in
+//! [`cli`]. The programs are in `src/bin/`: `waybill` and the three worker
+//! binaries.
 
 pub mod cli;
 pub mod ops;

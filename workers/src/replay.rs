@@ -1,6 +1,11 @@
 //! Replaying example order flows on the embedded default: every order of a
 //! JSON Lines file is started, followed to its end, and compared with the
 //! `expect` field of its line.
+//!
+//! On the embedded default, [`EmbeddedRuntime`] also runs a coordinator
+//! beside the worker and the client, as a NATS deployment runs one; at the
+//! end, [`CoordinatorCheck`] compares the ends it counted from the hops
+//! alone with the ends the replay saw (a disagreement fails the run).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

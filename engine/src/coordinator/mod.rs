@@ -19,6 +19,13 @@
 //! - `tracker`: the state the three tasks share, behind methods (no task
 //!   holds its lock across an await).
 //! - `feed`, `requests`, `stalls`: one task each.
+//!
+//! Why it works as it does (40 bytes per order and no history kept, a
+//! view that replays to the same state, partitions by a hash of the id
+//! rather than by subject, which stalled hops are re-driven and which only
+//! reported) and what it was measured at (206,000 hops/s replayed,
+//! 1,000,000 orders in flight in about 170 MiB): `docs/COORDINATOR.md` in
+//! the repository.
 
 pub mod api;
 pub mod client;

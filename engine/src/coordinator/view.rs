@@ -4,7 +4,8 @@
 //! The view is a pure function of the hops it was given (and of the clock
 //! for dropping finished orders): a coordinator that replays the stream
 //! after a restart holds the same view as one that never stopped. Nothing
-//! here does I/O; the NATS side lives in the parent module.
+//! here does I/O; reading the log and answering requests, on either
+//! transport, are the sibling modules `feed`, `requests` and `stalls`.
 
 use std::collections::hash_map::Entry as MapEntry;
 use std::collections::{HashMap, VecDeque};

@@ -1,5 +1,5 @@
-//! The transport seam: everything above it (client, worker runtime) is
-//! written once; below it are the transports.
+//! The transport seam: everything above it (client, worker runtime,
+//! coordinator) is written once; below it are the transports.
 //!
 //! The model is JetStream's: one stream stores every published message; a
 //! durable consumer with a filter subject hands messages to any number of
@@ -9,16 +9,19 @@
 //! not delivered again. A message published with a deduplication id that was
 //! already stored (inside the duplicate window) is dropped.
 //!
-//! The stream is also a log the coordinator reads: in order from any
-//! sequence and then live ([`Transport::read_log`]), one message by its
-//! sequence ([`Transport::get`]), and where each durable consumer stands
-//! ([`Transport::consumer_position`]). Beside the stream, plain requests
-//! and answers ([`Transport::serve`], [`Transport::request`]) and events
-//! nobody stores ([`Transport::announce`]) carry the coordinator's API.
+//! Three traits. [`Transport`] publishes, opens consumers and stores dead
+//! letters: what the client and the worker runtime need. [`HopLog`] reads
+//! the stream as a log, as the coordinator does: in order from any sequence
+//! and then live ([`HopLog::read_log`]), one message by its sequence
+//! ([`HopLog::get`]), and where each durable consumer stands
+//! ([`HopLog::consumer_position`]). [`Rpc`] carries the coordinator's API
+//! beside the stream: plain requests and answers ([`Rpc::serve`],
+//! [`Rpc::request`]) and events nobody stores ([`Rpc::announce`]).
 //!
 //! [`Embedded`] implements the seam in one process, [`Nats`] on NATS
 //! JetStream across hosts. The conformance suite in
-//! [`conformance`] checks any implementation against these rules.
+//! `conformance` (cargo feature `conformance`) checks any implementation
+//! against these rules, seam by seam.
 
 use std::borrow::Cow;
 use std::fmt;

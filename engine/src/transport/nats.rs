@@ -10,8 +10,9 @@
 //!   configuration the server returns for a stream or consumer is compared
 //!   with the one asked for.
 //!
-//! `../shared/NATS-NOTES.md` (beside the repository) records the behaviour of
-//! async-nats and nats-server this module relies on.
+//! The behaviour of async-nats and nats-server this module relies on is
+//! noted at the code that relies on it, and checked against a real server
+//! by the conformance suite (`engine/tests/conformance_nats.rs`).
 
 use std::time::Duration;
 

@@ -142,8 +142,9 @@ impl<T: Transport> WorkerBuilder<T> {
     }
 
     /// How long one step may wait out an unavailable infrastructure (its
-    /// handler returning [`StepError::unavailable`], or its next hop not
-    /// being stored) before the hop becomes a dead letter of kind
+    /// handler returning
+    /// [`StepError::unavailable`](crate::StepError::unavailable), or its
+    /// next hop not being stored) before the hop becomes a dead letter of kind
     /// `unavailable` (default [`DEFAULT_UNAVAILABLE_LIMIT`]). Never a
     /// failure of the order: redrive the dead letter after the outage.
     pub fn unavailable_limit(mut self, limit: Duration) -> Self {

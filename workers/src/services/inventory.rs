@@ -91,7 +91,7 @@ pub trait StockStore: Send + Sync + 'static {
 }
 
 /// The initial units of `sku`: listed in the seed, none for `OOS-` SKUs,
-/// otherwise [`UNLISTED_STOCK`].
+/// otherwise `UNLISTED_STOCK` (1,000,000).
 pub fn initial_stock(seed: &HashMap<String, i64>, sku: &str) -> i64 {
     match seed.get(sku) {
         Some(&n) => n,

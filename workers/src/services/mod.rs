@@ -1,6 +1,8 @@
 //! The reference services: payment, inventory and shipping. Each keeps its
 //! own state behind an interface of its own ([`Ledger`], [`StockStore`],
-//! [`ShipmentLog`]); here that state is in memory.
+//! [`ShipmentLog`]); here that state is in memory; [`kv`] keeps the ledger
+//! and the stock in NATS KV buckets shared by every process of a service
+//! (shipping needs none: its tracking number derives from the order id).
 //!
 //! Every handler is idempotent on the order (its step's idempotency key): a
 //! redelivered step changes nothing twice.

@@ -1,6 +1,8 @@
 //! The conformance suite of the transport seam: the rules every transport
-//! keeps, written once and run against each of them (the embedded one in this
-//! crate's tests; the NATS one in its own).
+//! keeps, written once and run against each of them by this crate's tests
+//! (`tests/conformance_embedded.rs`, `tests/conformance_nats.rs`). One file
+//! per seam: consumers here, the log in `log`, requests in `rpc`, and the
+//! coordinator written once over both in `coordinator`.
 //!
 //! Each check uses subjects and consumer names of its own, so all of them can
 //! share one transport. Durations are short but real: under a paused tokio
