@@ -211,3 +211,43 @@ async fn oversized_messages_are_refused() {
     assert!(matches!(e, waybill::transport::Error::TooLarge { .. }), "{e}");
     assert!(!e.is_retryable());
 }
+
+/// A reader that falls behind the log's capacity is told how much it lost,
+/// then reads on from the oldest message kept; a new reader starting
+/// before the oldest one simply starts there.
+#[tokio::test(start_paused = true)]
+async fn a_reader_behind_the_log_capacity_is_told_what_it_lost() {
+    use waybill::transport::{EmbeddedConfig, HopLog, LogReader};
+    let t = Embedded::with_config(EmbeddedConfig {
+        log_capacity: 3,
+        ..EmbeddedConfig::default()
+    });
+    let publish = |n: u32| {
+        let t = t.clone();
+        async move {
+            t.publish(Outgoing {
+                subject: "waybill.hop.cap".into(),
+                msg_id: None,
+                headers: Headers::new(),
+                payload: bytes::Bytes::from(n.to_string()),
+            })
+            .await
+            .unwrap()
+            .sequence
+        }
+    };
+    let first = publish(1).await;
+    let mut reader = t.read_log(first).await.unwrap();
+    assert_eq!(reader.next_batch(10).await.unwrap().len(), 1);
+    for n in 2..=6 {
+        publish(n).await;
+    }
+    let e = reader.next_batch(10).await.unwrap_err();
+    assert!(e.is_retryable(), "{e}");
+    let seqs: Vec<u64> = reader.next_batch(10).await.unwrap().iter().map(|m| m.sequence).collect();
+    assert_eq!(seqs, [4, 5, 6]);
+    let mut fresh = t.read_log(1).await.unwrap();
+    let seqs: Vec<u64> = fresh.next_batch(10).await.unwrap().iter().map(|m| m.sequence).collect();
+    assert_eq!(seqs, [4, 5, 6]);
+    assert_eq!(t.log_info().await.unwrap().messages, 3);
+}

@@ -10,6 +10,11 @@ use crate::transport::{ConsumerPosition, Error, HopLog, LogInfo, LogReader, Stor
 pub struct EmbeddedLog {
     inner: Arc<Inner>,
     next: u64,
+    /// Whether it returned messages already: a reader that starts before
+    /// the oldest message kept begins there (as a stream's consumer does);
+    /// one that fell behind the log's capacity has lost messages, and says
+    /// so.
+    reading: bool,
 }
 
 impl Embedded {
@@ -41,6 +46,7 @@ impl HopLog for Embedded {
         Ok(EmbeddedLog {
             inner: self.inner.clone(),
             next: from.max(1),
+            reading: false,
         })
     }
 
@@ -70,12 +76,24 @@ impl LogReader for EmbeddedLog {
             appended.as_mut().enable();
             {
                 let log = lock(&self.inner.log);
+                if let Some(oldest) = log.front().map(|s| s.sequence).filter(|&o| self.reading && o > self.next) {
+                    let lost = oldest - self.next;
+                    self.next = oldest;
+                    return Err(Error::Other {
+                        message: format!(
+                            "the log's reader fell behind its capacity of {} messages: {lost} were dropped unread",
+                            self.inner.config.log_capacity
+                        ),
+                        retryable: true,
+                    });
+                }
                 let at = log.partition_point(|s| s.sequence < self.next);
                 if at < log.len() {
                     let batch: Vec<Stored> = log.range(at..).take(max).map(|s| Stored::clone(s)).collect();
                     if let Some(last) = batch.last() {
                         self.next = last.sequence + 1;
                     }
+                    self.reading = true;
                     return Ok(batch);
                 }
             }
