@@ -104,7 +104,7 @@ impl<T: Transport> Client<T> {
     }
 
     pub async fn with_codec(transport: T, codec: Codec, format: Format) -> Result<Self, ClientError> {
-        let durable = format!("wb_client_{}", uuid::Uuid::now_v7().simple());
+        let durable = subject::client_consumer(&uuid::Uuid::now_v7());
         // A client only reads what it is given, at once: a short ack wait
         // brings back soon a delivery lost in transit (a cluster node that
         // dies with it), which the default 30 s left the order's waiter

@@ -162,7 +162,7 @@ impl Nats {
     fn hops_config(&self) -> stream::Config {
         stream::Config {
             name: HOPS_STREAM.into(),
-            subjects: vec![format!("{}>", subject::HOP_PREFIX), subject::all_done()],
+            subjects: subject::hops_stream(),
             retention: RetentionPolicy::Limits,
             discard: DiscardPolicy::Old,
             storage: StorageType::File,
@@ -177,7 +177,7 @@ impl Nats {
     fn dlq_config(&self) -> stream::Config {
         stream::Config {
             name: DLQ_STREAM.into(),
-            subjects: vec![format!("{}>", subject::DLQ_PREFIX)],
+            subjects: subject::dlq_stream(),
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             max_age: self.config.max_age,
@@ -264,7 +264,7 @@ impl Nats {
     /// process watching publishes the dead letter under one deduplication id
     /// (the stream sequence), so it is stored once.
     async fn watch_exhausted(&self, durable: &str) -> Result<tokio::task::JoinHandle<()>, Error> {
-        let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{HOPS_STREAM}.{durable}");
+        let subject = subject::max_deliveries_advisory(HOPS_STREAM, durable);
         let mut advisories = self
             .client
             .subscribe(subject)

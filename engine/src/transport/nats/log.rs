@@ -248,7 +248,7 @@ async fn ready_batch(sub: &mut async_nats::Subscriber, max: usize) -> Option<Vec
 /// <stream seq>.<consumer seq>.<time>.<pending>`, or the newer form with a
 /// domain and an account hash before the stream (and a token after).
 fn ack_fields(reply: &str) -> Option<(u64, u64, i128)> {
-    let rest = reply.strip_prefix("$JS.ACK.")?;
+    let rest = reply.strip_prefix(crate::subject::JS_ACK_PREFIX)?;
     let mut tokens = [""; 10];
     let mut n = 0;
     for t in rest.split('.') {

@@ -47,7 +47,7 @@ pub(super) fn decode<T: DeserializeOwned>(bucket: &'static str, key: &str, b: &[
 /// lagging replica that did not have it yet.
 async fn latest(store: &Store, key: &str) -> Result<Option<(Bytes, u64)>, LastRawMessageError> {
     use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    let subject = format!("{}{key}", store.prefix);
+    let subject = waybill::subject::kv_key(&store.prefix, key);
     match store.stream.get_last_raw_message_by_subject(&subject).await {
         Ok(m) => {
             let removed = m
