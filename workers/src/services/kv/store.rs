@@ -52,7 +52,7 @@ async fn latest(store: &Store, key: &str) -> Result<Option<(Bytes, u64)>, LastRa
         Ok(m) => {
             let removed = m
                 .headers
-                .get("KV-Operation")
+                .get(waybill::headers::KV_OPERATION)
                 .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
             Ok((!removed).then_some((m.payload, m.sequence)))
         }
