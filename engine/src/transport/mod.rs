@@ -27,6 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::document::Timestamp;
+use crate::id::MsgId;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -139,7 +140,7 @@ pub struct Outgoing {
     pub subject: String,
     /// Deduplication id (`Nats-Msg-Id`): a second message with the same id
     /// inside the duplicate window is not stored again.
-    pub msg_id: Option<String>,
+    pub msg_id: Option<MsgId>,
     pub headers: Headers,
     pub payload: Bytes,
 }

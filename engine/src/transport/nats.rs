@@ -26,6 +26,7 @@ use super::{
     Transport,
 };
 use crate::headers::{DLQ_CONSUMER, DLQ_KIND, DLQ_REASON};
+use crate::id::MsgId;
 use crate::subject;
 
 mod log;
@@ -308,7 +309,7 @@ impl Nats {
         let p = PublishMessage::build()
             .payload(m.payload)
             .headers(headers)
-            .message_id(format!("exhausted:{}", a.stream_seq));
+            .message_id(MsgId::exhausted(a.stream_seq).to_string());
         self.js
             .send_publish(subject::dead_letter(m.subject.as_str()), p)
             .await
@@ -355,7 +356,7 @@ impl Transport for Nats {
             .payload(msg.payload)
             .headers(to_nats_headers(&msg.headers));
         if let Some(id) = &msg.msg_id {
-            p = p.message_id(id);
+            p = p.message_id(id.to_string());
         }
         let ack = self
             .js
