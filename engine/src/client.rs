@@ -22,7 +22,7 @@ use crate::codec::{Codec, Format};
 use crate::document::{Document, Payload};
 use crate::hash::FastMap;
 use crate::headers;
-use crate::id::{DedupId, OrderId};
+use crate::id::{DedupId, MsgId, OrderId};
 use crate::registry::StartError;
 use crate::subject;
 use crate::transport::{Consumer, ConsumerConfig, Delivery, Error as TransportError, Outgoing, PublishAck, Transport};
@@ -104,7 +104,7 @@ impl<T: Transport> Client<T> {
     }
 
     pub async fn with_codec(transport: T, codec: Codec, format: Format) -> Result<Self, ClientError> {
-        let durable = format!("wb_client_{}", uuid::Uuid::now_v7().simple());
+        let durable = subject::client_consumer(&uuid::Uuid::now_v7());
         // A client only reads what it is given, at once: a short ack wait
         // brings back soon a delivery lost in transit (a cluster node that
         // dies with it), which the default 30 s left the order's waiter
@@ -240,7 +240,7 @@ pub(crate) fn first_hop(
     let first = &workflow.route().steps[0];
     Ok(Outgoing {
         subject: subject::hop(&first.service),
-        msg_id: Some(DedupId { order: id, hop: 0 }.to_string()),
+        msg_id: Some(MsgId::hop(DedupId { order: id, hop: 0 })),
         headers: headers::for_hop(&doc, format),
         payload: Bytes::from(body),
     })

@@ -1,11 +1,16 @@
-//! The routing metadata every hop carries in its headers, so that nothing
-//! needs the body to route or observe a hop, and the check that the headers
-//! and the body agree.
+//! Message headers: the [`Headers`] type, the name of every header Waybill
+//! reads or writes (here, and only here), the routing metadata every hop
+//! carries in its headers, so that nothing needs the body to route or
+//! observe a hop, and the check that the headers and the body agree.
+//!
+//! Nothing here depends on the transports; they use it.
+
+use std::borrow::Cow;
+use std::fmt;
 
 use crate::codec::Format;
 use crate::document::{Document, Status};
 use crate::id::OrderId;
-use crate::transport::Headers;
 
 /// Everything that routes and locates a hop, in one header:
 /// `<order id> <hop> <workflow>/<version> <status>[ <service>]`, e.g.
@@ -20,6 +25,7 @@ use crate::transport::Headers;
 pub const HOP: &str = "Waybill-Hop";
 /// On a start request: the id to start the order under (optional).
 pub const ORDER: &str = "Waybill-Order";
+/// The encoding of the body (see [`crate::codec::Format::content_type`]).
 pub const CONTENT_TYPE: &str = "Content-Type";
 /// On a dead letter: why it is there.
 pub const DLQ_REASON: &str = "Waybill-Dlq-Reason";
@@ -34,6 +40,75 @@ pub const REDRIVE: &str = "Waybill-Redrive";
 /// NATS's deduplication id (set through [`crate::transport::Outgoing::msg_id`],
 /// never by hand).
 pub const MSG_ID: &str = "Nats-Msg-Id";
+/// On a JetStream flow-control message: the subject to answer so that a
+/// stalled consumer delivers again.
+pub const CONSUMER_STALLED: &str = "Nats-Consumer-Stalled";
+/// On a JetStream idle heartbeat: the last consumer sequence the server
+/// sent.
+pub const LAST_CONSUMER: &str = "Nats-Last-Consumer";
+/// On a NATS key-value entry: `DEL` or `PURGE` for a removed key.
+pub const KV_OPERATION: &str = "KV-Operation";
+
+/// Message headers: an ordered list of name/value pairs.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(Cow<'static, str>, HeaderValue)>);
+
+/// A header value: short values and `&'static str` values are stored
+/// without allocating.
+pub type HeaderValue = compact_str::CompactString;
+
+impl Headers {
+    pub fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    pub fn with_capacity(n: usize) -> Self {
+        Self(Vec::with_capacity(n))
+    }
+
+    /// Sets `name` (replacing any value it had).
+    pub fn insert(&mut self, name: impl Into<Cow<'static, str>>, value: impl Into<HeaderValue>) {
+        let name = name.into();
+        let value = value.into();
+        match self.0.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    /// Adds `name` without looking for an earlier value (for building
+    /// headers whose names are known to be distinct).
+    pub fn append(&mut self, name: impl Into<Cow<'static, str>>, value: impl Into<HeaderValue>) {
+        self.0.push((name.into(), value.into()));
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        // Names are case-insensitive; exact matches (the usual case) are
+        // found without folding case.
+        self.0
+            .iter()
+            .find(|(n, _)| n.len() == name.len() && (n == name || n.eq_ignore_ascii_case(name)))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0.iter().map(|(n, v)| (n.as_ref(), v.as_str()))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.0.iter().map(|(n, v)| (n, v))).finish()
+    }
+}
 
 /// The headers of the hop that carries `doc`.
 pub fn for_hop(doc: &Document, format: Format) -> Headers {

@@ -231,6 +231,97 @@ impl fmt::Display for DedupId {
     }
 }
 
+/// A message's deduplication id (`Nats-Msg-Id`): a second message with the
+/// same id inside the stream's duplicate window is not stored again. One
+/// constructor per kind of id Waybill writes; its text (its `Display`) is
+/// what goes on the wire.
+#[derive(Clone, Debug)]
+pub struct MsgId(MsgIdKind);
+
+#[derive(Clone, Debug)]
+enum MsgIdKind {
+    Hop(DedupId),
+    Redrive { hop: DedupId, sequence: u64 },
+    Exhausted { sequence: u64 },
+    Custom(String),
+}
+
+impl MsgId {
+    /// A hop's own id, `<order id>:<hop>`: a hop published twice is stored
+    /// once.
+    pub fn hop(id: DedupId) -> Self {
+        Self(MsgIdKind::Hop(id))
+    }
+
+    /// The coordinator's re-drive of `hop`, stored at `sequence`:
+    /// `<order id>:<hop>:redrive:<sequence>`, so every coordinator that
+    /// re-drives the same stored hop stores it once, and the worker's own
+    /// next hop keeps its usual id.
+    pub fn redrive(hop: DedupId, sequence: u64) -> Self {
+        Self(MsgIdKind::Redrive { hop, sequence })
+    }
+
+    /// The dead letter of the message stored at `sequence` that ran out of
+    /// deliveries: `exhausted:<sequence>`, so every process watching stores
+    /// it once.
+    pub fn exhausted(sequence: u64) -> Self {
+        Self(MsgIdKind::Exhausted { sequence })
+    }
+
+    /// Any other id, as given.
+    pub fn custom(id: impl Into<String>) -> Self {
+        Self(MsgIdKind::Custom(id.into()))
+    }
+
+    /// The hop this is the own id of (not a re-drive's), if it is one:
+    /// lets a transport key it without reading text.
+    pub fn as_hop(&self) -> Option<DedupId> {
+        match &self.0 {
+            MsgIdKind::Hop(id) => Some(*id),
+            _ => None,
+        }
+    }
+
+    /// The text of a custom id, which no constructor built; `None` for the
+    /// others (their text is their `Display`).
+    pub fn as_custom(&self) -> Option<&str> {
+        match &self.0 {
+            MsgIdKind::Custom(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for MsgId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            MsgIdKind::Hop(id) => fmt::Display::fmt(id, f),
+            MsgIdKind::Redrive { hop, sequence } => write!(f, "{hop}:redrive:{sequence}"),
+            MsgIdKind::Exhausted { sequence } => write!(f, "exhausted:{sequence}"),
+            MsgIdKind::Custom(id) => f.write_str(id),
+        }
+    }
+}
+
+/// Ids are equal when their text is: a custom id spelled as a hop's is the
+/// hop's id, as the stream sees it.
+impl PartialEq for MsgId {
+    fn eq(&self, other: &Self) -> bool {
+        match (&self.0, &other.0) {
+            (MsgIdKind::Hop(a), MsgIdKind::Hop(b)) => a == b,
+            _ => self.to_string() == other.to_string(),
+        }
+    }
+}
+
+impl Eq for MsgId {}
+
+impl From<DedupId> for MsgId {
+    fn from(id: DedupId) -> Self {
+        Self::hop(id)
+    }
+}
+
 /// Names the process (and task) that ran a step, for the history.
 #[derive(Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
@@ -299,5 +390,23 @@ mod tests {
             DedupId { order: id, hop: 3 }.to_string(),
             "01890a5d-ac96-774b-bcce-b302099a8057:3"
         );
+    }
+
+    #[test]
+    fn msg_id_text_of_each_kind() {
+        let order: OrderId = "01890a5d-ac96-774b-bcce-b302099a8057".parse().unwrap();
+        let hop = DedupId { order, hop: 3 };
+        assert_eq!(MsgId::hop(hop).to_string(), "01890a5d-ac96-774b-bcce-b302099a8057:3");
+        assert_eq!(MsgId::from(hop).as_hop(), Some(hop));
+        assert_eq!(
+            MsgId::redrive(hop, 4021).to_string(),
+            "01890a5d-ac96-774b-bcce-b302099a8057:3:redrive:4021"
+        );
+        assert_eq!(MsgId::redrive(hop, 4021).as_hop(), None);
+        assert_eq!(MsgId::exhausted(17).to_string(), "exhausted:17");
+        assert_eq!(MsgId::custom("m:0").to_string(), "m:0");
+        assert_eq!(MsgId::custom("m:0").as_custom(), Some("m:0"));
+        assert_eq!(MsgId::hop(hop), MsgId::custom("01890a5d-ac96-774b-bcce-b302099a8057:3"));
+        assert_ne!(MsgId::hop(hop), MsgId::redrive(hop, 1));
     }
 }

@@ -47,7 +47,7 @@ pub use document::{
     AttemptResult, Compensation, ContentType, Document, Journal, Payload, PayloadError, Status, StepKind, StepRecord,
     Target, Timestamp, UnknownStatus,
 };
-pub use id::{DedupId, NameError, OrderId, Outcome, ServiceSubject, StepName, WorkerId, WorkflowName};
+pub use id::{DedupId, MsgId, NameError, OrderId, Outcome, ServiceSubject, StepName, WorkerId, WorkflowName};
 pub use registry::{Registry, StartError, WorkflowPayload};
 pub use transition::{Attempt, Decision, StepResult};
 pub use worker::{

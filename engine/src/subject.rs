@@ -25,6 +25,44 @@ pub fn all_done() -> String {
     format!("{DONE_PREFIX}>")
 }
 
+/// `waybill.hop.>`: every hop that asks a service for work.
+pub fn all_hops() -> String {
+    format!("{HOP_PREFIX}>")
+}
+
+/// `waybill.dlq.>`: every dead letter.
+pub fn all_dead_letters() -> String {
+    format!("{DLQ_PREFIX}>")
+}
+
+/// The subjects of the stream every hop is stored in: every hop and every
+/// terminal hop.
+pub fn hops_stream() -> Vec<String> {
+    vec![all_hops(), all_done()]
+}
+
+/// The subjects of the dead-letter stream.
+pub fn dlq_stream() -> Vec<String> {
+    vec![all_dead_letters()]
+}
+
+/// Prefix of JetStream's acknowledgement (reply) subjects:
+/// `$JS.ACK.<stream>.<consumer>.…`.
+pub const JS_ACK_PREFIX: &str = "$JS.ACK.";
+
+/// `$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.<stream>.<consumer>`: where
+/// JetStream announces a message of `consumer` that ran out of deliveries.
+pub fn max_deliveries_advisory(stream: &str, consumer: &str) -> String {
+    format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{stream}.{consumer}")
+}
+
+/// `<bucket prefix><key>`: the subject a key-value bucket stores `key`
+/// under, given the bucket's subject prefix (`$KV.<bucket>.`, as the
+/// client reports it).
+pub fn kv_key(bucket_prefix: &str, key: &str) -> String {
+    format!("{bucket_prefix}{key}")
+}
+
 /// `waybill.dlq.<rest of the original subject>`: where a message that cannot
 /// be processed is kept with its reason.
 pub fn dead_letter(original: &str) -> String {
@@ -118,6 +156,12 @@ pub fn service_consumer(service: &ServiceSubject) -> String {
     format!("wb_{}", service.as_str().replace('.', "_"))
 }
 
+/// `wb_client_<id>`: the private consumer of one client (`id` in simple
+/// form, so the name has no `-`).
+pub fn client_consumer(id: &uuid::Uuid) -> String {
+    format!("wb_client_{}", id.simple())
+}
+
 /// The service a hop subject is addressed to, if it is a hop subject.
 pub fn service_of(subject: &str) -> Option<&str> {
     subject.strip_prefix(HOP_PREFIX)
@@ -145,6 +189,27 @@ mod tests {
         assert_eq!(service_consumer(&s), "wb_payment_charge");
         assert_eq!(service_of("waybill.hop.payment.charge"), Some("payment.charge"));
         assert_eq!(done(&WorkflowName::new("order").unwrap()), "waybill.done.order");
+    }
+
+    #[test]
+    fn stream_and_infrastructure_subjects() {
+        assert_eq!(all_done(), "waybill.done.>");
+        assert_eq!(hops_stream(), ["waybill.hop.>", "waybill.done.>"]);
+        assert_eq!(dlq_stream(), ["waybill.dlq.>"]);
+        assert_eq!(
+            max_deliveries_advisory("WAYBILL_HOPS", "wb_payment_charge"),
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.WAYBILL_HOPS.wb_payment_charge"
+        );
+        assert_eq!(kv_key("$KV.stock.", "sku-1"), "$KV.stock.sku-1");
+        let id: uuid::Uuid = "01890a5d-ac96-774b-bcce-b302099a8057".parse().unwrap();
+        assert_eq!(client_consumer(&id), "wb_client_01890a5dac96774bbcceb302099a8057");
+        assert_eq!(stalled(&WorkflowName::new("order").unwrap()), "waybill.stalled.order");
+        assert_eq!(
+            partition_status(1, 2, &OrderId::from_uuid(id)),
+            "waybill.coordinator.p2.1.status.01890a5d-ac96-774b-bcce-b302099a8057"
+        );
+        assert_eq!(partition_orders(1, 2), "waybill.coordinator.p2.1.orders");
+        assert_eq!(start("order"), "waybill.start.order");
     }
 
     #[test]

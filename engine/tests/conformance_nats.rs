@@ -91,7 +91,7 @@ async fn connecting_twice_finds_the_streams_as_configured() {
     let b = transport(&server).await;
     let msg = || waybill::transport::Outgoing {
         subject: "waybill.hop.x.y".into(),
-        msg_id: Some("m:0".into()),
+        msg_id: Some(waybill::MsgId::custom("m:0")),
         headers: waybill::transport::Headers::new(),
         payload: bytes::Bytes::from_static(b"x"),
     };

@@ -47,7 +47,7 @@ impl Flaky {
         let first_hop_publishes = Arc::new(AtomicU32::new(0));
         let (sc, a, n) = (script.clone(), always.clone(), first_hop_publishes.clone());
         let transport = Faulty::new(Embedded::new(), move |msg| {
-            if !msg.msg_id.as_deref().is_some_and(|id| id.ends_with(":0")) {
+            if !msg.msg_id.as_ref().is_some_and(|id| id.to_string().ends_with(":0")) {
                 return PublishFault::Pass;
             }
             n.fetch_add(1, Ordering::SeqCst);

@@ -28,7 +28,7 @@ use waybill::coordinator::CoordinatorClient;
 use waybill::transport::nats::Nats;
 use waybill::transport::{NatsConfig, Outgoing, Transport};
 use waybill::{
-    headers, AttemptResult, Codec, DedupId, Document, Format, OrderId, StepKind, StepRecord, Timestamp, WorkerId,
+    headers, AttemptResult, Codec, DedupId, Document, Format, MsgId, OrderId, StepKind, StepRecord, Timestamp, WorkerId,
 };
 use waybill_benches::{bin, mixed_orders};
 use waybill_testkit::{NatsServer, Proc};
@@ -238,7 +238,7 @@ impl Docs {
         let service = d.target().map(|t| t.service.clone());
         Outgoing {
             subject: waybill::subject::hop(service.as_ref().unwrap_or(&self.workflow.route().steps[0].service)),
-            msg_id: Some(DedupId { order: d.id, hop }.to_string()),
+            msg_id: Some(MsgId::hop(DedupId { order: d.id, hop })),
             headers: headers::for_hop(&d, Format::Postcard),
             payload: Bytes::from(self.codec.encode(&d, Format::Postcard).unwrap_or_default()),
         }

@@ -15,7 +15,7 @@ use super::view::OrderState;
 use super::Shared;
 use crate::document::Timestamp;
 use crate::headers;
-use crate::id::ServiceSubject;
+use crate::id::{DedupId, MsgId, ServiceSubject};
 use crate::subject;
 use crate::transport::{ConsumerPosition, Error as TransportError, Headers, HopLog, Outgoing, Rpc};
 
@@ -212,7 +212,13 @@ async fn redrive<T: HopLog>(shared: &Shared<T>, state: &OrderState) -> Result<bo
         .transport
         .publish(Outgoing {
             subject: m.message.subject,
-            msg_id: Some(format!("{}:{}:redrive:{}", state.id, state.hop, state.sequence)),
+            msg_id: Some(MsgId::redrive(
+                DedupId {
+                    order: state.id,
+                    hop: state.hop,
+                },
+                state.sequence,
+            )),
             headers: h,
             payload: m.message.payload,
         })

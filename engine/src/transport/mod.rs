@@ -23,7 +23,6 @@
 //! `conformance` (cargo feature `conformance`) checks any implementation
 //! against these rules, seam by seam.
 
-use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
@@ -31,6 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::document::Timestamp;
+use crate::id::MsgId;
 
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
@@ -38,6 +38,8 @@ mod embedded;
 pub mod fault;
 pub mod nats;
 
+// Defined beside the header names, so `headers` needs nothing from here.
+pub use crate::headers::{HeaderValue, Headers};
 pub use embedded::{ConsumerStats, Embedded, EmbeddedConfig, EmbeddedConsumer, EmbeddedDelivery, EmbeddedLog};
 pub use nats::{Nats, NatsConfig};
 
@@ -91,67 +93,6 @@ impl Error {
     }
 }
 
-/// Message headers: an ordered list of name/value pairs.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(Cow<'static, str>, HeaderValue)>);
-
-/// A header value: short values and `&'static str` values are stored
-/// without allocating.
-pub type HeaderValue = compact_str::CompactString;
-
-impl Headers {
-    pub fn new() -> Self {
-        Self(Vec::new())
-    }
-
-    pub fn with_capacity(n: usize) -> Self {
-        Self(Vec::with_capacity(n))
-    }
-
-    /// Sets `name` (replacing any value it had).
-    pub fn insert(&mut self, name: impl Into<Cow<'static, str>>, value: impl Into<HeaderValue>) {
-        let name = name.into();
-        let value = value.into();
-        match self.0.iter_mut().find(|(n, _)| n.eq_ignore_ascii_case(&name)) {
-            Some(slot) => slot.1 = value,
-            None => self.0.push((name, value)),
-        }
-    }
-
-    /// Adds `name` without looking for an earlier value (for building
-    /// headers whose names are known to be distinct).
-    pub fn append(&mut self, name: impl Into<Cow<'static, str>>, value: impl Into<HeaderValue>) {
-        self.0.push((name.into(), value.into()));
-    }
-
-    pub fn get(&self, name: &str) -> Option<&str> {
-        // Names are case-insensitive; exact matches (the usual case) are
-        // found without folding case.
-        self.0
-            .iter()
-            .find(|(n, _)| n.len() == name.len() && (n == name || n.eq_ignore_ascii_case(name)))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &str)> {
-        self.0.iter().map(|(n, v)| (n.as_ref(), v.as_str()))
-    }
-
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Headers {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.0.iter().map(|(n, v)| (n, v))).finish()
-    }
-}
-
 /// A stored message as a consumer sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Message {
@@ -202,7 +143,7 @@ pub struct Outgoing {
     pub subject: String,
     /// Deduplication id (`Nats-Msg-Id`): a second message with the same id
     /// inside the duplicate window is not stored again.
-    pub msg_id: Option<String>,
+    pub msg_id: Option<MsgId>,
     pub headers: Headers,
     pub payload: Bytes,
 }

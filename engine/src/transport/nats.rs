@@ -27,6 +27,7 @@ use super::{
     Transport,
 };
 use crate::headers::{DLQ_CONSUMER, DLQ_KIND, DLQ_REASON};
+use crate::id::MsgId;
 use crate::subject;
 
 mod log;
@@ -163,7 +164,7 @@ impl Nats {
     fn hops_config(&self) -> stream::Config {
         stream::Config {
             name: HOPS_STREAM.into(),
-            subjects: vec![format!("{}>", subject::HOP_PREFIX), subject::all_done()],
+            subjects: subject::hops_stream(),
             retention: RetentionPolicy::Limits,
             discard: DiscardPolicy::Old,
             storage: StorageType::File,
@@ -178,7 +179,7 @@ impl Nats {
     fn dlq_config(&self) -> stream::Config {
         stream::Config {
             name: DLQ_STREAM.into(),
-            subjects: vec![format!("{}>", subject::DLQ_PREFIX)],
+            subjects: subject::dlq_stream(),
             retention: RetentionPolicy::Limits,
             storage: StorageType::File,
             max_age: self.config.max_age,
@@ -265,7 +266,7 @@ impl Nats {
     /// process watching publishes the dead letter under one deduplication id
     /// (the stream sequence), so it is stored once.
     async fn watch_exhausted(&self, durable: &str) -> Result<tokio::task::JoinHandle<()>, Error> {
-        let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{HOPS_STREAM}.{durable}");
+        let subject = subject::max_deliveries_advisory(HOPS_STREAM, durable);
         let mut advisories = self
             .client
             .subscribe(subject)
@@ -309,7 +310,7 @@ impl Nats {
         let p = PublishMessage::build()
             .payload(m.payload)
             .headers(headers)
-            .message_id(format!("exhausted:{}", a.stream_seq));
+            .message_id(MsgId::exhausted(a.stream_seq).to_string());
         self.js
             .send_publish(subject::dead_letter(m.subject.as_str()), p)
             .await
@@ -356,7 +357,7 @@ impl Transport for Nats {
             .payload(msg.payload)
             .headers(to_nats_headers(&msg.headers));
         if let Some(id) = &msg.msg_id {
-            p = p.message_id(id);
+            p = p.message_id(id.to_string());
         }
         let ack = self
             .js

@@ -12,7 +12,7 @@ use super::run::keep_alive;
 use crate::codec::EncodeError;
 use crate::document::Document;
 use crate::headers;
-use crate::id::DedupId;
+use crate::id::{DedupId, MsgId};
 use crate::subject;
 use crate::transition::{self, Attempt, Decision, TransitionError};
 use crate::transport::{Consumer, DeadLetter, DeadLetterKind, Delivery, Outgoing, PublishAck, Transport};
@@ -70,13 +70,10 @@ pub(super) async fn hand_off<T: Transport>(
     // Built again for each try (rare): cheaper than copying one up front.
     let out = || Outgoing {
         subject: hop.subject.clone(),
-        msg_id: Some(
-            DedupId {
-                order: doc.id,
-                hop: doc.hop,
-            }
-            .to_string(),
-        ),
+        msg_id: Some(MsgId::hop(DedupId {
+            order: doc.id,
+            hop: doc.hop,
+        })),
         headers: headers::for_hop(doc, shared.format),
         payload: hop.body.clone(),
     };

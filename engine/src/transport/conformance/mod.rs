@@ -17,6 +17,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::{Consumer, ConsumerConfig, Delivery, Headers, Outgoing, Transport};
+use crate::id::MsgId;
 
 mod coordinator;
 mod log;
@@ -37,7 +38,7 @@ pub(crate) fn unique(prefix: &str) -> String {
     format!("{prefix}{}", uuid::Uuid::now_v7().simple())
 }
 
-pub(crate) fn outgoing(subject: &str, body: &str, msg_id: Option<String>) -> Outgoing {
+pub(crate) fn outgoing(subject: &str, body: &str, msg_id: Option<MsgId>) -> Outgoing {
     let mut headers = Headers::new();
     headers.insert("Waybill-Test", body.to_owned());
     Outgoing {
@@ -153,18 +154,18 @@ pub async fn duplicates_are_dropped<T: Transport>(t: &T) {
     let (subject, mut c) = setup(t, Duration::from_secs(5), 5).await;
     let id = unique("order:");
     let first = t
-        .publish(outgoing(&subject, "a", Some(format!("{id}:0"))))
+        .publish(outgoing(&subject, "a", Some(MsgId::custom(format!("{id}:0")))))
         .await
         .unwrap();
     let again = t
-        .publish(outgoing(&subject, "b", Some(format!("{id}:0"))))
+        .publish(outgoing(&subject, "b", Some(MsgId::custom(format!("{id}:0")))))
         .await
         .unwrap();
     assert!(!first.duplicate);
     assert!(again.duplicate);
     assert_eq!(again.sequence, first.sequence);
     let other = t
-        .publish(outgoing(&subject, "c", Some(format!("{id}:1"))))
+        .publish(outgoing(&subject, "c", Some(MsgId::custom(format!("{id}:1")))))
         .await
         .unwrap();
     assert!(!other.duplicate);

@@ -122,7 +122,7 @@ pub async fn request_headers_reach_the_server<T: Rpc>(t: &T) {
     spawn_server(t.serve(std::slice::from_ref(&subject), "g").await.unwrap(), "h", Arc::default());
     let mut headers = Headers::new();
     headers.insert("Waybill-Test", "with a value");
-    headers.insert("Waybill-Order", "01890a5d-ac96-774b-bcce-b302099a8057");
+    headers.insert(crate::headers::ORDER, "01890a5d-ac96-774b-bcce-b302099a8057");
     let answer = t
         .request(subject.clone(), headers, Bytes::from_static(b"p"), ANSWER_WAIT)
         .await

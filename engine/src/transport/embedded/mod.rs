@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use super::{ConsumerConfig, ConsumerKind, DeadLetter, Error, Message, Outgoing, PublishAck, Stored, Transport};
 use crate::document::Timestamp;
+use crate::id::MsgId;
 
 mod consumer;
 mod log;
@@ -96,8 +97,8 @@ struct Dedup {
     order: VecDeque<(Instant, DedupKey)>,
 }
 
-/// A message id, kept compact: Waybill's own `<uuid>:<hop>` ids as numbers
-/// (no allocation, cheap to hash), anything else as text.
+/// A message id, kept compact: a hop's own `<uuid>:<hop>` id as numbers (no
+/// allocation, cheap to hash), anything else as text.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 enum DedupKey {
     Hop(u128, u32),
@@ -113,7 +114,18 @@ impl DedupKey {
         (h % DEDUP_SHARDS as u64) as usize
     }
 
-    fn of(id: &str) -> Self {
+    fn of(id: &MsgId) -> Self {
+        if let Some(hop) = id.as_hop() {
+            return DedupKey::Hop(hop.order.as_uuid().as_u128(), hop.hop);
+        }
+        match id.as_custom() {
+            // A custom id spelled as a hop's is that hop's id.
+            Some(text) => Self::of_text(text),
+            None => DedupKey::Text(id.to_string().into()),
+        }
+    }
+
+    fn of_text(id: &str) -> Self {
         if let Some((text, hop)) = id.split_once(':') {
             // Only the canonical form (as OrderId prints it) maps to a number,
             // so two different texts never share a key.
@@ -391,5 +403,30 @@ impl Transport for Embedded {
             self.inner.consumers.store(Arc::new(next));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::DedupKey;
+    use crate::id::{DedupId, MsgId, OrderId};
+
+    #[test]
+    fn a_hops_id_is_keyed_as_numbers_whoever_spells_it() {
+        let order: OrderId = "01890a5d-ac96-774b-bcce-b302099a8057".parse().unwrap();
+        let hop = DedupId { order, hop: 3 };
+        let key = DedupKey::Hop(order.as_uuid().as_u128(), 3);
+        assert_eq!(DedupKey::of(&MsgId::hop(hop)), key);
+        assert_eq!(DedupKey::of(&MsgId::custom(hop.to_string())), key);
+        assert_eq!(
+            DedupKey::of(&MsgId::redrive(hop, 9)),
+            DedupKey::Text(MsgId::redrive(hop, 9).to_string().into())
+        );
+        assert_eq!(DedupKey::of(&MsgId::exhausted(9)), DedupKey::Text("exhausted:9".into()));
+        // Only the canonical spelling is a hop's.
+        let upper = hop.to_string().to_uppercase();
+        assert_eq!(DedupKey::of(&MsgId::custom(upper.clone())), DedupKey::Text(upper.into()));
+        assert_eq!(DedupKey::of(&MsgId::custom("m:0")), DedupKey::Text("m:0".into()));
     }
 }

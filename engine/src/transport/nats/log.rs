@@ -213,10 +213,10 @@ impl NatsLog {
             let _ = self.client.publish(reply.clone(), Bytes::new()).await;
         }
         let header = |name: &str| m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str());
-        if let Some(stalled) = header("Nats-Consumer-Stalled") {
+        if let Some(stalled) = header(crate::headers::CONSUMER_STALLED) {
             let _ = self.client.publish(stalled.to_owned(), Bytes::new()).await;
         }
-        if let Some(sent) = header("Nats-Last-Consumer").and_then(|v| v.parse::<u64>().ok()) {
+        if let Some(sent) = header(crate::headers::LAST_CONSUMER).and_then(|v| v.parse::<u64>().ok()) {
             if sent >= self.expected {
                 return Err(format!(
                     "the server sent up to consumer sequence {sent}; {} never came",
@@ -248,7 +248,7 @@ async fn ready_batch(sub: &mut async_nats::Subscriber, max: usize) -> Option<Vec
 /// <stream seq>.<consumer seq>.<time>.<pending>`, or the newer form with a
 /// domain and an account hash before the stream (and a token after).
 fn ack_fields(reply: &str) -> Option<(u64, u64, i128)> {
-    let rest = reply.strip_prefix("$JS.ACK.")?;
+    let rest = reply.strip_prefix(crate::subject::JS_ACK_PREFIX)?;
     let mut tokens = [""; 10];
     let mut n = 0;
     for t in rest.split('.') {

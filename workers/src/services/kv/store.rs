@@ -47,12 +47,12 @@ pub(super) fn decode<T: DeserializeOwned>(bucket: &'static str, key: &str, b: &[
 /// lagging replica that did not have it yet.
 async fn latest(store: &Store, key: &str) -> Result<Option<(Bytes, u64)>, LastRawMessageError> {
     use async_nats::jetstream::stream::LastRawMessageErrorKind;
-    let subject = format!("{}{key}", store.prefix);
+    let subject = waybill::subject::kv_key(&store.prefix, key);
     match store.stream.get_last_raw_message_by_subject(&subject).await {
         Ok(m) => {
             let removed = m
                 .headers
-                .get("KV-Operation")
+                .get(waybill::headers::KV_OPERATION)
                 .is_some_and(|op| matches!(op.as_str(), "DEL" | "PURGE"));
             Ok((!removed).then_some((m.payload, m.sequence)))
         }
