@@ -327,8 +327,9 @@ where
     }
 }
 
-/// An error and its causes, outermost first, joined by `: `.
-fn with_causes(e: &(dyn StdError + 'static)) -> String {
+/// An error and its causes, outermost first, joined by `: ` (as `anyhow`
+/// prints them with `{:#}`).
+pub fn with_causes(e: &(dyn StdError + 'static)) -> String {
     let mut text = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

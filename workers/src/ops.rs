@@ -15,7 +15,7 @@ use waybill::transport::{Error as TransportError, Nats, Rpc};
 use waybill::OrderId;
 use waybill::{Registry, Status};
 
-use crate::cli::{shutdown_signal, ConnectError, NatsArgs, SignalError};
+use crate::cli::{shutdown_signal, with_causes, ConnectError, NatsArgs, SignalError};
 
 /// Why an operator's command failed. The messages are the command line's.
 #[derive(Debug, thiserror::Error)]
@@ -99,18 +99,6 @@ impl OpsError {
             e @ (RequestError::BadAnswer { .. } | RequestError::Encode { .. }) => OpsError::Request(e),
         }
     }
-}
-
-/// `e` and its causes, as `anyhow` prints them with `{:#}`.
-fn with_causes(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut cause = e.source();
-    while let Some(c) = cause {
-        text.push_str(": ");
-        text.push_str(&c.to_string());
-        cause = c.source();
-    }
-    text
 }
 
 /// `waybill coordinator`: runs until SIGTERM or SIGINT.
