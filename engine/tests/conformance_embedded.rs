@@ -244,7 +244,13 @@ async fn a_reader_behind_the_log_capacity_is_told_what_it_lost() {
     }
     let e = reader.next_batch(10).await.unwrap_err();
     assert!(e.is_retryable(), "{e}");
-    let seqs: Vec<u64> = reader.next_batch(10).await.unwrap().iter().map(|m| m.sequence).collect();
+    let seqs: Vec<u64> = reader
+        .next_batch(10)
+        .await
+        .unwrap()
+        .iter()
+        .map(|m| m.sequence)
+        .collect();
     assert_eq!(seqs, [4, 5, 6]);
     let mut fresh = t.read_log(1).await.unwrap();
     let seqs: Vec<u64> = fresh.next_batch(10).await.unwrap().iter().map(|m| m.sequence).collect();

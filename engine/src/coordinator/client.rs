@@ -197,20 +197,39 @@ mod tests {
     async fn error_answers_are_refusals_or_retries() {
         let t = Embedded::new();
         let c = client(&t);
-        let _s = serve_once(&t, subject::start("order"), r#"{"error":"no stream","retryable":true,"id":"01890a5d-ac96-774b-bcce-b302099a8057"}"#).await;
+        let _s = serve_once(
+            &t,
+            subject::start("order"),
+            r#"{"error":"no stream","retryable":true,"id":"01890a5d-ac96-774b-bcce-b302099a8057"}"#,
+        )
+        .await;
         let e = c.start("order", None, Bytes::new()).await.unwrap_err();
-        assert!(matches!(&e, RequestError::Retry { message, id: Some(_) } if message == "no stream"), "{e:?}");
+        assert!(
+            matches!(&e, RequestError::Retry { message, id: Some(_) } if message == "no stream"),
+            "{e:?}"
+        );
         assert!(e.is_retryable());
 
-        let _s = serve_once(&t, subject::start("order"), r#"{"error":"bad order","retryable":false}"#).await;
+        let _s = serve_once(
+            &t,
+            subject::start("order"),
+            r#"{"error":"bad order","retryable":false}"#,
+        )
+        .await;
         let e = c.start("order", None, Bytes::new()).await.unwrap_err();
-        assert!(matches!(&e, RequestError::Refused { message } if message == "bad order"), "{e:?}");
+        assert!(
+            matches!(&e, RequestError::Refused { message } if message == "bad order"),
+            "{e:?}"
+        );
         assert!(!e.is_retryable());
 
         let id: OrderId = ID.parse().unwrap();
         let _s = serve_once(&t, subject::status(&id), r#"{"error":"unknown order"}"#).await;
         let e = c.status(&id).await.unwrap_err();
-        assert!(matches!(&e, RequestError::Refused { message } if message == "unknown order"), "{e:?}");
+        assert!(
+            matches!(&e, RequestError::Refused { message } if message == "unknown order"),
+            "{e:?}"
+        );
 
         let _s = serve_once(&t, subject::ORDERS.to_owned(), "[1,2]").await;
         let e = c.orders(&OrdersQuery::default()).await.unwrap_err();

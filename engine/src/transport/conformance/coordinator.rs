@@ -9,7 +9,6 @@ use bytes::Bytes;
 use super::{next, PATIENCE};
 use crate::transport::{ConsumerConfig, Delivery, HopLog, Rpc};
 
-
 /// The payload of the coordinator's check.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 struct Note {
@@ -50,31 +49,48 @@ pub async fn coordinator_tracks_and_redrives<T: HopLog + Rpc>(t: &T) {
         check_every: Duration::from_millis(100),
         ..CoordinatorConfig::default()
     };
-    let coordinator = coordinator::start(t.clone(), Some(Arc::new(registry)), config).await.unwrap();
+    let coordinator = coordinator::start(t.clone(), Some(Arc::new(registry)), config)
+        .await
+        .unwrap();
     tokio::time::timeout(PATIENCE, coordinator.caught_up())
         .await
         .expect("the coordinator should catch up with the log");
     let asks = CoordinatorClient::new(t.clone(), PATIENCE);
     let client = Client::connect(t.clone()).await.unwrap();
     let ok = |_ctx: crate::StepContext, _p: crate::Payload| async { Ok(StepOutput::ok()) };
-    let worker_a = Worker::builder(t.clone()).serve(svc_a.as_str(), ok).start().await.unwrap();
+    let worker_a = Worker::builder(t.clone())
+        .serve(svc_a.as_str(), ok)
+        .start()
+        .await
+        .unwrap();
 
     // Step b's hop is taken and settled by a process that then vanishes
     // without handing anything on: lost, unless re-driven.
     let b = ServiceSubject::new(svc_b.as_str()).unwrap();
     let mut thief = t
-        .consumer(ConsumerConfig::new(crate::subject::service_consumer(&b), crate::subject::hop(&b)))
+        .consumer(ConsumerConfig::new(
+            crate::subject::service_consumer(&b),
+            crate::subject::hop(&b),
+        ))
         .await
         .unwrap();
     let started = asks
-        .start(wf.name().as_str(), None, Bytes::from_static(br#"{"text":"lost and found"}"#))
+        .start(
+            wf.name().as_str(),
+            None,
+            Bytes::from_static(br#"{"text":"lost and found"}"#),
+        )
         .await
         .unwrap();
     let lost = next(&mut thief).await;
     lost.ack().await.unwrap();
     drop(thief);
     let done = client.wait(started.id);
-    let worker_b = Worker::builder(t.clone()).serve(svc_b.as_str(), ok).start().await.unwrap();
+    let worker_b = Worker::builder(t.clone())
+        .serve(svc_b.as_str(), ok)
+        .start()
+        .await
+        .unwrap();
     let doc = tokio::time::timeout(PATIENCE, done)
         .await
         .expect("the re-driven order should finish")
@@ -89,7 +105,11 @@ pub async fn coordinator_tracks_and_redrives<T: HopLog + Rpc>(t: &T) {
         })
         .await
         .unwrap();
-    assert_eq!(orders.summary.finished.get(&crate::Status::Completed), Some(&1), "{orders:?}");
+    assert_eq!(
+        orders.summary.finished.get(&crate::Status::Completed),
+        Some(&1),
+        "{orders:?}"
+    );
     assert!(orders.feeds.iter().map(|f| f.redriven).sum::<u64>() >= 1, "{orders:?}");
     let status = asks.status(&started.id).await.unwrap();
     assert_eq!(status.status, crate::Status::Completed);

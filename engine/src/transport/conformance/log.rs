@@ -9,7 +9,6 @@ use bytes::Bytes;
 use super::{next, outgoing, unique, PATIENCE, SUBJECT_PREFIX};
 use crate::transport::{ConsumerConfig, Delivery, HopLog, LogReader, Stored};
 
-
 /// Reads from `reader` until it has returned every message of `subject`
 /// in `want` (sequences), in order; other checks' messages are skipped.
 async fn read_subject<R: LogReader>(reader: &mut R, subject: &str, want: &[u64]) -> Vec<Stored> {
@@ -35,7 +34,12 @@ pub async fn log_reads_from_a_sequence_then_live<T: HopLog>(t: &T) {
     let subject = unique(SUBJECT_PREFIX);
     let mut seqs = Vec::new();
     for i in 0..5 {
-        seqs.push(t.publish(outgoing(&subject, &format!("m{i}"), None)).await.unwrap().sequence);
+        seqs.push(
+            t.publish(outgoing(&subject, &format!("m{i}"), None))
+                .await
+                .unwrap()
+                .sequence,
+        );
     }
     let info = t.log_info().await.unwrap();
     assert!(info.last_sequence >= seqs[4] && info.messages >= 5, "{info:?}");
@@ -75,13 +79,22 @@ pub async fn consumer_position_follows_deliveries<T: HopLog>(t: &T) {
     let mut c = t.consumer(cfg).await.unwrap();
     let mut seqs = Vec::new();
     for i in 0..3 {
-        seqs.push(t.publish(outgoing(&subject, &format!("p{i}"), None)).await.unwrap().sequence);
+        seqs.push(
+            t.publish(outgoing(&subject, &format!("p{i}"), None))
+                .await
+                .unwrap()
+                .sequence,
+        );
     }
     let mut held = Vec::new();
     while held.len() < 3 {
         held.push(next(&mut c).await);
     }
-    let p = t.consumer_position(&durable).await.unwrap().expect("the consumer exists");
+    let p = t
+        .consumer_position(&durable)
+        .await
+        .unwrap()
+        .expect("the consumer exists");
     assert_eq!(p.delivered, seqs[2], "{p:?}");
     assert!(p.ack_floor < seqs[0], "nothing is acknowledged yet: {p:?}");
     assert_eq!(p.pending, 0, "{p:?}");
@@ -94,7 +107,11 @@ pub async fn consumer_position_follows_deliveries<T: HopLog>(t: &T) {
     let p = tokio::time::timeout(PATIENCE, async {
         loop {
             look.tick().await;
-            let p = t.consumer_position(&durable).await.unwrap().expect("the consumer exists");
+            let p = t
+                .consumer_position(&durable)
+                .await
+                .unwrap()
+                .expect("the consumer exists");
             if p.ack_floor >= seqs[2] {
                 return p;
             }

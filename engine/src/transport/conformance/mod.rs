@@ -237,4 +237,3 @@ pub async fn run_all<T: Transport>(t: &T) {
     shared_consumer_splits_work(t).await;
     earlier_messages_reach_a_new_consumer(t).await;
 }
-

@@ -39,9 +39,14 @@ fn spawn_server<R: Requests>(mut requests: R, name: &'static str, received: Arc<
 }
 
 async fn ask<T: Rpc>(t: &T, subject: &str, body: &str) -> Result<String, Error> {
-    t.request(subject.to_owned(), Headers::new(), Bytes::from(body.to_owned()), ANSWER_WAIT)
-        .await
-        .map(|b| String::from_utf8_lossy(&b).into_owned())
+    t.request(
+        subject.to_owned(),
+        Headers::new(),
+        Bytes::from(body.to_owned()),
+        ANSWER_WAIT,
+    )
+    .await
+    .map(|b| String::from_utf8_lossy(&b).into_owned())
 }
 
 /// A request is answered by the process serving its subject.
@@ -60,7 +65,10 @@ pub async fn nobody_serving_is_no_responders<T: Rpc>(t: &T) {
     let e = ask(t, &subject, "anyone?").await.unwrap_err();
     assert_eq!(e, Error::NoResponders(subject), "{e}");
     assert!(e.is_retryable() && e.is_unavailable());
-    assert!(began.elapsed() < ANSWER_WAIT, "NoResponders should not wait for the time-out");
+    assert!(
+        began.elapsed() < ANSWER_WAIT,
+        "NoResponders should not wait for the time-out"
+    );
 }
 
 /// A request its server receives and does not answer times out.
@@ -80,7 +88,11 @@ pub async fn unanswered_request_times_out<T: Rpc>(t: &T) {
 /// server of another group receives every one of them too.
 pub async fn a_group_answers_each_request_once<T: Rpc>(t: &T) {
     let subject = unique(RPC_PREFIX);
-    let (a, b, other) = (Arc::<AtomicUsize>::default(), Arc::<AtomicUsize>::default(), Arc::<AtomicUsize>::default());
+    let (a, b, other) = (
+        Arc::<AtomicUsize>::default(),
+        Arc::<AtomicUsize>::default(),
+        Arc::<AtomicUsize>::default(),
+    );
     let subjects = std::slice::from_ref(&subject);
     spawn_server(t.serve(subjects, "shared").await.unwrap(), "a", a.clone());
     spawn_server(t.serve(subjects, "shared").await.unwrap(), "b", b.clone());
@@ -96,8 +108,15 @@ pub async fn a_group_answers_each_request_once<T: Rpc>(t: &T) {
         other.fetch_add(1, Ordering::SeqCst);
     }
     let (a, b) = (a.load(Ordering::SeqCst), b.load(Ordering::SeqCst));
-    assert_eq!(a + b, n, "each request should reach one server of the group (a {a}, b {b})");
-    assert!(a > 0 && b > 0, "both servers of the group should get requests (a {a}, b {b})");
+    assert_eq!(
+        a + b,
+        n,
+        "each request should reach one server of the group (a {a}, b {b})"
+    );
+    assert!(
+        a > 0 && b > 0,
+        "both servers of the group should get requests (a {a}, b {b})"
+    );
     assert_eq!(other.load(Ordering::SeqCst), n);
 }
 
@@ -106,11 +125,19 @@ pub async fn wildcards_match_tokens<T: Rpc>(t: &T) {
     let root = unique(RPC_PREFIX);
     let subjects = [format!("{root}.*.status"), format!("{root}.deep.>")];
     spawn_server(t.serve(&subjects, "g").await.unwrap(), "w", Arc::default());
-    for ok in [format!("{root}.x.status"), format!("{root}.deep.a"), format!("{root}.deep.a.b")] {
+    for ok in [
+        format!("{root}.x.status"),
+        format!("{root}.deep.a"),
+        format!("{root}.deep.a.b"),
+    ] {
         let answer = ask(t, &ok, "").await.unwrap();
         assert_eq!(answer, format!("w|{ok}||"));
     }
-    for none in [format!("{root}.x.y.status"), format!("{root}.deep"), format!("{root}.status")] {
+    for none in [
+        format!("{root}.x.y.status"),
+        format!("{root}.deep"),
+        format!("{root}.status"),
+    ] {
         let e = ask(t, &none, "").await.unwrap_err();
         assert!(matches!(e, Error::NoResponders(_)), "{none}: {e}");
     }
@@ -119,7 +146,11 @@ pub async fn wildcards_match_tokens<T: Rpc>(t: &T) {
 /// The request's headers reach its server.
 pub async fn request_headers_reach_the_server<T: Rpc>(t: &T) {
     let subject = unique(RPC_PREFIX);
-    spawn_server(t.serve(std::slice::from_ref(&subject), "g").await.unwrap(), "h", Arc::default());
+    spawn_server(
+        t.serve(std::slice::from_ref(&subject), "g").await.unwrap(),
+        "h",
+        Arc::default(),
+    );
     let mut headers = Headers::new();
     headers.insert("Waybill-Test", "with a value");
     headers.insert(crate::headers::ORDER, "01890a5d-ac96-774b-bcce-b302099a8057");
@@ -134,7 +165,9 @@ pub async fn request_headers_reach_the_server<T: Rpc>(t: &T) {
 /// (answering it is harmless), and is no error when nobody listens.
 pub async fn announcements_need_no_answer<T: Rpc>(t: &T) {
     let subject = unique(RPC_PREFIX);
-    t.announce(subject.clone(), Bytes::from_static(b"into the void")).await.unwrap();
+    t.announce(subject.clone(), Bytes::from_static(b"into the void"))
+        .await
+        .unwrap();
     let mut requests = t.serve(std::slice::from_ref(&subject), "g").await.unwrap();
     t.announce(subject.clone(), Bytes::from_static(b"news")).await.unwrap();
     let heard = tokio::time::timeout(PATIENCE, requests.next()).await.unwrap().unwrap();

@@ -76,7 +76,11 @@ impl LogReader for EmbeddedLog {
             appended.as_mut().enable();
             {
                 let log = lock(&self.inner.log);
-                if let Some(oldest) = log.front().map(|s| s.sequence).filter(|&o| self.reading && o > self.next) {
+                if let Some(oldest) = log
+                    .front()
+                    .map(|s| s.sequence)
+                    .filter(|&o| self.reading && o > self.next)
+                {
                     let lost = oldest - self.next;
                     self.next = oldest;
                     return Err(Error::Other {

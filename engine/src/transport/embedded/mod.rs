@@ -426,7 +426,10 @@ mod tests {
         assert_eq!(DedupKey::of(&MsgId::exhausted(9)), DedupKey::Text("exhausted:9".into()));
         // Only the canonical spelling is a hop's.
         let upper = hop.to_string().to_uppercase();
-        assert_eq!(DedupKey::of(&MsgId::custom(upper.clone())), DedupKey::Text(upper.into()));
+        assert_eq!(
+            DedupKey::of(&MsgId::custom(upper.clone())),
+            DedupKey::Text(upper.into())
+        );
         assert_eq!(DedupKey::of(&MsgId::custom("m:0")), DedupKey::Text("m:0".into()));
     }
 }

@@ -139,7 +139,13 @@ impl Rpc for Embedded {
         Ok(EmbeddedRequests { rx })
     }
 
-    async fn request(&self, subject: String, headers: Headers, payload: Bytes, timeout: Duration) -> Result<Bytes, Error> {
+    async fn request(
+        &self,
+        subject: String,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, Error> {
         self.check_size(&payload)?;
         let (reply, mut answers) = mpsc::channel(1);
         let delivered = self.inner.rpc.route(&subject, || EmbeddedRequest {
@@ -155,7 +161,9 @@ impl Rpc for Embedded {
         match tokio::time::timeout(timeout, answers.recv()).await {
             Ok(Some(answer)) => Ok(answer),
             // Every server dropped the request unanswered: none will come.
-            Ok(None) => Err(Error::TimedOut(format!("no answer on `{subject}`: the request was dropped"))),
+            Ok(None) => Err(Error::TimedOut(format!(
+                "no answer on `{subject}`: the request was dropped"
+            ))),
             Err(_) => Err(Error::TimedOut(format!("no answer on `{subject}` within {timeout:?}"))),
         }
     }

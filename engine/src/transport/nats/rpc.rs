@@ -37,7 +37,13 @@ impl Rpc for Nats {
         })
     }
 
-    async fn request(&self, subject: String, headers: Headers, payload: Bytes, timeout: Duration) -> Result<Bytes, Error> {
+    async fn request(
+        &self,
+        subject: String,
+        headers: Headers,
+        payload: Bytes,
+        timeout: Duration,
+    ) -> Result<Bytes, Error> {
         let mut req = async_nats::Request::new().payload(payload).timeout(Some(timeout));
         if !headers.is_empty() {
             req = req.headers(to_nats_headers(&headers));
