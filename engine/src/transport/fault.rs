@@ -45,6 +45,11 @@ pub enum Fault {
 /// sequence", its constant form), unknown to async-nats 0.51.
 const CLUSTERED_WRONG_LAST_SEQUENCE: ErrorCode = ErrorCode(10164);
 
+/// The server's code for an atomic batch that did not arrive whole (a
+/// message lost with a connection, or the batch abandoned after a pause):
+/// nothing of it was stored, and sending it again may succeed.
+const ATOMIC_BATCH_INCOMPLETE: ErrorCode = ErrorCode(10176);
+
 /// Classifies an error of async-nats (any of its operations), walking its
 /// chain of sources.
 pub fn classify(e: &(dyn StdError + 'static)) -> Fault {
@@ -215,6 +220,7 @@ fn api_error(e: &async_nats::jetstream::Error) -> Fault {
         ErrorCode::CLUSTER_NO_PEERS,
         ErrorCode::JETSTREAM_NOT_ENABLED,
         ErrorCode::STREAM_NOT_FOUND,
+        ATOMIC_BATCH_INCOMPLETE,
     ];
     if away.contains(&code) || e.code() == 503 || e.code() == 408 {
         Fault::Unavailable

@@ -26,10 +26,12 @@ use crate::headers::{DLQ_CONSUMER, DLQ_KIND, DLQ_REASON};
 use crate::id::MsgId;
 use crate::subject;
 
+mod atomic;
 mod consumer;
 mod log;
 mod rpc;
 mod servers;
+pub use atomic::{AtomicAck, AtomicError, AtomicWrite, MAX_BATCH};
 use consumer::pull_messages;
 pub use consumer::{NatsConsumer, NatsDelivery};
 pub use log::NatsLog;
