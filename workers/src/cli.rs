@@ -309,6 +309,11 @@ where
         // `redone`: steps run again whose next hop was already stored (a
         // redelivery after a crash; after a clean drain it stays 0).
         eprintln!("{name}: drained after {steps} steps ({dead} dead-lettered, {redone} redone)");
+        // What the services asked of their buckets, for benchmarks.
+        let kv = crate::services::kv::stats::snapshot();
+        if !kv.is_empty() {
+            eprintln!("{kv}");
+        }
         Ok::<(), BoxError>(())
     };
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {

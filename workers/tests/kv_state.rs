@@ -5,16 +5,12 @@
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
 
 use waybill::transport::nats::{Nats, NatsConfig};
 use waybill::OrderId;
 use waybill_testkit::NatsServer;
 use waybill_workers::services::kv::{self, KvLedger, KvStock};
-use waybill_workers::services::{Ledger, Reservation, Run, StockError, StockStore};
-
-const WINDOW: Duration = Duration::from_secs(10);
-const RUN: Run = Run { window: WINDOW };
+use waybill_workers::services::{Ledger, Reservation, StockError, StockStore};
 
 async fn nats(server: &NatsServer) -> Nats {
     let n = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
@@ -25,7 +21,7 @@ async fn nats(server: &NatsServer) -> Nats {
 /// Retries while another run holds the order, as the runtime would.
 async fn reserve(stock: &KvStock, order: OrderId, lines: &BTreeMap<String, i64>) -> Reservation {
     for _ in 0..200 {
-        match stock.reserve(order, lines, RUN).await {
+        match stock.reserve(order, lines).await {
             Ok(r) => return r,
             Err(StockError::Busy(_)) => tokio::task::yield_now().await,
             Err(e) => panic!("{e}"),
@@ -53,18 +49,27 @@ async fn racing_charges_and_refunds_happen_once() {
 async fn two_runs_of_one_reservation_take_the_stock_once() {
     let server = NatsServer::start();
     let n = nats(&server).await;
-    let stock = KvStock::open(&n, HashMap::new()).await.unwrap();
+    // Two stores are two processes: each commits its own batches.
+    let (a, b) = (
+        KvStock::open(&n, HashMap::new()).await.unwrap(),
+        KvStock::open(&n, HashMap::new()).await.unwrap(),
+    );
     let lines = BTreeMap::from([("SKU-A".to_owned(), 3), ("SKU-B".to_owned(), 2)]);
     for _ in 0..10 {
         let id = OrderId::new();
-        let (x, y) = tokio::join!(reserve(&stock, id, &lines), reserve(&stock, id, &lines));
-        assert_eq!((x, y), (Reservation::Reserved, Reservation::Reserved));
+        let (x, y, z) = tokio::join!(
+            reserve(&a, id, &lines),
+            reserve(&b, id, &lines),
+            reserve(&a, id, &lines)
+        );
+        assert_eq!(
+            (&x, &y, &z),
+            (&Reservation::Reserved, &Reservation::Reserved, &Reservation::Reserved)
+        );
     }
-    let (a, pending_a) = stock.level_of("SKU-A").await.unwrap();
-    let (b, pending_b) = stock.level_of("SKU-B").await.unwrap();
-    assert_eq!((a.reserved, b.reserved), (30, 20));
-    assert_eq!((a.available, b.available), (1_000_000 - 30, 1_000_000 - 20));
-    assert_eq!((pending_a, pending_b), (0, 0));
+    let (sa, sb) = (a.level_of("SKU-A").await.unwrap(), a.level_of("SKU-B").await.unwrap());
+    assert_eq!((sa.reserved, sb.reserved), (30, 20));
+    assert_eq!((sa.available, sb.available), (1_000_000 - 30, 1_000_000 - 20));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -74,85 +79,108 @@ async fn stock_is_never_oversold_and_short_orders_take_nothing() {
     kv::seed_stock(&n, &BTreeMap::from([("SKU-LIMITED".to_owned(), 10)]))
         .await
         .unwrap();
-    let stock = KvStock::open(&n, HashMap::new()).await.unwrap();
+    let (a, b) = (
+        KvStock::open(&n, HashMap::new()).await.unwrap(),
+        KvStock::open(&n, HashMap::new()).await.unwrap(),
+    );
     let one = BTreeMap::from([("SKU-LIMITED".to_owned(), 1), ("SKU-X".to_owned(), 1)]);
-    let results = futures::future::join_all((0..16).map(|_| reserve(&stock, OrderId::new(), &one))).await;
+    let results = futures::future::join_all((0..32).map(|i| {
+        let store = if i % 2 == 0 { &a } else { &b };
+        reserve(store, OrderId::new(), &one)
+    }))
+    .await;
     let reserved = results.iter().filter(|r| **r == Reservation::Reserved).count();
     assert_eq!(reserved, 10, "{results:?}");
-    let (limited, _) = stock.level_of("SKU-LIMITED").await.unwrap();
+    let limited = a.level_of("SKU-LIMITED").await.unwrap();
     assert_eq!((limited.available, limited.reserved), (0, 10));
-    // The short orders' other line was undone: SKU-X holds only the ten.
-    let (x, pending) = stock.level_of("SKU-X").await.unwrap();
-    assert_eq!((x.reserved, pending), (10, 0));
+    // The short orders took nothing of their other line: SKU-X holds the ten.
+    let x = a.level_of("SKU-X").await.unwrap();
+    assert_eq!(x.reserved, 10);
 
     // A released reservation returns its stock, once.
     let id = OrderId::new();
     let two = BTreeMap::from([("SKU-Y".to_owned(), 2)]);
-    assert_eq!(reserve(&stock, id, &two).await, Reservation::Reserved);
-    let release = Run { window: WINDOW };
-    assert!(stock.release(id, release).await.unwrap());
-    assert!(!stock.release(id, release).await.unwrap());
-    let (y, _) = stock.level_of("SKU-Y").await.unwrap();
+    assert_eq!(reserve(&a, id, &two).await, Reservation::Reserved);
+    assert!(a.release(id).await.unwrap());
+    assert!(!b.release(id).await.unwrap());
+    assert!(!a.release(id).await.unwrap());
+    let y = a.level_of("SKU-Y").await.unwrap();
     assert_eq!((y.available, y.reserved), (1_000_000, 0));
 }
 
-/// A reservation whose step ran out of attempts part-way: its run died
-/// after changing one SKU (the marker says so) and before saving the
-/// order's record, holding the order's lease. Until the lease lapses no
-/// other run acts; then the compensation gives back what was taken and
-/// closes the record, and a late run of the step takes nothing.
+/// "Short" is never decided on a level another process has changed since:
+/// a store that saw the last unit go still reserves the unit another
+/// process gave back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn releasing_a_half_made_reservation_gives_back_what_it_took() {
+async fn a_unit_given_back_elsewhere_can_be_reserved_at_once() {
+    let server = NatsServer::start();
+    let n = nats(&server).await;
+    kv::seed_stock(&n, &BTreeMap::from([("SKU-ONE".to_owned(), 1)]))
+        .await
+        .unwrap();
+    let (a, b) = (
+        KvStock::open(&n, HashMap::new()).await.unwrap(),
+        KvStock::open(&n, HashMap::new()).await.unwrap(),
+    );
+    let one = BTreeMap::from([("SKU-ONE".to_owned(), 1)]);
+    let first = OrderId::new();
+    assert_eq!(reserve(&a, first, &one).await, Reservation::Reserved);
+    let short = reserve(&a, OrderId::new(), &one).await;
+    assert!(
+        matches!(short, Reservation::Insufficient { available: 0, .. }),
+        "{short:?}"
+    );
+    // `b` gives the unit back; `a` last saw none left.
+    assert!(b.release(first).await.unwrap());
+    assert_eq!(reserve(&a, OrderId::new(), &one).await, Reservation::Reserved);
+    let level = b.level_of("SKU-ONE").await.unwrap();
+    assert_eq!((level.available, level.reserved), (0, 1));
+}
+
+/// A run whose batch was stored but whose confirmation was lost (a
+/// time-out, a failover) leaves the order's record: the next run answers
+/// from it and takes nothing again, and the release gives back what the
+/// record says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stored_reservation_is_answered_from_its_record() {
     let server = NatsServer::start();
     let n = nats(&server).await;
     let stock = KvStock::open(&n, HashMap::new()).await.unwrap();
     let id = OrderId::new();
     let lines = BTreeMap::from([("SKU-H1".to_owned(), 3), ("SKU-H2".to_owned(), 2)]);
-    let js = n.jetstream();
-    let orders = js.get_key_value(kv::RESERVATIONS).await.unwrap();
-    let skus = js.get_key_value(kv::INVENTORY).await.unwrap();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let record = |until_ms: u64| {
-        let r = serde_json::json!({
-            "lines": {"SKU-H1": 3, "SKU-H2": 2}, "state": "reserving",
-            "applied": ["SKU-H1"], "returned": [],
-            "lease": {"run": "dead", "until_ms": until_ms}
-        });
-        bytes::Bytes::from(serde_json::to_vec(&r).unwrap())
-    };
-    let level = |reserved: i64, marker: Option<i64>| {
-        let mut v = serde_json::json!({"available": 1_000_000 - reserved, "reserved": reserved});
-        if let Some(q) = marker {
-            v["pending"] = serde_json::json!({format!("{id}:reserve"): q});
-        }
-        bytes::Bytes::from(serde_json::to_vec(&v).unwrap())
-    };
-    // SKU-H1 reserved and recorded; SKU-H2 changed, its record lost.
-    orders.put(id.to_string(), record(now_ms + 60_000)).await.unwrap();
-    skus.put("SKU-H1", level(3, None)).await.unwrap();
-    skus.put("SKU-H2", level(2, Some(2))).await.unwrap();
-
-    // While the dead run's lease holds, nobody acts.
-    let again = stock.reserve(id, &lines, RUN).await;
-    assert!(matches!(again, Err(StockError::Busy(_))), "{again:?}");
-    let early = stock.release(id, RUN).await;
-    assert!(matches!(early, Err(StockError::Busy(_))), "{early:?}");
-
-    // Once it has lapsed, the compensation gives everything back.
-    orders.put(id.to_string(), record(now_ms - 1)).await.unwrap();
-    assert!(stock.release(id, RUN).await.unwrap());
-    for sku in ["SKU-H1", "SKU-H2"] {
-        let (l, pending) = stock.level_of(sku).await.unwrap();
-        assert_eq!((l.available, l.reserved, pending), (1_000_000, 0, 0), "{sku}");
+    // What the lost run stored, written as it would have been.
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    let bucket = js.get_key_value(kv::INVENTORY).await.unwrap();
+    let json = |v: serde_json::Value| bytes::Bytes::from(serde_json::to_vec(&v).unwrap());
+    bucket
+        .put(
+            format!("order.{id}"),
+            json(serde_json::json!({"state": "reserved", "lines": {"SKU-H1": 3, "SKU-H2": 2}})),
+        )
+        .await
+        .unwrap();
+    for (sku, qty) in &lines {
+        bucket
+            .put(
+                format!("sku.{sku}"),
+                json(serde_json::json!({"available": 1_000_000 - qty, "reserved": qty})),
+            )
+            .await
+            .unwrap();
     }
-    // A late run of the step finds the record closed and takes nothing.
-    stock.reserve(id, &lines, RUN).await.unwrap();
-    let (l, _) = stock.level_of("SKU-H2").await.unwrap();
-    assert_eq!(l.reserved, 0);
-    assert!(!stock.release(id, RUN).await.unwrap());
+    assert_eq!(reserve(&stock, id, &lines).await, Reservation::Reserved);
+    for (sku, qty) in &lines {
+        assert_eq!(stock.level_of(sku).await.unwrap().reserved, *qty, "{sku}");
+    }
+    assert!(stock.release(id).await.unwrap());
+    for sku in lines.keys() {
+        let l = stock.level_of(sku).await.unwrap();
+        assert_eq!((l.available, l.reserved), (1_000_000, 0), "{sku}");
+    }
+    // A late run of the step finds the record released and takes nothing.
+    assert_eq!(reserve(&stock, id, &lines).await, Reservation::Reserved);
+    assert_eq!(stock.level_of("SKU-H2").await.unwrap().reserved, 0);
+    assert!(!stock.release(id).await.unwrap());
 }
 
 /// A reservation whose every attempt failed before it wrote anything is
@@ -164,9 +192,30 @@ async fn a_release_before_any_reservation_closes_the_order() {
     let n = nats(&server).await;
     let stock = KvStock::open(&n, HashMap::new()).await.unwrap();
     let id = OrderId::new();
-    assert!(!stock.release(id, RUN).await.unwrap());
+    assert!(!stock.release(id).await.unwrap());
     let lines = BTreeMap::from([("SKU-L".to_owned(), 4)]);
-    stock.reserve(id, &lines, RUN).await.unwrap();
-    let (l, pending) = stock.level_of("SKU-L").await.unwrap();
-    assert_eq!((l.reserved, pending), (0, 0));
+    stock.reserve(id, &lines).await.unwrap();
+    assert_eq!(stock.level_of("SKU-L").await.unwrap().reserved, 0);
+}
+
+/// An inventory bucket made before it took atomic batches is refused with
+/// a clear error, and `waybill setup` (here `setup_buckets`) fixes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_without_atomic_batches_is_refused_until_set_up() {
+    let server = NatsServer::start();
+    let n = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
+    js.create_key_value(async_nats::jetstream::kv::Config {
+        bucket: kv::INVENTORY.into(),
+        history: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = KvStock::open(&n, HashMap::new()).await.unwrap_err();
+    assert!(e.to_string().contains("waybill setup"), "{e}");
+    kv::setup_buckets(&n, 1).await.unwrap();
+    let stock = KvStock::open(&n, HashMap::new()).await.unwrap();
+    let lines = BTreeMap::from([("SKU-Z".to_owned(), 1)]);
+    assert_eq!(reserve(&stock, OrderId::new(), &lines).await, Reservation::Reserved);
 }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashMap};
 use waybill::{OrderId, Payload, StepContext, StepKind, WorkerId};
 use waybill_workers::services::{
     tracking_number, InventoryService, Ledger, MemoryLedger, MemoryShipments, MemoryStock, PaymentService, Reservation,
-    Run, ShippingService, StockStore,
+    ShippingService, StockStore,
 };
 use waybill_workflows::samples::{CARD_DECLINED, CARD_FLAKY, CARD_OK};
 use waybill_workflows::{Address, Item, Order, PaymentInfo};
@@ -125,13 +125,7 @@ async fn inventory_reserves_all_or_nothing_and_releases_once() {
     let lines = BTreeMap::from([("SKU-LIMITED".to_owned(), 6)]);
     assert_eq!(
         inv.stock()
-            .reserve(
-                id,
-                &lines,
-                Run {
-                    window: std::time::Duration::from_secs(5)
-                }
-            )
+            .reserve(id, &lines)
             .await
             .unwrap(),
         Reservation::Reserved

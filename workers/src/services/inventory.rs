@@ -59,23 +59,6 @@ impl From<StockError> for StepError {
     }
 }
 
-/// A run of an order's step, as a store shared by many processes sees it
-/// to keep two runs of one order from acting at once.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Run {
-    /// How long the run may still act (until its step's deadline).
-    pub window: std::time::Duration,
-}
-
-impl Run {
-    /// The run of the step of `ctx`.
-    pub fn of(ctx: &StepContext) -> Self {
-        Self {
-            window: ctx.deadline.saturating_duration_since(tokio::time::Instant::now()),
-        }
-    }
-}
-
 /// Stock levels. A reservation takes all lines or none; release undoes a
 /// reservation once, or what a reservation that never finished did.
 pub trait StockStore: Send + Sync + 'static {
@@ -83,10 +66,9 @@ pub trait StockStore: Send + Sync + 'static {
         &self,
         order: OrderId,
         lines: &BTreeMap<String, i64>,
-        run: Run,
     ) -> impl Future<Output = Result<Reservation, StockError>> + Send;
     /// Returns whether anything was released.
-    fn release(&self, order: OrderId, run: Run) -> impl Future<Output = Result<bool, StockError>> + Send;
+    fn release(&self, order: OrderId) -> impl Future<Output = Result<bool, StockError>> + Send;
     fn level(&self, sku: &str) -> impl Future<Output = Result<Level, StockError>> + Send;
 }
 
@@ -144,12 +126,7 @@ impl MemoryStock {
 }
 
 impl StockStore for MemoryStock {
-    async fn reserve(
-        &self,
-        order: OrderId,
-        lines: &BTreeMap<String, i64>,
-        _run: Run,
-    ) -> Result<Reservation, StockError> {
+    async fn reserve(&self, order: OrderId, lines: &BTreeMap<String, i64>) -> Result<Reservation, StockError> {
         let mut st = self.lock();
         if let Some(held) = st.orders.get(&order) {
             return Ok(held.result.clone());
@@ -193,7 +170,7 @@ impl StockStore for MemoryStock {
         Ok(result)
     }
 
-    async fn release(&self, order: OrderId, _run: Run) -> Result<bool, StockError> {
+    async fn release(&self, order: OrderId) -> Result<bool, StockError> {
         let mut st = self.lock();
         let StockState { levels, orders } = &mut *st;
         let Some(held) = orders.get_mut(&order) else {
@@ -253,7 +230,8 @@ impl<S: StockStore> InventoryService<S> {
     pub async fn reserve(&self, ctx: StepContext, payload: Payload) -> Result<StepOutput, StepError> {
         let order = order_of(&payload)?;
         let lines = lines_of(&order)?;
-        match self.stock.reserve(ctx.order_id, &lines, Run::of(&ctx)).await? {
+        let reserve = self.stock.reserve(ctx.order_id, &lines);
+        match super::store_call(&ctx, "the stock", reserve).await? {
             Reservation::Reserved => Ok(StepOutput::ok()),
             Reservation::Insufficient { sku, wanted, available } => Ok(StepOutput::outcome("out_of_stock")
                 .with_detail(format!("{sku}: wanted {wanted}, available {available}"))),
@@ -262,7 +240,8 @@ impl<S: StockStore> InventoryService<S> {
 
     /// Releases the order's reservation, once.
     pub async fn release(&self, ctx: StepContext, _payload: Payload) -> Result<StepOutput, StepError> {
-        let released = self.stock.release(ctx.order_id, Run::of(&ctx)).await?;
+        let release = self.stock.release(ctx.order_id);
+        let released = super::store_call(&ctx, "the stock", release).await?;
         Ok(StepOutput::ok().with_detail(if released { "released" } else { "nothing to release" }))
     }
 }

@@ -14,7 +14,7 @@ mod shipping;
 
 use std::sync::Arc;
 
-pub use inventory::{initial_stock, InventoryService, Level, MemoryStock, Reservation, Run, StockError, StockStore};
+pub use inventory::{initial_stock, InventoryService, Level, MemoryStock, Reservation, StockError, StockStore};
 pub use payment::{Ledger, LedgerError, MemoryLedger, PaymentEntry, PaymentService};
 pub use shipping::{tracking_number, MemoryShipments, ShipmentError, ShipmentLog, ShippingService};
 

@@ -188,12 +188,11 @@ fn setup(args: SetupArgs) -> anyhow::Result<ExitCode> {
         transport.setup().await?;
         kv::setup_buckets(&transport, replicas).await?;
         println!(
-            "streams {}, {} and buckets {}, {}, {} are ready on {}",
+            "streams {}, {} and buckets {}, {} are ready on {}",
             waybill::transport::nats::HOPS_STREAM,
             waybill::transport::nats::DLQ_STREAM,
             kv::PAYMENTS,
             kv::INVENTORY,
-            kv::RESERVATIONS,
             nats.url
         );
         if let Some(stock) = stock {

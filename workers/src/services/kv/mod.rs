@@ -6,25 +6,25 @@
 //!   "refunded"}`. A charge is a `create` (it fails if the key exists), so an
 //!   order cannot be charged twice whatever the redeliveries or processes; a
 //!   refund is a compare-and-swap.
-//! - `inventory`: key = SKU, value `{"available", "reserved"}`, changed only by
-//!   compare-and-swap on the revision. Each change also records, in the same
-//!   swap, a marker `"<order>:<op>"` under `"pending"`; a redelivered step
-//!   that finds its marker knows its change is already made. Markers are
-//!   removed once the order's own record says the change is done, so at rest
-//!   a value is exactly `{"available", "reserved"}`.
-//! - `reservations`: key = order id, what the inventory did for the order:
-//!   the lines, which SKUs are reserved, undone or released, and the outcome.
-//!   A reservation of several lines is all or nothing: if a later line is
-//!   short, the earlier ones are undone before the answer is given.
+//! - `inventory`: the stock levels (`sku.<SKU>` = `{"available",
+//!   "reserved"}`) and what the inventory did for each order
+//!   (`order.<id>`: its lines and whether they are reserved, were short,
+//!   were released, or the order was closed first), in one bucket so that
+//!   one atomic batch (nats-server 2.12+) changes both. A reservation of
+//!   several lines is all or nothing and costs one batch: the order's
+//!   record and, shared with the other orders committed with it, the
+//!   levels of its SKUs ([`commit`]).
 //!
 //! The files: `store` (reading and writing values, and store errors told
-//! apart by kind and code), `payment` (the ledger), `stock` (the levels),
-//! `lease` (one run of an order's step at a time) and `reservation` (the
-//! inventory's protocol: reserve all or nothing, release once).
+//! apart by kind and code), `payment` (the ledger), `record` (the
+//! inventory's keys and values), `commit` (group commit of reservations
+//! and releases), `stock` (the inventory's store) and `stats` (what a
+//! process asked of its buckets).
 
-mod lease;
+mod commit;
 mod payment;
-mod reservation;
+mod record;
+pub mod stats;
 mod stock;
 mod store;
 
@@ -37,15 +37,13 @@ use waybill::transport::nats::Nats;
 pub use payment::KvLedger;
 pub use stock::KvStock;
 
-use stock::SkuValue;
+use record::SkuValue;
 use store::{check_key, encode};
 
 /// The payment ledger's bucket.
 pub const PAYMENTS: &str = "payments";
-/// Stock levels per SKU.
+/// Stock levels per SKU and what the inventory did for each order.
 pub const INVENTORY: &str = "inventory";
-/// What the inventory did for each order.
-pub const RESERVATIONS: &str = "reservations";
 
 /// Why a bucket could not be created, opened or used.
 #[derive(Debug, thiserror::Error)]
@@ -64,7 +62,7 @@ fn kv_err(bucket: &'static str, e: impl std::fmt::Display) -> KvError {
 
 /// Creates the services' buckets if they do not exist (`waybill setup`).
 pub async fn setup_buckets(nats: &Nats, replicas: usize) -> Result<(), KvError> {
-    for bucket in [PAYMENTS, INVENTORY, RESERVATIONS] {
+    for bucket in [PAYMENTS, INVENTORY] {
         let js = nats.jetstream();
         if js.get_key_value(bucket).await.is_ok() {
             continue;
@@ -79,7 +77,12 @@ pub async fn setup_buckets(nats: &Nats, replicas: usize) -> Result<(), KvError> 
         .await
         .map_err(|e| kv_err(bucket, e))?;
     }
-    Ok(())
+    // The inventory changes a reservation's levels and record in one
+    // atomic batch.
+    let inventory = open(nats, INVENTORY).await?;
+    nats.allow_atomic_publish(&inventory.stream_name)
+        .await
+        .map_err(|e| kv_err(INVENTORY, e))
 }
 
 /// Opens a bucket that `waybill setup` created.
@@ -97,12 +100,8 @@ pub async fn seed_stock(nats: &Nats, stock: &BTreeMap<String, i64>) -> Result<us
     let mut created = 0;
     for (sku, &available) in stock {
         check_key(sku).map_err(|e| kv_err(INVENTORY, e))?;
-        let value = SkuValue {
-            available,
-            reserved: 0,
-            pending: BTreeMap::new(),
-        };
-        match store.create(sku, encode(&value)).await {
+        let value = SkuValue { available, reserved: 0 };
+        match store.create(record::sku_key(sku), encode(&value)).await {
             Ok(_) => created += 1,
             Err(e) if fault::is_conflict(&e) => {}
             Err(e) => return Err(kv_err(INVENTORY, e)),

@@ -8,7 +8,7 @@ use waybill::OrderId;
 
 use super::super::payment::{Ledger, LedgerError, PaymentEntry};
 use super::store::{decode, encode, latest_as, ledger_err};
-use super::{open, KvError, PAYMENTS};
+use super::{open, stats, KvError, PAYMENTS};
 
 /// The payment ledger in the `payments` bucket.
 #[derive(Debug, Clone)]
@@ -24,6 +24,7 @@ impl KvLedger {
     }
 
     async fn read(&self, key: &str) -> Result<Option<(PaymentEntry, u64)>, LedgerError> {
+        stats::read();
         match self.store.entry(key).await.map_err(ledger_err)? {
             Some(e) if e.operation == kv::Operation::Put => {
                 let v = decode(PAYMENTS, key, &e.value).map_err(|e| LedgerError::Store(e.to_string()))?;
@@ -37,6 +38,7 @@ impl KvLedger {
 impl KvLedger {
     /// [`Self::read`], from the bucket's stream leader ([`latest`](super::store::latest)).
     async fn read_latest(&self, key: &str) -> Result<Option<(PaymentEntry, u64)>, LedgerError> {
+        stats::read();
         latest_as(&self.store, PAYMENTS, key, LedgerError::Unavailable, LedgerError::Store).await
     }
 }
@@ -50,14 +52,19 @@ impl Ledger for KvLedger {
             refunded: false,
         };
         match self.store.create(&key, encode(&entry)).await {
-            Ok(_) => Ok(entry),
+            Ok(_) => {
+                stats::written(1);
+                Ok(entry)
+            }
             // Charged before (a redelivery): read it from the leader, which
             // has it, not from a replica that may not yet.
-            Err(e) if fault::is_conflict(&e) => self
-                .read_latest(&key)
-                .await?
-                .map(|(e, _)| e)
-                .ok_or_else(|| LedgerError::Store(format!("ledger entry {key} vanished"))),
+            Err(e) if fault::is_conflict(&e) => {
+                stats::conflict();
+                self.read_latest(&key)
+                    .await?
+                    .map(|(e, _)| e)
+                    .ok_or_else(|| LedgerError::Store(format!("ledger entry {key} vanished")))
+            }
             Err(e) => Err(ledger_err(e)),
         }
     }
@@ -83,8 +90,14 @@ impl Ledger for KvLedger {
             }
             entry.refunded = true;
             match self.store.update(&key, encode(&entry), revision).await {
-                Ok(_) => return Ok(Some(entry)),
-                Err(e) if fault::is_conflict(&e) => continue,
+                Ok(_) => {
+                    stats::written(1);
+                    return Ok(Some(entry));
+                }
+                Err(e) if fault::is_conflict(&e) => {
+                    stats::conflict();
+                    continue;
+                }
                 Err(e) => return Err(ledger_err(e)),
             }
         }

@@ -1,169 +1,148 @@
-//! Stock levels in the `inventory` bucket: one value per SKU, changed only
-//! by compare-and-swap on its revision, each change marked with the order
-//! and operation that made it until the order's record holds it.
+//! Stock in the `inventory` bucket ([`record`](super::record) says what it
+//! holds). A reservation of several lines is all or nothing and made in
+//! one atomic batch with the order's record, so there is never a
+//! half-made reservation to find, lease or undo; a release gives back what
+//! the record says was reserved, once, in one batch with the record.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
-use async_nats::jetstream::kv::{self, Store};
-use serde::{Deserialize, Serialize};
+use async_nats::jetstream::kv::Store;
+use tokio::sync::{mpsc, oneshot};
 use waybill::transport::fault;
 use waybill::transport::nats::Nats;
+use waybill::OrderId;
 
-use super::super::inventory::{initial_stock, Level, StockError};
-use super::store::{after_conflict, decode, encode, latest_as, stock_err};
-use super::{open, KvError, INVENTORY, RESERVATIONS};
+use super::super::inventory::{initial_stock, Level, Reservation, StockError, StockStore};
+use super::commit::{self, Op};
+use super::record::{order_key, sku_key, OrderRecord, RecState, SkuValue};
+use super::store::{check_key, encode, latest_as, stock_err};
+use super::{open, stats, KvError, INVENTORY};
 
-/// A SKU's value in the `inventory` bucket.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(super) struct SkuValue {
-    pub(super) available: i64,
-    pub(super) reserved: i64,
-    /// Changes made for orders whose own record does not say so yet.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub(super) pending: BTreeMap<String, i64>,
-}
+/// How many times a release reads the order's record again after it
+/// changed under it (another run of the order's steps) before giving up.
+const RELEASE_TRIES: usize = 8;
 
-/// Stock in the `inventory` and `reservations` buckets.
+/// Stock in the `inventory` bucket, shared by every inventory worker on
+/// any host. Cheap to clone; clones share one committer.
 #[derive(Debug, Clone)]
 pub struct KvStock {
-    pub(super) stock: Store,
-    pub(super) orders: Store,
-    pub(super) seed: HashMap<String, i64>,
-}
-
-/// What one change of a SKU came to.
-pub(super) enum Change {
-    Made,
-    Short { available: i64 },
+    store: Store,
+    seed: HashMap<String, i64>,
+    ops: mpsc::Sender<Op>,
 }
 
 impl KvStock {
-    /// Opens the buckets; `seed` gives the initial units of SKUs that have no
-    /// level yet (as `waybill setup --stock` would have), with the reference
-    /// rules for the rest (`OOS-` none, others 1,000,000).
+    /// Opens the bucket (which `waybill setup` created) and starts this
+    /// process's committer; `seed` gives the initial units of SKUs that
+    /// have no level yet (as `waybill setup --stock` would have), with the
+    /// reference rules for the rest (`OOS-` none, others 1,000,000).
     pub async fn open(nats: &Nats, seed: HashMap<String, i64>) -> Result<Self, KvError> {
-        Ok(Self {
-            stock: open(nats, INVENTORY).await?,
-            orders: open(nats, RESERVATIONS).await?,
-            seed,
-        })
-    }
-
-    /// A SKU's value and revision, created at its initial level if absent.
-    pub(super) async fn sku(&self, sku: &str) -> Result<(SkuValue, u64), StockError> {
-        loop {
-            match self.stock.entry(sku).await.map_err(stock_err)? {
-                Some(e) if e.operation == kv::Operation::Put => {
-                    let v = decode(INVENTORY, sku, &e.value).map_err(|e| StockError::Store(e.to_string()))?;
-                    return Ok((v, e.revision));
-                }
-                _ => {
-                    let v = SkuValue {
-                        available: initial_stock(&self.seed, sku),
-                        reserved: 0,
-                        pending: BTreeMap::new(),
-                    };
-                    match self.stock.create(sku, encode(&v)).await {
-                        Ok(rev) => return Ok((v, rev)),
-                        Err(e) if fault::is_conflict(&e) => continue,
-                        Err(e) => return Err(stock_err(e)),
-                    }
-                }
-            }
+        let store = open(nats, INVENTORY).await?;
+        if !store.stream.cached_info().config.allow_atomic_publish {
+            return Err(KvError {
+                bucket: INVENTORY,
+                message: "does not take atomic batches: run `waybill setup` against nats-server 2.12 or later".into(),
+            });
         }
+        let ops = commit::start(nats.clone(), store.clone(), seed.clone());
+        Ok(Self { store, seed, ops })
     }
 
-    /// A SKU's value and revision from the bucket's stream leader
-    /// (`store::latest`); `None` if it has no level yet.
-    pub(super) async fn sku_latest(&self, sku: &str) -> Result<Option<(SkuValue, u64)>, StockError> {
-        latest_as(&self.stock, INVENTORY, sku, StockError::Unavailable, StockError::Store).await
+    /// An order's record and its revision, from the stream leader: what a
+    /// release decides on must not be a lagging replica's older answer.
+    async fn record(&self, order: OrderId) -> Result<Option<(OrderRecord, u64)>, StockError> {
+        stats::read();
+        latest_as(
+            &self.store,
+            INVENTORY,
+            &order_key(order),
+            StockError::Unavailable,
+            StockError::Store,
+        )
+        .await
     }
 
-    /// Moves `qty` units of `sku` from available to reserved (negative: back),
-    /// once per `marker`; refuses to make available negative when `check`.
-    pub(super) async fn change(&self, sku: &str, marker: &str, qty: i64, check: bool) -> Result<Change, StockError> {
-        let mut tries = 0;
-        loop {
-            let (mut v, mut rev) = self.sku(sku).await?;
-            if v.pending.contains_key(marker) {
-                return Ok(Change::Made);
-            }
-            if check && v.available < qty {
-                // Short is decided on a read alone: not on a lagging
-                // replica's older level.
-                if let Some(fresh) = self.sku_latest(sku).await? {
-                    (v, rev) = fresh;
-                }
-                if v.pending.contains_key(marker) {
-                    return Ok(Change::Made);
-                }
-                if v.available < qty {
-                    return Ok(Change::Short { available: v.available });
-                }
-            }
-            v.available -= qty;
-            v.reserved += qty;
-            v.pending.insert(marker.to_owned(), qty);
-            match self.stock.update(sku, encode(&v), rev).await {
-                Ok(_) => return Ok(Change::Made),
-                Err(e) if fault::is_conflict(&e) => after_conflict(&mut tries).await,
-                Err(e) => return Err(stock_err(e)),
-            }
-        }
-    }
-
-    /// Removes `marker` from `sku` once the order's record holds the change.
-    pub(super) async fn settle(&self, sku: &str, marker: &str) -> Result<(), StockError> {
-        let mut tries = 0;
-        loop {
-            let (mut v, mut rev) = self.sku(sku).await?;
-            if !v.pending.contains_key(marker) {
-                // "No marker, nothing to do" is decided on the read alone:
-                // not on a lagging replica's (see `store::latest`). The common
-                // case, a marker to remove, needs no such read: the
-                // compare-and-swap below refuses a stale revision.
-                match self.sku_latest(sku).await? {
-                    Some(fresh) if fresh.0.pending.contains_key(marker) => (v, rev) = fresh,
-                    _ => return Ok(()),
-                }
-            }
-            v.pending.remove(marker);
-            match self.stock.update(sku, encode(&v), rev).await {
-                Ok(_) => return Ok(()),
-                Err(e) if fault::is_conflict(&e) => after_conflict(&mut tries).await,
-                Err(e) => return Err(stock_err(e)),
-            }
-        }
-    }
-
-    /// The level of `sku` as it stands (markers aside).
-    pub async fn level_of(&self, sku: &str) -> Result<(Level, usize), StockError> {
-        let (v, _) = self.sku(sku).await?;
-        Ok((
-            Level {
-                available: v.available,
-                reserved: v.reserved,
+    /// The level of `sku` as it stands, from the stream leader.
+    pub async fn level_of(&self, sku: &str) -> Result<Level, StockError> {
+        stats::read();
+        let found = latest_as::<SkuValue, _>(
+            &self.store,
+            INVENTORY,
+            &sku_key(sku),
+            StockError::Unavailable,
+            StockError::Store,
+        )
+        .await?;
+        Ok(found.map_or_else(
+            || Level {
+                available: initial_stock(&self.seed, sku),
+                reserved: 0,
             },
-            v.pending.len(),
+            |(v, _)| v.into(),
         ))
     }
 
-    /// Whether `marker`'s change is on `sku`. If it is not, writes the SKU
-    /// again unchanged: a change still in flight from a run that gave up
-    /// (a publish that timed out may yet be stored) then fails its
-    /// compare-and-swap instead of landing after this look.
-    pub(super) async fn seal(&self, sku: &str, marker: &str) -> Result<bool, StockError> {
-        let mut tries = 0;
-        loop {
-            let (v, rev) = self.sku(sku).await?;
-            if v.pending.contains_key(marker) {
+    async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StockError>>) -> Op) -> Result<T, StockError> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StockError::Unavailable("the stock committer has stopped".into());
+        self.ops.send(op(reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+impl StockStore for KvStock {
+    async fn reserve(&self, order: OrderId, lines: &BTreeMap<String, i64>) -> Result<Reservation, StockError> {
+        for sku in lines.keys() {
+            check_key(sku).map_err(|e| StockError::Invalid(e.to_string()))?;
+        }
+        let lines = lines.clone();
+        self.ask(|reply| Op::Reserve { order, lines, reply }).await
+    }
+
+    async fn release(&self, order: OrderId) -> Result<bool, StockError> {
+        for _ in 0..RELEASE_TRIES {
+            let Some((rec, revision)) = self.record(order).await? else {
+                // Nothing was reserved. Close the order all the same, so a
+                // late run of its reservation (a redelivery) takes nothing.
+                let closed = OrderRecord {
+                    state: RecState::Closed,
+                    lines: BTreeMap::new(),
+                    short: None,
+                };
+                match self.store.create(order_key(order), encode(&closed)).await {
+                    Ok(_) => {
+                        stats::written(1);
+                        return Ok(false);
+                    }
+                    // A run of the reservation got there first: look again.
+                    Err(e) if fault::is_conflict(&e) => {
+                        stats::conflict();
+                        continue;
+                    }
+                    Err(e) => return Err(stock_err(e)),
+                }
+            };
+            if rec.state != RecState::Reserved {
+                return Ok(false);
+            }
+            let lines = rec.lines;
+            if self
+                .ask(|reply| Op::Release {
+                    order,
+                    lines,
+                    revision,
+                    reply,
+                })
+                .await?
+            {
                 return Ok(true);
             }
-            match self.stock.update(sku, encode(&v), rev).await {
-                Ok(_) => return Ok(false),
-                Err(e) if fault::is_conflict(&e) => after_conflict(&mut tries).await,
-                Err(e) => return Err(stock_err(e)),
-            }
         }
+        Err(StockError::Busy(Duration::from_millis(200)))
+    }
+
+    async fn level(&self, sku: &str) -> Result<Level, StockError> {
+        self.level_of(sku).await
     }
 }
