@@ -144,3 +144,31 @@ async fn a_message_that_exhausts_its_deliveries_becomes_a_dead_letter() {
     assert!(reason.contains("delivered 2 times"), "{reason}");
     assert_eq!(t.dead_letter_count().await.unwrap(), 1, "stored once");
 }
+
+#[tokio::test]
+async fn a_missing_key_value_bucket_is_told_apart_from_an_absent_server() {
+    use async_nats::jetstream::kv;
+    use waybill::transport::Error;
+
+    let server = NatsServer::start();
+    let t = transport(&server).await;
+    let e = t.key_value("nosuch").await.unwrap_err();
+    assert!(matches!(e, Error::BadConfig(_)), "{e:?}");
+    assert!(!e.is_retryable());
+    let created = t
+        .create_key_value(kv::Config {
+            bucket: "there".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    created.put("k", "v".into()).await.unwrap();
+    let opened = t.key_value("there").await.unwrap();
+    assert_eq!(opened.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+
+    // No server: the look-up goes unanswered (the client's request time-out,
+    // 10 s).
+    drop(server);
+    let e = t.key_value("there").await.unwrap_err();
+    assert!(e.is_unavailable(), "{e:?}");
+}

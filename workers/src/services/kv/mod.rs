@@ -65,11 +65,10 @@ fn kv_err(bucket: &'static str, e: impl std::fmt::Display) -> KvError {
 /// Creates the services' buckets if they do not exist (`waybill setup`).
 pub async fn setup_buckets(nats: &Nats, replicas: usize) -> Result<(), KvError> {
     for bucket in [PAYMENTS, INVENTORY, RESERVATIONS] {
-        let js = nats.jetstream();
-        if js.get_key_value(bucket).await.is_ok() {
+        if nats.key_value(bucket).await.is_ok() {
             continue;
         }
-        js.create_key_value(kv::Config {
+        nats.create_key_value(kv::Config {
             bucket: bucket.into(),
             history: 1,
             storage: async_nats::jetstream::stream::StorageType::File,
@@ -84,8 +83,7 @@ pub async fn setup_buckets(nats: &Nats, replicas: usize) -> Result<(), KvError> 
 
 /// Opens a bucket that `waybill setup` created.
 pub async fn open(nats: &Nats, bucket: &'static str) -> Result<Store, KvError> {
-    nats.jetstream()
-        .get_key_value(bucket)
+    nats.key_value(bucket)
         .await
         .map_err(|e| kv_err(bucket, format!("is not there ({e}); create it with `waybill setup`")))
 }
