@@ -111,8 +111,10 @@ async fn a_message_that_exhausts_its_deliveries_becomes_a_dead_letter() {
     cfg.ack_wait = Duration::from_secs(1);
     cfg.max_deliver = 2;
     let mut c = t.consumer(cfg).await.unwrap();
-    // Dead letters are published on waybill.dlq.<service>: wait for that.
-    let mut dead = t.client().subscribe("waybill.dlq.poison").await.unwrap();
+    // Dead letters are published on waybill.dlq.<service>: wait for that,
+    // on a connection of the test's own.
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut dead = raw.subscribe("waybill.dlq.poison").await.unwrap();
     t.publish(Outgoing {
         subject: "waybill.hop.poison".into(),
         msg_id: None,
@@ -132,8 +134,7 @@ async fn a_message_that_exhausts_its_deliveries_becomes_a_dead_letter() {
     tokio::time::timeout(Duration::from_secs(15), futures::StreamExt::next(&mut dead))
         .await
         .expect("the exhausted message was not dead-lettered");
-    let stream = t
-        .jetstream()
+    let stream = async_nats::jetstream::new(raw)
         .get_stream(waybill::transport::nats::DLQ_STREAM)
         .await
         .unwrap();

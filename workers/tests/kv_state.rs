@@ -108,9 +108,8 @@ async fn releasing_a_half_made_reservation_gives_back_what_it_took() {
     let stock = KvStock::open(&n, HashMap::new()).await.unwrap();
     let id = OrderId::new();
     let lines = BTreeMap::from([("SKU-H1".to_owned(), 3), ("SKU-H2".to_owned(), 2)]);
-    let js = n.jetstream();
-    let orders = js.get_key_value(kv::RESERVATIONS).await.unwrap();
-    let skus = js.get_key_value(kv::INVENTORY).await.unwrap();
+    let orders = n.key_value(kv::RESERVATIONS).await.unwrap();
+    let skus = n.key_value(kv::INVENTORY).await.unwrap();
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()

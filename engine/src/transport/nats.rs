@@ -162,16 +162,6 @@ impl Nats {
         Ok(Self { client, js, config })
     }
 
-    /// The underlying client.
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
-    }
-
-    /// The JetStream context.
-    pub fn jetstream(&self) -> &async_nats::jetstream::Context {
-        &self.js
-    }
-
     /// Opens the key-value bucket `bucket`, which must exist. A bucket that
     /// is not there (or a stream that is not a bucket) is
     /// [`Error::BadConfig`]; no answer from the server is
