@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use waybill::transport::Embedded;
 use waybill::{
-    Backoff, Client, Payload, Registry, StepContext, StepError, StepOutput, Then, Worker, Workflow, WorkflowPayload,
+    Backoff, Client, InvalidPayload, Payload, Registry, StepContext, StepError, StepOutput, Then, Worker, Workflow,
+    WorkflowPayload,
 };
 
 /// The payload: whatever your workflow carries. It travels inside the
@@ -22,9 +23,9 @@ struct Trip {
 
 impl WorkflowPayload for Trip {
     /// Refused at start, with a message naming the field.
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), InvalidPayload> {
         if self.seats == 0 {
-            return Err("seats: must be at least 1".into());
+            return Err(InvalidPayload::new("seats", "must be at least 1"));
         }
         Ok(())
     }

@@ -48,7 +48,7 @@ pub use document::{
     Target, Timestamp, UnknownStatus,
 };
 pub use id::{DedupId, MsgId, NameError, OrderId, Outcome, ServiceSubject, StepName, WorkerId, WorkflowName};
-pub use registry::{Registry, StartError, WorkflowPayload};
+pub use registry::{InvalidPayload, Registry, StartError, WorkflowPayload};
 pub use transition::{Attempt, Decision, StepResult};
 pub use worker::{
     BoxFuture, Handler, IdempotencyKey, StepContext, StepError, StepOutput, Worker, WorkerBuilder, WorkerError,

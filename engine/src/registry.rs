@@ -19,8 +19,28 @@ use crate::workflow::Workflow;
 
 /// A payload type a workflow can be started with.
 pub trait WorkflowPayload: Serialize + DeserializeOwned + Send + Sync + 'static {
-    /// Checks the business rules of a payload; the message names the field.
-    fn validate(&self) -> Result<(), String>;
+    /// Checks the business rules of a payload.
+    fn validate(&self) -> Result<(), InvalidPayload>;
+}
+
+/// Why a payload breaks its workflow's business rules, naming the field:
+/// `items[0].qty: must be at least 1, got 0`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct InvalidPayload {
+    /// The field, as the payload's JSON form names it (`items[0].qty`).
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+impl InvalidPayload {
+    pub fn new(field: impl Into<String>, problem: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            problem: problem.into(),
+        }
+    }
 }
 
 /// Why an order could not be started. Nothing was started then, except
@@ -105,7 +125,7 @@ impl Registry {
         let name = workflow.name().clone();
         let parse: Box<Parse> = Box::new(|json: &[u8]| {
             let value: P = serde_json::from_slice(json).map_err(|e| e.to_string())?;
-            value.validate()?;
+            value.validate().map_err(|e| e.to_string())?;
             Payload::postcard(&value).map_err(|e| e.to_string())
         });
         match self.entries.get_mut(&name) {
@@ -170,9 +190,9 @@ impl Registry {
     /// Validates a typed payload for workflow `name` and encodes it.
     pub fn prepare<P: WorkflowPayload>(&self, name: &str, value: &P) -> Result<(Workflow, Payload), StartError> {
         let workflow = self.current(name)?.clone();
-        value.validate().map_err(|message| StartError::Invalid {
+        value.validate().map_err(|e| StartError::Invalid {
             workflow: name.to_owned(),
-            message,
+            message: e.to_string(),
         })?;
         Ok((workflow, Payload::postcard(value)?))
     }

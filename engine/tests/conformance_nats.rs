@@ -111,8 +111,10 @@ async fn a_message_that_exhausts_its_deliveries_becomes_a_dead_letter() {
     cfg.ack_wait = Duration::from_secs(1);
     cfg.max_deliver = 2;
     let mut c = t.consumer(cfg).await.unwrap();
-    // Dead letters are published on waybill.dlq.<service>: wait for that.
-    let mut dead = t.client().subscribe("waybill.dlq.poison").await.unwrap();
+    // Dead letters are published on waybill.dlq.<service>: wait for that,
+    // on a connection of the test's own.
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut dead = raw.subscribe("waybill.dlq.poison").await.unwrap();
     t.publish(Outgoing {
         subject: "waybill.hop.poison".into(),
         msg_id: None,
@@ -132,8 +134,7 @@ async fn a_message_that_exhausts_its_deliveries_becomes_a_dead_letter() {
     tokio::time::timeout(Duration::from_secs(15), futures::StreamExt::next(&mut dead))
         .await
         .expect("the exhausted message was not dead-lettered");
-    let stream = t
-        .jetstream()
+    let stream = async_nats::jetstream::new(raw)
         .get_stream(waybill::transport::nats::DLQ_STREAM)
         .await
         .unwrap();
@@ -143,4 +144,32 @@ async fn a_message_that_exhausts_its_deliveries_becomes_a_dead_letter() {
     let reason = m.headers.get(waybill::headers::DLQ_REASON).unwrap().to_string();
     assert!(reason.contains("delivered 2 times"), "{reason}");
     assert_eq!(t.dead_letter_count().await.unwrap(), 1, "stored once");
+}
+
+#[tokio::test]
+async fn a_missing_key_value_bucket_is_told_apart_from_an_absent_server() {
+    use async_nats::jetstream::kv;
+    use waybill::transport::Error;
+
+    let server = NatsServer::start();
+    let t = transport(&server).await;
+    let e = t.key_value("nosuch").await.unwrap_err();
+    assert!(matches!(e, Error::BadConfig(_)), "{e:?}");
+    assert!(!e.is_retryable());
+    let created = t
+        .create_key_value(kv::Config {
+            bucket: "there".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    created.put("k", "v".into()).await.unwrap();
+    let opened = t.key_value("there").await.unwrap();
+    assert_eq!(opened.get("k").await.unwrap().as_deref(), Some(&b"v"[..]));
+
+    // No server: the look-up goes unanswered (the client's request time-out,
+    // 10 s).
+    drop(server);
+    let e = t.key_value("there").await.unwrap_err();
+    assert!(e.is_unavailable(), "{e:?}");
 }

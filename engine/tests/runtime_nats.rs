@@ -83,8 +83,9 @@ async fn garbage_is_stored_as_a_dead_letter_with_its_reason() {
     .await
     .unwrap();
 
-    // Read it back from the dead-letter stream, as an operator would.
-    let js = t.jetstream();
+    // Read it back from the dead-letter stream, as an operator would, on a
+    // connection of its own.
+    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
     let stream = js.get_stream(DLQ_STREAM).await.unwrap();
     let consumer = stream
         .create_consumer(async_nats::jetstream::consumer::pull::OrderedConfig::default())

@@ -78,7 +78,7 @@ struct Order {
 }
 
 impl waybill::WorkflowPayload for Order {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), waybill::InvalidPayload> {
         Ok(())
     }
 }

@@ -24,8 +24,15 @@ use waybill_workers::services::MemoryServices;
 
 const MIXED: &str = "examples/orders/mixed.jsonl";
 
-async fn nats(url: &str) -> Nats {
-    Nats::connect(url, NatsConfig::default()).await.unwrap()
+/// The transport on a connection the test opens, and that connection, for
+/// what the test does with NATS directly (requests, subscriptions, stream
+/// settings). One connection, as before: a subscription made on it is in
+/// place before anything the transport publishes after.
+async fn connect(url: &str) -> (Nats, async_nats::Client) {
+    let raw = async_nats::connect(url).await.unwrap();
+    let nats = Nats::with_client(raw.clone(), NatsConfig::default()).unwrap();
+    nats.setup().await.unwrap();
+    (nats, raw)
 }
 
 async fn workers(nats: &Nats) -> WorkerHandle {
@@ -47,8 +54,9 @@ async fn coordinator(nats: &Nats, config: CoordinatorConfig) -> CoordinatorHandl
         .unwrap()
 }
 
-async fn last_sequence(nats: &Nats) -> u64 {
-    let mut s = nats.jetstream().get_stream(HOPS_STREAM).await.unwrap();
+async fn last_sequence(raw: &async_nats::Client) -> u64 {
+    let js = async_nats::jetstream::new(raw.clone());
+    let mut s = js.get_stream(HOPS_STREAM).await.unwrap();
     s.info().await.unwrap().state.last_sequence
 }
 
@@ -136,16 +144,16 @@ fn tally(docs: &[Arc<Document>]) -> BTreeMap<Status, u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_view_after_a_mixed_replay_matches_every_order_and_a_rebuild_equals_it() {
     let server = NatsServer::start();
-    let nats = nats(&server.url()).await;
+    let (nats, raw) = connect(&server.url()).await;
     let live = coordinator(&nats, CoordinatorConfig::default()).await;
     let worker = workers(&nats).await;
     let client = Client::connect(nats.clone()).await.unwrap();
     let docs = run_mixed(&client, 2000).await;
-    let last = last_sequence(&nats).await;
+    let last = last_sequence(&raw).await;
     assert!(live.reached(last, Duration::from_secs(30)).await);
 
-    assert_view_matches(nats.client(), &docs).await;
-    let reply = orders_after(nats.client(), last, OrdersQuery::default()).await;
+    assert_view_matches(&raw, &docs).await;
+    let reply = orders_after(&raw, last, OrdersQuery::default()).await;
     let s = &reply.summary;
     assert_eq!((s.tracked, s.in_flight, s.stalled), (2000, 0, 0));
     assert_eq!(s.by_status, tally(&docs));
@@ -186,14 +194,14 @@ fn waybill(args: &[&str]) -> std::process::Output {
 async fn a_coordinator_killed_mid_replay_comes_back_to_the_same_view() {
     let server = NatsServer::start();
     let url = server.url();
-    let nats = nats(&url).await;
+    let (nats, raw) = connect(&url).await;
     let mut first = coordinator_process(&url, &[]);
     first.expect_stderr("replayed 0 hops", Duration::from_secs(30));
     let worker = workers(&nats).await;
     let client = Client::connect(nats.clone()).await.unwrap();
 
     // Kill the coordinator (SIGKILL) once the replay is well under way.
-    let mut hops = nats.client().subscribe("waybill.hop.>").await.unwrap();
+    let mut hops = raw.subscribe("waybill.hop.>").await.unwrap();
     let replay = tokio::spawn({
         let client = client.clone();
         async move { run_mixed(&client, 2000).await }
@@ -208,11 +216,11 @@ async fn a_coordinator_killed_mid_replay_comes_back_to_the_same_view() {
     second.expect_stderr("coordinator 0/1: replayed", Duration::from_secs(30));
 
     let docs = replay.await.unwrap();
-    let last = last_sequence(&nats).await;
-    let reply = orders_after(nats.client(), last, OrdersQuery::default()).await;
+    let last = last_sequence(&raw).await;
+    let reply = orders_after(&raw, last, OrdersQuery::default()).await;
     assert_eq!(reply.summary.tracked, 2000);
     assert_eq!(reply.summary.by_status, tally(&docs));
-    assert_view_matches(nats.client(), &docs).await;
+    assert_view_matches(&raw, &docs).await;
 
     // The command line reads the same view.
     let id = docs[0].id.to_string();
@@ -231,7 +239,7 @@ async fn a_coordinator_killed_mid_replay_comes_back_to_the_same_view() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not-an-id"));
 
     // `waybill start` prints one id per order, through the coordinator.
-    let mut done = nats.client().subscribe("waybill.done.>").await.unwrap();
+    let mut done = raw.subscribe("waybill.done.>").await.unwrap();
     let out = waybill(&["start", "order", "examples/orders/happy.jsonl", "--nats", &url]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ids: Vec<OrderId> = String::from_utf8_lossy(&out.stdout)
@@ -260,7 +268,7 @@ async fn a_coordinator_killed_mid_replay_comes_back_to_the_same_view() {
 
     // `waybill watch` draws until Ctrl-C, then exits cleanly. A plain
     // subscription sees its first summary request go by.
-    let mut requests = nats.client().subscribe("waybill.orders").await.unwrap();
+    let mut requests = raw.subscribe("waybill.orders").await.unwrap();
     let watch = {
         let mut c = Command::new(env!("CARGO_BIN_EXE_waybill"));
         c.args(["watch", "--nats", &url, "--every-ms", "100"])
@@ -329,11 +337,11 @@ fn counting_worker(nats: &Nats, service: &str, runs: Arc<AtomicU32>) -> waybill:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stalled_order_is_reported_and_completes_once_a_worker_runs() {
     let server = NatsServer::start();
-    let nats = nats(&server.url()).await;
+    let (nats, raw) = connect(&server.url()).await;
     let coord = coordinator(&nats, quick_config()).await;
     let client = Client::connect(nats.clone()).await.unwrap();
     let wf = quick("stall");
-    let mut events = nats.client().subscribe("waybill.stalled.>").await.unwrap();
+    let mut events = raw.subscribe("waybill.stalled.>").await.unwrap();
     let id = client.start(&wf, Payload::postcard(&1u8).unwrap()).await.unwrap();
 
     // No worker serves `stall.step`: the order is announced, logged, and
@@ -350,7 +358,7 @@ async fn a_stalled_order_is_reported_and_completes_once_a_worker_runs() {
         ..OrdersQuery::default()
     };
     let r: OrdersReply = ask(
-        nats.client(),
+        &raw,
         "waybill.orders".into(),
         Bytes::from(serde_json::to_vec(&q).unwrap()),
     )
@@ -359,7 +367,7 @@ async fn a_stalled_order_is_reported_and_completes_once_a_worker_runs() {
         (r.summary.stalled, r.summary.matched, r.summary.ids.clone()),
         (1, 1, vec![id])
     );
-    let s = status_of(nats.client(), id).await;
+    let s = status_of(&raw, id).await;
     assert!(s.stalled && s.status == Status::Running && s.service.unwrap().as_str() == "stall.step");
     let cli = waybill(&["orders", "--stalled", "--nats", &server.url()]);
     assert!(String::from_utf8_lossy(&cli.stdout).contains(&id.to_string()));
@@ -375,9 +383,9 @@ async fn a_stalled_order_is_reported_and_completes_once_a_worker_runs() {
         .unwrap()
         .unwrap();
     assert_eq!(doc.status, Status::Completed);
-    let last = last_sequence(&nats).await;
+    let last = last_sequence(&raw).await;
     assert!(coord.reached(last, Duration::from_secs(10)).await);
-    let s = status_of(nats.client(), id).await;
+    let s = status_of(&raw, id).await;
     assert!(!s.stalled && s.status == Status::Completed);
     assert_eq!(coord.orders(&OrdersQuery::default()).summary.stalled, 0);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
@@ -391,11 +399,11 @@ async fn a_stalled_order_is_reported_and_completes_once_a_worker_runs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hop_its_consumer_passed_without_a_next_hop_is_re_driven_once() {
     let server = NatsServer::start();
-    let nats = nats(&server.url()).await;
+    let (nats, raw) = connect(&server.url()).await;
     let coord = coordinator(&nats, quick_config()).await;
     let client = Client::connect(nats.clone()).await.unwrap();
     let wf = quick("lost");
-    let mut events = nats.client().subscribe("waybill.stalled.>").await.unwrap();
+    let mut events = raw.subscribe("waybill.stalled.>").await.unwrap();
 
     // Something takes the hop off the service's consumer and acknowledges it
     // without publishing a next hop: the order would wait forever.
@@ -452,7 +460,7 @@ async fn a_hop_its_consumer_passed_without_a_next_hop_is_re_driven_once() {
         .unwrap();
     assert_eq!(doc.status, Status::Completed);
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    let last = last_sequence(&nats).await;
+    let last = last_sequence(&raw).await;
     assert!(coord.reached(last, Duration::from_secs(10)).await);
     assert_eq!(coord.feed_stats().redriven, 2);
     assert_eq!(coord.get(&second).unwrap().status, Status::Completed);
@@ -465,7 +473,7 @@ async fn a_hop_its_consumer_passed_without_a_next_hop_is_re_driven_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_coordinators_split_the_orders_and_either_answers_for_all() {
     let server = NatsServer::start();
-    let nats = nats(&server.url()).await;
+    let (nats, raw) = connect(&server.url()).await;
     let half = |i| CoordinatorConfig {
         partition: Partition::new(i, 2).unwrap(),
         ..CoordinatorConfig::default()
@@ -475,7 +483,7 @@ async fn two_coordinators_split_the_orders_and_either_answers_for_all() {
     let worker = workers(&nats).await;
     let client = Client::connect(nats.clone()).await.unwrap();
     let docs = run_mixed(&client, 600).await;
-    let last = last_sequence(&nats).await;
+    let last = last_sequence(&raw).await;
     assert!(a.reached(last, Duration::from_secs(30)).await && b.reached(last, Duration::from_secs(30)).await);
 
     // Each order is tracked by exactly one of them.
@@ -493,8 +501,8 @@ async fn two_coordinators_split_the_orders_and_either_answers_for_all() {
 
     // Either answers any status (forwarding to the owner) and the merged
     // summary counts both halves.
-    assert_view_matches(nats.client(), &docs).await;
-    let r = orders_after(nats.client(), last, OrdersQuery::default()).await;
+    assert_view_matches(&raw, &docs).await;
+    let r = orders_after(&raw, last, OrdersQuery::default()).await;
     assert_eq!(
         (r.summary.tracked, r.answered.clone(), r.missing.clone()),
         (600, vec![0, 1], vec![])
@@ -504,9 +512,9 @@ async fn two_coordinators_split_the_orders_and_either_answers_for_all() {
     // Without partition 1, its orders say so, and the summary names it.
     b.shutdown().await;
     let in_b = *ids_b.iter().next().unwrap();
-    let e = error_of(nats.client(), &format!("waybill.status.{in_b}"), Bytes::new()).await;
+    let e = error_of(&raw, &format!("waybill.status.{in_b}"), Bytes::new()).await;
     assert!(e.contains("no coordinator runs partition 1/2"), "{e}");
-    let r: OrdersReply = ask(nats.client(), "waybill.orders".into(), Bytes::new()).await;
+    let r: OrdersReply = ask(&raw, "waybill.orders".into(), Bytes::new()).await;
     assert_eq!((r.answered.clone(), r.missing.clone()), (vec![0], vec![1]));
     assert_eq!(r.summary.tracked, ids_a.len() as u64);
 
@@ -518,9 +526,9 @@ async fn two_coordinators_split_the_orders_and_either_answers_for_all() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_clear_errors_and_the_coordinator_keeps_serving() {
     let server = NatsServer::start();
-    let nats = nats(&server.url()).await;
+    let (nats, raw) = connect(&server.url()).await;
     let coord = coordinator(&nats, CoordinatorConfig::default()).await;
-    let c = nats.client();
+    let c = &raw;
     let good = r#"{"customer":"c-1","items":[{"sku":"SKU-1","qty":1,"unit_price_cents":100}],
         "payment":{"card":"4242424242424242"},"ship_to":{"country":"NL","zip":"1011"}}"#;
 
@@ -576,7 +584,7 @@ async fn bad_requests_get_clear_errors_and_the_coordinator_keeps_serving() {
     assert!(v["error"].as_str().unwrap().contains("nope"), "{v}");
     assert_eq!(v["retryable"], false, "{v}");
     // Nothing was started by any of it.
-    assert_eq!(last_sequence(&nats).await, 0);
+    assert_eq!(last_sequence(&raw).await, 0);
 
     // Still serving: a good start, and a repeated start of the same id
     // stores nothing new.
@@ -592,7 +600,7 @@ async fn bad_requests_get_clear_errors_and_the_coordinator_keeps_serving() {
     let m = c.send_request("waybill.start.order", start_with_id(id)).await.unwrap();
     let again: StartReply = serde_json::from_slice(&m.payload).unwrap();
     assert_eq!((again.id, again.duplicate), (id, true));
-    assert_eq!(last_sequence(&nats).await, 1);
+    assert_eq!(last_sequence(&raw).await, 1);
     let r = orders_after(c, 1, OrdersQuery::default()).await;
     assert_eq!(r.summary.ids, vec![id]);
     let s = status_of(c, id).await;
@@ -621,10 +629,11 @@ async fn a_start_that_cannot_be_stored_answers_retryable_with_its_id_and_its_ret
     const GOOD: &str = r#"{"customer":"c-1","items":[{"sku":"SKU-1","qty":1,"unit_price_cents":100}],
         "payment":{"card":"4242424242424242"},"ship_to":{"country":"NL","zip":"1011"}}"#;
     let server = NatsServer::start();
-    let nats = nats(&server.url()).await;
+    // The test's connection (the transport on it sets the streams up).
+    let (_, raw) = connect(&server.url()).await;
     // The coordinator on a connection of its own, whose messages sent are
     // its tries to store a start (and its answers).
-    let own = self::nats(&server.url()).await;
+    let (own, own_raw) = connect(&server.url()).await;
     let coord = coordinator(
         &own,
         CoordinatorConfig {
@@ -633,11 +642,11 @@ async fn a_start_that_cannot_be_stored_answers_retryable_with_its_id_and_its_ret
         },
     )
     .await;
-    let c = nats.client();
+    let c = &raw;
     // No stream stores hops any more (as none answers for them while a
     // replicated stream elects its leader): the stream keeps only the
     // terminal subjects.
-    let js = nats.jetstream();
+    let js = async_nats::jetstream::new(raw.clone());
     let full = js.get_stream(HOPS_STREAM).await.unwrap().cached_info().config.clone();
     let no_hops = async_nats::jetstream::stream::Config {
         subjects: vec!["waybill.done.>".into()],
@@ -665,7 +674,7 @@ async fn a_start_that_cannot_be_stored_answers_retryable_with_its_id_and_its_ret
     // retries store it. Every try is a message the coordinator's connection
     // sends (a subscriber here would answer the tries, and change them);
     // the stream comes back after the second.
-    let sent = own.client().statistics();
+    let sent = own_raw.statistics();
     let before = sent.out_messages.load(Ordering::Relaxed);
     let third = OrderId::new();
     let pending = tokio::spawn({
@@ -690,7 +699,7 @@ async fn a_start_that_cannot_be_stored_answers_retryable_with_its_id_and_its_ret
         let again: StartReply = serde_json::from_value(start_request(c, GOOD, Some(id)).await).unwrap();
         assert_eq!((again.id, again.duplicate), (id, true));
     }
-    assert_eq!(last_sequence(&nats).await, 3);
+    assert_eq!(last_sequence(&raw).await, 3);
     coord.shutdown().await;
 }
 

@@ -149,8 +149,7 @@ async fn a_stored_reservation_is_answered_from_its_record() {
     let id = OrderId::new();
     let lines = BTreeMap::from([("SKU-H1".to_owned(), 3), ("SKU-H2".to_owned(), 2)]);
     // What the lost run stored, written as it would have been.
-    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
-    let bucket = js.get_key_value(kv::INVENTORY).await.unwrap();
+    let bucket = n.key_value(kv::INVENTORY).await.unwrap();
     let json = |v: serde_json::Value| bytes::Bytes::from(serde_json::to_vec(&v).unwrap());
     bucket
         .put(
@@ -204,8 +203,7 @@ async fn a_release_before_any_reservation_closes_the_order() {
 async fn a_bucket_without_atomic_batches_is_refused_until_set_up() {
     let server = NatsServer::start();
     let n = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
-    let js = async_nats::jetstream::new(async_nats::connect(server.url()).await.unwrap());
-    js.create_key_value(async_nats::jetstream::kv::Config {
+    n.create_key_value(async_nats::jetstream::kv::Config {
         bucket: kv::INVENTORY.into(),
         history: 1,
         ..Default::default()

@@ -14,7 +14,7 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use waybill::{Backoff, DefinitionError, Registry, Then, Workflow, WorkflowPayload};
+use waybill::{Backoff, DefinitionError, InvalidPayload, Registry, Then, Workflow, WorkflowPayload};
 
 pub mod samples;
 pub mod services;
@@ -167,8 +167,17 @@ impl OrderView<'_> {
 }
 
 impl WorkflowPayload for Order {
-    fn validate(&self) -> Result<(), String> {
-        self.check().map_err(|e| e.to_string())
+    fn validate(&self) -> Result<(), InvalidPayload> {
+        Ok(self.check()?)
+    }
+}
+
+impl From<InvalidOrder> for InvalidPayload {
+    fn from(e: InvalidOrder) -> Self {
+        InvalidPayload {
+            field: e.field,
+            problem: e.problem,
+        }
     }
 }
 
@@ -272,6 +281,7 @@ mod tests {
             let mut o = base.clone();
             change(&mut o);
             assert_eq!(o.check().unwrap_err().to_string(), want);
+            assert_eq!(o.validate().unwrap_err().to_string(), want);
         }
     }
 

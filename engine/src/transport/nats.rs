@@ -14,11 +14,15 @@
 //! noted at the code that relies on it, and checked against a real server
 //! by the conformance suite (`engine/tests/conformance_nats.rs`).
 
+use std::error::Error as _;
 use std::time::Duration;
 
 use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+use async_nats::jetstream::context::{GetStreamError, GetStreamErrorKind, KeyValueErrorKind};
+use async_nats::jetstream::kv;
 use async_nats::jetstream::message::PublishMessage;
 use async_nats::jetstream::stream::{self, DiscardPolicy, RetentionPolicy, StorageType};
+use async_nats::jetstream::ErrorCode;
 use futures::StreamExt;
 
 use super::{ConsumerConfig, ConsumerKind, DeadLetter, Error, Headers, Outgoing, PublishAck, Transport};
@@ -94,6 +98,14 @@ pub(super) fn nats_err<E: std::error::Error + 'static>(what: &str, e: E) -> Erro
     }
 }
 
+/// Whether a look-up of a stream by its name was answered "stream not
+/// found". Taken at its word here (the fix is to create it), although
+/// [`super::fault`] counts the code as unavailable elsewhere: a publish
+/// gets it while a replicated stream elects its leader.
+fn stream_not_found(e: &GetStreamError) -> bool {
+    matches!(e.kind(), GetStreamErrorKind::JetStream(j) if j.error_code() == ErrorCode::STREAM_NOT_FOUND)
+}
+
 pub(super) fn other(what: &str, e: impl std::fmt::Display, retryable: bool) -> Error {
     Error::Other {
         message: format!("{what}: {e}"),
@@ -152,14 +164,35 @@ impl Nats {
         Ok(Self { client, js, config })
     }
 
-    /// The underlying client.
-    pub fn client(&self) -> &async_nats::Client {
-        &self.client
+    /// Opens the key-value bucket `bucket`, which must exist. A bucket that
+    /// is not there (or a stream that is not a bucket) is
+    /// [`Error::BadConfig`]; no answer from the server is
+    /// [`Error::Unavailable`] (see [`super::fault`]).
+    pub async fn key_value(&self, bucket: &str) -> Result<kv::Store, Error> {
+        self.js.get_key_value(bucket).await.map_err(|e| {
+            let missing = match e.kind() {
+                KeyValueErrorKind::InvalidStoreName => true,
+                KeyValueErrorKind::GetBucket => e
+                    .source()
+                    .and_then(|s| s.downcast_ref::<GetStreamError>())
+                    .is_some_and(stream_not_found),
+                KeyValueErrorKind::JetStream => false,
+            };
+            if missing {
+                Error::BadConfig(format!("no KV bucket {bucket}: {e}"))
+            } else {
+                nats_err(&format!("cannot open KV bucket {bucket}"), e)
+            }
+        })
     }
 
-    /// The JetStream context.
-    pub fn jetstream(&self) -> &async_nats::jetstream::Context {
-        &self.js
+    /// Creates a key-value bucket as `config` says.
+    pub async fn create_key_value(&self, config: kv::Config) -> Result<kv::Store, Error> {
+        let bucket = config.bucket.clone();
+        self.js
+            .create_key_value(config)
+            .await
+            .map_err(|e| nats_err(&format!("cannot create KV bucket {bucket}"), e))
     }
 
     fn hops_config(&self) -> stream::Config {
@@ -210,16 +243,15 @@ impl Nats {
                     .await
                     .map_err(|e| nats_err(&format!("cannot create or open stream {name}"), e))?
             } else {
-                self.js.get_stream(&name).await.map_err(|e| match e.kind() {
-                    async_nats::jetstream::context::GetStreamErrorKind::JetStream(j)
-                        if j.error_code() == async_nats::jetstream::ErrorCode::STREAM_NOT_FOUND =>
-                    {
+                self.js.get_stream(&name).await.map_err(|e| {
+                    if stream_not_found(&e) {
                         Error::BadConfig(format!(
                             "stream {name} is not there ({e}); create it with `waybill setup`"
                         ))
+                    } else {
+                        // No answer (a server or a leader away): worth another try.
+                        nats_err(&format!("cannot look up stream {name}"), e)
                     }
-                    // No answer (a server or a leader away): worth another try.
-                    _ => nats_err(&format!("cannot look up stream {name}"), e),
                 })?
             };
             let got = &stream.cached_info().config;

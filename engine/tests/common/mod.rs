@@ -31,9 +31,9 @@ pub struct Script {
 }
 
 impl WorkflowPayload for Script {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), waybill::InvalidPayload> {
         if self.name.is_empty() {
-            return Err("name: must not be empty".into());
+            return Err(waybill::InvalidPayload::new("name", "must not be empty"));
         }
         Ok(())
     }

@@ -337,7 +337,7 @@ pub async fn scenario() -> Row {
     let orders = run::mixed();
     let mut sc = crate::Scene::new(stack, 0, 1, orders.len()).await;
     let url = sc.stack.url(0);
-    let js = sc.driver.nats.jetstream().clone();
+    let js = sc.driver.js.clone();
     let run = sc.driver.start(orders);
     sc.trigger.at(0.25).await;
     sc.trigger.fault();

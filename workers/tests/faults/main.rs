@@ -361,8 +361,7 @@ async fn cluster_outage(victim: Victim, connect: Connect) -> Row {
         Victim::HopLeader => {
             let mut hops = sc
                 .driver
-                .nats
-                .jetstream()
+                .js
                 .get_stream(waybill::transport::nats::HOPS_STREAM)
                 .await
                 .unwrap();

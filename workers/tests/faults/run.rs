@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio::sync::watch;
 use waybill::coordinator::api::OrdersQuery;
-use waybill::transport::nats::{Nats, DLQ_STREAM, HOPS_STREAM};
+use waybill::transport::nats::{Nats, ServerList, DLQ_STREAM, HOPS_STREAM};
 use waybill::transport::NatsConfig;
 use waybill::{AttemptResult, Client, Document, OrderId, Status, StepKind, Timestamp};
 use waybill_testkit::workspace_root;
@@ -54,6 +54,9 @@ pub fn orders_like(template: &str, expect: Status, n: usize) -> Vec<PreparedOrde
 #[derive(Debug)]
 pub struct Driver {
     pub nats: Nats,
+    /// JetStream on the transport's connection, for reading the streams
+    /// straight.
+    pub js: async_nats::jetstream::Context,
     pub client: Client<Nats>,
     done_tx: watch::Sender<u64>,
     finished_at: Mutex<HashMap<OrderId, Timestamp>>,
@@ -82,11 +85,15 @@ impl Driven {
 
 impl Driver {
     pub async fn connect(url: &str) -> Arc<Self> {
-        let nats = Nats::connect(url, NatsConfig::default()).await.unwrap();
+        let servers: ServerList = url.parse().unwrap();
+        let raw = async_nats::connect(&servers).await.unwrap();
+        let nats = Nats::with_client(raw.clone(), NatsConfig::default()).unwrap();
+        nats.setup().await.unwrap();
         let client = Client::connect(nats.clone()).await.unwrap();
         let (done_tx, _) = watch::channel(0);
         Arc::new(Self {
             nats,
+            js: async_nats::jetstream::new(raw),
             client,
             done_tx,
             finished_at: Mutex::new(HashMap::new()),
@@ -251,7 +258,7 @@ impl Verdict {
 /// dead letters.
 pub async fn verify(stack: &Stack, driver: &Driver, driven: &Driven, dead_letters: u64) -> Verdict {
     let mut v = Verdict::default();
-    if let Err(p) = replicas_current(&driver.nats, Duration::from_secs(60)).await {
+    if let Err(p) = replicas_current(&driver.js, Duration::from_secs(60)).await {
         v.problem(p);
     }
     for m in &driven.report.mismatches {
@@ -265,15 +272,15 @@ pub async fn verify(stack: &Stack, driver: &Driver, driven: &Driven, dead_letter
     effects_match(driver, driven, &mut v).await;
     let dlq = driver.nats.dead_letter_count().await.unwrap();
     if dlq != dead_letters {
-        let reasons = dead_letter_reasons(&driver.nats).await;
+        let reasons = dead_letter_reasons(&driver.js).await;
         v.problem(format!("{dlq} dead letters, expected {dead_letters}: {reasons:?}"));
     }
     v
 }
 
 /// The reason of every dead letter, in order.
-pub async fn dead_letter_reasons(nats: &Nats) -> Vec<String> {
-    let stream = nats.jetstream().get_stream(DLQ_STREAM).await.unwrap();
+pub async fn dead_letter_reasons(js: &async_nats::jetstream::Context) -> Vec<String> {
+    let stream = js.get_stream(DLQ_STREAM).await.unwrap();
     let state = stream.get_info().await.unwrap().state;
     let mut out = Vec::new();
     for seq in state.first_sequence..=state.last_sequence {
@@ -294,7 +301,7 @@ pub async fn dead_letter_reasons(nats: &Nats) -> Vec<String> {
 async fn coordinator_agrees(stack: &Stack, driver: &Driver, driven: &Driven, v: &mut Verdict) {
     let client = async_nats::connect(stack.url(stack.coordinator_node)).await.unwrap();
     let client = waybill::transport::Nats::with_client(client, waybill::transport::NatsConfig::default()).unwrap();
-    let mut hops = driver.nats.jetstream().get_stream(HOPS_STREAM).await.unwrap();
+    let mut hops = driver.js.get_stream(HOPS_STREAM).await.unwrap();
     let last = hops.info().await.unwrap().state.last_sequence;
     // `after`: the coordinator answers once its view has read that hop,
     // waiting up to 5 s for it, or says to ask again.
@@ -352,14 +359,14 @@ async fn coordinator_agrees(stack: &Stack, driver: &Driver, driven: &Driven, v: 
 /// showed orders uncharged and markers unsettled that were not (a false
 /// failure of the checks, not of the services, which read what they decide
 /// on from the leader).
-async fn replicas_current(nats: &Nats, within: Duration) -> Result<(), String> {
+async fn replicas_current(js: &async_nats::jetstream::Context, within: Duration) -> Result<(), String> {
     let streams = [HOPS_STREAM, DLQ_STREAM, "KV_payments", "KV_inventory"];
     let deadline = tokio::time::Instant::now() + within;
     let mut wait = Duration::from_millis(20);
     loop {
         let mut behind = Vec::new();
         for name in streams {
-            let info = match nats.jetstream().get_stream(name).await {
+            let info = match js.get_stream(name).await {
                 Ok(mut s) => s.info().await.cloned().map_err(|e| e.to_string()),
                 Err(e) => Err(e.to_string()),
             };
@@ -390,7 +397,7 @@ async fn replicas_current(nats: &Nats, within: Duration) -> Result<(), String> {
 }
 
 async fn bucket_values(nats: &Nats, bucket: &str) -> HashMap<String, serde_json::Value> {
-    let store = nats.jetstream().get_key_value(bucket).await.unwrap();
+    let store = nats.key_value(bucket).await.unwrap();
     let mut keys = store.keys().await.unwrap();
     let mut out = HashMap::new();
     while let Some(k) = keys.next().await {

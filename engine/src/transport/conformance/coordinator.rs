@@ -16,9 +16,9 @@ struct Note {
 }
 
 impl crate::WorkflowPayload for Note {
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), crate::InvalidPayload> {
         if self.text.is_empty() {
-            return Err("text: must not be empty".into());
+            return Err(crate::InvalidPayload::new("text", "must not be empty"));
         }
         Ok(())
     }

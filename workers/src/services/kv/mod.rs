@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use async_nats::jetstream::kv::{self, Store};
 use waybill::transport::fault;
 use waybill::transport::nats::Nats;
+use waybill::transport::Error as TransportError;
 
 pub use payment::KvLedger;
 pub use stock::KvStock;
@@ -63,11 +64,13 @@ fn kv_err(bucket: &'static str, e: impl std::fmt::Display) -> KvError {
 /// Creates the services' buckets if they do not exist (`waybill setup`).
 pub async fn setup_buckets(nats: &Nats, replicas: usize) -> Result<(), KvError> {
     for bucket in [PAYMENTS, INVENTORY] {
-        let js = nats.jetstream();
-        if js.get_key_value(bucket).await.is_ok() {
-            continue;
+        match nats.key_value(bucket).await {
+            Ok(_) => continue,
+            // Missing: create it.
+            Err(TransportError::BadConfig(_)) => {}
+            Err(e) => return Err(kv_err(bucket, e)),
         }
-        js.create_key_value(kv::Config {
+        nats.create_key_value(kv::Config {
             bucket: bucket.into(),
             history: 1,
             storage: async_nats::jetstream::stream::StorageType::File,
@@ -87,10 +90,10 @@ pub async fn setup_buckets(nats: &Nats, replicas: usize) -> Result<(), KvError> 
 
 /// Opens a bucket that `waybill setup` created.
 pub async fn open(nats: &Nats, bucket: &'static str) -> Result<Store, KvError> {
-    nats.jetstream()
-        .get_key_value(bucket)
-        .await
-        .map_err(|e| kv_err(bucket, format!("is not there ({e}); create it with `waybill setup`")))
+    nats.key_value(bucket).await.map_err(|e| match e {
+        TransportError::BadConfig(e) => kv_err(bucket, format!("is not there ({e}); create it with `waybill setup`")),
+        e => kv_err(bucket, e),
+    })
 }
 
 /// Seeds stock levels; SKUs that already have a level keep it (setup is
