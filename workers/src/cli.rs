@@ -78,7 +78,12 @@ pub struct NatsArgs {
     /// (`nats://n1:4222,nats://n2:4222`; `nats://` and port 4222 may be left
     /// out): the process connects to any live one and fails over to the
     /// others. nats-server 2.10 or later.
-    #[arg(long = "nats", env = "NATS_URL", value_name = "URL[,URL…]", default_value = "nats://127.0.0.1:4222")]
+    #[arg(
+        long = "nats",
+        env = "NATS_URL",
+        value_name = "URL[,URL…]",
+        default_value = "nats://127.0.0.1:4222"
+    )]
     pub url: ServerList,
     #[command(flatten)]
     pub auth: AuthArgs,
@@ -365,12 +370,21 @@ mod tests {
     #[tokio::test]
     async fn a_missing_file_is_named_and_not_retryable() {
         let url: ServerList = "nats://127.0.0.1:1".parse().unwrap();
-        let e = auth(Some("/nonexistent/creds"), None).connect(&url, "t").await.unwrap_err();
+        let e = auth(Some("/nonexistent/creds"), None)
+            .connect(&url, "t")
+            .await
+            .unwrap_err();
         assert!(matches!(e, ConnectError::Credentials { .. }), "{e:?}");
         assert!(!e.retryable());
         let text = with_causes(&e);
-        assert!(text.starts_with("cannot read credentials file /nonexistent/creds: "), "{text}");
-        let e = auth(None, Some("/nonexistent/seed")).connect(&url, "t").await.unwrap_err();
+        assert!(
+            text.starts_with("cannot read credentials file /nonexistent/creds: "),
+            "{text}"
+        );
+        let e = auth(None, Some("/nonexistent/seed"))
+            .connect(&url, "t")
+            .await
+            .unwrap_err();
         assert!(matches!(e, ConnectError::NkeySeed { .. }), "{e:?}");
         assert!(!e.retryable());
     }

@@ -47,12 +47,14 @@ pub enum OpsError {
     Json(#[from] serde_json::Error),
     #[error("--id names one order, but {count} were given")]
     IdForMany { count: usize },
-    #[error(
-        "order {order} is {size} bytes of JSON, over the coordinator's limit of {limit}; nothing was started"
-    )]
+    #[error("order {order} is {size} bytes of JSON, over the coordinator's limit of {limit}; nothing was started")]
     TooLarge { order: usize, size: usize, limit: usize },
     #[error("order {order} (id {id}) was not started: {reason}")]
-    NotStarted { order: usize, id: uuid::Uuid, reason: String },
+    NotStarted {
+        order: usize,
+        id: uuid::Uuid,
+        reason: String,
+    },
     #[error(
         "order {order} (id {id}) was not confirmed started after {tries} tries in {retry_for:?}: {reason}; \
          it may have been stored: run `waybill start --id {id}` with the same order to be sure"
@@ -492,7 +494,11 @@ pub async fn watch_until<T: Rpc>(
             _ = tick.tick() => {}
         }
         // A stop is not kept waiting long by a coordinator that is away.
-        let wait = if last_round { timeout.min(Duration::from_secs(1)) } else { timeout };
+        let wait = if last_round {
+            timeout.min(Duration::from_secs(1))
+        } else {
+            timeout
+        };
         let reply = match orders(transport, &query, wait).await {
             Ok(r) => r,
             Err(e) => {

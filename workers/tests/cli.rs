@@ -45,7 +45,10 @@ fn replay_can_show_the_coordinators_live_view() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let stdout = text(&out.stdout);
     // Not a terminal: the view prints its lines.
-    assert!(stdout.contains("in flight,") && stdout.contains("partitions 1/1"), "{stdout}");
+    assert!(
+        stdout.contains("in flight,") && stdout.contains("partitions 1/1"),
+        "{stdout}"
+    );
     assert!(stdout.contains("all orders ended as expected"), "{stdout}");
 }
 

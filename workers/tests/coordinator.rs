@@ -557,7 +557,9 @@ async fn bad_requests_get_clear_errors_and_the_coordinator_keeps_serving() {
     ];
     for (subject, body, want) in cases {
         let v: serde_json::Value = ask(c, subject.to_owned(), body.into()).await;
-        let e = v["error"].as_str().unwrap_or_else(|| panic!("expected an error on {subject}, got {v}"));
+        let e = v["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("expected an error on {subject}, got {v}"));
         assert!(e.contains(want), "{subject}: expected `{want}` in `{e}`");
         // A start refused for cause says that trying again will not help;
         // other requests' errors carry no such field.
@@ -683,7 +685,10 @@ async fn a_start_that_cannot_be_stored_answers_retryable_with_its_id_and_its_ret
     });
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while sent.out_messages.load(Ordering::Relaxed) < before + 2 {
-        assert!(std::time::Instant::now() < deadline, "the coordinator did not try to store the start twice");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the coordinator did not try to store the start twice"
+        );
         // Polling a counter, bounded by the deadline.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }

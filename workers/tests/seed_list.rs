@@ -101,7 +101,10 @@ async fn every_program_connects_through_a_list_whose_first_server_is_dead(given:
         given,
     );
     let ids: Vec<String> = text(&start.stdout).lines().map(str::to_owned).collect();
-    let want = std::fs::read_to_string(workspace_root().join(HAPPY)).unwrap().lines().count();
+    let want = std::fs::read_to_string(workspace_root().join(HAPPY))
+        .unwrap()
+        .lines()
+        .count();
     assert_eq!(ids.len(), want, "one id per order: {}", text(&start.stdout));
     for id in &ids {
         id.parse::<waybill::OrderId>()
@@ -174,7 +177,10 @@ fn a_wrong_entry_is_named() {
             "nats://127.0.0.1:4222,nats://127.0.0.1:42x3",
             "NATS server `nats://127.0.0.1:42x3` (entry 2 of the list) is invalid: port `42x3`",
         ),
-        ("nats://127.0.0.1:4222,,127.0.0.1:4223", "entry 2 of the NATS server list"),
+        (
+            "nats://127.0.0.1:4222,,127.0.0.1:4223",
+            "entry 2 of the NATS server list",
+        ),
         ("http://127.0.0.1:4222", "unknown scheme `http`"),
     ] {
         for given in [Given::Flag, Given::Env] {

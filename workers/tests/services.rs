@@ -123,13 +123,7 @@ async fn inventory_reserves_all_or_nothing_and_releases_once() {
     // A redelivered reservation after the release answers as before and
     // takes nothing again.
     let lines = BTreeMap::from([("SKU-LIMITED".to_owned(), 6)]);
-    assert_eq!(
-        inv.stock()
-            .reserve(id, &lines)
-            .await
-            .unwrap(),
-        Reservation::Reserved
-    );
+    assert_eq!(inv.stock().reserve(id, &lines).await.unwrap(), Reservation::Reserved);
     assert_eq!(inv.stock().level("SKU-LIMITED").await.unwrap().reserved, 0);
 }
 

@@ -54,11 +54,21 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("cluster-node1-payment-coordinator-kill", || {
         cluster_outage(Victim::Node(0), Connect::Own).boxed_local()
     }),
-    ("cluster-node2-inventory-kill", || cluster_outage(Victim::Node(1), Connect::Own).boxed_local()),
-    ("cluster-node3-shipping-kill", || cluster_outage(Victim::Node(2), Connect::Own).boxed_local()),
-    ("cluster-seeds-n1-kill", || cluster_outage(Victim::Node(0), Connect::Seeds).boxed_local()),
-    ("cluster-seeds-n2-kill", || cluster_outage(Victim::Node(1), Connect::Seeds).boxed_local()),
-    ("cluster-seeds-n3-kill", || cluster_outage(Victim::Node(2), Connect::Seeds).boxed_local()),
+    ("cluster-node2-inventory-kill", || {
+        cluster_outage(Victim::Node(1), Connect::Own).boxed_local()
+    }),
+    ("cluster-node3-shipping-kill", || {
+        cluster_outage(Victim::Node(2), Connect::Own).boxed_local()
+    }),
+    ("cluster-seeds-n1-kill", || {
+        cluster_outage(Victim::Node(0), Connect::Seeds).boxed_local()
+    }),
+    ("cluster-seeds-n2-kill", || {
+        cluster_outage(Victim::Node(1), Connect::Seeds).boxed_local()
+    }),
+    ("cluster-seeds-n3-kill", || {
+        cluster_outage(Victim::Node(2), Connect::Seeds).boxed_local()
+    }),
     ("cluster-seeds-hop-leader-kill", || {
         cluster_outage(Victim::HopLeader, Connect::Seeds).boxed_local()
     }),
@@ -117,7 +127,9 @@ fn main() -> ExitCode {
     let chosen = SCENARIOS
         .iter()
         .filter(|(name, _)| words.is_empty() || words.iter().any(|w| name.contains(w.as_str())));
-    let runs: Vec<_> = (1..=repeat).flat_map(|run| chosen.clone().map(move |s| (run, s))).collect();
+    let runs: Vec<_> = (1..=repeat)
+        .flat_map(|run| chosen.clone().map(move |s| (run, s)))
+        .collect();
     for (run, (name, scenario)) in runs {
         if repeat > 1 {
             eprintln!("fault scenario {name} (run {run} of {repeat}) ...");
@@ -199,7 +211,10 @@ impl Scene {
             eprintln!("{}", run::slowest(&driven));
         }
         if run::waited(&driven) > 0 {
-            eprintln!("  {} orders waited on unavailable infrastructure, then went on", run::waited(&driven));
+            eprintln!(
+                "  {} orders waited on unavailable infrastructure, then went on",
+                run::waited(&driven)
+            );
         }
         if !verdict.problems.is_empty() || verdict.lost > 0 {
             // What the processes said, to tell a stall's cause in CI.
@@ -379,7 +394,12 @@ async fn cluster_outage(victim: Victim, connect: Connect) -> Row {
         unreachable!("a cluster stack")
     };
     let at = || began.elapsed().as_secs_f64();
-    eprintln!("  {:.1} s: killing {} for {} s", at(), cluster.name(node), OUTAGE.as_secs());
+    eprintln!(
+        "  {:.1} s: killing {} for {} s",
+        at(),
+        cluster.name(node),
+        OUTAGE.as_secs()
+    );
     sc.trigger.fault();
     cluster.kill(node);
     // The fault under test is an outage of this length, not a wait for an

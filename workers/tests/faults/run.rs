@@ -119,7 +119,9 @@ impl Driver {
     /// at a time (fewer spread the starts over the run).
     pub fn start_paced(self: &Arc<Self>, orders: Vec<PreparedOrder>, in_flight: usize) -> Running {
         let driver = self.clone();
-        Running(Some(tokio::spawn(async move { driver.drive_with(&orders, in_flight).await })))
+        Running(Some(tokio::spawn(async move {
+            driver.drive_with(&orders, in_flight).await
+        })))
     }
 
     async fn drive(&self, orders: &[PreparedOrder]) -> Driven {
@@ -460,12 +462,20 @@ async fn effects_match(driver: &Driver, driven: &Driven, v: &mut Verdict) {
     let inventory = bucket_values(&driver.nats, "inventory").await;
     // Each order's record: held (`reserved`) exactly while its order
     // completed; no record of an order never started here.
-    for (key, record) in inventory.iter().filter_map(|(k, r)| Some((k.strip_prefix("order.")?, r))) {
+    for (key, record) in inventory
+        .iter()
+        .filter_map(|(k, r)| Some((k.strip_prefix("order.")?, r)))
+    {
         let held = record["state"] == "reserved";
         match key.parse::<OrderId>().ok().and_then(|id| driven.finals.get(&id)) {
-            None => v.problem(format!("the inventory has a record for {key}, an order never started here")),
+            None => v.problem(format!(
+                "the inventory has a record for {key}, an order never started here"
+            )),
             Some(doc) if held != (doc.status == Status::Completed) => {
-                v.problem(format!("order {key} ended {} but its inventory record is {record}", doc.status));
+                v.problem(format!(
+                    "order {key} ended {} but its inventory record is {record}",
+                    doc.status
+                ));
             }
             Some(_) => {}
         }

@@ -205,4 +205,3 @@ pub(crate) enum KindArg {
     Unshippable,
     Transient,
 }
-

@@ -158,12 +158,7 @@ fn watch(args: WatchArgs) -> anyhow::Result<ExitCode> {
     let WatchArgs { nats, every_ms } = args;
     runtime()?.block_on(async {
         let t = nats.connect("waybill-watch").await?;
-        ops::watch(
-            &t,
-            Duration::from_millis(every_ms.max(50)),
-            Duration::from_secs(5),
-        )
-        .await
+        ops::watch(&t, Duration::from_millis(every_ms.max(50)), Duration::from_secs(5)).await
     })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -149,7 +149,11 @@ async fn replay_files(
 }
 
 /// Runs `run`, with the coordinators' live view beside it if asked.
-async fn watching<T: Rpc>(transport: &T, watch: bool, run: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+async fn watching<T: Rpc>(
+    transport: &T,
+    watch: bool,
+    run: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     if !watch {
         run.await;
         return Ok(());
@@ -220,4 +224,3 @@ fn print_table(reports: &[FileReport]) {
         }
     }
 }
-
