@@ -17,7 +17,7 @@ use serde::Serialize;
 use waybill::coordinator::api::{OrdersQuery, StatusReply};
 use waybill::coordinator::{self, CoordinatorClient, CoordinatorConfig, CoordinatorHandle};
 use waybill::hash::FastMap;
-use waybill::transport::{Embedded, HopLog, Transport};
+use waybill::transport::{Embedded, EmbeddedConfig, HopLog, Transport};
 use waybill::{Client, Document, OrderId, Payload, Registry, Status, Worker, WorkerHandle, Workflow};
 
 use crate::services::MemoryServices;
@@ -283,7 +283,15 @@ pub const MAX_STATUSES: usize = 5;
 
 impl EmbeddedRuntime {
     pub async fn start(stock: HashMap<String, i64>, opts: &ReplayOptions) -> Result<Self, ReplayError> {
-        let transport = Embedded::new();
+        // Without a coordinator nobody reads the log back: keep none.
+        let transport = if opts.coordinator {
+            Embedded::new()
+        } else {
+            Embedded::with_config(EmbeddedConfig {
+                log_capacity: 0,
+                ..EmbeddedConfig::default()
+            })
+        };
         let services = MemoryServices::new(stock);
         let worker = services
             .serve(Worker::builder(transport.clone()).concurrency(opts.concurrency))
