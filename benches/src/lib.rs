@@ -1,5 +1,8 @@
 //! Shared pieces of Waybill's benchmarks. See `benches/README.md`.
 
+pub mod counts;
+pub mod cpu;
+
 use waybill_workers::replay::PreparedOrder;
 use waybill_workflows::samples;
 
