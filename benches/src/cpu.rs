@@ -108,6 +108,16 @@ impl CpuReport {
         }
     }
 
+    /// Each process's CPU time per unit of work (`units` orders or
+    /// documents), in microseconds: the figure to compare across rates.
+    pub fn per_unit<'a>(&'a self, units: usize, unit: &'a str) -> PerUnit<'a> {
+        PerUnit {
+            report: self,
+            units,
+            unit,
+        }
+    }
+
     /// Busy CPU the processes measured do not account for, in % of one core.
     pub fn others(&self) -> Option<f64> {
         let measured: f64 = self.procs.iter().filter_map(|(_, s)| *s).sum();
@@ -135,6 +145,30 @@ impl fmt::Display for CpuReport {
             ),
             _ => write!(f, " others: ? (no /proc/stat)"),
         }
+    }
+}
+
+/// [`CpuReport::per_unit`].
+#[derive(Debug)]
+pub struct PerUnit<'a> {
+    report: &'a CpuReport,
+    units: usize,
+    unit: &'a str,
+}
+
+impl fmt::Display for PerUnit<'_> {
+    /// `cpu per order: nats-server 96 µs, payment-worker 25 µs, …`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cpu per {}:", self.unit)?;
+        let n = self.units.max(1) as f64;
+        for (i, (name, secs)) in self.report.procs.iter().enumerate() {
+            let sep = if i == 0 { "" } else { "," };
+            match secs {
+                Some(s) => write!(f, "{sep} {name} {:.0} µs", s * 1e6 / n)?,
+                None => write!(f, "{sep} {name} ?")?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -217,5 +251,23 @@ mod tests {
         assert!(report.procs[0].1.is_some());
         assert!(report.procs[1].1.is_none());
         assert!(report.to_string().contains("gone ?"));
+    }
+
+    #[test]
+    fn cpu_per_unit_is_in_microseconds() {
+        let report = CpuReport {
+            wall_secs: 2.0,
+            procs: vec![("nats-server".into(), Some(1.8)), ("client".into(), None)],
+            machine_busy_secs: Some(3.0),
+            cores: 2,
+        };
+        assert_eq!(
+            report.per_unit(20_000, "order").to_string(),
+            "cpu per order: nats-server 90 µs, client ?"
+        );
+        assert_eq!(
+            report.to_string(),
+            "cpu over 2.00 s (% of one core): nats-server 90 %, client ?, others: 60 % (machine busy 150 % of 200 %)"
+        );
     }
 }

@@ -97,6 +97,8 @@ impl Args {
 #[derive(Debug)]
 struct Measured {
     cpu: CpuReport,
+    /// Orders (documents) the run moved, and what it calls them.
+    units: (usize, &'static str),
     stored: PerOrder,
     /// Engine runs only.
     kv: Option<KvOpsPerOrder>,
@@ -105,6 +107,7 @@ struct Measured {
 impl Measured {
     fn print(&self) {
         println!("  {}", self.cpu);
+        println!("  {}", self.cpu.per_unit(self.units.0, self.units.1));
         println!("  {}", self.stored);
         if let Some(kv) = &self.kv {
             println!("  {kv}");
@@ -302,6 +305,7 @@ async fn engine_run(
         doc_size,
         Measured {
             cpu,
+            units: (orders, "order"),
             stored,
             kv: Some(kv),
         },
@@ -441,6 +445,11 @@ async fn raw_run(
             p50_ms: replay::percentile_ms(&latencies, 50.0),
             p99_ms: replay::percentile_ms(&latencies, 99.0),
         },
-        Measured { cpu, stored, kv: None },
+        Measured {
+            cpu,
+            units: (docs, "document"),
+            stored,
+            kv: None,
+        },
     ))
 }
