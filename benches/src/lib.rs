@@ -1,5 +1,8 @@
 //! Shared pieces of Waybill's benchmarks. See `benches/README.md`.
 
+pub mod counts;
+pub mod cpu;
+
 use std::path::PathBuf;
 
 use waybill_workers::replay::PreparedOrder;
@@ -17,6 +20,9 @@ pub enum BenchError {
     /// This program's own path is not known.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The server's stream list could not be read.
+    #[error("cannot list the streams: {0}")]
+    Streams(String),
     #[error("no folder beside this binary")]
     NoFolder,
     /// The program asked for is not built.

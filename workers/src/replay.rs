@@ -10,10 +10,13 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
 use serde::Serialize;
+// Tokio's clock: the system's, unless a test pauses it; a paced run's
+// timers follow it.
+use tokio::time::Instant;
 use waybill::coordinator::api::{OrdersQuery, StatusReply};
 use waybill::coordinator::{self, CoordinatorClient, CoordinatorConfig, CoordinatorHandle};
 use waybill::hash::FastMap;
@@ -420,9 +423,40 @@ pub async fn run_orders<T: Transport>(
     label: &str,
     orders: &[PreparedOrder],
     opts: &ReplayOptions,
+    on_done: impl FnMut(OrderId, Option<&Document>),
+) -> FileReport {
+    run(client, label, orders, opts, None, on_done).await
+}
+
+/// [`run_orders`] at a fixed pace: order `i` is due `i / per_second`
+/// seconds after the run began (deadlines from the start, so a late start
+/// does not push the later ones back: the ones overdue start at once), still
+/// at most `opts.in_flight` at once. An order's latency counts from when it
+/// was due, so time spent waiting for a place in the window is in it. A
+/// `per_second` that is not a positive number runs unpaced.
+pub async fn run_orders_paced<T: Transport>(
+    client: &Client<T>,
+    label: &str,
+    orders: &[PreparedOrder],
+    opts: &ReplayOptions,
+    per_second: f64,
+    on_done: impl FnMut(OrderId, Option<&Document>),
+) -> FileReport {
+    let rate = (per_second.is_finite() && per_second > 0.0).then_some(per_second);
+    run(client, label, orders, opts, rate, on_done).await
+}
+
+async fn run<T: Transport>(
+    client: &Client<T>,
+    label: &str,
+    orders: &[PreparedOrder],
+    opts: &ReplayOptions,
+    rate: Option<f64>,
     mut on_done: impl FnMut(OrderId, Option<&Document>),
 ) -> FileReport {
     let began = Instant::now();
+    // When order `i` is due: now, unpaced.
+    let due = |i: usize| rate.map(|r| began + Duration::from_secs_f64(i as f64 / r));
     let mut latencies = Vec::with_capacity(orders.len());
     let mut by_status: BTreeMap<Status, usize> = BTreeMap::new();
     let mut mismatches = Vec::new();
@@ -439,12 +473,24 @@ pub async fn run_orders<T: Transport>(
     let window = opts.in_flight.max(1);
     loop {
         while next < orders.len() && pending.len() < window {
+            let now = Instant::now();
+            let started = match due(next) {
+                Some(at) if at > now => break,
+                Some(at) => at,
+                None => now,
+            };
             let o = &orders[next];
             next += 1;
+            if in_flight.is_empty() {
+                // Paced, the first order after a pause: the wait for an
+                // order to finish starts now, not when the last one did.
+                stall.as_mut().reset(now + opts.order_timeout);
+                progressed = false;
+            }
             // Starts are not awaited one by one: over NATS each is a round
             // trip to the stream, and they overlap like the orders do.
             let id = OrderId::new();
-            in_flight.insert(id, (o, Instant::now()));
+            in_flight.insert(id, (o, started));
             let client = client.clone();
             let give_up = opts.order_timeout;
             pending.push(async move {
@@ -455,16 +501,22 @@ pub async fn run_orders<T: Transport>(
                 (id, result)
             });
         }
-        if pending.is_empty() {
+        // Paced, the next order waiting for its time (not for a place in
+        // the window).
+        let waiting = due(next).filter(|_| next < orders.len() && pending.len() < window);
+        if pending.is_empty() && waiting.is_none() {
             break;
         }
         let (id, result) = tokio::select! {
             biased;
             Some(done) = pending.next() => done,
+            () = tokio::time::sleep_until(waiting.unwrap_or(began)), if waiting.is_some() => continue,
             _ = &mut stall => {
-                if progressed {
+                // Nothing in flight (a paced run between two orders) is
+                // not a stall.
+                if progressed || in_flight.is_empty() {
                     progressed = false;
-                    stall.as_mut().reset(tokio::time::Instant::now() + opts.order_timeout);
+                    stall.as_mut().reset(Instant::now() + opts.order_timeout);
                     continue;
                 }
                 for (id, (o, _)) in in_flight.drain() {
@@ -552,5 +604,65 @@ fn mismatch(o: &PreparedOrder, id: OrderId, doc: &Arc<Document>) -> Mismatch {
         expected: o.expect,
         actual: Some(doc.status),
         detail: doc.failure.clone().unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+    use super::*;
+
+    fn examples() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+    }
+
+    async fn engine() -> (EmbeddedRuntime, FlowFile) {
+        let registry = waybill_workflows::registry().unwrap();
+        let happy = load(&examples().join("orders/happy.jsonl"), &registry).unwrap();
+        let stock = load_stock(&examples().join("stock.json")).unwrap();
+        let opts = ReplayOptions {
+            coordinator: false,
+            ..ReplayOptions::default()
+        };
+        (EmbeddedRuntime::start(stock, &opts).await.unwrap(), happy)
+    }
+
+    // Paused time: the pace's timers and the stall timer advance only when
+    // every task waits, so what follows does not depend on the machine's
+    // load.
+    #[tokio::test(start_paused = true)]
+    async fn a_paced_run_starts_and_ends_every_order_within_its_window() {
+        let (engine, happy) = engine().await;
+        let opts = ReplayOptions {
+            in_flight: 4,
+            ..ReplayOptions::default()
+        };
+        let mut ended = 0;
+        let report = run_orders_paced(&engine.client, "paced", &happy.orders, &opts, 500.0, |_, d| {
+            ended += usize::from(d.is_some());
+        })
+        .await;
+        assert!(report.ok(), "{:#?}", report.mismatches);
+        assert_eq!((report.completed, ended), (happy.orders.len(), happy.orders.len()));
+        // Not a positive rate: unpaced.
+        let report = run_orders_paced(&engine.client, "unpaced", &happy.orders, &opts, 0.0, |_, _| {}).await;
+        assert_eq!(report.completed, happy.orders.len());
+        engine.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pause_between_paced_orders_is_not_a_stall() {
+        // Orders due further apart than the stall timeout: with nothing in
+        // flight, the run waits for the next one rather than ending.
+        let (engine, happy) = engine().await;
+        let opts = ReplayOptions {
+            order_timeout: Duration::from_millis(100),
+            ..ReplayOptions::default()
+        };
+        let report = run_orders_paced(&engine.client, "slow", &happy.orders[..3], &opts, 4.0, |_, _| {}).await;
+        assert!(report.ok(), "{report:#?}");
+        assert_eq!(report.completed, 3);
+        engine.shutdown().await;
     }
 }
