@@ -298,27 +298,9 @@ impl Committer {
     }
 
     /// A SKU's level and revision, read from the stream leader into the
-    /// cache (revision 0 and the initial level if it has none yet).
+    /// cache.
     async fn load(&mut self, sku: &str) -> Result<(SkuValue, u64), StockError> {
-        stats::read();
-        let found = latest_as::<SkuValue, _>(
-            &self.store,
-            INVENTORY,
-            &sku_key(sku),
-            StockError::Unavailable,
-            StockError::Store,
-        )
-        .await?;
-        let (value, rev) = found.unwrap_or_else(|| {
-            let initial = initial_stock(&self.seed, sku);
-            (
-                SkuValue {
-                    available: initial,
-                    reserved: 0,
-                },
-                0,
-            )
-        });
+        let (value, rev) = read_sku(&self.store, &self.seed, sku).await?;
         self.levels.insert(sku.to_owned(), (value, rev));
         Ok((value, rev))
     }
@@ -452,6 +434,28 @@ impl Committer {
         }
         Ok(None)
     }
+}
+
+/// A SKU's level and revision, read from the stream leader (revision 0 and
+/// the initial level if it has none yet).
+pub(super) async fn read_sku(
+    store: &Store,
+    seed: &HashMap<String, i64>,
+    sku: &str,
+) -> Result<(SkuValue, u64), StockError> {
+    stats::read();
+    let found = latest_as::<SkuValue, _>(
+        store,
+        INVENTORY,
+        &sku_key(sku),
+        StockError::Unavailable,
+        StockError::Store,
+    )
+    .await?;
+    Ok(found.unwrap_or_else(|| {
+        let available = initial_stock(seed, sku);
+        (SkuValue { available, reserved: 0 }, 0)
+    }))
 }
 
 fn fail_all(ops: Vec<Op>, e: &StockError) {

@@ -13,9 +13,9 @@ use waybill::transport::fault;
 use waybill::transport::nats::Nats;
 use waybill::OrderId;
 
-use super::super::inventory::{initial_stock, Level, Reservation, StockError, StockStore};
+use super::super::inventory::{Level, Reservation, StockError, StockStore};
 use super::commit::{self, Op};
-use super::record::{order_key, sku_key, OrderRecord, RecState, SkuValue};
+use super::record::{order_key, OrderRecord, RecState};
 use super::store::{check_key, encode, latest_as, stock_err};
 use super::{open, stats, KvError, INVENTORY};
 
@@ -65,22 +65,7 @@ impl KvStock {
 
     /// The level of `sku` as it stands, from the stream leader.
     pub async fn level_of(&self, sku: &str) -> Result<Level, StockError> {
-        stats::read();
-        let found = latest_as::<SkuValue, _>(
-            &self.store,
-            INVENTORY,
-            &sku_key(sku),
-            StockError::Unavailable,
-            StockError::Store,
-        )
-        .await?;
-        Ok(found.map_or_else(
-            || Level {
-                available: initial_stock(&self.seed, sku),
-                reserved: 0,
-            },
-            |(v, _)| v.into(),
-        ))
+        Ok(commit::read_sku(&self.store, &self.seed, sku).await?.0.into())
     }
 
     async fn ask<T>(&self, op: impl FnOnce(oneshot::Sender<Result<T, StockError>>) -> Op) -> Result<T, StockError> {
