@@ -38,6 +38,10 @@ pub const DEFAULT_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// Kept well inside the window, with room for a try's own time-out.
 pub const MAX_START_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// Finished orders taken at a time: a client reads each at once (and
+/// acknowledges it), so big pulls cost it no redeliveries.
+const FOLLOW_BATCH: usize = 256;
+
 /// The pause after a start's first unconfirmed try; it doubles per try.
 const START_BACKOFF_FIRST: Duration = Duration::from_millis(50);
 /// The longest pause between two tries of a start.
@@ -109,7 +113,9 @@ impl<T: Transport> Client<T> {
         // brings back soon a delivery lost in transit (a cluster node that
         // dies with it), which the default 30 s left the order's waiter
         // without for half a minute.
-        let mut config = ConsumerConfig::new(durable.clone(), subject::all_done()).private();
+        let mut config = ConsumerConfig::new(durable.clone(), subject::all_done())
+            .private()
+            .prefetch(FOLLOW_BATCH);
         config.ack_wait = Duration::from_secs(2);
         let consumer = transport.consumer(config).await?;
         let inner = Arc::new(Inner {
@@ -317,7 +323,7 @@ async fn follow<T: Transport>(inner: Arc<Inner<T>>, mut consumer: T::Consumer, c
         let batch = tokio::select! {
             biased;
             _ = cancel.cancelled() => return,
-            r = consumer.fetch(256) => r,
+            r = consumer.fetch(FOLLOW_BATCH) => r,
         };
         let batch = match batch {
             Ok(b) => b,

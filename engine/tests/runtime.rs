@@ -667,3 +667,116 @@ async fn many_orders_all_finish_once() {
     assert!(h.log.effects.lock().unwrap().values().all(|&n| n == 1));
     h.stop().await;
 }
+
+/// A step of `t.a` that takes `work` (a slow service) and counts its calls.
+fn slow_a(work: Duration, calls: &Arc<AtomicUsize>) -> impl waybill::Handler {
+    let calls = calls.clone();
+    move |_ctx: StepContext, _p: Payload| {
+        let calls = calls.clone();
+        async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(work).await;
+            Ok(StepOutput::ok())
+        }
+    }
+}
+
+async fn start_many(client: &Client<Embedded>, n: usize) -> Vec<OrderId> {
+    let wf = three_steps();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let p = Payload::postcard(&script(&format!("o{i}"))).unwrap();
+        ids.push(client.start(&wf, p).await.unwrap());
+    }
+    ids
+}
+
+#[tokio::test]
+async fn deliveries_taken_ahead_of_a_free_slot_are_kept_alive() {
+    // One slot, eight taken ahead, and steps of 150 ms against an ack wait
+    // of 200 ms: the sixth order waits 750 ms for its slot. Left alone, the
+    // waiting deliveries would be redelivered and their steps run twice.
+    let transport = Embedded::new();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let builder = Worker::builder(transport.clone())
+        .serve("t.a", slow_a(Duration::from_millis(150), &calls))
+        .serve("t.b", |_ctx: StepContext, _p: Payload| async { Ok(StepOutput::ok()) })
+        .serve("t.c", |_ctx: StepContext, _p: Payload| async { Ok(StepOutput::ok()) });
+    let worker = builder
+        .concurrency(1)
+        .pumps(1)
+        .prefetch(8)
+        .ack_wait(Duration::from_millis(200))
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    for id in start_many(&client, 6).await {
+        let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+        assert_eq!(doc.status, Status::Completed);
+    }
+    worker.shutdown().await;
+    let a = transport
+        .consumer_stats(&subject::service_consumer(&"t.a".parse().unwrap()))
+        .unwrap();
+    assert_eq!(a.unacked(), 0, "no second delivery of a step is left: {a:?}");
+    assert_eq!(calls.load(Ordering::SeqCst), 6, "each step ran once");
+    client.close().await;
+}
+
+#[tokio::test]
+async fn a_draining_worker_hands_back_what_it_took_ahead() {
+    // The ack wait is a minute: deliveries left to lapse would come back
+    // only after the test's deadline.
+    let transport = Embedded::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let held = {
+        let (gate, entered) = (gate.clone(), entered.clone());
+        move |_ctx: StepContext, _p: Payload| {
+            let (gate, entered) = (gate.clone(), entered.clone());
+            async move {
+                entered.notify_one();
+                let _permit = gate.acquire().await.map_err(|_| StepError::transient("closed"))?;
+                Ok(StepOutput::ok())
+            }
+        }
+    };
+    let first = Worker::builder(transport.clone())
+        .serve("t.a", held)
+        .concurrency(1)
+        .pumps(1)
+        .prefetch(8)
+        .ack_wait(Duration::from_secs(60))
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let ids = start_many(&client, 5).await;
+    tokio::time::timeout(DEADLINE, entered.notified()).await.unwrap();
+    // The first worker drains: its one step is held at the gate, the other
+    // four wait behind it and go back to the stream.
+    let stopping = tokio::spawn(first.shutdown());
+    let log = Arc::new(Log::default());
+    let second = serve(Worker::builder(transport.clone()), &log)
+        .ack_wait(Duration::from_secs(60))
+        .start()
+        .await
+        .unwrap();
+    let (held_id, handed_back) = ids.split_first().unwrap();
+    for id in handed_back {
+        let doc = tokio::time::timeout(DEADLINE, client.wait(*id)).await.unwrap().unwrap();
+        assert_eq!(doc.status, Status::Completed);
+    }
+    assert_eq!(log.calls_of("a"), 4, "the second worker ran the four handed back");
+    gate.add_permits(1);
+    tokio::time::timeout(DEADLINE, stopping).await.unwrap().unwrap();
+    let doc = tokio::time::timeout(DEADLINE, client.wait(*held_id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.status, Status::Completed);
+    assert_eq!(log.calls_of("a"), 4, "the held step was not run again");
+    second.shutdown().await;
+    client.close().await;
+}

@@ -230,6 +230,17 @@ pub struct WorkerArgs {
     /// Steps run at once per service subject.
     #[arg(long, default_value_t = 256)]
     pub concurrency: usize,
+    /// Threads of the process's runtime, one fetch loop per service on
+    /// each (default: one per core). With 1 the process runs on a single
+    /// thread, with nothing handed between threads: the cheapest per step
+    /// where several processes share few cores.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub threads: Option<u16>,
+    /// Deliveries each fetch loop takes ahead of free slots, and asks NATS
+    /// for in one pull (default: its share of `--concurrency`, at most
+    /// 256). Those waiting are kept alive, and handed back on SIGTERM.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: Option<u16>,
     /// Seconds a step may stay unacknowledged before NATS redelivers it
     /// (after a crash, say). Every process of a service must use the same.
     #[arg(long, default_value_t = 30)]
@@ -274,6 +285,10 @@ where
     Fut: std::future::Future<Output = Result<WorkerBuilder<Nats>, BoxError>>,
 {
     init_logging(args.log_format, "info");
+    let threads = args.threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        usize::from,
+    );
     let run = async {
         let nats = args.nats.connect(name).await?;
         // A server or a stream leader away (a failover under way) is waited
@@ -294,12 +309,16 @@ where
         // Documents of a workflow or version this build does not define are
         // refused (dead-lettered with the reason), never run on a guess.
         let registry = waybill_workflows::registry()?;
-        let builder = Worker::builder(nats.clone())
+        let mut builder = Worker::builder(nats.clone())
             .accept(registry.versions())
             .concurrency(args.concurrency)
+            .pumps(threads)
             .ack_wait(Duration::from_secs(args.ack_wait.max(1)))
             .unavailable_limit(Duration::from_secs(args.unavailable_limit))
             .codec(Codec::with_max_size(args.max_document_bytes));
+        if let Some(n) = args.prefetch {
+            builder = builder.prefetch(usize::from(n));
+        }
         let worker = serve(nats, builder).await?.start().await?;
         tracing::info!(url = %args.nats.url, "{name} serving");
         let signal = shutdown_signal().await?;
@@ -321,7 +340,15 @@ where
         }
         Ok::<(), BoxError>(())
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    };
+    let rt = match rt {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{name}: cannot start the runtime: {e}");

@@ -24,8 +24,13 @@
 //! each engine run again at half its rate, with raw at the same pace.
 //! Latencies of a paced run count from when each order was due.
 //!
+//! Each worker process runs on `--threads N` runtime threads (default 1:
+//! five busy processes share this machine's two cores, and a single thread
+//! hands nothing between threads; the workers' own default is one per
+//! core).
+//!
 //! Build the workers first; they are found beside this binary:
-//! `cargo build --release -p waybill-workers -p waybill-benches && target/release/nats_e2e [orders] [in_flight] [--rate N | --paced-at-half]`
+//! `cargo build --release -p waybill-workers -p waybill-benches && target/release/nats_e2e [orders] [in_flight] [--rate N | --paced-at-half] [--threads N]`
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -52,10 +57,12 @@ use waybill_workers::replay::{self, ReplayOptions};
 const WORKERS: [&str; 3] = ["payment-worker", "inventory-worker", "shipping-worker"];
 
 /// The command line: `[orders] [in_flight] [--rate N | --paced-at-half]`.
-#[derive(Debug)]
+#[derive(Debug, Clone, Copy)]
 struct Args {
     orders: usize,
     in_flight: usize,
+    /// Runtime threads of each worker process (`--threads`).
+    threads: u16,
     rate: Option<f64>,
     paced_at_half: bool,
 }
@@ -63,7 +70,7 @@ struct Args {
 impl Args {
     fn parse() -> anyhow::Result<Self> {
         let mut positional = Vec::new();
-        let (mut rate, mut paced_at_half) = (None, false);
+        let (mut rate, mut paced_at_half, mut threads) = (None, false, 1u16);
         let mut args = std::env::args().skip(1);
         while let Some(a) = args.next() {
             match a.as_str() {
@@ -73,8 +80,12 @@ impl Args {
                     rate = Some(n);
                 }
                 "--paced-at-half" => paced_at_half = true,
+                "--threads" => {
+                    threads = args.next().context("--threads needs a number")?.parse()?;
+                    anyhow::ensure!(threads >= 1, "--threads must be at least 1");
+                }
                 flag if flag.starts_with("--") => anyhow::bail!(
-                    "unknown option {flag}; usage: nats_e2e [orders] [in_flight] [--rate N | --paced-at-half]"
+                    "unknown option {flag}; usage: nats_e2e [orders] [in_flight] [--rate N | --paced-at-half] [--threads N]"
                 ),
                 _ => positional.push(a.parse::<usize>()?),
             }
@@ -87,6 +98,7 @@ impl Args {
         Ok(Self {
             orders: positional.first().copied().unwrap_or(20_000),
             in_flight: positional.get(1).copied().unwrap_or(1024),
+            threads,
             rate,
             paced_at_half,
         })
@@ -132,7 +144,7 @@ fn main() -> anyhow::Result<()> {
         // Paced only: the three runs at the same pace.
         let mut doc_size = 0;
         for state in ["memory", "kv"] {
-            let (report, size, m) = engine(&rt, orders, in_flight, state, Some(rate))?;
+            let (report, size, m) = engine(&rt, &args, state, Some(rate))?;
             print_paced_engine(rate, state, orders, &report);
             m.print();
             doc_size = size;
@@ -146,7 +158,7 @@ fn main() -> anyhow::Result<()> {
     let mut peaks = Vec::new();
     let mut doc_size = 0;
     for state in ["memory", "kv"] {
-        let (report, size, m) = engine(&rt, orders, in_flight, state, None)?;
+        let (report, size, m) = engine(&rt, &args, state, None)?;
         println!(
             "engine, services' state in {state:>6}: {orders} mixed orders, 3 worker processes: {:.0} orders/s \
              ({:.0} sustained), p50 {:.2} ms, p99 {:.2} ms",
@@ -172,7 +184,7 @@ fn main() -> anyhow::Result<()> {
         // Each engine run at half its own rate, and raw at that pace.
         for (state, peak) in peaks {
             let rate = peak / 2.0;
-            let (report, _, m) = engine(&rt, orders, in_flight, state, Some(rate))?;
+            let (report, _, m) = engine(&rt, &args, state, Some(rate))?;
             print_paced_engine(rate, state, orders, &report);
             m.print();
             let (raw, m) = raw(&rt, orders, in_flight, doc_size, Some(rate))?;
@@ -186,13 +198,12 @@ fn main() -> anyhow::Result<()> {
 /// One engine run on a server of its own.
 fn engine(
     rt: &tokio::runtime::Runtime,
-    orders: usize,
-    in_flight: usize,
+    args: &Args,
     state: &str,
     rate: Option<f64>,
 ) -> anyhow::Result<(replay::FileReport, usize, Measured)> {
     let server = NatsServer::start();
-    rt.block_on(engine_run(&server, orders, in_flight, state, rate))
+    rt.block_on(engine_run(&server, args, state, rate))
 }
 
 /// One raw run on a server of its own.
@@ -225,11 +236,11 @@ fn print_paced_raw(rate: f64, docs: usize, size: usize, raw: &Raw) {
 
 async fn engine_run(
     server: &NatsServer,
-    orders: usize,
-    in_flight: usize,
+    args: &Args,
     state: &str,
     rate: Option<f64>,
 ) -> anyhow::Result<(replay::FileReport, usize, Measured)> {
+    let Args { orders, in_flight, .. } = *args;
     let url = server.url();
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let status = Command::new(bin("waybill")?)
@@ -242,7 +253,7 @@ async fn engine_run(
     for name in WORKERS {
         let mut cmd = Command::new(bin(name)?);
         // Warnings, and the line saying the worker serves.
-        cmd.args(["--nats", &url, "--state", state])
+        cmd.args(["--nats", &url, "--state", state, "--threads", &args.threads.to_string()])
             .current_dir(&root)
             .env("RUST_LOG", "warn,waybill_workers::cli=info");
         if name == "inventory-worker" && state == "memory" {

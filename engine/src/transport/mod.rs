@@ -158,6 +158,9 @@ pub struct PublishAck {
     pub duplicate: bool,
 }
 
+/// [`ConsumerConfig::prefetch`] unless told otherwise.
+pub const DEFAULT_PREFETCH: usize = 32;
+
 /// A durable consumer: a named position in the stream, shared by every
 /// process that opens it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,6 +174,12 @@ pub struct ConsumerConfig {
     pub max_deliver: u32,
     /// Shared by many processes, or private to one.
     pub kind: ConsumerKind,
+    /// Messages this process asks for ahead of taking them: the batch of a
+    /// NATS pull request (the embedded transport hands messages over in
+    /// place and ignores it). Bigger batches spare the server pull
+    /// requests and deliver in bursts; what a process holds, it must keep
+    /// alive or hand back (the worker's pump does both).
+    pub prefetch: usize,
 }
 
 /// Who a consumer is for.
@@ -194,7 +203,23 @@ impl ConsumerConfig {
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
             kind: ConsumerKind::Shared,
+            prefetch: DEFAULT_PREFETCH,
         }
+    }
+
+    /// Whether `other` describes the same durable consumer: every setting
+    /// but the prefetch, which is each process's own.
+    pub fn same_consumer(&self, other: &Self) -> bool {
+        Self {
+            prefetch: other.prefetch,
+            ..self.clone()
+        } == *other
+    }
+
+    /// Asks for `n` messages at a time (at least one).
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n.max(1);
+        self
     }
 
     /// A consumer private to this process (see [`ConsumerKind::Private`]).

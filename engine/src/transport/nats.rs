@@ -447,7 +447,7 @@ impl Transport for Nats {
                 want.max_deliver
             )));
         }
-        let messages = pull_messages(&consumer)
+        let messages = pull_messages(&consumer, config.prefetch)
             .await
             .map_err(|e| nats_err(&format!("cannot pull from consumer {}", config.durable), e))?;
         let watcher = if private {
@@ -459,6 +459,7 @@ impl Transport for Nats {
             consumer,
             messages,
             durable: config.durable,
+            prefetch: config.prefetch,
             watcher,
         })
     }

@@ -43,7 +43,7 @@ pub struct WorkerBuilder<T> {
     transport: T,
     id: WorkerId,
     concurrency: usize,
-    batch: usize,
+    prefetch: Option<usize>,
     pumps: usize,
     ack_wait: Duration,
     max_deliver: u32,
@@ -69,6 +69,11 @@ impl<T: fmt::Debug> fmt::Debug for WorkerBuilder<T> {
     }
 }
 
+/// The most deliveries a fetch loop takes ahead by default
+/// ([`WorkerBuilder::prefetch`]): past 128 to 256 a NATS server gains no
+/// more from bigger pulls (`benches/README.md`).
+pub const MAX_DEFAULT_PREFETCH: usize = 256;
+
 /// The worker runtime. See the module documentation.
 #[derive(Debug)]
 pub struct Worker;
@@ -79,7 +84,7 @@ impl Worker {
             transport,
             id: WorkerId::from_process(),
             concurrency: 256,
-            batch: 64,
+            prefetch: None,
             pumps: std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
@@ -125,9 +130,12 @@ impl<T: Transport> WorkerBuilder<T> {
         self
     }
 
-    /// Messages fetched at once per service.
-    pub fn batch(mut self, n: usize) -> Self {
-        self.batch = n.max(1);
+    /// Deliveries each fetch loop takes ahead of its free slots, and asks
+    /// NATS for in one pull (default: its share of the concurrency, at most
+    /// [`MAX_DEFAULT_PREFETCH`]). Those waiting are kept alive with progress
+    /// acknowledgements, and handed back when the worker drains.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = Some(n.max(1));
         self
     }
 
@@ -198,14 +206,16 @@ impl<T: Transport> WorkerBuilder<T> {
             ack_wait: self.ack_wait,
             max_deliver: self.max_deliver,
             unavailable_limit: self.unavailable_limit,
-            batch: self.batch,
             cancel: cancel.clone(),
         });
         // Open every consumer before serving any: a misconfigured one fails
         // the start with nothing running.
+        let per_pump = self.concurrency.div_ceil(self.pumps).max(1);
+        let prefetch = self.prefetch.unwrap_or(per_pump.min(MAX_DEFAULT_PREFETCH));
         let mut consumers = Vec::with_capacity(services.len());
         for svc in services {
-            let mut cfg = ConsumerConfig::new(subject::service_consumer(&svc.service), subject::hop(&svc.service));
+            let mut cfg = ConsumerConfig::new(subject::service_consumer(&svc.service), subject::hop(&svc.service))
+                .prefetch(prefetch);
             cfg.ack_wait = shared.ack_wait;
             cfg.max_deliver = shared.max_deliver;
             let mut handles = Vec::with_capacity(self.pumps);
@@ -221,11 +231,10 @@ impl<T: Transport> WorkerBuilder<T> {
             }
             consumers.push((Arc::new(svc), handles));
         }
-        let per_pump = self.concurrency.div_ceil(self.pumps).max(1);
         for (svc, handles) in consumers {
             for (n, consumer) in handles.into_iter().enumerate() {
                 let span = tracing::info_span!("pump", service = %svc.service, pump = n);
-                tracker.spawn(pump(shared.clone(), svc.clone(), consumer, per_pump).instrument(span));
+                tracker.spawn(pump(shared.clone(), svc.clone(), consumer, per_pump, prefetch).instrument(span));
             }
         }
         Ok(WorkerHandle {

@@ -88,6 +88,5 @@ pub(super) struct Shared<T> {
     pub(super) ack_wait: Duration,
     pub(super) max_deliver: u32,
     pub(super) unavailable_limit: Duration,
-    pub(super) batch: usize,
     pub(super) cancel: CancellationToken,
 }

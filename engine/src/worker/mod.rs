@@ -39,6 +39,6 @@ mod process;
 mod pump;
 mod run;
 
-pub use builder::{Worker, WorkerBuilder, WorkerError, DEFAULT_UNAVAILABLE_LIMIT};
+pub use builder::{Worker, WorkerBuilder, WorkerError, DEFAULT_UNAVAILABLE_LIMIT, MAX_DEFAULT_PREFETCH};
 pub use handle::{WorkerHandle, WorkerStats};
 pub use handler::{BoxFuture, Handler, IdempotencyKey, StepContext, StepError, StepOutput};

@@ -359,7 +359,8 @@ impl Transport for Embedded {
         let mut routing = lock(&self.inner.routing);
         let current = self.inner.consumers.load_full();
         if let Some(c) = current.iter().find(|c| c.config.durable == config.durable) {
-            if c.config != config {
+            // The prefetch is each process's own, not the consumer's.
+            if !c.config.same_consumer(&config) {
                 return Err(Error::BadConfig(format!(
                     "consumer `{}` exists with a different configuration ({:?}, asked for {:?})",
                     config.durable, c.config, config

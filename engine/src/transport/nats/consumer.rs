@@ -14,6 +14,8 @@ pub struct NatsConsumer {
     pub(super) consumer: async_nats::jetstream::consumer::Consumer<pull::Config>,
     pub(super) messages: pull::Stream,
     pub(super) durable: String,
+    /// Messages asked for at a time.
+    pub(super) prefetch: usize,
     /// Dead-letters what exhausts its deliveries; stopped with the handle.
     pub(super) watcher: Option<tokio::task::JoinHandle<()>>,
 }
@@ -53,7 +55,7 @@ impl NatsConsumer {
     }
 
     async fn restart(&mut self) -> Result<(), Error> {
-        self.messages = pull_messages(&self.consumer)
+        self.messages = pull_messages(&self.consumer, self.prefetch)
             .await
             .map_err(|e| nats_err(&format!("cannot pull from consumer {}", self.durable), e))?;
         Ok(())
@@ -110,26 +112,23 @@ impl std::fmt::Debug for NatsDelivery {
     }
 }
 
-/// Messages a pull stream asks for at a time (async-nats's default is
-/// 200). What it holds is delivered, and its ack wait runs, before a step
-/// starts on it: a busy worker that held 200 redelivered some of them to
-/// another worker while they waited, and both ran the step (the fault
-/// suite's drain scenario, under load, with a 2 s ack wait). 32 keeps the
-/// wait short and still spares most round trips.
-const PULL_BATCH: usize = 32;
-
-/// A continuous pull of [`PULL_BATCH`] with idle heartbeats. Without them
-/// (async-nats's default), a pull request lost with its server (a cluster
-/// node killed) goes unnoticed until it expires, 30 s later, and the
-/// consumer gets nothing meanwhile: the fault suite saw a finished order
-/// reach its client 30 s late. Two missed heartbeats end the stream, and
-/// `fetch` starts a new one.
+/// A continuous pull of `batch` messages at a time with idle heartbeats.
+/// Without them (async-nats's default), a pull request lost with its server
+/// (a cluster node killed) goes unnoticed until it expires, 30 s later, and
+/// the consumer gets nothing meanwhile: the fault suite saw a finished
+/// order reach its client 30 s late. Two missed heartbeats end the stream,
+/// and `fetch` starts a new one.
+///
+/// async-nats asks for more once half of a batch has been taken from the
+/// stream, so at most `batch` messages wait in it untaken, their ack wait
+/// running: whoever takes them keeps them alive (see the worker's pump).
 pub(super) async fn pull_messages(
     consumer: &async_nats::jetstream::consumer::Consumer<pull::Config>,
+    batch: usize,
 ) -> Result<pull::Stream, async_nats::jetstream::consumer::StreamError> {
     consumer
         .stream()
-        .max_messages_per_batch(PULL_BATCH)
+        .max_messages_per_batch(batch.max(1))
         .expires(Duration::from_secs(10))
         .heartbeat(Duration::from_secs(2))
         .messages()
