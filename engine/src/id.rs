@@ -243,6 +243,7 @@ enum MsgIdKind {
     Hop(DedupId),
     Redrive { hop: DedupId, sequence: u64 },
     Exhausted { sequence: u64 },
+    DeadLetterRedrive { sequence: u64 },
     Custom(String),
 }
 
@@ -266,6 +267,13 @@ impl MsgId {
     /// it once.
     pub fn exhausted(sequence: u64) -> Self {
         Self(MsgIdKind::Exhausted { sequence })
+    }
+
+    /// A dead letter (stored at `sequence` in the dead-letter stream) sent
+    /// back to its step: `dlq:<sequence>:redrive`, so a redrive repeated
+    /// inside the duplicate window is stored once.
+    pub fn dead_letter_redrive(sequence: u64) -> Self {
+        Self(MsgIdKind::DeadLetterRedrive { sequence })
     }
 
     /// Any other id, as given.
@@ -298,6 +306,7 @@ impl fmt::Display for MsgId {
             MsgIdKind::Hop(id) => fmt::Display::fmt(id, f),
             MsgIdKind::Redrive { hop, sequence } => write!(f, "{hop}:redrive:{sequence}"),
             MsgIdKind::Exhausted { sequence } => write!(f, "exhausted:{sequence}"),
+            MsgIdKind::DeadLetterRedrive { sequence } => write!(f, "dlq:{sequence}:redrive"),
             MsgIdKind::Custom(id) => f.write_str(id),
         }
     }

@@ -73,6 +73,14 @@ pub fn dead_letter(original: &str) -> String {
     format!("{DLQ_PREFIX}{rest}")
 }
 
+/// The hop subject a dead letter kept under `dlq_subject` came from
+/// (`waybill.dlq.<rest>` → `waybill.hop.<rest>`); `None` for any other
+/// subject.
+pub fn origin_of_dead_letter(dlq_subject: &str) -> Option<String> {
+    let rest = dlq_subject.strip_prefix(DLQ_PREFIX).filter(|r| !r.is_empty())?;
+    Some(format!("{HOP_PREFIX}{rest}"))
+}
+
 /// Prefix of the start requests: `waybill.start.<workflow>`.
 pub const START_PREFIX: &str = "waybill.start.";
 /// Prefix of the status requests: `waybill.status.<order id>`.

@@ -6,6 +6,7 @@
 //! binaries.
 
 pub mod cli;
+pub mod dlq;
 pub mod ops;
 pub mod replay;
 pub mod services;

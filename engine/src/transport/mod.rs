@@ -254,6 +254,26 @@ impl DeadLetterKind {
     }
 }
 
+/// A dead letter's kind code this build does not know.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown dead-letter kind `{0}` (known: invalid, exhausted, unavailable)")]
+pub struct UnknownKind(pub String);
+
+impl std::str::FromStr for DeadLetterKind {
+    type Err = UnknownKind;
+
+    fn from_str(s: &str) -> Result<Self, UnknownKind> {
+        [
+            DeadLetterKind::Invalid,
+            DeadLetterKind::Exhausted,
+            DeadLetterKind::Unavailable,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+        .ok_or_else(|| UnknownKind(s.to_owned()))
+    }
+}
+
 impl fmt::Display for DeadLetterKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

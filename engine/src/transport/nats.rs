@@ -32,12 +32,14 @@ use crate::subject;
 
 mod atomic;
 mod consumer;
+mod dlq;
 mod log;
 mod rpc;
 mod servers;
 pub use atomic::{AtomicAck, AtomicError, AtomicWrite, MAX_BATCH};
 use consumer::pull_messages;
 pub use consumer::{NatsConsumer, NatsDelivery};
+pub use dlq::StoredLetter;
 pub use log::NatsLog;
 pub use rpc::{NatsRequest, NatsRequests};
 pub use servers::{InvalidServer, ServerList, ServerListError};

@@ -39,6 +39,88 @@ pub(crate) enum Command {
     Watch(WatchArgs),
     /// Print generated example order flows (JSON Lines) to standard output.
     ExampleOrders(ExampleOrdersArgs),
+    /// The dead letters: list, show, send back to their step (redrive), or
+    /// delete (purge).
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+#[derive(Subcommand, Debug)]
+pub(crate) enum DlqCommand {
+    /// The dead letters that match, oldest first.
+    List(DlqListArgs),
+    /// One dead letter: its reason, and where its order stood.
+    Show(DlqShowArgs),
+    /// Send dead letters back to the step they came from, their history
+    /// intact (each step's effect is still applied once). Each is checked
+    /// with the coordinator first: one whose order has moved on or ended is
+    /// not sent. Exits 1 if any was not sent.
+    Redrive(DlqPickArgs),
+    /// Delete dead letters. Says how many it would delete unless `--yes`.
+    Purge(DlqPickArgs),
+}
+
+/// Which dead letters: the kind, the service they came from, how recent.
+#[derive(Args, Debug, Clone)]
+pub(crate) struct DlqFilterArgs {
+    /// `invalid`, `exhausted` or `unavailable`.
+    #[arg(long)]
+    pub(crate) kind: Option<waybill::transport::DeadLetterKind>,
+    /// The step's service subject, such as `payment.charge`.
+    #[arg(long)]
+    pub(crate) service: Option<String>,
+    /// Stored at most this long ago: 90s, 15m, 2h, 1d.
+    #[arg(long)]
+    pub(crate) since: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DlqListArgs {
+    #[command(flatten)]
+    pub(crate) filter: DlqFilterArgs,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DlqShowArgs {
+    /// The dead letter's sequence (from `waybill dlq list`).
+    pub(crate) sequence: u64,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct DlqPickArgs {
+    /// The dead letters' sequences (from `waybill dlq list`).
+    #[arg(required_unless_present = "all", conflicts_with = "all")]
+    pub(crate) sequences: Vec<u64>,
+    /// Every dead letter that matches the filters.
+    #[arg(long)]
+    pub(crate) all: bool,
+    #[command(flatten)]
+    pub(crate) filter: DlqFilterArgs,
+    /// Redrive: send without asking the coordinator where each order
+    /// stands.
+    #[arg(long)]
+    pub(crate) force: bool,
+    /// Purge: delete (without it, only say how many would go).
+    #[arg(long)]
+    pub(crate) yes: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Seconds to wait for the coordinator's answer, per order.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) timeout: u64,
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
 }
 
 #[derive(Args, Debug)]

@@ -24,6 +24,7 @@ use waybill_workers::services::kv;
 use waybill_workflows::samples::{self, Kind};
 
 mod args;
+mod dlq_cmd;
 mod replay_cmd;
 
 use args::*;
@@ -59,6 +60,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Setup(args) => setup(args),
         Command::ExampleOrders(args) => example_orders(args),
         Command::Replay(args) => replay_cmd::replay(args),
+        Command::Dlq(cmd) => dlq_cmd::dlq(cmd),
     }
 }
 
