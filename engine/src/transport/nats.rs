@@ -282,11 +282,7 @@ impl Nats {
 
     /// How many dead letters are stored.
     pub async fn dead_letter_count(&self) -> Result<u64, Error> {
-        let mut s = self
-            .js
-            .get_stream(DLQ_STREAM)
-            .await
-            .map_err(|e| nats_err(&format!("stream {DLQ_STREAM} is missing"), e))?;
+        let mut s = self.dead_letter_stream().await?;
         let info = s
             .info()
             .await

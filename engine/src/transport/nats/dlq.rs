@@ -40,13 +40,16 @@ impl StoredLetter {
 }
 
 impl Nats {
-    /// Every dead letter, oldest first.
-    pub async fn dead_letters(&self) -> Result<Vec<StoredLetter>, Error> {
-        let mut stream = self
-            .js
+    pub(super) async fn dead_letter_stream(&self) -> Result<async_nats::jetstream::stream::Stream, Error> {
+        self.js
             .get_stream(DLQ_STREAM)
             .await
-            .map_err(|e| nats_err(&format!("stream {DLQ_STREAM} is missing"), e))?;
+            .map_err(|e| nats_err(&format!("stream {DLQ_STREAM} is missing"), e))
+    }
+
+    /// Every dead letter, oldest first.
+    pub async fn dead_letters(&self) -> Result<Vec<StoredLetter>, Error> {
+        let mut stream = self.dead_letter_stream().await?;
         let info = stream
             .info()
             .await
@@ -93,11 +96,7 @@ impl Nats {
 
     /// The dead letter stored at `sequence`, if it is there.
     pub async fn dead_letter_at(&self, sequence: u64) -> Result<Option<StoredLetter>, Error> {
-        let stream = self
-            .js
-            .get_stream(DLQ_STREAM)
-            .await
-            .map_err(|e| nats_err(&format!("stream {DLQ_STREAM} is missing"), e))?;
+        let stream = self.dead_letter_stream().await?;
         match stream.get_raw_message(sequence).await {
             Ok(m) => Ok(Some(letter(
                 m.sequence,
@@ -142,11 +141,7 @@ impl Nats {
 
     /// Deletes the dead letter at `sequence`; `false` if it was not there.
     pub async fn delete_dead_letter(&self, sequence: u64) -> Result<bool, Error> {
-        let stream = self
-            .js
-            .get_stream(DLQ_STREAM)
-            .await
-            .map_err(|e| nats_err(&format!("stream {DLQ_STREAM} is missing"), e))?;
+        let stream = self.dead_letter_stream().await?;
         match stream.delete_message(sequence).await {
             Ok(deleted) => Ok(deleted),
             Err(e) if is_no_message(&e) => Ok(false),
