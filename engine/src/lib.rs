@@ -52,7 +52,7 @@ pub use registry::{InvalidPayload, Registry, StartError, WorkflowPayload};
 pub use transition::{Attempt, Decision, StepResult};
 pub use worker::{
     BoxFuture, Handler, IdempotencyKey, StepContext, StepError, StepOutput, Worker, WorkerBuilder, WorkerError,
-    WorkerHandle, WorkerStats, DEFAULT_UNAVAILABLE_LIMIT, MAX_DEFAULT_PREFETCH,
+    WorkerHandle, WorkerMetrics, WorkerStats, DEFAULT_UNAVAILABLE_LIMIT, MAX_DEFAULT_PREFETCH,
 };
 pub use workflow::{
     Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Workflow, WorkflowBuilder, DEFAULT_STEP_TIMEOUT,

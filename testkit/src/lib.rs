@@ -351,8 +351,9 @@ impl NatsCluster {
     }
 }
 
-/// A plain HTTP/1.0 GET on a loopback port (the monitoring endpoint), body only.
-fn http_get(port: u16, path: &str) -> std::io::Result<String> {
+/// A plain HTTP/1.0 GET on a loopback port (a monitoring or metrics
+/// endpoint), body only.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(2)))?;

@@ -259,6 +259,12 @@ pub struct WorkerArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (such as
+    /// `127.0.0.1:9464`; port 0 picks a free one, which the log says):
+    /// steps by service and outcome, their durations, dead letters,
+    /// unavailable retries, the process's CPU and memory.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Where the service keeps its state: `kv` (NATS KV buckets, shared by
     /// every process of the service) or `memory` (this process only: for
     /// trying and benchmarking with one process per service; a restart
@@ -318,6 +324,14 @@ where
             .codec(Codec::with_max_size(args.max_document_bytes));
         if let Some(n) = args.prefetch {
             builder = builder.prefetch(usize::from(n));
+        }
+        if let Some(addr) = &args.metrics {
+            let metrics = waybill::WorkerMetrics::default();
+            let mut registry = crate::metrics::registry(name);
+            metrics.register(&mut registry);
+            let bound = crate::metrics::serve(addr, registry).await?;
+            tracing::info!("metrics on http://{bound}/metrics");
+            builder = builder.metrics(metrics);
         }
         let worker = serve(nats, builder).await?.start().await?;
         tracing::info!(url = %args.nats.url, "{name} serving");

@@ -7,6 +7,7 @@
 
 pub mod cli;
 pub mod dlq;
+pub mod metrics;
 pub mod ops;
 pub mod replay;
 pub mod services;

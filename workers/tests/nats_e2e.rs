@@ -7,7 +7,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use waybill_testkit::{workspace_root, NatsServer, Proc};
+use waybill_testkit::{http_get, workspace_root, NatsServer, Proc};
 
 fn waybill(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_waybill"))
@@ -94,4 +94,79 @@ fn an_unreachable_server_is_reported_after_the_connect_timeout() {
         stderr.contains("could not reach NATS") && stderr.contains("within 1 s"),
         "{stderr}"
     );
+}
+
+/// The sum of a series' samples whose labels contain `labels` (all of
+/// them for `""`), from the OpenMetrics text.
+fn sum_of(text: &str, series: &str, labels: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(&format!("{series}{{")) || l.starts_with(&format!("{series} ")))
+        .filter(|l| l.contains(labels))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn a_worker_serves_its_metrics_and_they_agree_with_its_steps() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let setup = waybill(&["setup", "--nats", &url, "--stock", "examples/stock.json"]);
+    assert!(setup.status.success(), "{}", String::from_utf8_lossy(&setup.stderr));
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_payment-worker"));
+    cmd.args(["--nats", &url, "--metrics", "127.0.0.1:0"])
+        .current_dir(workspace_root())
+        .env("RUST_LOG", "warn,waybill_workers::cli=info");
+    let mut payment = Proc::spawn("payment-worker", cmd);
+    let line = payment.expect_stderr("metrics on http://", Duration::from_secs(30));
+    let port: u16 = line
+        .rsplit("127.0.0.1:")
+        .next()
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let others = vec![
+        worker("inventory-worker", env!("CARGO_BIN_EXE_inventory-worker"), &url),
+        worker("shipping-worker", env!("CARGO_BIN_EXE_shipping-worker"), &url),
+    ];
+    let out = waybill(&["replay", "--no-progress", "--nats", &url, "examples/orders/mixed.jsonl"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+
+    // Every order has ended: no step runs any more.
+    let text = http_get(port, "/metrics").unwrap();
+    let hops = sum_of(&text, "waybill_hops_total", "");
+    let timed = sum_of(&text, "waybill_step_duration_seconds_count", "");
+    assert!(hops > 0.0 && hops == timed, "{text}");
+    assert!(
+        sum_of(&text, "waybill_hops_total", r#"outcome="declined""#) > 0.0,
+        "{text}"
+    );
+    assert!(
+        sum_of(&text, "waybill_hops_total", r#"outcome="transient""#) > 0.0,
+        "{text}"
+    );
+    assert!(
+        sum_of(&text, "waybill_hops_total", r#"service="payment.refund""#) > 0.0,
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"waybill_build_info{program="payment-worker""#),
+        "{text}"
+    );
+    assert!(sum_of(&text, "process_cpu_seconds_total", "") > 0.0, "{text}");
+    assert!(sum_of(&text, "process_resident_memory_bytes", "") > 0.0, "{text}");
+
+    // The worker's own count of its steps, as it drains, is the same.
+    let (status, stderr) = payment.signal_and_wait("TERM", Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
+    let steps: f64 = stderr
+        .split("drained after ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no summary line in {stderr}"));
+    assert_eq!(hops, steps, "{text}");
+    for p in others {
+        let (status, stderr) = p.signal_and_wait("TERM", Duration::from_secs(20));
+        assert!(status.success(), "{stderr}");
+    }
 }

@@ -45,6 +45,7 @@ pub struct WorkerBuilder<T> {
     concurrency: usize,
     prefetch: Option<usize>,
     pumps: usize,
+    metrics: Option<super::metrics::WorkerMetrics>,
     ack_wait: Duration,
     max_deliver: u32,
     unavailable_limit: Duration,
@@ -85,6 +86,7 @@ impl Worker {
             id: WorkerId::from_process(),
             concurrency: 256,
             prefetch: None,
+            metrics: None,
             pumps: std::thread::available_parallelism().map_or(1, |n| n.get()).min(8),
             ack_wait: Duration::from_secs(30),
             max_deliver: 10,
@@ -136,6 +138,13 @@ impl<T: Transport> WorkerBuilder<T> {
     /// acknowledgements, and handed back when the worker drains.
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = Some(n.max(1));
+        self
+    }
+
+    /// Counts steps, their durations, dead letters and unavailable retries
+    /// into `metrics` (see [`super::WorkerMetrics::register`]).
+    pub fn metrics(mut self, metrics: super::metrics::WorkerMetrics) -> Self {
+        self.metrics = Some(metrics);
         self
     }
 
@@ -206,6 +215,7 @@ impl<T: Transport> WorkerBuilder<T> {
             ack_wait: self.ack_wait,
             max_deliver: self.max_deliver,
             unavailable_limit: self.unavailable_limit,
+            metrics: self.metrics,
             cancel: cancel.clone(),
         });
         // Open every consumer before serving any: a misconfigured one fails

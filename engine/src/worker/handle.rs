@@ -88,5 +88,7 @@ pub(super) struct Shared<T> {
     pub(super) ack_wait: Duration,
     pub(super) max_deliver: u32,
     pub(super) unavailable_limit: Duration,
+    /// Prometheus series, when asked for.
+    pub(super) metrics: Option<super::metrics::WorkerMetrics>,
     pub(super) cancel: CancellationToken,
 }

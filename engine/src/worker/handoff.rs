@@ -63,6 +63,7 @@ pub(super) fn next_hop<T>(shared: &Shared<T>, doc: &mut Document, attempt: Attem
 /// the caller acknowledges the input once it is stored.
 pub(super) async fn hand_off<T: Transport>(
     shared: &Shared<T>,
+    svc: &Service,
     doc: &Document,
     hop: NextHop,
     delivery: &impl Delivery,
@@ -77,7 +78,7 @@ pub(super) async fn hand_off<T: Transport>(
         headers: headers::for_hop(doc, shared.format),
         payload: hop.body.clone(),
     };
-    store(shared, delivery, out).await
+    store(shared, svc, delivery, out).await
 }
 
 /// Why a next hop was not stored.
@@ -98,6 +99,7 @@ pub(super) enum Unstored {
 /// so a try that was stored after all is not stored twice.
 async fn store<T: Transport>(
     shared: &Shared<T>,
+    svc: &Service,
     delivery: &impl Delivery,
     out: impl Fn() -> Outgoing + Sync,
 ) -> Result<PublishAck, Unstored> {
@@ -106,13 +108,14 @@ async fn store<T: Transport>(
     // every step's future: inlined, it cost the embedded benchmark about 6 %.
     match shared.transport.publish(out()).await {
         Ok(ack) => Ok(ack),
-        Err(e) => Box::pin(store_again(shared, delivery, &out, e)).await,
+        Err(e) => Box::pin(store_again(shared, svc, delivery, &out, e)).await,
     }
 }
 
 /// [`store`]'s slow path, after a first try failed with `first`.
 async fn store_again<T: Transport>(
     shared: &Shared<T>,
+    svc: &Service,
     delivery: &impl Delivery,
     out: &(dyn Fn() -> Outgoing + Sync),
     first: crate::transport::Error,
@@ -130,6 +133,9 @@ async fn store_again<T: Transport>(
             }
             tries += 1;
             WorkerStats::bump(&shared.stats.publish_retries);
+            if let Some(m) = &shared.metrics {
+                m.unavailable_retry(&svc.service);
+            }
             let wait = transition::unavailable_delay(tries, fastrand::f64());
             if tries == 1 || tries.is_power_of_two() {
                 tracing::warn!(error = %e, tries, retry_in = ?wait, "the next hop was not stored; trying again");
@@ -196,6 +202,9 @@ pub(super) async fn dead_letter<T: Transport>(
     match shared.transport.dead_letter(letter).await {
         Ok(()) => {
             WorkerStats::bump(&shared.stats.dead_lettered);
+            if let Some(m) = &shared.metrics {
+                m.dead_letter(kind);
+            }
             if let Err(e) = delivery.term().await {
                 tracing::warn!(error = %e, "term failed after dead-lettering");
             }

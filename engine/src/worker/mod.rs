@@ -29,12 +29,14 @@
 //! the rest is the runtime: `builder` (configure and start), `handle` (the
 //! running worker, its counters and shared state), `pump` (the fetch loop),
 //! `process` (one delivery: admit, run, hand off), `run` (the handler under
-//! its deadline) and `handoff` (store the next hop, then acknowledge).
+//! its deadline), `handoff` (store the next hop, then acknowledge) and
+//! `metrics` (the Prometheus series, when asked for).
 
 mod builder;
 mod handle;
 mod handler;
 mod handoff;
+mod metrics;
 mod process;
 mod pump;
 mod run;
@@ -42,3 +44,4 @@ mod run;
 pub use builder::{Worker, WorkerBuilder, WorkerError, DEFAULT_UNAVAILABLE_LIMIT, MAX_DEFAULT_PREFETCH};
 pub use handle::{WorkerHandle, WorkerStats};
 pub use handler::{BoxFuture, Handler, IdempotencyKey, StepContext, StepError, StepOutput};
+pub use metrics::WorkerMetrics;

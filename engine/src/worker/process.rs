@@ -45,11 +45,22 @@ pub(super) async fn process<T: Transport>(
     };
     async {
         let attempt = match run(shared, svc, &mut doc, ctx, timeout, &delivery).await {
-            Ran::Attempt(attempt) => attempt,
+            Ran::Attempt(attempt) => {
+                if let Some(m) = &shared.metrics {
+                    let took = attempt.ended_at.since(attempt.started_at).as_secs_f64();
+                    m.step(&svc.service, &attempt.result, took);
+                }
+                attempt
+            }
             Ran::OverLimit(reason) => {
                 return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Unavailable, reason)).await
             }
-            Ran::Deferred { delay, why } => return Box::pin(hand_back(shared, svc, delivery, Some(delay), &why)).await,
+            Ran::Deferred { delay, why } => {
+                if let Some(m) = &shared.metrics {
+                    m.hop(&svc.service, "deferred");
+                }
+                return Box::pin(hand_back(shared, svc, delivery, Some(delay), &why)).await;
+            }
         };
         let hop = match next_hop(shared, &mut doc, attempt) {
             Ok(hop) => hop,
@@ -64,7 +75,7 @@ pub(super) async fn process<T: Transport>(
                 .await
             }
         };
-        match hand_off(shared, &doc, hop, &delivery).await {
+        match hand_off(shared, svc, &doc, hop, &delivery).await {
             Ok(ack) => {
                 WorkerStats::bump(if ack.duplicate {
                     &shared.stats.duplicates

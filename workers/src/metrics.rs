@@ -1,0 +1,141 @@
+//! Prometheus metrics over HTTP: `GET /metrics` on the address a worker's
+//! `--metrics` names, in the OpenMetrics text format, with the process's
+//! CPU time and memory and the build's version beside the series given.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::http::header::CONTENT_TYPE;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+/// Why the metrics cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot serve metrics on {addr}: {source}")]
+pub struct MetricsError {
+    addr: String,
+    #[source]
+    source: std::io::Error,
+}
+
+/// OpenMetrics text, as Prometheus asks for it.
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A registry with the process's and the build's series in it already.
+pub fn registry(program: &str) -> Registry {
+    let mut registry = Registry::default();
+    registry.register(
+        "waybill_build",
+        "The program and its version",
+        Info::new(vec![
+            ("program".to_owned(), program.to_owned()),
+            ("version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+        ]),
+    );
+    registry.register_collector(Box::new(ProcessCollector));
+    registry
+}
+
+/// Serves `registry` at `http://<addr>/metrics` from a task of its own,
+/// until the runtime stops; returns the address bound (`addr` may ask for
+/// port 0).
+pub async fn serve(addr: &str, registry: Registry) -> Result<SocketAddr, MetricsError> {
+    let fail = |source| MetricsError {
+        addr: addr.to_owned(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(fail)?;
+    let bound = listener.local_addr().map_err(fail)?;
+    let registry = Arc::new(registry);
+    let app = Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut body = String::new();
+                match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                    Ok(()) => (StatusCode::OK, [(CONTENT_TYPE, OPENMETRICS)], body),
+                    Err(e) => {
+                        tracing::error!(error = %e, "could not encode the metrics");
+                        let why = format!("cannot encode the metrics: {e}\n");
+                        (StatusCode::INTERNAL_SERVER_ERROR, [(CONTENT_TYPE, "text/plain")], why)
+                    }
+                }
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    });
+    Ok(bound)
+}
+
+/// `process_cpu_seconds_total` and `process_resident_memory_bytes`, read
+/// from `/proc/self` at each scrape (Linux; elsewhere they are left out).
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Some(cpu) = cpu_seconds() {
+            let c = ConstCounter::new(cpu);
+            let m = encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "User and system CPU time spent",
+                None,
+                c.metric_type(),
+            )?;
+            c.encode(m)?;
+        }
+        if let Some(rss) = resident_bytes() {
+            let g = ConstGauge::new(rss);
+            let m = encoder.encode_descriptor(
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes",
+                None,
+                g.metric_type(),
+            )?;
+            g.encode(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// utime + stime of `/proc/self/stat`, in clock ticks of 1/100 s (Linux's
+/// USER_HZ).
+fn cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The fields after the command name, which is in parentheses and may
+    // hold spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace();
+    let utime: u64 = fields.nth(11)?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// VmRSS of `/proc/self/status`.
+fn resident_bytes() -> Option<i64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kb: i64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_process_reads_its_own_cpu_and_memory() {
+        assert!(super::cpu_seconds().is_some_and(|s| s >= 0.0));
+        assert!(super::resident_bytes().is_some_and(|b| b > 0));
+    }
+}
