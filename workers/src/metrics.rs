@@ -139,3 +139,87 @@ mod tests {
         assert!(super::resident_bytes().is_some_and(|b| b > 0));
     }
 }
+
+/// The coordinator's series, read from its view at each scrape:
+/// `waybill_orders{status}` (tracked in memory), `waybill_orders_in_flight`,
+/// `waybill_orders_waiting{workflow,step}` (in flight, by the step their
+/// latest hop is for), `waybill_orders_stalled`,
+/// `waybill_orders_finished_total{status}` (since the view began),
+/// `waybill_coordinator_hops_read_total` and
+/// `waybill_coordinator_redriven_total`.
+#[derive(Debug)]
+pub struct CoordinatorCollector<T>(pub waybill::coordinator::CoordinatorCounts<T>);
+
+impl<T: std::fmt::Debug + Send + Sync + 'static> Collector for CoordinatorCollector<T> {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let summary = self.0.summary();
+        let feed = self.0.feed_stats();
+        let mut gauge = |name: &str, help: &str, pairs: Vec<(Vec<(&str, String)>, u64)>| {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Gauge)?;
+            for (labels, value) in pairs {
+                let g = ConstGauge::new(i64::try_from(value).unwrap_or(i64::MAX));
+                g.encode(family.encode_family(&labels)?)?;
+            }
+            Ok::<(), std::fmt::Error>(())
+        };
+        let by_status = summary
+            .by_status
+            .iter()
+            .map(|(s, n)| (vec![("status", s.to_string())], *n))
+            .collect();
+        gauge("waybill_orders", "Orders tracked in memory, by status", by_status)?;
+        gauge(
+            "waybill_orders_in_flight",
+            "Orders not finished",
+            vec![(Vec::new(), summary.in_flight)],
+        )?;
+        let waiting = summary
+            .by_step
+            .iter()
+            .map(|(key, n)| {
+                let (workflow, step) = key.split_once('/').unwrap_or(("", key));
+                (vec![("workflow", workflow.to_owned()), ("step", step.to_owned())], *n)
+            })
+            .collect();
+        gauge(
+            "waybill_orders_waiting",
+            "Orders in flight, by the step their latest hop is for",
+            waiting,
+        )?;
+        gauge(
+            "waybill_orders_stalled",
+            "Orders in flight past their step's deadline and the grace",
+            vec![(Vec::new(), summary.stalled)],
+        )?;
+        let mut counter = |name: &str, help: &str, pairs: Vec<(Vec<(&str, String)>, u64)>| {
+            let mut family =
+                encoder.encode_descriptor(name, help, None, prometheus_client::metrics::MetricType::Counter)?;
+            for (labels, value) in pairs {
+                ConstCounter::new(value).encode(family.encode_family(&labels)?)?;
+            }
+            Ok::<(), std::fmt::Error>(())
+        };
+        let finished = summary
+            .finished
+            .iter()
+            .map(|(s, n)| (vec![("status", s.to_string())], *n))
+            .collect();
+        counter(
+            "waybill_orders_finished",
+            "Orders that reached each end since this coordinator's view began",
+            finished,
+        )?;
+        counter(
+            "waybill_coordinator_hops_read",
+            "Hops read from the stream",
+            vec![(Vec::new(), feed.hops_read)],
+        )?;
+        counter(
+            "waybill_coordinator_redriven",
+            "Stalled hops republished",
+            vec![(Vec::new(), feed.redriven)],
+        )?;
+        Ok(())
+    }
+}

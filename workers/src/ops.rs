@@ -26,6 +26,8 @@ pub enum OpsError {
     Coordinator(#[from] coordinator::CoordinatorError),
     #[error(transparent)]
     Signal(#[from] SignalError),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
     #[error("cannot read standard input")]
     ReadStdin(#[source] std::io::Error),
     #[error("cannot read {}", path.display())]
@@ -104,10 +106,22 @@ impl OpsError {
 }
 
 /// `waybill coordinator`: runs until SIGTERM or SIGINT.
-pub async fn run_coordinator(nats: &NatsArgs, registry: Registry, config: CoordinatorConfig) -> Result<(), OpsError> {
+/// With `http`, also serves its metrics there.
+pub async fn run_coordinator(
+    nats: &NatsArgs,
+    registry: Registry,
+    config: CoordinatorConfig,
+    http: Option<&str>,
+) -> Result<(), OpsError> {
     let transport = nats.connect("waybill-coordinator").await?;
     let partition = config.partition;
     let handle = coordinator::start(transport, Some(std::sync::Arc::new(registry)), config).await?;
+    if let Some(addr) = http {
+        let mut metrics = crate::metrics::registry("waybill-coordinator");
+        metrics.register_collector(Box::new(crate::metrics::CoordinatorCollector(handle.counts())));
+        let bound = crate::metrics::serve(addr, metrics).await?;
+        tracing::info!("metrics on http://{bound}/metrics");
+    }
     tracing::info!(url = %nats.url, %partition, "coordinator running; replaying the hop stream");
     let stop = shutdown_signal();
     tokio::pin!(stop);

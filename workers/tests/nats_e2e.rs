@@ -96,6 +96,15 @@ fn an_unreachable_server_is_reported_after_the_connect_timeout() {
     );
 }
 
+/// The port of the `metrics on http://127.0.0.1:<port>/metrics` line.
+fn port_in(line: &str) -> u16 {
+    line.rsplit("127.0.0.1:")
+        .next()
+        .and_then(|rest| rest.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"))
+}
+
 /// The sum of a series' samples whose labels contain `labels` (all of
 /// them for `""`), from the OpenMetrics text.
 fn sum_of(text: &str, series: &str, labels: &str) -> f64 {
@@ -107,7 +116,7 @@ fn sum_of(text: &str, series: &str, labels: &str) -> f64 {
 }
 
 #[test]
-fn a_worker_serves_its_metrics_and_they_agree_with_its_steps() {
+fn a_worker_and_the_coordinator_serve_metrics_that_agree_with_their_counts() {
     let server = NatsServer::start();
     let url = server.url();
     let setup = waybill(&["setup", "--nats", &url, "--stock", "examples/stock.json"]);
@@ -117,19 +126,20 @@ fn a_worker_serves_its_metrics_and_they_agree_with_its_steps() {
         .current_dir(workspace_root())
         .env("RUST_LOG", "warn,waybill_workers::cli=info");
     let mut payment = Proc::spawn("payment-worker", cmd);
-    let line = payment.expect_stderr("metrics on http://", Duration::from_secs(30));
-    let port: u16 = line
-        .rsplit("127.0.0.1:")
-        .next()
-        .and_then(|rest| rest.split('/').next())
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let port = port_in(&payment.expect_stderr("metrics on http://", Duration::from_secs(30)));
     let others = vec![
         worker("inventory-worker", env!("CARGO_BIN_EXE_inventory-worker"), &url),
         worker("shipping-worker", env!("CARGO_BIN_EXE_shipping-worker"), &url),
     ];
-    let out = waybill(&["replay", "--no-progress", "--nats", &url, "examples/orders/mixed.jsonl"]);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waybill"));
+    cmd.args(["coordinator", "--nats", &url, "--http", "127.0.0.1:0"])
+        .current_dir(workspace_root());
+    let mut coordinator = Proc::spawn("coordinator", cmd);
+    let coordinator_port = port_in(&coordinator.expect_stderr("metrics on http://", Duration::from_secs(30)));
+    let out = waybill(&["replay", "--json", "--nats", &url, "examples/orders/mixed.jsonl"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let file = &report["files"][0];
 
     // Every order has ended: no step runs any more.
     let text = http_get(port, "/metrics").unwrap();
@@ -154,6 +164,26 @@ fn a_worker_serves_its_metrics_and_they_agree_with_its_steps() {
     );
     assert!(sum_of(&text, "process_cpu_seconds_total", "") > 0.0, "{text}");
     assert!(sum_of(&text, "process_resident_memory_bytes", "") > 0.0, "{text}");
+
+    // The coordinator's counts of the ends agree with the replay's, once it
+    // has read every hop (polled: it announces nothing).
+    let give_up = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = String::new();
+    while std::time::Instant::now() < give_up {
+        seen = http_get(coordinator_port, "/metrics").unwrap();
+        if sum_of(&seen, "waybill_orders_finished_total", "") == file["orders"].as_f64().unwrap() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for status in ["completed", "failed", "compensated"] {
+        let counted = sum_of(&seen, "waybill_orders_finished_total", &format!(r#"status="{status}""#));
+        assert_eq!(counted, file[status].as_f64().unwrap(), "{status}: {seen}");
+    }
+    assert_eq!(sum_of(&seen, "waybill_orders_in_flight", ""), 0.0, "{seen}");
+    assert!(sum_of(&seen, "waybill_coordinator_hops_read_total", "") > 0.0, "{seen}");
+    let (status, stderr) = coordinator.signal_and_wait("TERM", Duration::from_secs(20));
+    assert!(status.success(), "{stderr}");
 
     // The worker's own count of its steps, as it drains, is the same.
     let (status, stderr) = payment.signal_and_wait("TERM", Duration::from_secs(20));

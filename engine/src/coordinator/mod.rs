@@ -178,7 +178,56 @@ pub async fn start<T: HopLog + Rpc>(
     Ok(CoordinatorHandle { shared, cancel, tasks })
 }
 
+/// A reader of a coordinator's counts, cheap to clone, for what reports
+/// them apart from requests (metrics). After the coordinator stops it
+/// reads the counts as they were.
+pub struct CoordinatorCounts<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Clone for CoordinatorCounts<T> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T> std::fmt::Debug for CoordinatorCounts<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CoordinatorCounts")
+            .field("partition", &self.shared.config.partition)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> CoordinatorCounts<T> {
+    /// The summary an unfiltered orders request gets from this coordinator
+    /// (its partition only), without ids.
+    pub fn summary(&self) -> Summary {
+        let query = OrdersQuery {
+            limit: Some(0),
+            ..OrdersQuery::default()
+        };
+        self.shared
+            .tracker
+            .orders(&query, self.shared.config.stall_grace)
+            .summary
+    }
+
+    pub fn feed_stats(&self) -> FeedStats {
+        self.shared.tracker.feed_stats()
+    }
+}
+
 impl<T> CoordinatorHandle<T> {
+    /// A reader of this coordinator's counts (see [`CoordinatorCounts`]).
+    pub fn counts(&self) -> CoordinatorCounts<T> {
+        CoordinatorCounts {
+            shared: self.shared.clone(),
+        }
+    }
+
     pub fn partition(&self) -> Partition {
         self.shared.config.partition
     }

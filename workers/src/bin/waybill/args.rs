@@ -194,6 +194,11 @@ pub(crate) struct CoordinatorArgs {
     /// Only report stalled hops; never republish them.
     #[arg(long)]
     pub(crate) no_redrive: bool,
+    /// Serve HTTP on ADDR (such as `127.0.0.1:8080`; port 0 picks a free
+    /// one, which the log says): Prometheus metrics at `/metrics`, the
+    /// orders by status and by step, the finished counts, the stalled ones.
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) http: Option<String>,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub(crate) log_format: LogFormat,
 }

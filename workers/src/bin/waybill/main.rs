@@ -72,6 +72,7 @@ fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         retention,
         stall_grace,
         no_redrive,
+        http,
         log_format: _,
     } = args;
     let registry = waybill_workflows::registry().context("the built-in workflows do not build")?;
@@ -82,7 +83,7 @@ fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         redrive: !no_redrive,
         ..CoordinatorConfig::default()
     };
-    runtime()?.block_on(ops::run_coordinator(&nats, registry, config))?;
+    runtime()?.block_on(ops::run_coordinator(&nats, registry, config, http.as_deref()))?;
     Ok(ExitCode::SUCCESS)
 }
 
