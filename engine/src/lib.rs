@@ -54,6 +54,7 @@ pub use worker::{
     BoxFuture, Handler, IdempotencyKey, StepContext, StepError, StepOutput, Worker, WorkerBuilder, WorkerError,
     WorkerHandle, WorkerMetrics, WorkerStats, DEFAULT_UNAVAILABLE_LIMIT, MAX_DEFAULT_PREFETCH,
 };
+pub use workflow::graph;
 pub use workflow::{
     Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Workflow, WorkflowBuilder, DEFAULT_STEP_TIMEOUT,
     MAX_STEPS,

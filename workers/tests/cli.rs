@@ -97,3 +97,31 @@ fn example_orders_are_generated_on_demand() {
         .iter()
         .all(|l| l["expect"] == "compensated" && l["ship_to"]["country"] == "XX"));
 }
+
+#[test]
+fn graph_draws_the_order_route_and_names_what_is_unknown() {
+    let out = waybill(&["graph", "order"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mermaid = text(&out.stdout);
+    for line in [
+        "flowchart TD",
+        "s0[\"<b>charge</b><br/>payment.charge<br/>8 tries, 10 s\"]",
+        "s1 -- \"out_of_stock\" --> failed",
+        "s2 -- \"ok\" --> completed",
+    ] {
+        assert!(mermaid.contains(line), "missing {line:?}:\n{mermaid}");
+    }
+    let dot = text(&waybill(&["graph", "order", "--version", "1", "--format", "dot"]).stdout);
+    assert!(dot.starts_with("digraph \"order v1\" {"), "{dot}");
+
+    let out = waybill(&["graph", "order", "--version", "7"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("no workflow `order` version 7 (known: order v1)"),
+        "{}",
+        text(&out.stderr)
+    );
+    let out = waybill(&["graph", "nope"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("nope"), "{}", text(&out.stderr));
+}

@@ -10,6 +10,7 @@
 
 mod backoff;
 mod builder;
+pub mod graph;
 #[cfg(test)]
 mod tests;
 mod validate;

@@ -43,6 +43,28 @@ pub(crate) enum Command {
     /// delete (purge).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Draw a workflow's route: its steps, where each outcome leads, what
+    /// fails the order and what undoes each step (Mermaid or Graphviz DOT).
+    Graph(GraphArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct GraphArgs {
+    /// The workflow, such as `order`.
+    pub(crate) workflow: String,
+    /// Its version (default: the current one).
+    #[arg(long)]
+    pub(crate) version: Option<u32>,
+    #[arg(long, value_enum, default_value_t = GraphFormatArg::Mermaid)]
+    pub(crate) format: GraphFormatArg,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy)]
+pub(crate) enum GraphFormatArg {
+    /// A Mermaid `flowchart` (GitHub and most Markdown viewers draw it).
+    Mermaid,
+    /// Graphviz DOT (`| dot -Tsvg > order.svg`).
+    Dot,
 }
 
 #[derive(Subcommand, Debug)]

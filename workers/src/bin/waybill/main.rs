@@ -61,6 +61,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::ExampleOrders(args) => example_orders(args),
         Command::Replay(args) => replay_cmd::replay(args),
         Command::Dlq(cmd) => dlq_cmd::dlq(cmd),
+        Command::Graph(args) => graph(args),
     }
 }
 
@@ -84,6 +85,29 @@ fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
         ..CoordinatorConfig::default()
     };
     runtime()?.block_on(ops::run_coordinator(&nats, registry, config, http.as_deref()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `waybill graph`.
+fn graph(args: GraphArgs) -> anyhow::Result<ExitCode> {
+    use waybill::graph::{draw, GraphFormat};
+    let registry = waybill_workflows::registry().context("the built-in workflows do not build")?;
+    let workflow = match args.version {
+        Some(v) => registry.version(&args.workflow, v).with_context(|| {
+            let known: Vec<String> = registry.versions().map(|(w, v)| format!("{w} v{v}")).collect();
+            format!(
+                "no workflow `{}` version {v} (known: {})",
+                args.workflow,
+                known.join(", ")
+            )
+        })?,
+        None => registry.current(&args.workflow)?,
+    };
+    let format = match args.format {
+        GraphFormatArg::Mermaid => GraphFormat::Mermaid,
+        GraphFormatArg::Dot => GraphFormat::Dot,
+    };
+    print!("{}", draw(workflow.route(), format));
     Ok(ExitCode::SUCCESS)
 }
 

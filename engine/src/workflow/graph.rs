@@ -1,0 +1,252 @@
+//! A route as a picture: Mermaid (`flowchart`) or Graphviz DOT text, for
+//! `waybill graph` and the operator's page.
+//!
+//! Every step is a box (its name, service, tries and timeout); `ok` leads to
+//! the next step unless the route maps it elsewhere; each mapped outcome is
+//! an edge labelled with it; an error that retries cannot fix (a permanent
+//! failure, or the step's tries spent) fails the order, a dashed edge; a
+//! step that can be undone has a dotted edge to the service that undoes it.
+//! A failed order runs the owed compensations, newest first, and ends
+//! `compensated` (or `failed` when nothing was owed).
+
+use std::fmt::Write;
+
+use super::{Next, Route, RouteStep};
+
+/// The drawing languages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GraphFormat {
+    Mermaid,
+    Dot,
+}
+
+/// An edge of the drawing: from, to, label, style.
+struct Edge {
+    from: String,
+    to: String,
+    label: String,
+    style: Style,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Style {
+    Solid,
+    /// Errors: the order fails.
+    Dashed,
+    /// A step and what undoes it.
+    Dotted,
+}
+
+const START: &str = "start";
+const COMPLETED: &str = "completed";
+const FAILED: &str = "failed";
+
+fn step_id(i: usize) -> String {
+    format!("s{i}")
+}
+
+fn undo_id(i: usize) -> String {
+    format!("u{i}")
+}
+
+/// Where `next` leads from step `i`.
+fn target(route: &Route, i: usize, next: Next) -> String {
+    match next {
+        Next::Continue if i + 1 < route.steps.len() => step_id(i + 1),
+        Next::Continue | Next::Complete => COMPLETED.to_owned(),
+        Next::Goto(j) => step_id(usize::from(j)),
+        Next::Fail => FAILED.to_owned(),
+    }
+}
+
+fn tries(step: &RouteStep) -> String {
+    match step.retry.max_attempts {
+        1 => "1 try".to_owned(),
+        n => format!("{n} tries"),
+    }
+}
+
+fn timeout(step: &RouteStep) -> String {
+    let ms = step.timeout_ms;
+    if ms % 1000 == 0 {
+        format!("{} s", ms / 1000)
+    } else {
+        format!("{ms} ms")
+    }
+}
+
+fn edges(route: &Route) -> Vec<Edge> {
+    let mut out = Vec::new();
+    let edge = |from: String, to: String, label: &str, style| Edge {
+        from,
+        to,
+        label: label.to_owned(),
+        style,
+    };
+    if !route.steps.is_empty() {
+        out.push(edge(START.to_owned(), step_id(0), "", Style::Solid));
+    }
+    for (i, step) in route.steps.iter().enumerate() {
+        if !step.branches.iter().any(|b| b.outcome.is_ok()) {
+            out.push(edge(step_id(i), target(route, i, Next::Continue), "ok", Style::Solid));
+        }
+        for b in &step.branches {
+            out.push(edge(
+                step_id(i),
+                target(route, i, b.next),
+                b.outcome.as_str(),
+                Style::Solid,
+            ));
+        }
+        out.push(edge(step_id(i), FAILED.to_owned(), "error", Style::Dashed));
+        if step.compensate.is_some() {
+            out.push(edge(step_id(i), undo_id(i), "undone by", Style::Dotted));
+        }
+    }
+    out
+}
+
+/// `route` drawn in `format`.
+pub fn draw(route: &Route, format: GraphFormat) -> String {
+    match format {
+        GraphFormat::Mermaid => mermaid(route),
+        GraphFormat::Dot => dot(route),
+    }
+}
+
+fn mermaid(route: &Route) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        "---\ntitle: {} v{}\n---\nflowchart TD",
+        route.workflow, route.version
+    );
+    let _ = writeln!(s, "    {START}((start))");
+    for (i, step) in route.steps.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "    {}[\"<b>{}</b><br/>{}<br/>{}, {}\"]",
+            step_id(i),
+            step.name,
+            step.service,
+            tries(step),
+            timeout(step)
+        );
+        if let Some(undo) = &step.compensate {
+            let _ = writeln!(s, "    {}[/\"undo: {undo}\"/]", undo_id(i));
+        }
+    }
+    let _ = writeln!(s, "    {COMPLETED}(((completed)))");
+    let _ = writeln!(s, "    {FAILED}(((\"failed: compensations run, newest first\")))");
+    for e in edges(route) {
+        let arrow = match (e.style, e.label.is_empty()) {
+            (Style::Solid, true) => " --> ".to_owned(),
+            (Style::Solid, false) => format!(" -- \"{}\" --> ", e.label),
+            (Style::Dashed, _) => format!(" -. \"{}\" .-> ", e.label),
+            (Style::Dotted, _) => format!(" -.- |\"{}\"| ", e.label),
+        };
+        let _ = writeln!(s, "    {}{arrow}{}", e.from, e.to);
+    }
+    s
+}
+
+fn dot(route: &Route) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "digraph \"{} v{}\" {{", route.workflow, route.version);
+    let _ = writeln!(s, "    rankdir=TB;\n    node [shape=box, fontname=\"sans-serif\"];");
+    let _ = writeln!(s, "    {START} [shape=circle, label=\"start\"];");
+    for (i, step) in route.steps.iter().enumerate() {
+        let _ = writeln!(
+            s,
+            "    {} [label=\"{}\\n{}\\n{}, {}\"];",
+            step_id(i),
+            step.name,
+            step.service,
+            tries(step),
+            timeout(step)
+        );
+        if let Some(undo) = &step.compensate {
+            let _ = writeln!(s, "    {} [shape=parallelogram, label=\"undo: {undo}\"];", undo_id(i));
+        }
+    }
+    let _ = writeln!(s, "    {COMPLETED} [shape=doublecircle, label=\"completed\"];");
+    let _ = writeln!(
+        s,
+        "    {FAILED} [shape=doublecircle, label=\"failed:\\ncompensations run,\\nnewest first\"];"
+    );
+    for e in edges(route) {
+        let style = match e.style {
+            Style::Solid => "solid",
+            Style::Dashed => "dashed",
+            Style::Dotted => "dotted",
+        };
+        let _ = writeln!(s, "    {} -> {} [label=\"{}\", style={style}];", e.from, e.to, e.label);
+    }
+    s.push_str("}\n");
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::workflow::{Backoff, Then, Workflow};
+    use std::time::Duration;
+
+    fn order() -> Workflow {
+        Workflow::builder("order", 2)
+            .step("charge", "payment.charge")
+            .compensate("payment.refund")
+            .retry(Backoff::exponential(8, Duration::from_millis(50)))
+            .timeout(Duration::from_secs(10))
+            .on("declined", Then::Fail)
+            .step("reserve", "inventory.reserve")
+            .compensate("inventory.release")
+            .on("skip", Then::step("ship"))
+            .step("ship", "shipping.dispatch")
+            .retry(Backoff::none())
+            .timeout(Duration::from_millis(1500))
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn mermaid_has_every_step_outcome_error_and_undo() {
+        let text = draw(order().route(), GraphFormat::Mermaid);
+        let want = [
+            "title: order v2",
+            "flowchart TD",
+            "s0[\"<b>charge</b><br/>payment.charge<br/>8 tries, 10 s\"]",
+            "u0[/\"undo: payment.refund\"/]",
+            "s2[\"<b>ship</b><br/>shipping.dispatch<br/>1 try, 1500 ms\"]",
+            "start --> s0",
+            "s0 -- \"ok\" --> s1",
+            "s0 -- \"declined\" --> failed",
+            "s0 -. \"error\" .-> failed",
+            "s0 -.- |\"undone by\"| u0",
+            "s1 -- \"skip\" --> s2",
+            "s2 -- \"ok\" --> completed",
+        ];
+        for line in want {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+        assert!(!text.contains("u2"), "ship has nothing to undo:\n{text}");
+    }
+
+    #[test]
+    fn dot_is_one_digraph_with_the_same_edges() {
+        let text = draw(order().route(), GraphFormat::Dot);
+        assert!(
+            text.starts_with("digraph \"order v2\" {") && text.ends_with("}\n"),
+            "{text}"
+        );
+        for line in [
+            "s0 -> s1 [label=\"ok\", style=solid];",
+            "s0 -> failed [label=\"declined\", style=solid];",
+            "s1 -> failed [label=\"error\", style=dashed];",
+            "s1 -> u1 [label=\"undone by\", style=dotted];",
+            "s2 -> completed [label=\"ok\", style=solid];",
+        ] {
+            assert!(text.contains(line), "missing {line:?} in:\n{text}");
+        }
+    }
+}
