@@ -220,6 +220,10 @@ pub enum AttemptResult {
         since: Timestamp,
         tries: u32,
     },
+    /// The order was cancelled at this hop, before its step ran (`reason`
+    /// as the canceller gave it): the completed steps are undone and the
+    /// order ends `cancelled`.
+    Cancelled { reason: String },
 }
 
 impl AttemptResult {
@@ -396,6 +400,7 @@ impl fmt::Display for Journal<'_> {
                         waited.as_millis()
                     )
                 }
+                AttemptResult::Cancelled { reason } => format!("cancelled: {reason}"),
             };
             write!(
                 f,

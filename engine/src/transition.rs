@@ -32,6 +32,11 @@
 //!   outage does not grow the document. Only the worker's operator-set
 //!   limit ends such a wait, by dead-lettering the hop, never by a
 //!   transition.
+//! - A cancel ([`cancel`]) applies at the order's next hop, before its step
+//!   runs: it records why, undoes the completed steps newest first (a step
+//!   that finished while the cancel was asked is one of them), and ends
+//!   the order `cancelled`; with nothing to undo, at once. An order already
+//!   compensating goes on as it would: it is undoing its steps anyway.
 
 use std::time::Duration;
 
@@ -240,15 +245,76 @@ pub fn apply(doc: &mut Document, attempt: Attempt) -> Result<Decision, Transitio
                     reset_attempt(doc);
                     Decision::Hop { service, delay: None }
                 }
-                None => finish(doc, Status::Compensated),
+                None => {
+                    let end = if was_cancelled(doc) {
+                        Status::Cancelled
+                    } else {
+                        Status::Compensated
+                    };
+                    finish(doc, end)
+                }
             }
         }
         (StepKind::Forward, AttemptResult::Outcome(outcome)) => forward(doc, outcome),
-        // Waits on infrastructure returned above: no such record is made
-        // here. Were one to be, the step runs again, which is always safe.
-        (_, AttemptResult::Unavailable { .. }) => Decision::Hop { service, delay: None },
+        // Waits on infrastructure returned above, and cancels are made by
+        // `cancel`: no such record is made here. Were one to be, the step
+        // runs again, which is always safe.
+        (_, AttemptResult::Unavailable { .. } | AttemptResult::Cancelled { .. }) => {
+            Decision::Hop { service, delay: None }
+        }
     };
     Ok(decision)
+}
+
+/// Applies a cancel asked for the order, at its hop now and before the
+/// step runs: appends one record (the current step, `reason`), advances
+/// `hop`, and starts undoing what was done, newest first, to end
+/// `cancelled`; with nothing owed, ends `cancelled` at once. `None` when
+/// the cancel changes nothing: an order already compensating goes on.
+pub fn cancel(
+    doc: &mut Document,
+    reason: String,
+    worker: WorkerId,
+    at: Timestamp,
+) -> Result<Option<Decision>, TransitionError> {
+    match doc.status {
+        Status::Running => {}
+        Status::Compensating => return Ok(None),
+        terminal => return Err(TransitionError::Terminal(terminal)),
+    }
+    let step = doc.current_step().ok_or(TransitionError::NoStep(doc.step))?;
+    doc.history.push(StepRecord {
+        step: step.name.clone(),
+        service: step.service.clone(),
+        kind: StepKind::Forward,
+        attempt: doc.attempt,
+        result: AttemptResult::Cancelled { reason: reason.clone() },
+        detail: None,
+        started_at: at,
+        ended_at: at,
+        worker,
+    });
+    doc.hop = doc.hop.saturating_add(1);
+    doc.failure = Some(format!("cancelled: {reason}"));
+    reset_attempt(doc);
+    Ok(Some(match doc.owed.last() {
+        Some(c) => {
+            doc.status = Status::Compensating;
+            Decision::Hop {
+                service: c.service.clone(),
+                delay: None,
+            }
+        }
+        None => finish(doc, Status::Cancelled),
+    }))
+}
+
+/// Whether a cancel started the order's compensation.
+fn was_cancelled(doc: &Document) -> bool {
+    doc.history
+        .iter()
+        .rev()
+        .any(|r| matches!(r.result, AttemptResult::Cancelled { .. }))
 }
 
 /// Records a try on an unavailable infrastructure: folded into the last
@@ -414,6 +480,59 @@ mod tests {
             service: ServiceSubject::new(s).unwrap(),
             delay: None,
         }
+    }
+
+    fn cancel_now(doc: &mut Document) -> Option<Decision> {
+        cancel(doc, "asked".into(), WorkerId::new("t"), Timestamp(3_000)).unwrap()
+    }
+
+    #[test]
+    fn a_cancel_undoes_what_was_done_newest_first_and_ends_cancelled() {
+        let mut d = order();
+        run(&mut d, StepResult::ok());
+        run(&mut d, StepResult::ok());
+        // At the ship hop: charge and reserve are owed their undoing.
+        assert_eq!(cancel_now(&mut d), Some(hop("inventory.release")));
+        assert_eq!(d.status, Status::Compensating);
+        assert_eq!(d.hop, 3);
+        let last = d.history.last().unwrap();
+        assert_eq!(last.step.as_str(), "ship");
+        assert_eq!(last.result, AttemptResult::Cancelled { reason: "asked".into() });
+        assert_eq!(run(&mut d, StepResult::ok()), hop("payment.refund"));
+        assert_eq!(run(&mut d, StepResult::ok()), Decision::Finish(Status::Cancelled));
+        assert_eq!(d.failure.as_deref(), Some("cancelled: asked"));
+    }
+
+    #[test]
+    fn a_cancel_with_nothing_to_undo_ends_at_once() {
+        let mut d = order();
+        assert_eq!(cancel_now(&mut d), Some(Decision::Finish(Status::Cancelled)));
+        assert_eq!(d.history.len(), 1);
+    }
+
+    #[test]
+    fn a_cancel_stops_an_order_asleep_on_a_retry() {
+        let mut d = order();
+        run(&mut d, StepResult::Transient("gateway".into()));
+        assert!(d.not_before.is_some());
+        assert_eq!(cancel_now(&mut d), Some(Decision::Finish(Status::Cancelled)));
+        assert_eq!(d.not_before, None);
+    }
+
+    #[test]
+    fn a_cancel_changes_nothing_once_compensating_or_ended() {
+        let mut d = order();
+        run(&mut d, StepResult::ok());
+        run(&mut d, StepResult::Permanent("no".into()));
+        assert_eq!(d.status, Status::Compensating);
+        let before = d.clone();
+        assert_eq!(cancel_now(&mut d), None);
+        assert_eq!(d, before);
+        assert_eq!(run(&mut d, StepResult::ok()), Decision::Finish(Status::Compensated));
+        assert_eq!(
+            cancel(&mut d, "late".into(), WorkerId::new("t"), Timestamp(4_000)),
+            Err(TransitionError::Terminal(Status::Compensated))
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ use waybill::{
 const DEADLINE: Duration = Duration::from_secs(10);
 
 mod common;
-use common::{script, serve, three_steps, Faulty, Log, PublishFault, Script};
+use common::{gated, script, serve, three_steps, Faulty, Log, PublishFault, Script};
 
 struct Harness {
     transport: Embedded,
@@ -731,19 +731,8 @@ async fn a_draining_worker_hands_back_what_it_took_ahead() {
     let transport = Embedded::new();
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let entered = Arc::new(tokio::sync::Notify::new());
-    let held = {
-        let (gate, entered) = (gate.clone(), entered.clone());
-        move |_ctx: StepContext, _p: Payload| {
-            let (gate, entered) = (gate.clone(), entered.clone());
-            async move {
-                entered.notify_one();
-                let _permit = gate.acquire().await.map_err(|_| StepError::transient("closed"))?;
-                Ok(StepOutput::ok())
-            }
-        }
-    };
     let first = Worker::builder(transport.clone())
-        .serve("t.a", held)
+        .serve("t.a", gated(&gate, &entered))
         .concurrency(1)
         .pumps(1)
         .prefetch(8)
@@ -778,5 +767,78 @@ async fn a_draining_worker_hands_back_what_it_took_ahead() {
     assert_eq!(doc.status, Status::Completed);
     assert_eq!(log.calls_of("a"), 4, "the held step was not run again");
     second.shutdown().await;
+    client.close().await;
+}
+
+/// A handler that says it was called and answers `ok`.
+fn counted(calls: &Arc<AtomicUsize>) -> impl waybill::Handler {
+    let calls = calls.clone();
+    move |_ctx: StepContext, _p: Payload| {
+        calls.fetch_add(1, Ordering::SeqCst);
+        async { Ok(StepOutput::ok()) }
+    }
+}
+
+#[tokio::test]
+async fn a_cancel_that_races_a_step_undoes_it_too_and_ends_the_order_cancelled() {
+    let transport = Embedded::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let entered = Arc::new(tokio::sync::Notify::new());
+    let calls: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+    let worker = Worker::builder(transport.clone())
+        .serve("t.a", counted(&calls[0]))
+        .serve("t.b", gated(&gate, &entered))
+        .serve("t.c", counted(&calls[1]))
+        .serve("t.undo_a", counted(&calls[2]))
+        .serve("t.undo_b", counted(&calls[3]))
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let id = start_many(&client, 1).await[0];
+    tokio::time::timeout(DEADLINE, entered.notified()).await.unwrap();
+    // Asked while b runs: b finishes, and the order stops at c.
+    assert!(transport.request_cancel(id, "changed my mind").await.unwrap());
+    assert!(!transport.request_cancel(id, "again").await.unwrap(), "asked once");
+    gate.add_permits(1);
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Cancelled, "{:?}", doc.failure);
+    assert_eq!(doc.failure.as_deref(), Some("cancelled: changed my mind"));
+    let steps: Vec<(&str, StepKind)> = doc.history.iter().map(|r| (r.step.as_str(), r.kind)).collect();
+    assert_eq!(
+        steps,
+        [
+            ("a", StepKind::Forward),
+            ("b", StepKind::Forward),
+            ("c", StepKind::Forward),
+            ("b", StepKind::Compensation),
+            ("a", StepKind::Compensation),
+        ]
+    );
+    assert_eq!(
+        doc.history[2].result,
+        AttemptResult::Cancelled {
+            reason: "changed my mind".into()
+        }
+    );
+    let n: Vec<usize> = calls.iter().map(|c| c.load(Ordering::SeqCst)).collect();
+    assert_eq!(n, [1, 0, 1, 1], "a ran, c never did, both undone once");
+    worker.shutdown().await;
+    client.close().await;
+}
+
+#[tokio::test]
+async fn an_order_cancelled_before_its_first_step_ends_with_nothing_run() {
+    let transport = Embedded::new();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let id = start_many(&client, 1).await[0];
+    transport.request_cancel(id, "wrong address").await.unwrap();
+    let log = Arc::new(Log::default());
+    let worker = serve(Worker::builder(transport.clone()), &log).start().await.unwrap();
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Cancelled);
+    assert_eq!(doc.history.len(), 1);
+    assert_eq!(log.calls_of("a"), 0);
+    worker.shutdown().await;
     client.close().await;
 }

@@ -270,11 +270,64 @@ fn finished() -> Document {
     d
 }
 
-fn cases() -> [(&'static str, Document); 3] {
+/// Cancelled at its ship hop, after the charge and the reservation were
+/// undone (the `Cancelled` record came after version 1's first documents:
+/// its files were added then, and the older ones kept their bytes).
+fn cancelled() -> Document {
+    let mut d = Document::new(id(4), route(), Payload::postcard(&("c-9", 2u32)).unwrap());
+    d.hop = 5;
+    d.status = Status::Cancelled;
+    d.step = 2;
+    d.attempt = 1;
+    d.created_at = Timestamp(1_764_000_300_000_000);
+    d.failure = Some("cancelled: the customer called".into());
+    let t = 1_764_000_300_100_000;
+    d.history = vec![
+        record("charge", "payment.charge", StepKind::Forward, 1, outcome("ok"), t),
+        record(
+            "reserve",
+            "inventory.reserve",
+            StepKind::Forward,
+            1,
+            outcome("ok"),
+            t + 1_000,
+        ),
+        record(
+            "ship",
+            "shipping.dispatch",
+            StepKind::Forward,
+            1,
+            AttemptResult::Cancelled {
+                reason: "the customer called".into(),
+            },
+            t + 2_000,
+        ),
+        record(
+            "reserve",
+            "inventory.release",
+            StepKind::Compensation,
+            1,
+            outcome("ok"),
+            t + 3_000,
+        ),
+        record(
+            "charge",
+            "payment.refund",
+            StepKind::Compensation,
+            1,
+            outcome("ok"),
+            t + 4_000,
+        ),
+    ];
+    d
+}
+
+fn cases() -> [(&'static str, Document); 4] {
     [
         ("running", running()),
         ("compensating", compensating()),
         ("finished", finished()),
+        ("cancelled", cancelled()),
     ]
 }
 

@@ -28,6 +28,10 @@ pub enum OpsError {
     Signal(#[from] SignalError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error("order {id} already ended {status}: there is nothing to cancel")]
+    AlreadyEnded { id: OrderId, status: waybill::Status },
+    #[error("the cancel of order {id} was not recorded: {error}")]
+    CancelNotRecorded { id: OrderId, error: TransportError },
     #[error("cannot read standard input")]
     ReadStdin(#[source] std::io::Error),
     #[error("cannot read {}", path.display())]
@@ -115,7 +119,24 @@ pub async fn run_coordinator(
 ) -> Result<(), OpsError> {
     let transport = nats.connect("waybill-coordinator").await?;
     let partition = config.partition;
-    let handle = coordinator::start(transport, Some(std::sync::Arc::new(registry)), config).await?;
+    let registry = std::sync::Arc::new(registry);
+    // A server or a stream leader away (a cluster still forming, a
+    // failover under way) is waited out, as long as reaching NATS is; a
+    // missing stream is not. The fault suite saw a coordinator started
+    // beside a fresh cluster exit on its first request's time-out.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(nats.auth.connect_timeout);
+    let mut wait = Duration::from_millis(100);
+    let handle = loop {
+        match coordinator::start(transport.clone(), Some(registry.clone()), config.clone()).await {
+            Ok(handle) => break handle,
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() + wait < deadline => {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot start the coordinator yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    };
     if let Some(addr) = http {
         let mut metrics = crate::metrics::registry("waybill-coordinator");
         metrics.register_collector(Box::new(crate::metrics::CoordinatorCollector(handle.counts())));
@@ -305,6 +326,33 @@ pub async fn status<T: Rpc>(transport: &T, id: &str, timeout: Duration) -> Resul
         .map_err(|e| OpsError::request(&subject::status(&id), timeout, e))
 }
 
+/// `waybill cancel`: unless `force`, asks the coordinator where the order
+/// stands first (an order that ended, or that no coordinator tracks, is an
+/// error), then records the cancel for every worker. `Ok(false)` when a
+/// cancel of it was asked already.
+pub async fn cancel<T: Rpc + waybill::transport::Transport>(
+    transport: &T,
+    id: &str,
+    reason: &str,
+    force: bool,
+    timeout: Duration,
+) -> Result<bool, OpsError> {
+    let order = id.parse::<OrderId>()?;
+    if !force {
+        let now = status(transport, id, timeout).await?;
+        if now.status.is_terminal() {
+            return Err(OpsError::AlreadyEnded {
+                id: order,
+                status: now.status,
+            });
+        }
+    }
+    transport
+        .request_cancel(order, reason)
+        .await
+        .map_err(|error| OpsError::CancelNotRecorded { id: order, error })
+}
+
 pub async fn orders<T: Rpc>(transport: &T, query: &OrdersQuery, timeout: Duration) -> Result<OrdersReply, OpsError> {
     CoordinatorClient::new(transport.clone(), timeout)
         .orders(query)
@@ -388,7 +436,10 @@ fn result_of(h: &HistoryEntry) -> String {
             };
             format!("{kind}: {e}")
         }
-        (None, None) => "-".into(),
+        (None, None) => match &h.cancelled {
+            Some(reason) => format!("cancelled: {reason}"),
+            None => "-".into(),
+        },
     };
     if let Some(d) = &h.detail {
         r.push_str(&format!(" [{d}]"));

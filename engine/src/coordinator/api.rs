@@ -103,6 +103,9 @@ pub struct HistoryEntry {
     /// attempt): `error` is the last fault seen.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unavailable: Option<Waiting>,
+    /// Set when the order was cancelled at this hop: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     pub started_at: String,
@@ -112,7 +115,12 @@ pub struct HistoryEntry {
 
 impl HistoryEntry {
     pub fn of(r: &StepRecord) -> Self {
+        let cancelled = match &r.result {
+            AttemptResult::Cancelled { reason } => Some(reason.clone()),
+            _ => None,
+        };
         let (outcome, error, transient, unavailable) = match &r.result {
+            AttemptResult::Cancelled { .. } => (None, None, None, None),
             AttemptResult::Outcome(o) => (Some(o.to_string()), None, None, None),
             AttemptResult::Error { message, transient } => (None, Some(message.clone()), Some(*transient), None),
             AttemptResult::Unavailable { message, since, tries } => (
@@ -135,6 +143,7 @@ impl HistoryEntry {
             error,
             transient,
             unavailable,
+            cancelled,
             detail: r.detail.as_ref().map(|d| d.to_string()),
             started_at: rfc3339(r.started_at),
             ended_at: rfc3339(r.ended_at),

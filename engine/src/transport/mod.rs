@@ -30,8 +30,9 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::document::Timestamp;
-use crate::id::MsgId;
+use crate::id::{MsgId, OrderId};
 
+mod cancels;
 #[cfg(any(test, feature = "conformance"))]
 pub mod conformance;
 mod embedded;
@@ -314,6 +315,28 @@ pub trait Transport: Clone + Send + Sync + 'static {
     /// last, so no step it finished is delivered again.
     fn flush(&self) -> impl Future<Output = Result<(), Error>> + Send {
         std::future::ready(Ok(()))
+    }
+
+    /// Asks for `order` to be cancelled at its next hop (see
+    /// [`crate::transition::cancel`]), for every process serving it.
+    /// `Ok(false)` if it was asked already (the first reason stays).
+    fn request_cancel(&self, order: OrderId, reason: &str) -> impl Future<Output = Result<bool, Error>> + Send {
+        let _ = (order, reason);
+        std::future::ready(Err(Error::BadConfig("this transport cannot cancel orders".into())))
+    }
+
+    /// Starts following the cancels asked for anywhere, so that
+    /// [`Transport::cancel_requested`] knows them: a worker calls it once
+    /// before it serves. Returns once the ones already asked for are known.
+    fn follow_cancels(&self) -> impl Future<Output = Result<(), Error>> + Send {
+        std::future::ready(Ok(()))
+    }
+
+    /// Why `order` is to be cancelled, if this process knows of a cancel (a
+    /// cancel asked on another host arrives within moments).
+    fn cancel_requested(&self, order: &OrderId) -> Option<String> {
+        let _ = order;
+        None
     }
 }
 

@@ -31,12 +31,14 @@ use crate::id::MsgId;
 use crate::subject;
 
 mod atomic;
+mod cancels;
 mod consumer;
 mod dlq;
 mod log;
 mod rpc;
 mod servers;
 pub use atomic::{AtomicAck, AtomicError, AtomicWrite, MAX_BATCH};
+pub use cancels::CANCELS_BUCKET;
 use consumer::pull_messages;
 pub use consumer::{NatsConsumer, NatsDelivery};
 pub use dlq::StoredLetter;
@@ -88,6 +90,8 @@ pub struct Nats {
     client: async_nats::Client,
     js: async_nats::jetstream::Context,
     config: NatsConfig,
+    /// The cancels this process knows of (shared by the clones).
+    cancels: std::sync::Arc<cancels::Cancels>,
 }
 
 /// An error of async-nats, told apart by its kind and code
@@ -163,7 +167,12 @@ impl Nats {
     pub fn with_client(client: async_nats::Client, config: NatsConfig) -> Result<Self, Error> {
         check_server_version(&client.server_info().version)?;
         let js = async_nats::jetstream::new(client.clone());
-        Ok(Self { client, js, config })
+        Ok(Self {
+            client,
+            js,
+            config,
+            cancels: std::sync::Arc::default(),
+        })
     }
 
     /// Opens the key-value bucket `bucket`, which must exist. A bucket that
@@ -227,7 +236,12 @@ impl Nats {
     /// Creates the streams if they do not exist, and checks that the ones
     /// that exist are configured as Waybill needs (`waybill setup`).
     pub async fn setup(&self) -> Result<(), Error> {
-        self.check_streams(true).await
+        self.check_streams(true).await?;
+        self.js
+            .create_key_value(self.cancels_config())
+            .await
+            .map_err(|e| nats_err(&format!("cannot create KV bucket {CANCELS_BUCKET}"), e))?;
+        Ok(())
     }
 
     /// Checks that the streams exist and are configured as Waybill needs,
@@ -506,6 +520,18 @@ impl Transport for Nats {
             }
             Err(e) => Err(nats_err(&format!("cannot delete consumer {durable}"), e)),
         }
+    }
+
+    async fn request_cancel(&self, order: crate::id::OrderId, reason: &str) -> Result<bool, Error> {
+        self.ask_cancel(order, reason).await
+    }
+
+    async fn follow_cancels(&self) -> Result<(), Error> {
+        self.follow().await
+    }
+
+    fn cancel_requested(&self, order: &crate::id::OrderId) -> Option<String> {
+        self.cancels.set.get(order)
     }
 }
 

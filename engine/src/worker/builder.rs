@@ -29,6 +29,8 @@ pub enum WorkerError {
     DuplicateService(String),
     #[error("concurrency must be at least 1")]
     ZeroConcurrency,
+    #[error("cannot follow the cancels: {0}")]
+    Cancels(#[source] crate::transport::Error),
     #[error("cannot open the consumer for `{service}`: {source}")]
     Consumer {
         service: String,
@@ -218,6 +220,8 @@ impl<T: Transport> WorkerBuilder<T> {
             metrics: self.metrics,
             cancel: cancel.clone(),
         });
+        // The cancels asked for already are known before the first hop.
+        follow_cancels(&shared.transport).await.map_err(WorkerError::Cancels)?;
         // Open every consumer before serving any: a misconfigured one fails
         // the start with nothing running.
         let per_pump = self.concurrency.div_ceil(self.pumps).max(1);
@@ -252,6 +256,25 @@ impl<T: Transport> WorkerBuilder<T> {
             tracker,
             stats: shared.stats.clone(),
         })
+    }
+}
+
+/// Starts following the cancels, trying again for up to 30 s while the
+/// error may pass (a cluster still forming answers its first requests
+/// late), as [`open_consumer`] does.
+async fn follow_cancels<T: Transport>(transport: &T) -> Result<(), crate::transport::Error> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut wait = Duration::from_millis(100);
+    loop {
+        match transport.follow_cancels().await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_retryable() && tokio::time::Instant::now() + wait < deadline => {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot follow the cancels yet");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

@@ -45,7 +45,24 @@ impl fmt::Display for NoNextHop {
 /// Applies `attempt` to `doc` and encodes the hop that follows.
 pub(super) fn next_hop<T>(shared: &Shared<T>, doc: &mut Document, attempt: Attempt) -> Result<NextHop, NoNextHop> {
     let decision = transition::apply(doc, attempt).map_err(NoNextHop::Transition)?;
-    let subject = match &decision {
+    encode_hop(shared, doc, &decision)
+}
+
+/// Applies a cancel asked for the order (see [`transition::cancel`]) and
+/// encodes the hop that follows; `None` when the cancel changes nothing
+/// (the order is compensating already).
+pub(super) fn cancel_hop<T>(
+    shared: &Shared<T>,
+    doc: &mut Document,
+    reason: String,
+) -> Result<Option<NextHop>, NoNextHop> {
+    let decision = transition::cancel(doc, reason, shared.worker.clone(), crate::document::Timestamp::now())
+        .map_err(NoNextHop::Transition)?;
+    decision.map(|d| encode_hop(shared, doc, &d)).transpose()
+}
+
+fn encode_hop<T>(shared: &Shared<T>, doc: &Document, decision: &Decision) -> Result<NextHop, NoNextHop> {
+    let subject = match decision {
         Decision::Hop { service, .. } => subject::hop(service),
         Decision::Finish(status) => {
             tracing::debug!(%status, "order finished");

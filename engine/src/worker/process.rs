@@ -8,7 +8,7 @@ use std::fmt;
 use tracing::Instrument;
 
 use super::handle::{Service, Shared, WorkerStats};
-use super::handoff::{dead_letter, hand_back, hand_off, next_hop, publish_retry_delay, Unstored};
+use super::handoff::{cancel_hop, dead_letter, hand_back, hand_off, next_hop, publish_retry_delay, Unstored};
 use super::run::{prepare, run, Ran};
 use crate::codec::DecodeError;
 use crate::document::{Document, Status, Timestamp};
@@ -34,6 +34,24 @@ pub(super) async fn process<T: Transport>(
         Ok(doc) => doc,
         Err(why) => return Box::pin(dead_letter(shared, svc, delivery, why.kind(), why.to_string())).await,
     };
+    // A cancel applies before the step, and before a retry's due time: an
+    // order asleep stops too.
+    if let Some(reason) = shared.transport.cancel_requested(&doc.id) {
+        match cancel_hop(shared, &mut doc, reason) {
+            Ok(Some(hop)) => {
+                tracing::info!(order = %doc.id, "cancelled at this hop");
+                if let Some(m) = &shared.metrics {
+                    m.hop(&svc.service, "cancelled");
+                }
+                return Box::pin(store_and_ack(shared, svc, &doc, hop, delivery)).await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                let why = e.to_string();
+                return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, why)).await;
+            }
+        }
+    }
     if let Some(due) = doc.not_before {
         let now = Timestamp::now();
         if due > now {
@@ -75,35 +93,47 @@ pub(super) async fn process<T: Transport>(
                 .await
             }
         };
-        match hand_off(shared, svc, &doc, hop, &delivery).await {
-            Ok(ack) => {
-                WorkerStats::bump(if ack.duplicate {
-                    &shared.stats.duplicates
-                } else {
-                    &shared.stats.published
-                });
-                if let Err(e) = delivery.ack().await {
-                    // The output is stored; a redelivery will be a duplicate.
-                    tracing::warn!(error = %e, "ack failed");
-                }
-            }
-            Err(Unstored::OverLimit(e)) => {
-                let reason = format!(
-                    "unavailable: the next hop could not be stored for {} s, the limit: {e}; \
-                     nothing failed: redrive it once the outage is over",
-                    shared.unavailable_limit.as_secs()
-                );
-                Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Unavailable, reason)).await;
-            }
-            Err(Unstored::Failed(e)) => {
-                tracing::warn!(error = %e, "publishing the next hop failed");
-                let delay = publish_retry_delay(delivery.delivered());
-                hand_back(shared, svc, delivery, Some(delay), &format!("publish failed: {e}")).await;
-            }
-        }
+        store_and_ack(shared, svc, &doc, hop, delivery).await
     }
     .instrument(span)
     .await
+}
+
+/// Stores the next hop, then acknowledges the input; or hands the input
+/// back, or makes it a dead letter, when the hop cannot be stored.
+async fn store_and_ack<T: Transport>(
+    shared: &Shared<T>,
+    svc: &Service,
+    doc: &Document,
+    hop: super::handoff::NextHop,
+    delivery: <T::Consumer as Consumer>::Delivery,
+) {
+    match hand_off(shared, svc, doc, hop, &delivery).await {
+        Ok(ack) => {
+            WorkerStats::bump(if ack.duplicate {
+                &shared.stats.duplicates
+            } else {
+                &shared.stats.published
+            });
+            if let Err(e) = delivery.ack().await {
+                // The output is stored; a redelivery will be a duplicate.
+                tracing::warn!(error = %e, "ack failed");
+            }
+        }
+        Err(Unstored::OverLimit(e)) => {
+            let reason = format!(
+                "unavailable: the next hop could not be stored for {} s, the limit: {e}; \
+                 nothing failed: redrive it once the outage is over",
+                shared.unavailable_limit.as_secs()
+            );
+            Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Unavailable, reason)).await;
+        }
+        Err(Unstored::Failed(e)) => {
+            tracing::warn!(error = %e, "publishing the next hop failed");
+            let delay = publish_retry_delay(delivery.delivered());
+            hand_back(shared, svc, delivery, Some(delay), &format!("publish failed: {e}")).await;
+        }
+    }
 }
 
 /// Why a delivery is not work this worker can do: each becomes a dead

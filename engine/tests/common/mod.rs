@@ -92,6 +92,20 @@ impl Log {
     }
 }
 
+/// A step that says it was entered, then waits at `gate` for a permit
+/// before it answers `ok` (a step held while the test does something).
+pub fn gated(gate: &Arc<tokio::sync::Semaphore>, entered: &Arc<tokio::sync::Notify>) -> impl waybill::Handler {
+    let (gate, entered) = (gate.clone(), entered.clone());
+    move |_ctx: StepContext, _p: Payload| {
+        let (gate, entered) = (gate.clone(), entered.clone());
+        async move {
+            entered.notify_one();
+            let _permit = gate.acquire().await.map_err(|_| StepError::transient("closed"))?;
+            Ok(StepOutput::ok())
+        }
+    }
+}
+
 pub fn serve<T: Transport>(b: WorkerBuilder<T>, log: &Arc<Log>) -> WorkerBuilder<T> {
     let (l1, l2, l3, l4, l5) = (log.clone(), log.clone(), log.clone(), log.clone(), log.clone());
     b.serve("t.a", move |ctx: StepContext, p: Payload| {

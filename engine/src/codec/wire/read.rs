@@ -210,8 +210,20 @@ impl From<StepKind> for document::StepKind {
 #[serde(rename_all = "lowercase")]
 enum AttemptResult {
     Outcome(compact_str::CompactString),
-    Error { message: String, transient: bool },
-    Unavailable { message: String, since: u64, tries: u32 },
+    Error {
+        message: String,
+        transient: bool,
+    },
+    Unavailable {
+        message: String,
+        since: u64,
+        tries: u32,
+    },
+    /// Added after version 1's first documents: last, so they keep their
+    /// bytes.
+    Cancelled {
+        reason: String,
+    },
 }
 
 impl From<AttemptResult> for document::AttemptResult {
@@ -224,6 +236,7 @@ impl From<AttemptResult> for document::AttemptResult {
                 since: Timestamp(since),
                 tries,
             },
+            AttemptResult::Cancelled { reason } => Self::Cancelled { reason },
         }
     }
 }

@@ -76,8 +76,19 @@ impl<'a> From<&'a Branch> for WireBranchRef<'a> {
 #[serde(rename_all = "lowercase")]
 enum WireAttemptRef<'a> {
     Outcome(&'a compact_str::CompactString),
-    Error { message: &'a str, transient: bool },
-    Unavailable { message: &'a str, since: u64, tries: u32 },
+    Error {
+        message: &'a str,
+        transient: bool,
+    },
+    Unavailable {
+        message: &'a str,
+        since: u64,
+        tries: u32,
+    },
+    /// Last: see the reader.
+    Cancelled {
+        reason: &'a str,
+    },
 }
 
 impl<'a> From<&'a AttemptResult> for WireAttemptRef<'a> {
@@ -93,6 +104,7 @@ impl<'a> From<&'a AttemptResult> for WireAttemptRef<'a> {
                 since: since.0,
                 tries: *tries,
             },
+            AttemptResult::Cancelled { reason } => WireAttemptRef::Cancelled { reason },
         }
     }
 }

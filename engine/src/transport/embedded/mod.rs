@@ -82,6 +82,8 @@ struct Inner {
     /// Changes to the consumers, and messages no consumer took yet.
     routing: Mutex<Routing>,
     dead: Arc<DeadLetters>,
+    /// Orders to cancel at their next hop.
+    cancels: super::cancels::CancelSet,
     /// The latest messages, in sequence order (see
     /// [`EmbeddedConfig::log_capacity`]).
     log: Mutex<VecDeque<Arc<Stored>>>,
@@ -191,6 +193,7 @@ impl Embedded {
                     letters: Mutex::new(Vec::new()),
                     count,
                 }),
+                cancels: super::cancels::CancelSet::default(),
                 log: Mutex::new(VecDeque::new()),
                 appended: Notify::new(),
                 rpc: rpc::Subscriptions::default(),
@@ -404,6 +407,14 @@ impl Transport for Embedded {
             self.inner.consumers.store(Arc::new(next));
         }
         Ok(())
+    }
+
+    async fn request_cancel(&self, order: crate::id::OrderId, reason: &str) -> Result<bool, Error> {
+        Ok(self.inner.cancels.insert(order, reason.to_owned()))
+    }
+
+    fn cancel_requested(&self, order: &crate::id::OrderId) -> Option<String> {
+        self.inner.cancels.get(order)
     }
 }
 

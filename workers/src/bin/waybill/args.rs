@@ -43,9 +43,34 @@ pub(crate) enum Command {
     /// delete (purge).
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Cancel an order in flight: it stops at its next hop (before its
+    /// step runs, or as it wakes from a retry's wait), its completed steps
+    /// are undone newest first, and it ends `cancelled`. An order already
+    /// ended is an error. Needs a coordinator unless `--force`.
+    Cancel(CancelArgs),
     /// Draw a workflow's route: its steps, where each outcome leads, what
     /// fails the order and what undoes each step (Mermaid or Graphviz DOT).
     Graph(GraphArgs),
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct CancelArgs {
+    /// The order's id.
+    pub(crate) id: String,
+    /// Why, kept in the order's history.
+    #[arg(long, default_value = "cancelled by an operator")]
+    pub(crate) reason: String,
+    /// Wait up to this many seconds for the order to end, and say how.
+    #[arg(long, value_name = "SECS")]
+    pub(crate) wait: Option<u64>,
+    /// Record the cancel without asking the coordinator first.
+    #[arg(long)]
+    pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+    /// Seconds to wait for the coordinator's answer.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) timeout: u64,
 }
 
 #[derive(Args, Debug)]

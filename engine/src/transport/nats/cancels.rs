@@ -1,0 +1,124 @@
+//! Cancels over NATS: one KV bucket, `waybill_cancels`, a key per order
+//! (its id) holding the reason. `waybill cancel` creates the key; every
+//! worker follows the bucket and keeps the set in memory, so a hop looks an
+//! order up without asking the server.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::jetstream::kv;
+use futures::StreamExt;
+
+use super::{nats_err, Nats};
+use crate::id::OrderId;
+use crate::transport::cancels::CancelSet;
+use crate::transport::Error;
+
+/// The bucket of cancels.
+pub const CANCELS_BUCKET: &str = "waybill_cancels";
+
+/// How long `follow` waits for the cancels already asked for.
+const CATCH_UP: Duration = Duration::from_secs(30);
+
+/// What the clones of one connection share: the set, and whether a task
+/// follows the bucket into it.
+#[derive(Debug, Default)]
+pub(super) struct Cancels {
+    pub(super) set: CancelSet,
+    following: tokio::sync::OnceCell<()>,
+}
+
+impl Nats {
+    pub(super) fn cancels_config(&self) -> kv::Config {
+        kv::Config {
+            bucket: CANCELS_BUCKET.into(),
+            description: "Orders to cancel at their next hop (key: order id; value: the reason)".into(),
+            history: 1,
+            // As long as the hops are kept: no order outlives them.
+            max_age: self.config.max_age,
+            num_replicas: self.config.replicas,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
+    pub(super) async fn ask_cancel(&self, order: OrderId, reason: &str) -> Result<bool, Error> {
+        let kv = self.key_value(CANCELS_BUCKET).await?;
+        match kv.create(order.to_string(), reason.to_owned().into()).await {
+            Ok(_) => {
+                self.cancels.set.insert(order, reason.to_owned());
+                Ok(true)
+            }
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(nats_err(&format!("cannot record the cancel of order {order}"), e)),
+        }
+    }
+
+    /// Starts, once per connection, a task that follows the bucket into the
+    /// set; returns when the cancels already asked for are in it.
+    pub(super) async fn follow(&self) -> Result<(), Error> {
+        self.cancels
+            .following
+            .get_or_try_init(|| async {
+                let kv = self.key_value(CANCELS_BUCKET).await?;
+                let mut watch = kv
+                    .watch_with_history(">")
+                    .await
+                    .map_err(|e| nats_err("cannot follow the cancels", e))?;
+                let known = kv
+                    .status()
+                    .await
+                    .map_err(|e| nats_err("cannot read the cancels bucket", e))?
+                    .values();
+                // The ones asked for already, before serving anything.
+                let caught_up = async {
+                    let mut seen = 0;
+                    while seen < known {
+                        match watch.next().await {
+                            Some(Ok(entry)) => {
+                                apply(&self.cancels, &entry);
+                                seen += 1;
+                                if entry.delta == 0 {
+                                    break;
+                                }
+                            }
+                            Some(Err(e)) => return Err(nats_err("following the cancels failed", e)),
+                            None => break,
+                        }
+                    }
+                    Ok(())
+                };
+                tokio::time::timeout(CATCH_UP, caught_up).await.map_err(|_| {
+                    Error::TimedOut(format!("the cancels asked for were not read within {CATCH_UP:?}"))
+                })??;
+                let cancels = Arc::clone(&self.cancels);
+                tokio::spawn(async move {
+                    while let Some(entry) = watch.next().await {
+                        match entry {
+                            Ok(entry) => apply(&cancels, &entry),
+                            Err(e) => tracing::warn!(error = %e, "following the cancels failed"),
+                        }
+                    }
+                    tracing::warn!("the cancels are no longer followed: a cancel asked from now on is not seen here");
+                });
+                Ok(())
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+fn apply(cancels: &Cancels, entry: &kv::Entry) {
+    let Ok(order) = entry.key.parse::<OrderId>() else {
+        tracing::warn!(key = %entry.key, "a cancel under a key that is not an order id; ignored");
+        return;
+    };
+    match entry.operation {
+        kv::Operation::Put => {
+            cancels
+                .set
+                .insert(order, String::from_utf8_lossy(&entry.value).into_owned());
+        }
+        kv::Operation::Delete | kv::Operation::Purge => cancels.set.remove(&order),
+    }
+}
