@@ -11,3 +11,4 @@ pub mod metrics;
 pub mod ops;
 pub mod replay;
 pub mod services;
+pub mod tables;

@@ -237,11 +237,13 @@ impl Nats {
     /// that exist are configured as Waybill needs (`waybill setup`).
     pub async fn setup(&self) -> Result<(), Error> {
         self.check_streams(true).await?;
-        self.js
-            .create_key_value(self.cancels_config())
-            .await
-            .map_err(|e| nats_err(&format!("cannot create KV bucket {CANCELS_BUCKET}"), e))?;
-        Ok(())
+        // The bucket of cancels is made once and then left as it is (made
+        // with 3 replicas, say, it is not remade by a process asking for 1).
+        match self.key_value(CANCELS_BUCKET).await {
+            Ok(_) => Ok(()),
+            Err(Error::BadConfig(_)) => self.create_key_value(self.cancels_config()).await.map(|_| ()),
+            Err(e) => Err(e),
+        }
     }
 
     /// Checks that the streams exist and are configured as Waybill needs,
