@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::process::{Command, Output};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,26 +12,16 @@ use waybill::coordinator::{self, CoordinatorConfig};
 use waybill::transport::nats::Nats;
 use waybill::transport::{NatsConfig, Transport};
 use waybill::{Client, Payload, Status, StepContext, StepError, StepOutput, Worker};
-use waybill_testkit::{workspace_root, NatsServer};
+use waybill_testkit::NatsServer;
 use waybill_workflows::samples::{self, Kind};
 use waybill_workflows::services::{
     INVENTORY_RELEASE, INVENTORY_RESERVE, PAYMENT_CHARGE, PAYMENT_REFUND, SHIPPING_DISPATCH,
 };
 
+mod common;
+use common::{text, waybill};
+
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn waybill(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_waybill"))
-        .args(args)
-        .args(["--nats", url])
-        .current_dir(workspace_root())
-        .output()
-        .expect("the waybill binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn counted(calls: &Arc<AtomicUsize>) -> impl waybill::Handler {
     let calls = calls.clone();

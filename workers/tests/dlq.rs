@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
-use std::process::{Command, Output};
+use std::process::Output;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,20 +16,10 @@ use waybill_workers::replay;
 use waybill_workers::services::MemoryServices;
 use waybill_workflows::samples::{self, Kind};
 
+mod common;
+use common::{text, waybill};
+
 const DEADLINE: Duration = Duration::from_secs(20);
-
-fn waybill(url: &str, args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_waybill"))
-        .args(args)
-        .args(["--nats", url])
-        .current_dir(workspace_root())
-        .output()
-        .expect("the waybill binary runs")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 fn json(out: &Output) -> serde_json::Value {
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));

@@ -106,6 +106,26 @@ fn edges(route: &Route) -> Vec<Edge> {
     out
 }
 
+/// A step's box, and the box of what undoes it.
+struct Node<'a> {
+    id: String,
+    name: &'a str,
+    service: &'a str,
+    /// Tries and timeout.
+    limits: String,
+    undo: Option<(String, &'a str)>,
+}
+
+fn nodes(route: &Route) -> impl Iterator<Item = Node<'_>> {
+    route.steps.iter().enumerate().map(|(i, step)| Node {
+        id: step_id(i),
+        name: step.name.as_str(),
+        service: step.service.as_str(),
+        limits: format!("{}, {}", tries(step), timeout(step)),
+        undo: step.compensate.as_ref().map(|u| (undo_id(i), u.as_str())),
+    })
+}
+
 /// `route` drawn in `format`.
 pub fn draw(route: &Route, format: GraphFormat) -> String {
     match format {
@@ -122,18 +142,14 @@ fn mermaid(route: &Route) -> String {
         route.workflow, route.version
     );
     let _ = writeln!(s, "    {START}((start))");
-    for (i, step) in route.steps.iter().enumerate() {
+    for n in nodes(route) {
         let _ = writeln!(
             s,
-            "    {}[\"<b>{}</b><br/>{}<br/>{}, {}\"]",
-            step_id(i),
-            step.name,
-            step.service,
-            tries(step),
-            timeout(step)
+            "    {}[\"<b>{}</b><br/>{}<br/>{}\"]",
+            n.id, n.name, n.service, n.limits
         );
-        if let Some(undo) = &step.compensate {
-            let _ = writeln!(s, "    {}[/\"undo: {undo}\"/]", undo_id(i));
+        if let Some((id, undo)) = n.undo {
+            let _ = writeln!(s, "    {id}[/\"undo: {undo}\"/]");
         }
     }
     let _ = writeln!(s, "    {COMPLETED}(((completed)))");
@@ -155,18 +171,10 @@ fn dot(route: &Route) -> String {
     let _ = writeln!(s, "digraph \"{} v{}\" {{", route.workflow, route.version);
     let _ = writeln!(s, "    rankdir=TB;\n    node [shape=box, fontname=\"sans-serif\"];");
     let _ = writeln!(s, "    {START} [shape=circle, label=\"start\"];");
-    for (i, step) in route.steps.iter().enumerate() {
-        let _ = writeln!(
-            s,
-            "    {} [label=\"{}\\n{}\\n{}, {}\"];",
-            step_id(i),
-            step.name,
-            step.service,
-            tries(step),
-            timeout(step)
-        );
-        if let Some(undo) = &step.compensate {
-            let _ = writeln!(s, "    {} [shape=parallelogram, label=\"undo: {undo}\"];", undo_id(i));
+    for n in nodes(route) {
+        let _ = writeln!(s, "    {} [label=\"{}\\n{}\\n{}\"];", n.id, n.name, n.service, n.limits);
+        if let Some((id, undo)) = n.undo {
+            let _ = writeln!(s, "    {id} [shape=parallelogram, label=\"undo: {undo}\"];");
         }
     }
     let _ = writeln!(s, "    {COMPLETED} [shape=doublecircle, label=\"completed\"];");
