@@ -675,6 +675,8 @@ fn slow_a(work: Duration, calls: &Arc<AtomicUsize>) -> impl waybill::Handler {
         let calls = calls.clone();
         async move {
             calls.fetch_add(1, Ordering::SeqCst);
+            // The slow work is the behaviour under test: a step that takes
+            // longer than the ack wait of those queued behind it.
             tokio::time::sleep(work).await;
             Ok(StepOutput::ok())
         }

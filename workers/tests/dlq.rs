@@ -26,16 +26,21 @@ fn json(out: &Output) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-/// Polls the dead-letter count until it is `n`, up to the deadline (the
-/// worker writes them from its own task; nothing announces them).
-async fn until_dead_letters(nats: &Nats, n: u64) {
-    let give_up = tokio::time::Instant::now() + DEADLINE;
-    while nats.dead_letter_count().await.unwrap() != n {
+/// Waits until `n` dead letters are stored: an ordered consumer of the
+/// dead-letter stream is given each as it is stored.
+async fn until_dead_letters(url: &str, n: usize) {
+    use async_nats::jetstream::consumer::pull::OrderedConfig;
+    use futures::StreamExt;
+    let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+    let stream = js.get_stream(waybill::transport::nats::DLQ_STREAM).await.unwrap();
+    let consumer = stream.create_consumer(OrderedConfig::default()).await.unwrap();
+    let mut stored = consumer.messages().await.unwrap();
+    for i in 0..n {
+        let next = tokio::time::timeout(DEADLINE, stored.next()).await;
         assert!(
-            tokio::time::Instant::now() < give_up,
-            "not {n} dead letters within {DEADLINE:?}"
+            matches!(next, Ok(Some(Ok(_)))),
+            "{i} of {n} dead letters stored within {DEADLINE:?}"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
@@ -68,7 +73,7 @@ async fn dead_letters_are_listed_sent_back_to_their_step_and_purged() {
         let (wf, p) = registry.prepare(waybill_workflows::ORDER, &s.order).unwrap();
         ids.push(client.start(&wf, p).await.unwrap());
     }
-    until_dead_letters(&nats, 3).await;
+    until_dead_letters(&url, 3).await;
     broken.shutdown().await;
 
     // Listed, with the order and hop each one holds.

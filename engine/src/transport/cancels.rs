@@ -14,6 +14,8 @@ use crate::id::OrderId;
 pub struct CancelSet {
     any: AtomicBool,
     reasons: RwLock<FastMap<OrderId, String>>,
+    /// Woken at every cancel noted.
+    noted: tokio::sync::Notify,
 }
 
 impl CancelSet {
@@ -26,7 +28,22 @@ impl CancelSet {
             reasons.insert(order, reason);
         }
         self.any.store(true, Ordering::Release);
+        drop(reasons);
+        self.noted.notify_waiters();
         new
+    }
+
+    /// Waits until a cancel of `order` is noted here.
+    pub async fn noted(&self, order: &OrderId) {
+        loop {
+            let woken = self.noted.notified();
+            tokio::pin!(woken);
+            woken.as_mut().enable();
+            if self.get(order).is_some() {
+                return;
+            }
+            woken.await;
+        }
     }
 
     /// Forgets a cancel (its record expired or was deleted).

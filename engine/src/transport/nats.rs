@@ -175,6 +175,15 @@ impl Nats {
         })
     }
 
+    /// Waits, at most `within`, until this connection's followed set of
+    /// cancels holds one of `order` (the cancel is seen by every worker on
+    /// this connection); says whether it does.
+    pub async fn cancel_seen(&self, order: &crate::id::OrderId, within: Duration) -> bool {
+        tokio::time::timeout(within, self.cancels.set.noted(order))
+            .await
+            .is_ok()
+    }
+
     /// Opens the key-value bucket `bucket`, which must exist. A bucket that
     /// is not there (or a stream that is not a bucket) is
     /// [`Error::BadConfig`]; no answer from the server is
