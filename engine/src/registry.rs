@@ -93,11 +93,13 @@ impl StartError {
 }
 
 type Parse = dyn Fn(&[u8]) -> Result<Payload, String> + Send + Sync;
+type Show = dyn Fn(&Payload) -> Result<serde_json::Value, String> + Send + Sync;
 
 struct Entry {
     current: Workflow,
     versions: Vec<Workflow>,
     parse: Box<Parse>,
+    show: Box<Show>,
 }
 
 /// Workflows by name; cheap to share behind an `Arc`.
@@ -128,12 +130,17 @@ impl Registry {
             value.validate().map_err(|e| e.to_string())?;
             Payload::postcard(&value).map_err(|e| e.to_string())
         });
+        let show: Box<Show> = Box::new(|payload: &Payload| {
+            let value: P = payload.decode().map_err(|e| e.to_string())?;
+            serde_json::to_value(&value).map_err(|e| e.to_string())
+        });
         match self.entries.get_mut(&name) {
             Some(e) => {
                 e.versions.retain(|w| w.version() != workflow.version());
                 e.versions.push(workflow.clone());
                 e.current = workflow;
                 e.parse = parse;
+                e.show = show;
             }
             None => {
                 self.entries.insert(
@@ -142,6 +149,7 @@ impl Registry {
                         current: workflow.clone(),
                         versions: vec![workflow],
                         parse,
+                        show,
                     },
                 );
             }
@@ -185,6 +193,22 @@ impl Registry {
             message,
         })?;
         Ok((entry.current.clone(), payload))
+    }
+
+    /// A payload of workflow `name` as JSON, read with the workflow's
+    /// payload type (the current one: its versions share it); a JSON
+    /// payload of a workflow not registered here is read as it is.
+    pub fn payload_json(&self, name: &str, payload: &Payload) -> Result<serde_json::Value, String> {
+        match self.entries.iter().find(|(k, _)| k.as_str() == name) {
+            Some((_, e)) => (e.show)(payload),
+            None if payload.content_type == crate::document::ContentType::Json => {
+                serde_json::from_slice(&payload.bytes).map_err(|e| e.to_string())
+            }
+            None => Err(format!(
+                "workflow `{name}` is not registered here: its {} payload cannot be read",
+                payload.content_type.as_str()
+            )),
+        }
     }
 
     /// Validates a typed payload for workflow `name` and encodes it.

@@ -85,6 +85,8 @@ pub fn origin_of_dead_letter(dlq_subject: &str) -> Option<String> {
 pub const START_PREFIX: &str = "waybill.start.";
 /// Prefix of the status requests: `waybill.status.<order id>`.
 pub const STATUS_PREFIX: &str = "waybill.status.";
+/// Prefix of the cancel requests: `waybill.cancel.<order id>`.
+pub const CANCEL_PREFIX: &str = "waybill.cancel.";
 /// The summary request.
 pub const ORDERS: &str = "waybill.orders";
 /// The queue group every coordinator answers the public requests in.
@@ -108,6 +110,12 @@ pub fn partition_status(owner: u32, count: u32, id: &OrderId) -> String {
     format!("{}.status.{id}", partition_prefix(owner, count))
 }
 
+/// `<partition prefix>.cancel.<id>`: a cancel request only the
+/// coordinators of partition `owner` of `count` answer.
+pub fn partition_cancel(owner: u32, count: u32, id: &OrderId) -> String {
+    format!("{}.cancel.{id}", partition_prefix(owner, count))
+}
+
 /// `<partition prefix>.orders`: an orders request for one partition.
 pub fn partition_orders(owner: u32, count: u32) -> String {
     format!("{}.orders", partition_prefix(owner, count))
@@ -119,8 +127,10 @@ pub fn coordinator_subjects(index: u32, count: u32) -> Vec<String> {
     vec![
         format!("{START_PREFIX}*"),
         format!("{STATUS_PREFIX}*"),
+        format!("{CANCEL_PREFIX}*"),
         ORDERS.to_owned(),
         format!("{own}.status.*"),
+        format!("{own}.cancel.*"),
         format!("{own}.orders"),
     ]
 }
@@ -133,6 +143,8 @@ pub enum CoordinatorRequest<'a> {
     /// `waybill.status.<id>` (public: any coordinator takes it and asks
     /// the owner), or the partition's own form (only the owner answers).
     Status { id: &'a str, public: bool },
+    /// `waybill.cancel.<id>`, or the partition's own form.
+    Cancel { id: &'a str, public: bool },
     /// `waybill.orders`, or the partition's own form.
     Orders { public: bool },
 }
@@ -147,6 +159,9 @@ impl<'a> CoordinatorRequest<'a> {
         if let Some(id) = subject.strip_prefix(STATUS_PREFIX) {
             return Some(Self::Status { id, public: true });
         }
+        if let Some(id) = subject.strip_prefix(CANCEL_PREFIX) {
+            return Some(Self::Cancel { id, public: true });
+        }
         if subject == ORDERS {
             return Some(Self::Orders { public: true });
         }
@@ -154,6 +169,9 @@ impl<'a> CoordinatorRequest<'a> {
         let rest = subject.strip_prefix(own.as_str())?;
         if let Some(id) = rest.strip_prefix(".status.") {
             return Some(Self::Status { id, public: false });
+        }
+        if let Some(id) = rest.strip_prefix(".cancel.") {
+            return Some(Self::Cancel { id, public: false });
         }
         (rest == ".orders").then_some(Self::Orders { public: false })
     }
@@ -178,6 +196,11 @@ pub fn service_of(subject: &str) -> Option<&str> {
 /// `waybill.status.<order id>`: the status request of one order.
 pub fn status(id: &crate::id::OrderId) -> String {
     format!("{STATUS_PREFIX}{id}")
+}
+
+/// `waybill.cancel.<order id>`: the cancel request of one order.
+pub fn cancel(id: &crate::id::OrderId) -> String {
+    format!("{CANCEL_PREFIX}{id}")
 }
 
 /// `waybill.start.<workflow>`: the start request of a workflow's orders.
@@ -232,6 +255,14 @@ mod tests {
             Some(R::Status { id: "x", public: true })
         );
         assert_eq!(R::parse("waybill.orders", 0, 2), Some(R::Orders { public: true }));
+        assert_eq!(
+            R::parse("waybill.cancel.x", 0, 2),
+            Some(R::Cancel { id: "x", public: true })
+        );
+        assert_eq!(
+            R::parse("waybill.coordinator.p2.1.cancel.x", 1, 2),
+            Some(R::Cancel { id: "x", public: false })
+        );
         assert_eq!(
             R::parse("waybill.coordinator.p2.1.status.x", 1, 2),
             Some(R::Status { id: "x", public: false })

@@ -5,6 +5,7 @@
 //! [`cli`]. The programs are in `src/bin/`: `waybill` and the three worker
 //! binaries.
 
+pub mod cancel;
 pub mod cli;
 pub mod dlq;
 pub mod metrics;

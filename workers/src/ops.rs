@@ -29,10 +29,10 @@ pub enum OpsError {
     Signal(#[from] SignalError),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
-    #[error("order {id} already ended {status}: there is nothing to cancel")]
-    AlreadyEnded { id: OrderId, status: waybill::Status },
     #[error("the cancel of order {id} was not recorded: {error}")]
     CancelNotRecorded { id: OrderId, error: TransportError },
+    #[error("--where: {0}")]
+    Where(#[from] crate::cancel::WhereError),
     #[error("cannot read standard input")]
     ReadStdin(#[source] std::io::Error),
     #[error("cannot read {}", path.display())]
@@ -91,7 +91,7 @@ pub enum OpsError {
 
 impl OpsError {
     /// A failed request, as the command line says it.
-    fn request(subject: &str, timeout: Duration, e: RequestError) -> Self {
+    pub(crate) fn request(subject: &str, timeout: Duration, e: RequestError) -> Self {
         let subject = subject.to_owned();
         match e {
             RequestError::Transport(TransportError::NoResponders(_)) => OpsError::NoCoordinator { subject },
@@ -325,33 +325,6 @@ pub async fn status<T: Rpc>(transport: &T, id: &str, timeout: Duration) -> Resul
         .status(&id)
         .await
         .map_err(|e| OpsError::request(&subject::status(&id), timeout, e))
-}
-
-/// `waybill cancel`: unless `force`, asks the coordinator where the order
-/// stands first (an order that ended, or that no coordinator tracks, is an
-/// error), then records the cancel for every worker. `Ok(false)` when a
-/// cancel of it was asked already.
-pub async fn cancel<T: Rpc + waybill::transport::Transport>(
-    transport: &T,
-    id: &str,
-    reason: &str,
-    force: bool,
-    timeout: Duration,
-) -> Result<bool, OpsError> {
-    let order = id.parse::<OrderId>()?;
-    if !force {
-        let now = status(transport, id, timeout).await?;
-        if now.status.is_terminal() {
-            return Err(OpsError::AlreadyEnded {
-                id: order,
-                status: now.status,
-            });
-        }
-    }
-    transport
-        .request_cancel(order, reason)
-        .await
-        .map_err(|error| OpsError::CancelNotRecorded { id: order, error })
 }
 
 pub async fn orders<T: Rpc>(transport: &T, query: &OrdersQuery, timeout: Duration) -> Result<OrdersReply, OpsError> {

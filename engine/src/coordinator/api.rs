@@ -6,6 +6,7 @@
 //! | `waybill.start.<workflow>`   | the order (JSON)              | [`StartReply`]              |
 //! | `waybill.status.<order id>`  | empty                         | [`StatusReply`]             |
 //! | `waybill.orders`             | empty, or an [`OrdersQuery`]  | [`OrdersReply`]             |
+//! | `waybill.cancel.<order id>`  | empty, or a [`CancelRequest`] | [`CancelReply`]             |
 //!
 //! Every failure is `{"error": "<message>"}` ([`ErrorReply`]); a failed
 //! start also says whether to try again (`"retryable"`) and under which id
@@ -13,7 +14,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::view::{Filter, OrderState, Summary};
+use super::timing::TimeSummary;
+use super::view::{Filter, OrderState, StepKey, Summary};
 use crate::document::{AttemptResult, Document, Status, StepKind, StepRecord, Timestamp};
 use crate::id::{OrderId, ServiceSubject, StepName, WorkflowName};
 
@@ -190,6 +192,13 @@ pub struct StatusReply {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
     pub history: Vec<HistoryEntry>,
+    /// The order's payload as JSON, when the coordinator can read it (its
+    /// workflow registered there, or a JSON payload).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload: Option<serde_json::Value>,
+    /// Why the payload is not shown, when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payload_error: Option<String>,
     /// Set when the latest hop could not be read back from the stream (the
     /// history is then empty).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -216,6 +225,8 @@ impl StatusReply {
             failure: None,
             waiting: None,
             history: Vec::new(),
+            payload: None,
+            payload_error: None,
             history_error: None,
             partition,
         }
@@ -232,6 +243,33 @@ impl StatusReply {
         });
         self
     }
+}
+
+/// The reason a cancel records when its request gives none.
+pub const DEFAULT_CANCEL_REASON: &str = "cancelled by an operator";
+/// Longest cancel reason accepted, in bytes.
+pub const MAX_CANCEL_REASON: usize = 1024;
+
+/// A cancel request's body (or none, for the default reason).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CancelRequest {
+    /// Why, kept in the order's history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// The answer to a cancel request: the cancel is recorded, and the order
+/// stops at its next hop, is undone and ends `cancelled`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelReply {
+    pub id: OrderId,
+    /// A cancel of this order had been asked before (this one changed
+    /// nothing).
+    pub already_asked: bool,
+    /// Where the order stood when the cancel was recorded.
+    pub status: Status,
+    pub step: StepName,
 }
 
 /// A summary request: every field is optional.
@@ -323,6 +361,13 @@ impl OrdersReply {
         s.in_flight += o.in_flight;
         s.stalled += o.stalled;
         s.matched += o.matched;
+        s.waiting += o.waiting;
+        for (wf, counts) in o.by_workflow {
+            let mine = s.by_workflow.entry(wf).or_default();
+            for (k, v) in counts {
+                *mine.entry(k).or_insert(0) += v;
+            }
+        }
         for (k, v) in o.by_status {
             *s.by_status.entry(k).or_insert(0) += v;
         }
@@ -338,6 +383,22 @@ impl OrdersReply {
         self.answered.sort_unstable();
         self.feeds.extend(other.feeds);
     }
+}
+
+/// What an operator's page shows of one coordinator at one moment.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Dashboard {
+    /// Its counts (without ids).
+    pub summary: Summary,
+    /// How long orders stayed at each step lately, by `workflow/step`.
+    pub step_times: std::collections::BTreeMap<StepKey, TimeSummary>,
+    /// The longest overdue orders first.
+    pub stalled: Vec<OrderState>,
+    /// The latest orders to end other than completed, newest first.
+    pub recent_failures: Vec<OrderState>,
+    /// Its partition (`index/count`).
+    pub partition: String,
+    pub feed: FeedStats,
 }
 
 /// What a coordinator did about a stalled order.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
-use super::api::{ErrorReply, OrdersQuery, OrdersReply, StartReply, StatusReply};
+use super::api::{CancelReply, CancelRequest, ErrorReply, OrdersQuery, OrdersReply, StartReply, StatusReply};
 use crate::id::OrderId;
 use crate::subject;
 use crate::transport::{self, Headers, Rpc};
@@ -83,6 +83,20 @@ impl<T: Rpc> CoordinatorClient<T> {
     /// Where one order stands (`waybill.status.<id>`).
     pub async fn status(&self, id: &OrderId) -> Result<StatusReply, RequestError> {
         self.ask(subject::status(id), Headers::new(), Bytes::new(), false).await
+    }
+
+    /// Cancels an order in flight (`waybill.cancel.<id>`), with `reason`
+    /// (or the default one) kept in its history.
+    pub async fn cancel(&self, id: &OrderId, reason: Option<&str>) -> Result<CancelReply, RequestError> {
+        let subject = subject::cancel(id);
+        let body = CancelRequest {
+            reason: reason.map(str::to_owned),
+        };
+        let body = serde_json::to_vec(&body).map_err(|cause| RequestError::Encode {
+            subject: subject.clone(),
+            cause,
+        })?;
+        self.ask(subject, Headers::new(), Bytes::from(body), false).await
     }
 
     /// A summary of the tracked orders (`waybill.orders`).

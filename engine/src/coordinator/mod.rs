@@ -32,6 +32,7 @@ pub mod client;
 mod feed;
 mod requests;
 mod stalls;
+pub mod timing;
 mod tracker;
 pub mod view;
 
@@ -48,8 +49,8 @@ pub use view::{Applied, Filter, OrderState, Partition, PartitionError, StoredHop
 use crate::codec::{Codec, Format};
 use crate::registry::Registry;
 use crate::subject;
-use crate::transport::{Error as TransportError, HopLog, Rpc};
-use api::{FeedStats, OrdersQuery, OrdersReply};
+use crate::transport::{Error as TransportError, HopLog, Rpc, Transport};
+use api::{Dashboard, FeedStats, OrdersQuery, OrdersReply};
 use tracker::Tracker;
 
 /// How a coordinator runs.
@@ -137,7 +138,7 @@ impl<T> std::fmt::Debug for CoordinatorHandle<T> {
 /// Starts a coordinator on `transport`. With a registry it also starts
 /// orders (`waybill.start.<workflow>`); without one it answers start
 /// requests with an error.
-pub async fn start<T: HopLog + Rpc>(
+pub async fn start<T: Transport + HopLog + Rpc>(
     transport: T,
     registry: Option<Arc<Registry>>,
     config: CoordinatorConfig,
@@ -217,6 +218,13 @@ impl<T> CoordinatorCounts<T> {
 
     pub fn feed_stats(&self) -> FeedStats {
         self.shared.tracker.feed_stats()
+    }
+
+    /// What an operator's page shows of this coordinator now: its counts,
+    /// its steps' times, and at most `limit` each of the stalled orders
+    /// and the latest that failed.
+    pub fn dashboard(&self, limit: usize) -> Dashboard {
+        self.shared.tracker.dashboard(self.shared.config.stall_grace, limit)
     }
 }
 

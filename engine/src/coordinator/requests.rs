@@ -8,14 +8,17 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::api::{ErrorReply, OrdersQuery, OrdersReply, StartReply, StatusReply, MAX_START_BYTES};
+use super::api::{
+    CancelReply, CancelRequest, ErrorReply, OrdersQuery, OrdersReply, StartReply, StatusReply, DEFAULT_CANCEL_REASON,
+    MAX_CANCEL_REASON, MAX_START_BYTES,
+};
 use super::view::Partition;
 use super::Shared;
 use crate::client::{first_hop, store_first_hop};
 use crate::headers;
 use crate::id::OrderId;
 use crate::subject::{self, CoordinatorRequest};
-use crate::transport::{Error as TransportError, Headers, HopLog, Request, Requests, Rpc};
+use crate::transport::{Error as TransportError, Headers, HopLog, Request, Requests, Rpc, Transport};
 
 /// Requests answered at once, at most.
 const MAX_ANSWERING: usize = 256;
@@ -45,7 +48,7 @@ fn refused(message: impl Into<String>) -> Bytes {
     error_reply(&ErrorReply::refused(message))
 }
 
-pub(super) async fn serve<T: HopLog + Rpc>(
+pub(super) async fn serve<T: Transport + HopLog + Rpc>(
     shared: Arc<Shared<T>>,
     mut requests: T::Requests,
     cancel: CancellationToken,
@@ -76,7 +79,7 @@ pub(super) async fn serve<T: HopLog + Rpc>(
     }
 }
 
-async fn answer<T: HopLog + Rpc>(shared: &Shared<T>, request: &impl Request) -> Bytes {
+async fn answer<T: Transport + HopLog + Rpc>(shared: &Shared<T>, request: &impl Request) -> Bytes {
     let subject = request.subject();
     let p = shared.config.partition;
     match CoordinatorRequest::parse(subject, p.index, p.count) {
@@ -84,6 +87,7 @@ async fn answer<T: HopLog + Rpc>(shared: &Shared<T>, request: &impl Request) -> 
             start_order(shared, workflow, request.headers(), request.payload()).await
         }
         Some(CoordinatorRequest::Status { id, public }) => status(shared, id, public).await,
+        Some(CoordinatorRequest::Cancel { id, public }) => cancel_order(shared, id, request.payload(), public).await,
         Some(CoordinatorRequest::Orders { public }) => orders(shared, request.payload(), public).await,
         None => error(format!("no such request: `{subject}`")),
     }
@@ -220,13 +224,91 @@ async fn status<T: HopLog + Rpc>(shared: &Shared<T>, id: &str, public: bool) -> 
         )),
     };
     let reply = match latest {
-        Ok(doc) => reply.with_document(&doc),
+        Ok(doc) => {
+            let mut reply = reply.with_document(&doc);
+            let shown = match &shared.registry {
+                Some(r) => r.payload_json(doc.route.workflow.as_str(), &doc.payload),
+                None => crate::registry::Registry::new().payload_json(doc.route.workflow.as_str(), &doc.payload),
+            };
+            match shown {
+                Ok(v) => reply.payload = Some(v),
+                Err(e) => reply.payload_error = Some(e),
+            }
+            reply
+        }
         Err(e) => StatusReply {
             history_error: Some(e),
             ..reply
         },
     };
     json(&reply)
+}
+
+/// Records a cancel of an order in flight, for every worker to see at the
+/// order's next hop. An order unknown or already ended is an error.
+async fn cancel_order<T: Transport + HopLog + Rpc>(shared: &Shared<T>, id: &str, body: &Bytes, public: bool) -> Bytes {
+    let id: OrderId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return error(e.to_string()),
+    };
+    let p = shared.config.partition;
+    let owner = Partition::of(&id, p.count);
+    if owner != p.index {
+        if !public {
+            return error(format!("order {id} belongs to partition {owner}/{}, not {p}", p.count));
+        }
+        let subject = subject::partition_cancel(owner, p.count, &id);
+        return forward(shared, owner, subject, body.clone())
+            .await
+            .unwrap_or_else(|e| error(e.to_string()));
+    }
+    let asked: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRequest::default()
+    } else {
+        match serde_json::from_slice(body) {
+            Ok(q) => q,
+            Err(e) => {
+                return error(format!(
+                    "bad cancel request: {e} (expected an object with an optional `reason`)"
+                ))
+            }
+        }
+    };
+    let reason = asked.reason.unwrap_or_else(|| DEFAULT_CANCEL_REASON.to_owned());
+    if reason.len() > MAX_CANCEL_REASON {
+        return error(format!(
+            "the reason is {} bytes, over the limit of {MAX_CANCEL_REASON}",
+            reason.len()
+        ));
+    }
+    let Some(state) = shared.tracker.get(&id) else {
+        return if shared.tracker.is_caught_up() {
+            error(format!("unknown order {id}"))
+        } else {
+            error(format!(
+                "unknown order {id} (so far: the coordinator is still replaying the hop stream)"
+            ))
+        };
+    };
+    if state.status.is_terminal() {
+        return error(format!(
+            "order {id} already ended {}: there is nothing to cancel",
+            state.status
+        ));
+    }
+    match shared.transport.request_cancel(id, &reason).await {
+        Ok(new) => json(&CancelReply {
+            id,
+            already_asked: !new,
+            status: state.status,
+            step: state.step,
+        }),
+        Err(e) if e.is_retryable() => error_reply(&ErrorReply::retry(
+            format!("the cancel of order {id} was not recorded: {e}"),
+            id,
+        )),
+        Err(e) => error(format!("the cancel of order {id} was not recorded: {e}")),
+    }
 }
 
 async fn orders<T: HopLog + Rpc>(shared: &Shared<T>, body: &[u8], public: bool) -> Bytes {

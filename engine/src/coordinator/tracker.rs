@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use super::api::{FeedStats, OrdersQuery, OrdersReply};
-use super::view::{OrderState, Partition, StoredHop, View};
+use super::api::{Dashboard, FeedStats, OrdersQuery, OrdersReply};
+use super::view::{Filter, OrderState, Partition, StoredHop, View};
 use crate::document::Timestamp;
 use crate::id::OrderId;
 use crate::transport::LogInfo;
@@ -217,6 +217,21 @@ impl Tracker {
             answered: vec![p.index],
             missing: Vec::new(),
             feeds: vec![self.feed_stats()],
+        }
+    }
+
+    /// See [`super::CoordinatorCounts::dashboard`]: read under one lock.
+    pub(super) fn dashboard(&self, stall_grace: Duration, limit: usize) -> Dashboard {
+        let now = Timestamp::now();
+        let feed = self.feed_stats();
+        let st = self.state();
+        Dashboard {
+            summary: st.view.summary(&Filter::default(), now, stall_grace, 0),
+            step_times: st.view.step_times(now),
+            stalled: st.view.stalled(now, stall_grace, limit),
+            recent_failures: st.view.recently_finished(limit, true),
+            partition: self.partition.to_string(),
+            feed,
         }
     }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::timing::{StepTimes, TimeSummary};
 use crate::codec::Envelope;
 use crate::document::{Status, Timestamp};
 use crate::hash::FastState;
@@ -131,6 +132,9 @@ struct Entry {
     route: u16,
     step: u16,
     status: Status,
+    /// The hop is a wait on unavailable infrastructure: the same attempt
+    /// at the same step again, later (see `transition`), not a retry.
+    waiting: bool,
 }
 
 /// Where a tracked order stands.
@@ -154,6 +158,9 @@ pub struct OrderState {
     /// When the current step should have moved on; none once terminal.
     pub due: Option<Timestamp>,
 }
+
+/// Step times cover the last one to two of these (of the log's time).
+const STEP_TIME_WINDOW: Duration = Duration::from_secs(300);
 
 /// A step of a workflow version, as counted in summaries: `order/charge`.
 pub type StepKey = String;
@@ -195,6 +202,13 @@ pub struct Summary {
     pub finished: std::collections::BTreeMap<Status, u64>,
     /// In-flight orders past their step's deadline plus the grace.
     pub stalled: u64,
+    /// In-flight orders whose latest hop waits on unavailable
+    /// infrastructure (no attempt spent).
+    #[serde(default)]
+    pub waiting: u64,
+    /// Tracked orders by workflow (all versions) and status.
+    #[serde(default)]
+    pub by_workflow: std::collections::BTreeMap<String, std::collections::BTreeMap<Status, u64>>,
     /// Orders that match the filter.
     pub matched: u64,
     /// Matching ids, oldest hop first, at most the limit asked for.
@@ -218,8 +232,14 @@ pub struct View {
     /// the retention has passed.
     finished: VecDeque<(Timestamp, OrderId)>,
     by_status: [u64; 6],
+    /// Tracked counts by route and status.
+    by_route: Vec<[u64; 6]>,
+    /// In-flight orders waiting on infrastructure.
+    waiting: u64,
     /// In-flight counts by (route, step).
     by_step: HashMap<(u16, u16), u64>,
+    /// How long orders stayed at each (route, step) lately.
+    step_times: HashMap<(u16, u16), StepTimes>,
     finished_total: [u64; 6],
     applied: u64,
     stale: u64,
@@ -248,7 +268,10 @@ impl View {
             orders: HashMap::default(),
             finished: VecDeque::new(),
             by_status: [0; 6],
+            by_route: Vec::new(),
+            waiting: 0,
             by_step: HashMap::new(),
+            step_times: HashMap::new(),
             finished_total: [0; 6],
             applied: 0,
             stale: 0,
@@ -336,6 +359,15 @@ impl View {
     fn count(&mut self, e: &Entry, delta: i64) {
         let slot = &mut self.by_status[status_index(e.status)];
         *slot = slot.saturating_add_signed(delta);
+        let route = usize::from(e.route);
+        if self.by_route.len() <= route {
+            self.by_route.resize(route + 1, [0; 6]);
+        }
+        let slot = &mut self.by_route[route][status_index(e.status)];
+        *slot = slot.saturating_add_signed(delta);
+        if e.waiting {
+            self.waiting = self.waiting.saturating_add_signed(delta);
+        }
         if !e.status.is_terminal() {
             let n = self.by_step.entry((e.route, e.step)).or_insert(0);
             *n = n.saturating_add_signed(delta);
@@ -360,7 +392,7 @@ impl View {
             let timeout = env.route.step(env.step).map(|s| s.timeout()).unwrap_or_default();
             start.plus(timeout)
         };
-        let new = Entry {
+        let mut new = Entry {
             seq: hop.seq,
             at: hop.stored_at,
             due,
@@ -369,6 +401,7 @@ impl View {
             route,
             step: env.step,
             status: env.status,
+            waiting: false,
         };
         let expired = env.status.is_terminal() && hop.stored_at.plus(self.retention) <= now;
         let was_terminal = match self.orders.entry(env.id) {
@@ -377,6 +410,18 @@ impl View {
                 if (old.hop, old.seq) >= (new.hop, new.seq) {
                     self.stale += 1;
                     return Applied::Stale;
+                }
+                new.waiting = env.not_before.is_some()
+                    && old.status == new.status
+                    && !new.status.is_terminal()
+                    && (old.route, old.step, old.attempt) == (new.route, new.step, new.attempt)
+                    && new.hop > old.hop;
+                // The next hop of a step run forward: the order's stay there.
+                if old.status == Status::Running && new.hop == old.hop + 1 && new.at >= old.at {
+                    self.step_times
+                        .entry((old.route, old.step))
+                        .or_insert_with(|| StepTimes::new(STEP_TIME_WINDOW))
+                        .record(new.at, Duration::from_micros(new.at.0 - old.at.0));
                 }
                 if expired {
                     o.remove();
@@ -504,6 +549,40 @@ impl View {
             .collect()
     }
 
+    /// How long orders stayed at each step lately (see [`super::timing`]),
+    /// by `workflow/step`.
+    pub fn step_times(&self, now: Timestamp) -> std::collections::BTreeMap<StepKey, TimeSummary> {
+        let mut out = std::collections::BTreeMap::new();
+        for (&(route, step), times) in &self.step_times {
+            if let Some(t) = times.summary(now) {
+                // Versions of one workflow share a step's name: the
+                // busiest version's figures stand for it.
+                let key = self.step_key(route, step);
+                if out.get(&key).is_none_or(|o: &TimeSummary| o.count < t.count) {
+                    out.insert(key, t);
+                }
+            }
+        }
+        out
+    }
+
+    /// The orders that finished last, newest first, at most `limit`; with
+    /// `failed_only`, those that did not complete.
+    pub fn recently_finished(&self, limit: usize, failed_only: bool) -> Vec<OrderState> {
+        self.finished
+            .iter()
+            .rev()
+            .filter_map(|&(at, id)| {
+                let e = self.orders.get(&id)?;
+                // Only if it is still that finished hop.
+                (e.at == at && e.status.is_terminal()).then_some((id, e))
+            })
+            .filter(|(_, e)| !failed_only || e.status != Status::Completed)
+            .take(limit)
+            .filter_map(|(id, e)| self.state(id, e))
+            .collect()
+    }
+
     fn matches(&self, filter: &Filter, step_filter: Option<&str>, e: &Entry, stalled: bool) -> bool {
         if filter.stalled && !stalled {
             return false;
@@ -551,6 +630,20 @@ impl View {
         }
         for (&(route, step), &n) in &self.by_step {
             *s.by_step.entry(self.step_key(route, step)).or_insert(0) += n;
+        }
+        s.waiting = self.waiting;
+        for (route, counts) in self.by_route.iter().enumerate() {
+            let Some(r) = self.routes.get(route) else { continue };
+            for st in Status::ALL {
+                let n = counts[status_index(st)];
+                if n > 0 {
+                    *s.by_workflow
+                        .entry(r.workflow.to_string())
+                        .or_default()
+                        .entry(st)
+                        .or_insert(0) += n;
+                }
+            }
         }
         // One pass over the orders: the stalled count, and the matches.
         // One pass: the stalled count, the match count, and the `limit`
@@ -687,6 +780,45 @@ mod tests {
         let all = v.summary(&Filter::default(), at(12), Duration::ZERO, 0);
         assert_eq!((all.matched, all.ids), (2, vec![]));
         assert_eq!(v.summary(&Filter::default(), at(12), Duration::ZERO, 5).ids, vec![a, b]);
+    }
+
+    #[test]
+    fn waits_step_times_workflows_and_failures_are_counted() {
+        let mut v = View::new(Partition::ALL, Duration::from_secs(600));
+        let (a, b) = (OrderId::new(), OrderId::new());
+        let at = |s: u64| Timestamp(s * 1_000_000);
+        v.apply(&hop(a, 0, 0, Status::Running, 1, 10), T0);
+        // a's charge waits on infrastructure: the same attempt, later.
+        let mut wait = hop(a, 1, 0, Status::Running, 2, 11);
+        wait.envelope.not_before = Some(at(12));
+        v.apply(&wait, T0);
+        v.apply(&hop(b, 0, 0, Status::Running, 3, 10), T0);
+        v.apply(&hop(b, 1, 1, Status::Running, 4, 12), T0);
+        let sum = v.summary(&Filter::default(), at(13), Duration::ZERO, 0);
+        assert_eq!(sum.waiting, 1);
+        assert_eq!(sum.by_workflow["order"][&Status::Running], 2);
+        v.apply(&hop(a, 2, 1, Status::Running, 5, 14), T0);
+        assert_eq!(v.summary(&Filter::default(), at(14), Duration::ZERO, 0).waiting, 0);
+        // At charge: a for 1 s and 3 s (its wait, then the try), b for 2 s.
+        let times = v.step_times(at(15));
+        let charge = &times["order/charge"];
+        assert_eq!(charge.count, 3);
+        assert!((2000.0..=2000.0 * 1.19).contains(&charge.p50_ms), "{charge:?}");
+        assert!((3000.0..=3000.0 * 1.19).contains(&charge.p99_ms), "{charge:?}");
+        assert!(!times.contains_key("order/ship"));
+        v.apply(&hop(b, 2, 1, Status::Compensated, 6, 15), T0);
+        v.apply(&hop(a, 3, 1, Status::Completed, 7, 16), T0);
+        assert_eq!(ids(&v.recently_finished(10, true)), vec![b]);
+        assert_eq!(ids(&v.recently_finished(10, false)), vec![a, b]);
+        assert_eq!(ids(&v.recently_finished(1, false)), vec![a]);
+        let sum = v.summary(&Filter::default(), at(16), Duration::ZERO, 0);
+        assert_eq!(sum.by_workflow["order"].get(&Status::Running), None);
+        assert_eq!(sum.by_workflow["order"][&Status::Completed], 1);
+        assert_eq!(std::mem::size_of::<Entry>(), 40, "the compact entry grew");
+    }
+
+    fn ids(states: &[OrderState]) -> Vec<OrderId> {
+        states.iter().map(|s| s.id).collect()
     }
 
     #[test]

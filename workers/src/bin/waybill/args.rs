@@ -43,10 +43,11 @@ pub(crate) enum Command {
     /// delete (purge).
     #[command(subcommand)]
     Dlq(DlqCommand),
-    /// Cancel an order in flight: it stops at its next hop (before its
-    /// step runs, or as it wakes from a retry's wait), its completed steps
-    /// are undone newest first, and it ends `cancelled`. An order already
-    /// ended is an error. Needs a coordinator unless `--force`.
+    /// Cancel an order in flight, or every order a filter takes
+    /// (`--where`): it stops at its next hop (before its step runs, or as
+    /// it wakes from a retry's wait), its completed steps are undone newest
+    /// first, and it ends `cancelled`. An order already ended is an error.
+    /// Needs a coordinator unless `--force`.
     Cancel(CancelArgs),
     /// Draw a workflow's route: its steps, where each outcome leads, what
     /// fails the order and what undoes each step (Mermaid or Graphviz DOT).
@@ -54,11 +55,24 @@ pub(crate) enum Command {
 }
 
 #[derive(Args, Debug)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["id", "filter"])))]
 pub(crate) struct CancelArgs {
     /// The order's id.
-    pub(crate) id: String,
+    pub(crate) id: Option<String>,
+    /// Every order in flight this filter takes instead of one:
+    /// `status=running|compensating|stalled`, `step=NAME` (or
+    /// `workflow/step`), `workflow=NAME`, comma-separated. Without `--yes`
+    /// it only says how many orders it takes.
+    #[arg(long = "where", value_name = "FILTER", conflicts_with_all = ["force", "wait"])]
+    pub(crate) filter: Option<String>,
+    /// With `--where`: cancel them (otherwise a dry run).
+    #[arg(long, requires = "filter")]
+    pub(crate) yes: bool,
+    /// With `--where`: cancel at most this many (the oldest first).
+    #[arg(long, requires = "filter", default_value_t = 10_000)]
+    pub(crate) limit: usize,
     /// Why, kept in the order's history.
-    #[arg(long, default_value = "cancelled by an operator")]
+    #[arg(long, default_value = waybill::coordinator::api::DEFAULT_CANCEL_REASON)]
     pub(crate) reason: String,
     /// Wait up to this many seconds for the order to end, and say how.
     #[arg(long, value_name = "SECS")]

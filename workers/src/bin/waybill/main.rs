@@ -24,6 +24,7 @@ use waybill_workers::services::kv;
 use waybill_workflows::samples::{self, Kind};
 
 mod args;
+mod cancel_cmd;
 mod dlq_cmd;
 mod replay_cmd;
 
@@ -46,7 +47,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
 
@@ -62,7 +63,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(args) => replay_cmd::replay(args),
         Command::Dlq(cmd) => dlq_cmd::dlq(cmd),
         Command::Graph(args) => graph(args),
-        Command::Cancel(args) => cancel(args),
+        Command::Cancel(args) => cancel_cmd::cancel(args),
     }
 }
 
@@ -87,50 +88,6 @@ fn coordinator(args: CoordinatorArgs) -> anyhow::Result<ExitCode> {
     };
     runtime()?.block_on(ops::run_coordinator(&nats, registry, config, http.as_deref()))?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// `waybill cancel`.
-fn cancel(args: CancelArgs) -> anyhow::Result<ExitCode> {
-    let CancelArgs {
-        id,
-        reason,
-        wait,
-        force,
-        nats,
-        timeout,
-    } = args;
-    let timeout = Duration::from_secs(timeout.max(1));
-    runtime()?.block_on(async {
-        let t = nats.connect("waybill-cancel").await?;
-        let new = ops::cancel(&t, &id, &reason, force, timeout).await?;
-        if new {
-            println!("cancel of order {id} asked: it stops at its next hop, its completed steps are undone, and it ends cancelled");
-        } else {
-            println!("a cancel of order {id} was asked already");
-        }
-        let Some(secs) = wait else {
-            return anyhow::Ok(ExitCode::SUCCESS);
-        };
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(secs);
-        loop {
-            let s = ops::status(&t, &id, timeout).await?;
-            if s.status.is_terminal() {
-                println!("order {id} ended {}", s.status);
-                return anyhow::Ok(if s.status == Status::Cancelled {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::FAILURE
-                });
-            }
-            anyhow::ensure!(
-                tokio::time::Instant::now() < give_up,
-                "order {id} had not ended after {secs} s (it is {} at step {})",
-                s.status,
-                s.step
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    })
 }
 
 /// `waybill graph`.
