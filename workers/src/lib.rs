@@ -13,3 +13,4 @@ pub mod ops;
 pub mod replay;
 pub mod services;
 pub mod tables;
+pub mod web;

@@ -47,14 +47,13 @@ pub fn registry(program: &str) -> Registry {
 /// until the runtime stops; returns the address bound (`addr` may ask for
 /// port 0).
 pub async fn serve(addr: &str, registry: Registry) -> Result<SocketAddr, MetricsError> {
-    let fail = |source| MetricsError {
-        addr: addr.to_owned(),
-        source,
-    };
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(fail)?;
-    let bound = listener.local_addr().map_err(fail)?;
+    serve_router(addr, router(registry)).await
+}
+
+/// `GET /metrics`: `registry` in the OpenMetrics text format.
+pub fn router<S: Clone + Send + Sync + 'static>(registry: Registry) -> Router<S> {
     let registry = Arc::new(registry);
-    let app = Router::new().route(
+    Router::new().route(
         "/metrics",
         get(move || {
             let registry = registry.clone();
@@ -70,10 +69,21 @@ pub async fn serve(addr: &str, registry: Registry) -> Result<SocketAddr, Metrics
                 }
             }
         }),
-    );
+    )
+}
+
+/// Serves `app` at `addr` from a task of its own, until the runtime stops;
+/// returns the address bound (`addr` may ask for port 0).
+pub async fn serve_router(addr: &str, app: Router) -> Result<SocketAddr, MetricsError> {
+    let fail = |source| MetricsError {
+        addr: addr.to_owned(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(fail)?;
+    let bound = listener.local_addr().map_err(fail)?;
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "the metrics server stopped");
+            tracing::error!(error = %e, "the HTTP server stopped");
         }
     });
     Ok(bound)
@@ -141,7 +151,8 @@ mod tests {
 }
 
 /// The coordinator's series, read from its view at each scrape:
-/// `waybill_orders{status}` (tracked in memory), `waybill_orders_in_flight`,
+/// `waybill_orders{workflow,status}` (tracked in memory),
+/// `waybill_orders_waiting_on_infrastructure`, `waybill_orders_in_flight`,
 /// `waybill_orders_waiting{workflow,step}` (in flight, by the step their
 /// latest hop is for), `waybill_orders_stalled`,
 /// `waybill_orders_finished_total{status}` (since the view began),
@@ -163,12 +174,25 @@ impl<T: std::fmt::Debug + Send + Sync + 'static> Collector for CoordinatorCollec
             }
             Ok::<(), std::fmt::Error>(())
         };
-        let by_status = summary
-            .by_status
+        let by_workflow = summary
+            .by_workflow
             .iter()
-            .map(|(s, n)| (vec![("status", s.to_string())], *n))
+            .flat_map(|(w, counts)| {
+                counts
+                    .iter()
+                    .map(move |(s, n)| (vec![("workflow", w.clone()), ("status", s.to_string())], *n))
+            })
             .collect();
-        gauge("waybill_orders", "Orders tracked in memory, by status", by_status)?;
+        gauge(
+            "waybill_orders",
+            "Orders tracked in memory (in flight, and finished within the retention), by workflow and status",
+            by_workflow,
+        )?;
+        gauge(
+            "waybill_orders_waiting_on_infrastructure",
+            "Orders in flight whose step waits on unavailable infrastructure (no attempt spent)",
+            vec![(Vec::new(), summary.waiting)],
+        )?;
         gauge(
             "waybill_orders_in_flight",
             "Orders not finished",

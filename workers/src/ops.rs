@@ -141,8 +141,15 @@ pub async fn run_coordinator(
     if let Some(addr) = http {
         let mut metrics = crate::metrics::registry("waybill-coordinator");
         metrics.register_collector(Box::new(crate::metrics::CoordinatorCollector(handle.counts())));
-        let bound = crate::metrics::serve(addr, metrics).await?;
-        tracing::info!("metrics on http://{bound}/metrics");
+        let app = crate::web::router(
+            handle.counts(),
+            transport.clone(),
+            registry.clone(),
+            config.codec.clone(),
+        )
+        .merge(crate::metrics::router(metrics));
+        let bound = crate::metrics::serve_router(addr, app).await?;
+        tracing::info!("the operator's page on http://{bound}/ and metrics on http://{bound}/metrics");
     }
     tracing::info!(url = %nats.url, %partition, "coordinator running; replaying the hop stream");
     let stop = shutdown_signal();

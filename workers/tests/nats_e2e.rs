@@ -179,6 +179,13 @@ fn a_worker_and_the_coordinator_serve_metrics_that_agree_with_their_counts() {
     for status in ["completed", "failed", "compensated"] {
         let counted = sum_of(&seen, "waybill_orders_finished_total", &format!(r#"status="{status}""#));
         assert_eq!(counted, file[status].as_f64().unwrap(), "{status}: {seen}");
+        // All still tracked (well within the retention), by workflow.
+        let tracked = sum_of(
+            &seen,
+            "waybill_orders",
+            &format!(r#"workflow="order",status="{status}""#),
+        );
+        assert_eq!(tracked, file[status].as_f64().unwrap(), "{status}: {seen}");
     }
     assert_eq!(sum_of(&seen, "waybill_orders_in_flight", ""), 0.0, "{seen}");
     assert!(sum_of(&seen, "waybill_coordinator_hops_read_total", "") > 0.0, "{seen}");

@@ -220,6 +220,12 @@ impl<T> CoordinatorCounts<T> {
         self.shared.tracker.feed_stats()
     }
 
+    /// Orders that reached each end since the view began (cheap: no pass
+    /// over the orders).
+    pub fn finished(&self) -> std::collections::BTreeMap<crate::document::Status, u64> {
+        self.shared.tracker.finished()
+    }
+
     /// What an operator's page shows of this coordinator now: its counts,
     /// its steps' times, and at most `limit` each of the stalled orders
     /// and the latest that failed.

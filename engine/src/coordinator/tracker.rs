@@ -220,6 +220,10 @@ impl Tracker {
         }
     }
 
+    pub(super) fn finished(&self) -> std::collections::BTreeMap<crate::document::Status, u64> {
+        self.state().view.finished()
+    }
+
     /// See [`super::CoordinatorCounts::dashboard`]: read under one lock.
     pub(super) fn dashboard(&self, stall_grace: Duration, limit: usize) -> Dashboard {
         let now = Timestamp::now();

@@ -549,6 +549,16 @@ impl View {
             .collect()
     }
 
+    /// Orders that reached each terminal status since this view began
+    /// (what a summary's `finished` says, without a pass over the orders).
+    pub fn finished(&self) -> std::collections::BTreeMap<Status, u64> {
+        Status::ALL
+            .into_iter()
+            .map(|st| (st, self.finished_total[status_index(st)]))
+            .filter(|(_, n)| *n > 0)
+            .collect()
+    }
+
     /// How long orders stayed at each step lately (see [`super::timing`]),
     /// by `workflow/step`.
     pub fn step_times(&self, now: Timestamp) -> std::collections::BTreeMap<StepKey, TimeSummary> {

@@ -50,7 +50,8 @@ pub(crate) enum Command {
     /// Needs a coordinator unless `--force`.
     Cancel(CancelArgs),
     /// Draw a workflow's route: its steps, where each outcome leads, what
-    /// fails the order and what undoes each step (Mermaid or Graphviz DOT).
+    /// fails the order and what undoes each step (Mermaid, Graphviz DOT, or
+    /// the SVG picture the coordinator's web page shows).
     Graph(GraphArgs),
 }
 
@@ -104,6 +105,8 @@ pub(crate) enum GraphFormatArg {
     Mermaid,
     /// Graphviz DOT (`| dot -Tsvg > order.svg`).
     Dot,
+    /// An SVG picture: the drawing of the coordinator's web page.
+    Svg,
 }
 
 #[derive(Subcommand, Debug)]

@@ -108,6 +108,7 @@ fn graph(args: GraphArgs) -> anyhow::Result<ExitCode> {
     let format = match args.format {
         GraphFormatArg::Mermaid => GraphFormat::Mermaid,
         GraphFormatArg::Dot => GraphFormat::Dot,
+        GraphFormatArg::Svg => GraphFormat::Svg,
     };
     print!("{}", draw(workflow.route(), format));
     Ok(ExitCode::SUCCESS)

@@ -1,5 +1,6 @@
-//! A route as a picture: Mermaid (`flowchart`) or Graphviz DOT text, for
-//! `waybill graph` and the operator's page.
+//! A route as a picture: Mermaid (`flowchart`), Graphviz DOT text, or SVG,
+//! for `waybill graph` and the operator's page (which draws the SVG and
+//! marks the step an order is at).
 //!
 //! Every step is a box (its name, service, tries and timeout); `ok` leads to
 //! the next step unless the route maps it elsewhere; each mapped outcome is
@@ -13,11 +14,16 @@ use std::fmt::Write;
 
 use super::{Next, Route, RouteStep};
 
+mod svg;
+
 /// The drawing languages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GraphFormat {
     Mermaid,
     Dot,
+    /// A picture with no script, its styles inside: each step's box is
+    /// `<g id="node-s<i>" class="node">`, what undoes it `node-u<i>`.
+    Svg,
 }
 
 /// An edge of the drawing: from, to, label, style.
@@ -131,6 +137,7 @@ pub fn draw(route: &Route, format: GraphFormat) -> String {
     match format {
         GraphFormat::Mermaid => mermaid(route),
         GraphFormat::Dot => dot(route),
+        GraphFormat::Svg => svg::svg(route),
     }
 }
 
@@ -200,7 +207,7 @@ mod tests {
     use crate::workflow::{Backoff, Then, Workflow};
     use std::time::Duration;
 
-    fn order() -> Workflow {
+    pub(super) fn order() -> Workflow {
         Workflow::builder("order", 2)
             .step("charge", "payment.charge")
             .compensate("payment.refund")
