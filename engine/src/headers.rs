@@ -169,18 +169,20 @@ impl<'a> HopHeader<'a> {
 
 /// W3C trace context of a hop, `00-<trace id>-<span id>-01`: the order id is
 /// the trace id and the hop number (plus one) the span id, so every hop of
-/// one order joins one trace wherever it runs. Not sent as a header (all it
-/// holds is in `Waybill-Hop`); derived wherever a tracer wants it.
+/// one order joins one trace wherever it runs ([`crate::trace::HopTrace`]).
+/// Not sent as a header (all it holds is in `Waybill-Hop`); derived wherever
+/// a tracer wants it.
 pub fn traceparent(doc: &Document) -> compact_str::CompactString {
     const HEX: &[u8; 16] = b"0123456789abcdef";
+    let trace = crate::trace::HopTrace::new(&doc.id, doc.hop);
     let mut out = [0u8; 55];
     out[..3].copy_from_slice(b"00-");
-    let mut simple = [0u8; uuid::fmt::Simple::LENGTH];
-    out[3..35].copy_from_slice(doc.id.as_uuid().simple().encode_lower(&mut simple).as_bytes());
+    for (i, slot) in out[3..35].iter_mut().enumerate() {
+        *slot = HEX[((trace.trace_id >> (124 - 4 * i)) & 0xf) as usize];
+    }
     out[35] = b'-';
-    let span = u64::from(doc.hop) + 1;
     for (i, slot) in out[36..52].iter_mut().enumerate() {
-        *slot = HEX[((span >> (60 - 4 * i)) & 0xf) as usize];
+        *slot = HEX[((trace.span_id >> (60 - 4 * i)) & 0xf) as usize];
     }
     out[52..].copy_from_slice(b"-01");
     // Every byte written above is ASCII.

@@ -26,6 +26,8 @@
 //!   [`Rpc`](transport::Rpc).
 //! - [`subject`] and [`headers`]: every subject name and header, in one place.
 //! - [`hash`]: a fast hasher for maps keyed by Waybill's ids.
+//! - [`trace`]: where a step sits in its order's distributed trace (the
+//!   order id is the trace id), for a tracer to read off the step's span.
 
 mod client;
 pub mod codec;
@@ -36,6 +38,7 @@ pub mod headers;
 pub mod id;
 mod registry;
 pub mod subject;
+pub mod trace;
 pub mod transition;
 pub mod transport;
 mod worker;

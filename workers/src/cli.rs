@@ -271,6 +271,8 @@ pub struct WorkerArgs {
     /// forgets it).
     #[arg(long, value_enum, default_value_t = StateArg::Kv)]
     pub state: StateArg,
+    #[command(flatten)]
+    pub otlp: crate::otel::OtlpArgs,
 }
 
 /// Where a service keeps its state.
@@ -290,7 +292,16 @@ where
     F: FnOnce(Nats, WorkerBuilder<Nats>) -> Fut,
     Fut: std::future::Future<Output = Result<WorkerBuilder<Nats>, BoxError>>,
 {
-    init_logging(args.log_format, "info");
+    // Logs, and with --otlp-endpoint the spans of steps, flushed after the
+    // drain below.
+    let endpoint = args.otlp.endpoint();
+    let telemetry = match crate::otel::Telemetry::init(name, args.log_format, "info", endpoint) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{name}: error: {}", with_causes(&e));
+            return ExitCode::FAILURE;
+        }
+    };
     let threads = args.threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
         usize::from,
@@ -369,13 +380,16 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run) {
+    let code = match rt.block_on(run) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("{name}: error: {}", with_causes(e.as_ref()));
             ExitCode::FAILURE
         }
-    }
+    };
+    // Drained: the spans of the last steps go out before the process ends.
+    telemetry.shutdown();
+    code
 }
 
 /// An error and its causes, outermost first, joined by `: ` (as `anyhow`

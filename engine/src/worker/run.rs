@@ -49,18 +49,24 @@ pub(super) fn prepare<T>(shared: &Shared<T>, doc: &Document) -> Option<(StepCont
         deadline: tokio::time::Instant::now() + timeout,
         worker: shared.worker.clone(),
     };
-    // The trace id is the order id (see `headers::traceparent`), so
-    // one order's steps on any host join into one trace.
-    let span = tracing::info_span!(
-        "step",
+    let span = step_span(doc, &ctx);
+    Some((ctx, timeout, span))
+}
+
+/// The span the step runs in. Its name and the fields `trace_id` (the order
+/// id, which is the trace id) and `hop` are what a tracer reads to put it in
+/// its order's trace ([`crate::trace`]): one order's steps on any host join
+/// into one trace, chained hop to hop.
+fn step_span(doc: &Document, ctx: &StepContext) -> tracing::Span {
+    tracing::info_span!(
+        crate::trace::STEP_SPAN,
         trace_id = %doc.id.as_uuid().simple(),
         order_id = %doc.id,
         step = %ctx.step,
         attempt = doc.attempt,
-        kind = ?kind,
+        kind = ?ctx.kind,
         hop = doc.hop,
-    );
-    Some((ctx, timeout, span))
+    )
 }
 
 /// Runs the step's handler on the document's payload (replaced by the one
@@ -202,4 +208,64 @@ async fn wait_guarded<F: Future + Unpin>(
         return guarded.await;
     }
     keep_alive(std::pin::pin!(guarded), delivery, ack_wait).await
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
+    use super::*;
+    use crate::id::{OrderId, WorkerId};
+    use crate::trace::{HOP_FIELD, STEP_SPAN, TRACE_ID_FIELD};
+    use crate::{Payload, Workflow};
+    use std::sync::{Arc, Mutex};
+    use tracing::span::{Attributes, Id, Record};
+    use tracing::{Event, Metadata};
+
+    /// A subscriber that keeps the metadata of the last span opened.
+    struct Seen(Arc<Mutex<Option<&'static Metadata<'static>>>>);
+
+    impl tracing::Subscriber for Seen {
+        fn enabled(&self, _: &Metadata<'_>) -> bool {
+            true
+        }
+        fn new_span(&self, span: &Attributes<'_>) -> Id {
+            *self.0.lock().unwrap() = Some(span.metadata());
+            Id::from_u64(1)
+        }
+        fn record(&self, _: &Id, _: &Record<'_>) {}
+        fn record_follows_from(&self, _: &Id, _: &Id) {}
+        fn event(&self, _: &Event<'_>) {}
+        fn enter(&self, _: &Id) {}
+        fn exit(&self, _: &Id) {}
+    }
+
+    #[test]
+    fn the_step_span_has_the_name_and_fields_a_tracer_reads() {
+        let wf = Workflow::builder("order", 1)
+            .step("charge", "payment.charge")
+            .build()
+            .unwrap();
+        let doc = Document::new(OrderId::new(), wf.shared_route(), Payload::postcard(&1u8).unwrap());
+        let ctx = StepContext {
+            order_id: doc.id,
+            workflow: doc.route.workflow.clone(),
+            version: 1,
+            step: "charge".parse().unwrap(),
+            kind: StepKind::Forward,
+            attempt: 1,
+            visit: 1,
+            hop: doc.hop,
+            deadline: tokio::time::Instant::now(),
+            worker: WorkerId::new("test"),
+        };
+        let seen = Arc::new(Mutex::new(None));
+        let span = tracing::subscriber::with_default(Seen(seen.clone()), || step_span(&doc, &ctx));
+        drop(span);
+        let meta = seen.lock().unwrap().take().expect("a span was opened");
+        assert_eq!(meta.name(), STEP_SPAN);
+        for field in [TRACE_ID_FIELD, HOP_FIELD] {
+            assert!(meta.fields().field(field).is_some(), "no field {field} in {meta:?}");
+        }
+    }
 }

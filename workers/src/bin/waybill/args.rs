@@ -226,6 +226,11 @@ pub(crate) struct ReplayArgs {
     pub(crate) nats: Option<ServerList>,
     #[command(flatten)]
     pub(crate) auth: AuthArgs,
+    // On the embedded default, the in-process workers' steps are exported
+    // (service `waybill-replay`); over NATS the worker processes export
+    // their own.
+    #[command(flatten)]
+    pub(crate) otlp: waybill_workers::otel::OtlpArgs,
 }
 
 #[derive(Args, Debug)]

@@ -19,6 +19,7 @@ use waybill::transport::{NatsConfig, Rpc};
 use waybill::Status;
 use waybill_workers::cli::{init_logging, AuthArgs, LogFormat, NatsArgs};
 use waybill_workers::ops;
+use waybill_workers::otel::Telemetry;
 use waybill_workers::replay::{self, EmbeddedRuntime, FileReport, ReplayOptions};
 use waybill_workers::services::kv;
 use waybill_workflows::samples::{self, Kind};
@@ -34,17 +35,33 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The coordinator is a service and logs what it does; the other
     // commands only say what went wrong.
+    let mut telemetry = None;
     match &cli.command {
         Command::Coordinator(args) => init_logging(args.log_format, "info"),
+        // The replay's in-process workers export their steps' spans when
+        // asked; flushed once the replay is over.
+        Command::Replay(args) if args.otlp.endpoint().is_some() => {
+            match Telemetry::init("waybill-replay", LogFormat::Text, "warn", args.otlp.endpoint()) {
+                Ok(t) => telemetry = Some(t),
+                Err(e) => {
+                    eprintln!("error: {}", waybill_workers::cli::with_causes(&e));
+                    return ExitCode::from(2);
+                }
+            }
+        }
         _ => init_logging(LogFormat::Text, "warn"),
     }
-    match run(cli) {
+    let code = match run(cli) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::from(2)
         }
+    };
+    if let Some(t) = telemetry {
+        t.shutdown();
     }
+    code
 }
 
 pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -17,6 +17,7 @@ pub(crate) fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
         watch,
         nats,
         auth,
+        otlp: _,
     } = args;
     let opts = ReplayOptions {
         in_flight,
