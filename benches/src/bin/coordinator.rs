@@ -8,7 +8,9 @@
 //! 3. reads the process's resident memory (VmRSS) once it has caught up,
 //!    against a coordinator on an empty stream, and the view's own bytes;
 //! 4. measures `waybill.status.<id>` latency (sequential requests for
-//!    random orders) while hops keep arriving at full speed.
+//!    random orders) while hops keep arriving at full speed;
+//! 5. reads how long the web page's once-a-second dashboard holds the view
+//!    (`dashboard_ms` of `GET /api/live`, one pass over every order).
 //!
 //! `cargo build --release -p waybill-workers -p waybill-benches && target/release/coordinator [orders]`
 
@@ -46,7 +48,7 @@ fn main() -> anyhow::Result<()> {
     // starts with.
     let empty = NatsServer::start();
     rt.block_on(Nats::connect(&empty.url(), NatsConfig::default()))?;
-    let mut idle = coordinator(&empty.url())?;
+    let mut idle = coordinator(&empty.url(), false)?;
     idle.expect_stderr("replayed 0 hops", Duration::from_secs(30));
     let base_rss = rss_kib(idle.pid())?;
     drop(idle);
@@ -68,7 +70,14 @@ fn main() -> anyhow::Result<()> {
     );
 
     let server_cpu = cpu_seconds(server.pid())?;
-    let mut coord = coordinator(&url)?;
+    let mut coord = coordinator(&url, true)?;
+    let page = coord.expect_stderr("the operator's page on http://", Duration::from_secs(60));
+    let page: u16 = page
+        .rsplit("127.0.0.1:")
+        .next()
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .context("no port in the page's log line")?;
     let line = coord.expect_stderr("coordinator 0/1: replayed", Duration::from_secs(600));
     let rss = rss_kib(coord.pid())?;
     println!(
@@ -134,14 +143,32 @@ fn main() -> anyhow::Result<()> {
         percentile_ms(&sorted, 99.0),
         percentile_ms(&sorted, 100.0)
     );
+    // The page's snapshot is taken once a second: read a few.
+    let mut took = Vec::new();
+    for _ in 0..7 {
+        std::thread::sleep(Duration::from_millis(1100));
+        let live: serde_json::Value = serde_json::from_str(&waybill_testkit::http_get(page, "/api/live")?)?;
+        took.push(live["dashboard_ms"].as_f64().context("no dashboard_ms")?);
+    }
+    took.sort_by(f64::total_cmp);
+    println!(
+        "web page: the dashboard of {tracked} orders takes {:.1} ms (median of {}; max {:.1} ms) once a second",
+        took[took.len() / 2],
+        took.len(),
+        took[took.len() - 1]
+    );
     let (status, _) = coord.signal_and_wait("TERM", Duration::from_secs(30));
     anyhow::ensure!(status.success(), "the coordinator exited with {status}");
     Ok(())
 }
 
-fn coordinator(url: &str) -> anyhow::Result<Proc> {
+fn coordinator(url: &str, http: bool) -> anyhow::Result<Proc> {
     let mut c = Command::new(bin("waybill")?);
-    c.args(["coordinator", "--nats", url]).env("RUST_LOG", "warn");
+    c.args(["coordinator", "--nats", url])
+        .env("RUST_LOG", "warn,waybill_workers::ops=info");
+    if http {
+        c.args(["--http", "127.0.0.1:0"]);
+    }
     Ok(Proc::spawn("waybill coordinator", c))
 }
 

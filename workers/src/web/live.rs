@@ -26,6 +26,9 @@ pub struct Live {
     /// When it was taken, in milliseconds since the epoch.
     pub at_ms: u64,
     pub dashboard: Dashboard,
+    /// How long the dashboard took to read, in milliseconds: the
+    /// coordinator's view is locked that long (one pass over its orders).
+    pub dashboard_ms: f64,
     /// One point a second, oldest first.
     pub throughput: Vec<Point>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -84,9 +87,13 @@ impl Sampler {
                 Err(_) => (None, Some("NATS did not answer within 2 s".to_owned())),
             };
         }
+        let began = std::time::Instant::now();
+        let dashboard = self.counts.dashboard(LISTED);
+        let dashboard_ms = began.elapsed().as_secs_f64() * 1000.0;
         let live = Live {
             at_ms,
-            dashboard: self.counts.dashboard(LISTED),
+            dashboard,
+            dashboard_ms,
             throughput: self.points.iter().cloned().collect(),
             dead_letters: self.dead_letters.0,
             dead_letters_error: self.dead_letters.1.clone(),
