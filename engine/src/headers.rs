@@ -244,7 +244,7 @@ pub fn verify(headers: &Headers, doc: &Document) -> Result<(), HeaderError> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::document::Payload;
     use crate::workflow::Workflow;

@@ -2,7 +2,7 @@
 //! only the embedded transport promises (dead letters for exhausted
 //! deliveries). Time is paused: waits of seconds cost nothing.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::time::Duration;
 

@@ -2,7 +2,7 @@
 //! one, started by the test), and what only the NATS transport promises:
 //! refusing servers that are too old and configurations that differ.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use waybill::transport::nats::{Nats, NatsConfig};
 use waybill::transport::{conformance, ConsumerConfig, Transport};

@@ -1,6 +1,6 @@
 //! Properties of routes, transitions and the codec, over generated inputs.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::time::Duration;
 

@@ -3,7 +3,7 @@
 //! two worker processes' worth of workers sharing the consumers, and dead
 //! letters stored in the WAYBILL_DLQ stream with their reason.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 mod common;
 

@@ -5,7 +5,7 @@
 //! completes; a refusal for cause is returned at once; an outage longer
 //! than the start's deadline ends in `NotStored`, naming the id.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};

@@ -3,7 +3,7 @@
 //! and a transport that cannot store hops for a while. Every wait has a
 //! deadline and waits on an event (a handler's call count, a dead letter).
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 //! together with a new `ENVELOPE_VERSION`):
 //! `WAYBILL_BLESS_WIRE=1 cargo test -p waybill --test wire_format`.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 use std::sync::Arc;

@@ -8,7 +8,7 @@
 //! else `nats-server` on `PATH`. A missing or too old binary fails the test
 //! loudly: these tests never skip, and never use a server they did not start.
 
-#![allow(clippy::unwrap_used)] // test support: a failure here is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a failure here is a failed test
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

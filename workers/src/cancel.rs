@@ -152,7 +152,7 @@ pub async fn cancel_many<T: Rpc + Transport>(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     #[test]

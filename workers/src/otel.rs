@@ -578,7 +578,7 @@ impl<E: SpanExporter> SpanExporter for Guarded<E> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
     use super::*;
 

@@ -609,7 +609,7 @@ fn mismatch(o: &PreparedOrder, id: OrderId, doc: &Arc<Document>) -> Mismatch {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
     use super::*;
 

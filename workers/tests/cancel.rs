@@ -2,7 +2,7 @@
 //! at its next hop, its completed step is undone, and it ends `cancelled`;
 //! an order that ended cannot be cancelled.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;

@@ -1,6 +1,6 @@
 //! The `waybill` command as a user runs it.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::process::{Command, Output};
 use waybill_testkit::workspace_root;

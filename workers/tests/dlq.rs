@@ -1,7 +1,7 @@
 //! `waybill dlq` over NATS: dead letters listed, shown, sent back to their
 //! step, refused when their order moved on, and purged.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::process::Output;
 use std::sync::Arc;

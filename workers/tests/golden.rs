@@ -5,7 +5,7 @@
 //!
 //! To accept a deliberate change: `WAYBILL_BLESS=1 cargo test -p waybill-workers --test golden`.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -2,7 +2,7 @@
 //! and reservations happen once however many runs race, and stock is never
 //! oversold.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -2,7 +2,7 @@
 //! worker binaries as separate processes, and `waybill replay --nats`, all
 //! against a throwaway nats-server started by the test.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::process::{Command, Output};
 use std::time::Duration;

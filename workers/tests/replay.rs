@@ -1,7 +1,7 @@
 //! The example order flows replayed on the embedded default, with the
 //! invariants that show nothing was lost or done twice.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::HashMap;
 use waybill_testkit::workspace_root;

@@ -4,7 +4,7 @@
 //! `waybill start` and `waybill status` all connect to the live one, and the
 //! orders complete. Once with `--nats`, once with `NATS_URL`.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::process::{Command, Output};
 use std::time::Duration;

@@ -1,6 +1,6 @@
 //! The reference services' rules, and their idempotency, called directly.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::{BTreeMap, HashMap};
 

@@ -9,7 +9,7 @@
 //! runs, and are stopped with SIGTERM: their spans reach it only because
 //! they flush after draining (the batch timer is set far beyond the test).
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;

@@ -8,7 +8,7 @@
 //! must lead to its timeline, and the dead letters' buttons must work.
 //! Screenshots go to `target/web-screenshots/`.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 use std::process::Command;

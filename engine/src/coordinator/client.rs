@@ -160,7 +160,7 @@ impl<T: Rpc> CoordinatorClient<T> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
     use crate::transport::{Embedded, Request, Requests};

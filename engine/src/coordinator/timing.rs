@@ -146,7 +146,7 @@ pub struct TimeSummary {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     const MIN: Duration = Duration::from_secs(60);

@@ -683,7 +683,7 @@ impl View {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
     use crate::codec::{Codec, Format};
     use crate::document::{Document, Payload};

@@ -212,7 +212,7 @@ async fn wait_guarded<F: Future + Unpin>(
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+    #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
     use super::*;
     use crate::id::{OrderId, WorkerId};

@@ -23,7 +23,7 @@
 //! `--orders N` sets the orders of the cluster scenarios (default 400,
 //! enough for CI) and of the worker-kill one.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 mod bad_input;
 mod report;

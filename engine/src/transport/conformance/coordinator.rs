@@ -1,6 +1,6 @@
 //! The coordinator, written once above the seam, on this transport.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 

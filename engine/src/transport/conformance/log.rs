@@ -1,6 +1,6 @@
 //! The stream read as a log ([`HopLog`]).
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 

@@ -10,7 +10,7 @@
 //! A failed check panics with a message saying which rule broke: these are
 //! test helpers.
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 

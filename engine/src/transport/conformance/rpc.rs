@@ -1,6 +1,6 @@
 //! Requests, answers and announcements ([`Rpc`]).
 
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::Duration;
 

@@ -420,7 +420,7 @@ impl Transport for Embedded {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::DedupKey;
     use crate::id::{DedupId, MsgId, OrderId};
 

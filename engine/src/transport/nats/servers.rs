@@ -214,7 +214,7 @@ fn redact_list(list: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used)]
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     fn hosts(list: &str) -> Vec<(String, String, u16)> {
