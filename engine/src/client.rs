@@ -178,7 +178,7 @@ impl<T: Transport> Client<T> {
         slots(&self.inner).entry(id).or_insert(Slot::Started);
         let deadline = tokio::time::Instant::now() + self.start_timeout;
         let backoff = (START_BACKOFF_FIRST, START_BACKOFF_CAP);
-        match store_first_hop(&self.inner.transport, out, deadline, backoff, false).await {
+        match store_first_hop(&self.inner.transport, id, out, deadline, backoff, false).await {
             Ok(ack) => Ok(ack),
             Err(not) => {
                 slots(&self.inner).remove(&id);
@@ -270,6 +270,7 @@ pub(crate) struct Unstored {
 /// transport's own time-out.
 pub(crate) async fn store_first_hop<T: Transport>(
     transport: &T,
+    order: OrderId,
     out: Outgoing,
     deadline: tokio::time::Instant,
     backoff: (Duration, Duration),
@@ -295,7 +296,7 @@ pub(crate) async fn store_first_hop<T: Transport>(
         let error = match result {
             Ok(ack) => {
                 if tries > 1 {
-                    tracing::info!(subject = %out.subject, tries, duplicate = ack.duplicate, "a start was stored after retries");
+                    tracing::info!(%order, subject = %out.subject, tries, duplicate = ack.duplicate, "a start was stored after retries");
                 }
                 return Ok(ack);
             }
@@ -312,7 +313,7 @@ pub(crate) async fn store_first_hop<T: Transport>(
                 waited: now.duration_since(began),
             });
         }
-        tracing::warn!(subject = %out.subject, error = %error, tries, retry_in = ?wait, "a start was not stored; trying again with the same id");
+        tracing::warn!(%order, subject = %out.subject, error = %error, tries, retry_in = ?wait, "a start was not stored; trying again with the same id");
         tokio::time::sleep(wait).await;
         pause = (pause * 2).min(cap);
     }

@@ -3,7 +3,7 @@
 //! partitions, reports stalled orders and re-drives lost hops, and answers
 //! bad requests with errors while it keeps serving.
 
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Command;
@@ -633,9 +633,8 @@ async fn a_start_that_cannot_be_stored_answers_retryable_with_its_id_and_its_ret
     let server = NatsServer::start();
     // The test's connection (the transport on it sets the streams up).
     let (_, raw) = connect(&server.url()).await;
-    // The coordinator on a connection of its own, whose messages sent are
-    // its tries to store a start (and its answers).
-    let (own, own_raw) = connect(&server.url()).await;
+    // The coordinator on a connection of its own.
+    let (own, _) = connect(&server.url()).await;
     let coord = coordinator(
         &own,
         CoordinatorConfig {
@@ -673,25 +672,23 @@ async fn a_start_that_cannot_be_stored_answers_retryable_with_its_id_and_its_ret
     assert!(v.get("id").is_none(), "{v}");
 
     // The stream back while a start is being tried: the coordinator's own
-    // retries store it. Every try is a message the coordinator's connection
-    // sends (a subscriber here would answer the tries, and change them);
-    // the stream comes back after the second.
-    let sent = own_raw.statistics();
-    let before = sent.out_messages.load(Ordering::Relaxed);
+    // retries store it. The stream comes back after the second failed try,
+    // which the coordinator reports as a warning naming the order (a
+    // subscriber here, to see the tries, would answer them and change them).
+    let mut tries = start_tries();
     let third = OrderId::new();
     let pending = tokio::spawn({
         let c = c.clone();
         async move { start_request(&c, GOOD, Some(third)).await }
     });
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while sent.out_messages.load(Ordering::Relaxed) < before + 2 {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the coordinator did not try to store the start twice"
-        );
-        // Polling a counter, bounded by the deadline.
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let key = third.to_string();
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        tries.wait_for(|failed| failed.get(&key).is_some_and(|&n| n >= 2)),
+    )
+    .await
+    .expect("the coordinator did not try to store the start twice within 10 s")
+    .unwrap();
     assert!(!pending.is_finished(), "answered before the stream came back");
     js.update_stream(full).await.unwrap();
     let r: StartReply = serde_json::from_value(pending.await.unwrap()).unwrap();
@@ -726,4 +723,60 @@ fn every_partition_is_reachable_by_hashing_the_id_the_documented_way() {
         *seen.entry(p).or_insert(0) += 1;
     }
     assert_eq!(seen.len(), 4);
+}
+
+/// The failed tries to store each start, by order id, as the engine's
+/// warnings report them (`order`, `tries`): a layer on the process's
+/// subscriber, installed once, that the tests of this binary share.
+fn start_tries() -> tokio::sync::watch::Receiver<HashMap<String, u64>> {
+    use std::sync::OnceLock;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::Layer;
+
+    struct Tries(tokio::sync::watch::Sender<HashMap<String, u64>>);
+
+    #[derive(Default)]
+    struct Fields {
+        order: Option<String>,
+        tries: Option<u64>,
+    }
+
+    impl tracing::field::Visit for Fields {
+        fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+            if field.name() == "order" {
+                self.order = Some(format!("{value:?}"));
+            }
+        }
+        fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+            if field.name() == "tries" {
+                self.tries = Some(value);
+            }
+        }
+    }
+
+    impl<S: tracing::Subscriber> Layer<S> for Tries {
+        fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            let mut f = Fields::default();
+            event.record(&mut f);
+            if let (Some(order), Some(tries)) = (f.order, f.tries) {
+                self.0.send_modify(|m| {
+                    m.insert(order, tries);
+                });
+            }
+        }
+    }
+
+    static TRIES: OnceLock<tokio::sync::watch::Sender<HashMap<String, u64>>> = OnceLock::new();
+    TRIES
+        .get_or_init(|| {
+            let (tx, _) = tokio::sync::watch::channel(HashMap::new());
+            let only_warnings = tracing_subscriber::filter::filter_fn(|m| {
+                m.target() == "waybill::client" && *m.level() == tracing::Level::WARN
+            });
+            let layer = Tries(tx.clone()).with_filter(only_warnings);
+            tracing::subscriber::set_global_default(tracing_subscriber::registry().with(layer))
+                .expect("no other subscriber in this test binary");
+            tx
+        })
+        .subscribe()
 }

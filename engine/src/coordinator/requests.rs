@@ -122,7 +122,7 @@ async fn start_order<T: HopLog + Rpc>(shared: &Shared<T>, workflow: &str, header
         Ok(o) => o,
         Err(e) => return refused(e.to_string()),
     };
-    match store_first_hop(&shared.transport, out, deadline, START_BACKOFF, true).await {
+    match store_first_hop(&shared.transport, id, out, deadline, START_BACKOFF, true).await {
         Ok(ack) => json(&StartReply {
             id,
             workflow: wf.name().clone(),
