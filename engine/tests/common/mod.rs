@@ -2,7 +2,7 @@
 //! scripts what its handlers do, and handlers that log every call.
 
 #![allow(dead_code)] // each test file uses its own part of this
-#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -129,8 +129,9 @@ pub fn serve<T: Transport>(b: WorkerBuilder<T>, log: &Arc<Log>) -> WorkerBuilder
                 panic!("b exploded for {}", s.name);
             }
             if s.b_hangs {
-                // The hang is the behaviour under test: the step timeout ends it.
-                tokio::time::sleep(Duration::from_secs(3600)).await;
+                // A step that never ends, the behaviour under test: only the
+                // step timeout can end it (no timer here that could).
+                std::future::pending::<()>().await;
             }
             if ctx.attempt <= s.b_flaky {
                 return Err(StepError::transient(format!("b flaked on attempt {}", ctx.attempt)));
