@@ -62,11 +62,12 @@ struct App {
     registry: Arc<Registry>,
     codec: Codec,
     timeout: Duration,
-    live: tokio::sync::watch::Receiver<Arc<str>>,
+    live: live::LiveFeed,
 }
 
 /// The page's routes, reading `counts` (sampled once a second whether or
-/// not anyone looks, for the throughput chart) and asking through `nats`.
+/// not anyone looks, for the throughput chart; the dashboard only while
+/// someone looks) and asking through `nats`.
 pub fn router(counts: CoordinatorCounts<Nats>, nats: Nats, registry: Arc<Registry>, codec: Codec) -> Router {
     let live = live::start(counts, nats.clone());
     let app = App {
@@ -136,18 +137,24 @@ fn not_an_action() -> Response {
 }
 
 async fn live_now(State(app): State<App>) -> Response {
-    let body = app.live.borrow().clone();
+    let body = app.live.full().await;
     ([(CONTENT_TYPE, "application/json")], body.to_string()).into_response()
 }
 
 async fn events(State(app): State<App>) -> Sse<impl Stream<Item = Result<Event, std::convert::Infallible>>> {
-    let rx = app.live.clone();
-    let stream = futures::stream::unfold((rx, true), |(mut rx, first)| async move {
-        if !first && rx.changed().await.is_err() {
-            return None;
+    // The first event is the first snapshot with the dashboard (taken at
+    // once, as this receiver asks for it); then one a second.
+    let rx = app.live.subscribe();
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        loop {
+            if rx.changed().await.is_err() {
+                return None;
+            }
+            let s = rx.borrow_and_update().clone();
+            if s.full {
+                return Some((Ok(Event::default().event("live").data(s.json.as_ref())), rx));
+            }
         }
-        let data = rx.borrow_and_update().clone();
-        Some((Ok(Event::default().event("live").data(data.as_ref())), (rx, false)))
     });
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
