@@ -249,6 +249,7 @@ pub(crate) fn first_hop(
         msg_id: Some(MsgId::hop(DedupId { order: id, hop: 0 })),
         headers: headers::for_hop(&doc, format),
         payload: Bytes::from(body),
+        due: crate::transport::Due::of(&doc),
     })
 }
 

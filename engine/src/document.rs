@@ -287,7 +287,14 @@ pub struct Document {
 
 impl Document {
     /// A new document at hop 0, about to run the route's first step.
+    /// If the first step waits, the document is not due before its wait.
     pub fn new(id: OrderId, route: Arc<Route>, payload: Payload) -> Self {
+        let created_at = Timestamp::now();
+        let not_before = route
+            .steps
+            .first()
+            .and_then(|s| s.wait)
+            .map(|w| created_at.plus(w.duration()));
         Self {
             id,
             route,
@@ -295,11 +302,11 @@ impl Document {
             status: Status::Running,
             step: 0,
             attempt: 1,
-            not_before: None,
+            not_before,
             history: Vec::new(),
             owed: Vec::new(),
             failure: None,
-            created_at: Timestamp::now(),
+            created_at,
             payload,
         }
     }

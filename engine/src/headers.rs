@@ -23,6 +23,21 @@ use crate::id::OrderId;
 /// client: nine headers per hop read at 80,000 hops/s, three at 190,000
 /// (async-nats 0.51, one connection, one reader).
 pub const HOP: &str = "Waybill-Hop";
+/// On a scheduled message (nats-server 2.12+): when the server publishes it
+/// (`@at <RFC 3339 time>`).
+pub const SCHEDULE: &str = "Nats-Schedule";
+/// On a scheduled message: the subject the server publishes it to.
+pub const SCHEDULE_TARGET: &str = "Nats-Schedule-Target";
+
+/// Whether a header is the server's scheduling metadata (`Nats-Schedule`,
+/// `Nats-Schedule-Target`, and what it puts on a message it fired:
+/// `Nats-Scheduler`, `Nats-Schedule-Next`). A hop passed on (redriven,
+/// dead-lettered) drops them: they would schedule it again, and a stream
+/// that does not take schedules refuses them.
+pub fn is_schedule_header(name: &str) -> bool {
+    name.len() >= SCHEDULE.len() && name[..SCHEDULE.len()].eq_ignore_ascii_case(SCHEDULE)
+}
+
 /// On a start request: the id to start the order under (optional).
 pub const ORDER: &str = "Waybill-Order";
 /// The encoding of the body (see [`crate::codec::Format::content_type`]).

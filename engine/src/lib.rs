@@ -59,6 +59,6 @@ pub use worker::{
 };
 pub use workflow::graph;
 pub use workflow::{
-    Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Workflow, WorkflowBuilder, DEFAULT_STEP_TIMEOUT,
-    MAX_STEPS,
+    Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Wait, Workflow, WorkflowBuilder,
+    DEFAULT_STEP_TIMEOUT, MAX_DELAY, MAX_STEPS,
 };

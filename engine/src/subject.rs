@@ -10,6 +10,22 @@ pub const DONE_PREFIX: &str = "waybill.done.";
 /// Prefix of every dead letter.
 pub const DLQ_PREFIX: &str = "waybill.dlq.";
 
+/// Prefix of every hop that is not due yet, kept by the server until it is.
+pub const TIMER_PREFIX: &str = "waybill.timer.";
+
+/// `waybill.timer.<order>`: an order's hop that is not due yet, as a
+/// message the server publishes to the hop's subject when it is due
+/// (nats-server 2.12+ message scheduling). One per order: a new one
+/// replaces the last.
+pub fn timer(order: &OrderId) -> String {
+    format!("{TIMER_PREFIX}{order}")
+}
+
+/// `waybill.timer.>`: every hop that is not due yet.
+pub fn all_timers() -> String {
+    format!("{TIMER_PREFIX}>")
+}
+
 /// `waybill.hop.<service>`: where documents wait for `service`.
 pub fn hop(service: &ServiceSubject) -> String {
     format!("{HOP_PREFIX}{service}")
@@ -35,10 +51,10 @@ pub fn all_dead_letters() -> String {
     format!("{DLQ_PREFIX}>")
 }
 
-/// The subjects of the stream every hop is stored in: every hop and every
-/// terminal hop.
+/// The subjects of the stream every hop is stored in: every hop, every
+/// terminal hop, and every hop not due yet.
 pub fn hops_stream() -> Vec<String> {
-    vec![all_hops(), all_done()]
+    vec![all_hops(), all_done(), all_timers()]
 }
 
 /// The subjects of the dead-letter stream.
@@ -225,7 +241,7 @@ mod tests {
     #[test]
     fn stream_and_infrastructure_subjects() {
         assert_eq!(all_done(), "waybill.done.>");
-        assert_eq!(hops_stream(), ["waybill.hop.>", "waybill.done.>"]);
+        assert_eq!(hops_stream(), ["waybill.hop.>", "waybill.done.>", "waybill.timer.>"]);
         assert_eq!(dlq_stream(), ["waybill.dlq.>"]);
         assert_eq!(
             max_deliveries_advisory("WAYBILL_HOPS", "wb_payment_charge"),

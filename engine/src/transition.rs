@@ -97,7 +97,8 @@ pub enum Decision {
     /// same one, or a compensation).
     Hop {
         service: ServiceSubject,
-        /// Set for retries: the document is not due before this delay.
+        /// Set for retries and for a step that waits: the document is not
+        /// due before this delay.
         delay: Option<Duration>,
     },
     /// The order reached a terminal status; publish the terminal hop.
@@ -255,7 +256,7 @@ pub fn apply(doc: &mut Document, attempt: Attempt) -> Result<Decision, Transitio
                 }
             }
         }
-        (StepKind::Forward, AttemptResult::Outcome(outcome)) => forward(doc, outcome),
+        (StepKind::Forward, AttemptResult::Outcome(outcome)) => forward(doc, outcome, ended_at),
         // Waits on infrastructure returned above, and cancels are made by
         // `cancel`: no such record is made here. Were one to be, the step
         // runs again, which is always safe.
@@ -357,7 +358,7 @@ fn note_unavailable(
     1
 }
 
-fn forward(doc: &mut Document, outcome: CompactString) -> Decision {
+fn forward(doc: &mut Document, outcome: CompactString, ended_at: Timestamp) -> Decision {
     let Some(step) = doc.current_step() else {
         return fail(doc, format!("cursor {} is outside the route", doc.step));
     };
@@ -407,10 +408,13 @@ fn forward(doc: &mut Document, outcome: CompactString) -> Decision {
         }
     }
     let service = route_step.service.clone();
+    let wait = route_step.wait.map(|w| w.duration());
     // Route length is bounded by MAX_STEPS, far below u16::MAX.
     doc.step = u16::try_from(target).unwrap_or(u16::MAX);
     reset_attempt(doc);
-    Decision::Hop { service, delay: None }
+    // A step that waits is due its wait after the step before it ended.
+    doc.not_before = wait.map(|d| ended_at.plus(d));
+    Decision::Hop { service, delay: wait }
 }
 
 fn reset_attempt(doc: &mut Document) {
@@ -533,6 +537,61 @@ mod tests {
             cancel(&mut d, "late".into(), WorkerId::new("t"), Timestamp(4_000)),
             Err(TransitionError::Terminal(Status::Compensated))
         );
+    }
+
+    fn waiting_order() -> Document {
+        let wf = Workflow::builder("remind", 1)
+            .step("hold", "booking.hold")
+            .delay(Duration::from_secs(60))
+            .compensate("booking.release")
+            .on("again", Then::step("hold"))
+            .max_visits(2)
+            .step("remind", "mail.remind")
+            .delay(Duration::from_secs(48 * 3600))
+            .step("confirm", "booking.confirm")
+            .build()
+            .unwrap();
+        Document::new(OrderId::new(), wf.shared_route(), Payload::postcard(&()).unwrap())
+    }
+
+    #[test]
+    fn a_step_that_waits_is_due_its_wait_after_the_step_before_it() {
+        let mut d = waiting_order();
+        // The first step's wait counts from the start.
+        assert_eq!(d.not_before, Some(d.created_at.plus(Duration::from_secs(60))));
+        let two_days = Duration::from_secs(48 * 3600);
+        assert_eq!(
+            run(&mut d, StepResult::ok()),
+            Decision::Hop {
+                service: ServiceSubject::new("mail.remind").unwrap(),
+                delay: Some(two_days),
+            }
+        );
+        assert_eq!(d.not_before, Some(Timestamp(2_000).plus(two_days)));
+        // A retry of a step that waited waits its backoff, not the step's wait.
+        run(&mut d, StepResult::Transient("smtp".into()));
+        assert_eq!(d.attempt, 2);
+        assert!(d.not_before.unwrap() < Timestamp(2_000).plus(Duration::from_secs(60)));
+        // The step after has no wait.
+        assert_eq!(run(&mut d, StepResult::ok()), hop("booking.confirm"));
+        assert_eq!(d.not_before, None);
+    }
+
+    #[test]
+    fn a_step_entered_again_waits_again_and_a_cancel_wakes_a_sleeping_order() {
+        let mut d = waiting_order();
+        let d_again = run(&mut d, StepResult::outcome("again"));
+        assert_eq!(
+            d_again,
+            Decision::Hop {
+                service: ServiceSubject::new("booking.hold").unwrap(),
+                delay: Some(Duration::from_secs(60)),
+            }
+        );
+        assert_eq!(d.not_before, Some(Timestamp(2_000).plus(Duration::from_secs(60))));
+        // Asleep before its second try: a cancel undoes the hold at once.
+        assert_eq!(cancel_now(&mut d), Some(hop("booking.release")));
+        assert_eq!(d.not_before, None);
     }
 
     #[test]

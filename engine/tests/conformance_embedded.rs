@@ -160,6 +160,7 @@ fn msg(subject: &str, body: &'static str) -> Outgoing {
         msg_id: None,
         headers: Headers::new(),
         payload: Bytes::from_static(body.as_bytes()),
+        due: None,
     }
 }
 
@@ -230,6 +231,7 @@ async fn a_reader_behind_the_log_capacity_is_told_what_it_lost() {
                 msg_id: None,
                 headers: Headers::new(),
                 payload: bytes::Bytes::from(n.to_string()),
+                due: None,
             })
             .await
             .unwrap()

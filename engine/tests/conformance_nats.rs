@@ -94,6 +94,7 @@ async fn connecting_twice_finds_the_streams_as_configured() {
         msg_id: Some(waybill::MsgId::custom("m:0")),
         headers: waybill::transport::Headers::new(),
         payload: bytes::Bytes::from_static(b"x"),
+        due: None,
     };
     let ack = a.publish(msg()).await.unwrap();
     let again = b.publish(msg()).await.unwrap();
@@ -120,6 +121,7 @@ async fn a_message_that_exhausts_its_deliveries_becomes_a_dead_letter() {
         msg_id: None,
         headers: Headers::new(),
         payload: bytes::Bytes::from_static(b"kills its worker"),
+        due: None,
     })
     .await
     .unwrap();
@@ -172,4 +174,126 @@ async fn a_missing_key_value_bucket_is_told_apart_from_an_absent_server() {
     drop(server);
     let e = t.key_value("there").await.unwrap_err();
     assert!(e.is_unavailable(), "{e:?}");
+}
+
+/// Fetches one delivery, waiting at most `within` for it.
+async fn one<C: waybill::transport::Consumer>(c: &mut C, within: std::time::Duration) -> C::Delivery {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let mut got = tokio::time::timeout(left, c.fetch(1))
+            .await
+            .expect("a delivery within the deadline")
+            .unwrap();
+        if let Some(d) = got.pop() {
+            return d;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_hop_not_due_is_kept_by_the_server_until_it_is() {
+    use std::time::Duration;
+    use waybill::transport::{Consumer, Delivery, Due, Headers, HopLog, Outgoing};
+    use waybill::{MsgId, OrderId, Timestamp};
+
+    let server = NatsServer::start();
+    let t = transport(&server).await;
+    let mut c = t
+        .consumer(ConsumerConfig::new("wb_timed", "waybill.hop.timed"))
+        .await
+        .unwrap();
+    let order = OrderId::new();
+    let at = Timestamp::now().plus(Duration::from_secs(2));
+    let msg = || {
+        let mut headers = Headers::new();
+        headers.insert("Waybill-Test", "later".to_owned());
+        Outgoing {
+            subject: "waybill.hop.timed".into(),
+            msg_id: Some(MsgId::custom("timed:1")),
+            headers,
+            payload: bytes::Bytes::from_static(b"due in 2 s"),
+            due: Some(Due { at, order }),
+        }
+    };
+    let ack = t.publish(msg()).await.unwrap();
+    // Kept as the order's timer, once: the same publish again is a duplicate.
+    let stored = t.get(ack.sequence).await.unwrap().expect("the timer is stored");
+    assert_eq!(stored.message.subject, waybill::subject::timer(&order));
+    assert!(t.publish(msg()).await.unwrap().duplicate);
+
+    let d = one(&mut c, Duration::from_secs(15)).await;
+    let now = Timestamp::now();
+    assert!(now >= at, "delivered {:?} before it was due", at.since(now));
+    assert_eq!(d.message().subject, "waybill.hop.timed");
+    assert_eq!(d.message().payload, bytes::Bytes::from_static(b"due in 2 s"));
+    assert_eq!(d.message().headers.get("Waybill-Test"), Some("later"));
+    assert!(
+        d.message()
+            .headers
+            .iter()
+            .all(|(name, _)| !waybill::headers::is_schedule_header(name)),
+        "the server's scheduling headers are not passed on: {:?}",
+        d.message().headers
+    );
+    assert_eq!(d.delivered(), 1);
+    d.ack().await.unwrap();
+    // It fired once.
+    if let Ok(Ok(more)) = tokio::time::timeout(Duration::from_millis(1500), c.fetch(1)).await {
+        assert!(more.is_empty(), "the timer fired again");
+    }
+}
+
+#[tokio::test]
+async fn a_hop_due_soon_is_published_at_once() {
+    use std::time::Duration;
+    use waybill::transport::{Due, Headers, HopLog, Outgoing};
+    use waybill::{OrderId, Timestamp};
+
+    let server = NatsServer::start();
+    let t = transport(&server).await;
+    let ack = t
+        .publish(Outgoing {
+            subject: "waybill.hop.soon".into(),
+            msg_id: None,
+            headers: Headers::new(),
+            payload: bytes::Bytes::from_static(b"a retry's short backoff"),
+            due: Some(Due {
+                at: Timestamp::now().plus(Duration::from_millis(100)),
+                order: OrderId::new(),
+            }),
+        })
+        .await
+        .unwrap();
+    let stored = t.get(ack.sequence).await.unwrap().expect("stored");
+    assert_eq!(stored.message.subject, "waybill.hop.soon");
+}
+
+#[tokio::test]
+async fn a_hops_stream_made_before_timers_gets_them_from_setup() {
+    use async_nats::jetstream::stream;
+    let server = NatsServer::start();
+    let client = async_nats::connect(server.url()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    js.create_stream(stream::Config {
+        name: "WAYBILL_HOPS".into(),
+        subjects: vec!["waybill.hop.>".into(), "waybill.done.>".into()],
+        storage: stream::StorageType::File,
+        duplicate_window: std::time::Duration::from_secs(120),
+        max_age: std::time::Duration::from_secs(3600),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let _t = transport(&server).await;
+    let got = js
+        .get_stream("WAYBILL_HOPS")
+        .await
+        .unwrap()
+        .cached_info()
+        .config
+        .clone();
+    assert!(got.allow_message_schedules);
+    assert_eq!(got.subjects, waybill::subject::hops_stream());
+    assert_eq!(got.max_age, std::time::Duration::from_secs(3600), "the rest is kept");
 }

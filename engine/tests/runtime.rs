@@ -300,6 +300,7 @@ fn raw(service: &str, headers: Headers, body: Vec<u8>) -> Outgoing {
         msg_id: None,
         headers,
         payload: Bytes::from(body),
+        due: None,
     }
 }
 
@@ -845,6 +846,59 @@ async fn an_order_cancelled_before_its_first_step_ends_with_nothing_run() {
     assert_eq!(doc.status, Status::Cancelled);
     assert_eq!(doc.history.len(), 1);
     assert_eq!(log.calls_of("a"), 0);
+    worker.shutdown().await;
+    client.close().await;
+}
+
+/// A step with a wait runs its wait after the step before it ended, once,
+/// and the order goes on; the wait is counted on the hop, not by a handler.
+#[tokio::test]
+async fn a_step_that_waits_runs_once_its_wait_has_passed() {
+    let transport = Embedded::new();
+    let wait = Duration::from_millis(400);
+    let wf = Workflow::builder("reminder", 1)
+        .step("hold", "t.hold")
+        .step("remind", "t.remind")
+        .delay(wait)
+        .step("confirm", "t.confirm")
+        .build()
+        .unwrap();
+    let reminded = Arc::new(AtomicUsize::new(0));
+    let counter = reminded.clone();
+    let worker = Worker::builder(transport.clone())
+        .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
+            Ok(StepOutput::ok())
+        })
+        .serve("t.remind", move |_ctx: StepContext, _p: Payload| {
+            let counter = counter.clone();
+            async move {
+                counter.fetch_add(1, Ordering::SeqCst);
+                Ok(StepOutput::ok())
+            }
+        })
+        .serve("t.confirm", |_ctx: StepContext, _p: Payload| async {
+            Ok(StepOutput::ok())
+        })
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let id = client
+        .start(&wf, Payload::postcard(&script("sleepy")).unwrap())
+        .await
+        .unwrap();
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Completed);
+    assert_eq!(reminded.load(Ordering::SeqCst), 1, "the step after the wait ran once");
+    let steps: Vec<&str> = doc.history.iter().map(|r| r.step.as_str()).collect();
+    assert_eq!(steps, ["hold", "remind", "confirm"]);
+    let (hold, remind) = (&doc.history[0], &doc.history[1]);
+    assert!(
+        remind.started_at >= hold.ended_at.plus(wait),
+        "remind started {:?} after hold ended, before its wait of {wait:?}",
+        remind.started_at.since(hold.ended_at)
+    );
+    assert_eq!(remind.attempt, 1, "the wait spent no attempt");
     worker.shutdown().await;
     client.close().await;
 }

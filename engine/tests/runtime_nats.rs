@@ -79,6 +79,7 @@ async fn garbage_is_stored_as_a_dead_letter_with_its_reason() {
         msg_id: None,
         headers: h,
         payload: Bytes::from_static(b"\x00\x01 not a document"),
+        due: None,
     })
     .await
     .unwrap();
@@ -128,4 +129,88 @@ async fn a_server_that_is_not_running_is_a_clear_error() {
     }; // dropped: nothing listens there now
     let e = Nats::connect(&url, NatsConfig::default()).await.unwrap_err();
     assert!(e.to_string().contains("cannot connect to NATS"), "{e}");
+}
+
+/// A step's wait over NATS: the server keeps the hop (a message schedule)
+/// and publishes it when due; no worker holds it meanwhile, and a worker
+/// that restarts while the order sleeps loses nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_waits_is_kept_by_the_server_through_a_worker_restart() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use waybill::{StepContext, StepOutput, Workflow};
+
+    let server = NatsServer::start();
+    let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    let wait = Duration::from_secs(3);
+    let wf = Workflow::builder("reminder", 1)
+        .step("hold", "t.hold")
+        .step("remind", "t.remind")
+        .delay(wait)
+        .step("confirm", "t.confirm")
+        .build()
+        .unwrap();
+    let reminded = Arc::new(AtomicUsize::new(0));
+    let start = |reminded: Arc<AtomicUsize>| {
+        Worker::builder(t.clone())
+            .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
+                Ok(StepOutput::ok())
+            })
+            .serve("t.remind", move |_ctx: StepContext, _p: Payload| {
+                let reminded = reminded.clone();
+                async move {
+                    reminded.fetch_add(1, Ordering::SeqCst);
+                    Ok(StepOutput::ok())
+                }
+            })
+            .serve("t.confirm", |_ctx: StepContext, _p: Payload| async {
+                Ok(StepOutput::ok())
+            })
+            .start()
+    };
+    // Every timer as it is published, on a connection of the test's own.
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut timers = raw.subscribe(waybill::subject::all_timers()).await.unwrap();
+    raw.flush().await.unwrap();
+    let first = start(reminded.clone()).await.unwrap();
+    let client = Client::connect(t.clone()).await.unwrap();
+    let ids: Vec<_> = futures::future::join_all(
+        (0..20).map(|i| client.start(&wf, Payload::postcard(&script(&format!("s{i}"))).unwrap())),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    // Every order asleep: its hold is done and its timer stored.
+    let mut asleep = std::collections::HashSet::new();
+    while asleep.len() < ids.len() {
+        let m = tokio::time::timeout(DEADLINE, timers.next())
+            .await
+            .expect("every order's timer within the deadline")
+            .unwrap();
+        asleep.insert(m.subject.to_string());
+    }
+    assert!(ids.iter().all(|id| asleep.contains(&waybill::subject::timer(id))));
+    let naks_before = first.stats().naks.load(Ordering::Relaxed);
+    first.shutdown().await;
+    let second = start(reminded.clone()).await.unwrap();
+    for id in &ids {
+        let doc = tokio::time::timeout(DEADLINE, client.wait(*id)).await.unwrap().unwrap();
+        assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+        let (hold, remind) = (&doc.history[0], &doc.history[1]);
+        assert_eq!(remind.step.as_str(), "remind");
+        assert!(
+            remind.started_at >= hold.ended_at.plus(wait),
+            "remind started {:?} after hold, before its wait",
+            remind.started_at.since(hold.ended_at)
+        );
+    }
+    assert_eq!(reminded.load(Ordering::SeqCst), ids.len(), "each order reminded once");
+    assert_eq!(naks_before, 0, "no hop was handed back as not due");
+    assert_eq!(
+        second.stats().naks.load(Ordering::Relaxed),
+        0,
+        "no hop came early and was handed back"
+    );
+    second.shutdown().await;
+    client.close().await;
 }

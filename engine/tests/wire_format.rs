@@ -1,6 +1,7 @@
-//! The wire format, pinned: documents written by envelope version 1 and
-//! checked in under `tests/data/` must keep decoding to the same documents,
-//! and those documents must re-encode to the very same bytes. A change to a
+//! The wire format, pinned: documents written by envelope versions 1 and 2
+//! and checked in under `tests/data/` must keep decoding to the same
+//! documents, and those documents must re-encode to the very same bytes (a
+//! route without a wait is still written as version 1). A change to a
 //! domain type that would change the bytes on the wire fails here.
 //!
 //! The files were written once, by the codec as it was when this test was
@@ -322,13 +323,51 @@ fn cancelled() -> Document {
     d
 }
 
-fn cases() -> [(&'static str, Document); 4] {
+/// Version 2: a route whose steps wait (the first, and one in the middle),
+/// the order asleep before its second step.
+fn waiting() -> Document {
+    let route = Workflow::builder("reminder", 1)
+        .step("hold", "booking.hold")
+        .delay(Duration::from_secs(90))
+        .compensate("booking.release")
+        .step("remind", "mail.remind")
+        .delay(Duration::from_secs(2 * 24 * 3600))
+        .on("ignored", Then::Fail)
+        .step("confirm", "booking.confirm")
+        .build()
+        .unwrap()
+        .shared_route();
+    let mut d = Document::new(id(5), route, Payload::postcard(&("trip-1", 2u8)).unwrap());
+    d.hop = 1;
+    d.step = 1;
+    d.created_at = Timestamp(1_764_000_400_000_000);
+    d.not_before = Some(Timestamp(1_764_172_800_000_000 + 90_000_000 + 2_000));
+    let t = 1_764_000_490_000_000;
+    d.history = vec![record("hold", "booking.hold", StepKind::Forward, 1, outcome("ok"), t)];
+    d.owed = vec![Compensation {
+        step: "hold".parse().unwrap(),
+        service: "booking.release".parse().unwrap(),
+    }];
+    d
+}
+
+fn cases() -> [(&'static str, Document); 5] {
     [
         ("running", running()),
         ("compensating", compensating()),
         ("finished", finished()),
         ("cancelled", cancelled()),
+        ("waiting", waiting()),
     ]
+}
+
+/// The envelope version each case is written in.
+fn version(case: &str) -> u8 {
+    if case == "waiting" {
+        2
+    } else {
+        1
+    }
 }
 
 fn file(case: &str, format: Format) -> String {
@@ -336,7 +375,7 @@ fn file(case: &str, format: Format) -> String {
         Format::Postcard => "bin",
         Format::Json => "json",
     };
-    format!("envelope-v1-{case}.{ext}")
+    format!("envelope-v{}-{case}.{ext}", version(case))
 }
 
 /// The checked-in bytes of a case. When blessing, they are written first
@@ -359,6 +398,13 @@ fn checked_in_documents_decode_and_re_encode_to_the_same_bytes() {
     for (case, want) in cases() {
         for format in [Format::Postcard, Format::Json] {
             let bytes = golden(case, format);
+            match format {
+                Format::Postcard => assert_eq!(bytes[2], version(case), "{case}: envelope version"),
+                Format::Json => {
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+                    assert_eq!(v["envelope"], u64::from(version(case)), "{case}: envelope version");
+                }
+            }
             let got = codec
                 .decode(&bytes, format)
                 .unwrap_or_else(|e| panic!("{case} {format:?}: {e}"));
@@ -565,4 +611,38 @@ fn the_json_files_spell_the_fields_as_documented() {
     assert_eq!(v["history"][3]["kind"], "compensation");
     assert_eq!(v["payload"]["content_type"], "application/json");
     assert_eq!(v["payload"]["json"]["customer"], "Ørsted ÅB");
+}
+
+#[test]
+fn the_waiting_document_reads_field_by_field() {
+    let codec = Codec::default();
+    for format in [Format::Postcard, Format::Json] {
+        let d = codec.decode(&golden("waiting", format), format).unwrap();
+        let waits: Vec<Option<waybill::Wait>> = d.route.steps.iter().map(|s| s.wait).collect();
+        assert_eq!(
+            waits,
+            [
+                Some(waybill::Wait::Delay { ms: 90_000 }),
+                Some(waybill::Wait::Delay { ms: 172_800_000 }),
+                None
+            ],
+            "{format:?}"
+        );
+        assert_eq!(d.not_before, Some(Timestamp(1_764_172_890_002_000)));
+        assert_eq!((d.hop, d.step), (1, 1));
+    }
+}
+
+#[test]
+fn an_envelope_version_past_this_builds_is_refused() {
+    let codec = Codec::default();
+    let mut bytes = golden("waiting", Format::Postcard);
+    bytes[2] = waybill::codec::ENVELOPE_VERSION + 1;
+    let e = codec.decode(&bytes, Format::Postcard).unwrap_err();
+    assert!(matches!(e, waybill::DecodeError::UnknownVersion(3)), "{e}");
+    bytes[2] = 0;
+    assert!(matches!(
+        codec.decode(&bytes, Format::Postcard).unwrap_err(),
+        waybill::DecodeError::UnknownVersion(0)
+    ));
 }

@@ -268,6 +268,7 @@ impl Docs {
             msg_id: Some(MsgId::hop(DedupId { order: d.id, hop })),
             headers: headers::for_hop(&d, Format::Postcard),
             payload: Bytes::from(self.codec.encode(&d, Format::Postcard).unwrap_or_default()),
+            due: None,
         }
     }
 }

@@ -1,11 +1,12 @@
 //! The JSON form of a document, for clients in other languages: one object,
-//! `"envelope": 1`, the route under `"route"`, and the body's fields.
+//! `"envelope": 1` (2 when a step of the route waits: its steps then may
+//! hold `"wait"`), the route under `"route"`, and the body's fields.
 
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use super::wire::{WireBody, WireBodyRef, WireRoute, WireRouteRef};
+use super::wire::{JsonStep, JsonStepRef, WireBody, WireBodyRef, WireRoute, WireRouteRef};
 use super::{DecodeError, EncodeError, ENVELOPE_VERSION};
 use crate::document::Document;
 use crate::workflow::Route;
@@ -13,7 +14,7 @@ use crate::workflow::Route;
 #[derive(Serialize)]
 struct JsonOut<'a> {
     envelope: u8,
-    route: WireRouteRef<'a>,
+    route: WireRouteRef<'a, JsonStepRef<'a>>,
     #[serde(flatten)]
     body: WireBodyRef<'a>,
 }
@@ -27,14 +28,19 @@ struct JsonVersion {
 struct JsonIn {
     #[allow(dead_code)]
     envelope: u64,
-    route: WireRoute,
+    route: WireRoute<JsonStep>,
     #[serde(flatten)]
     body: WireBody,
 }
 
 pub(super) fn encode(doc: &Document) -> Result<Vec<u8>, EncodeError> {
     serde_json::to_vec(&JsonOut {
-        envelope: ENVELOPE_VERSION,
+        // As the binary form: 2 only when a step waits.
+        envelope: if doc.route.steps.iter().any(|s| s.wait.is_some()) {
+            2
+        } else {
+            1
+        },
         route: WireRouteRef::from(&*doc.route),
         body: WireBodyRef::from(doc),
     })
@@ -43,7 +49,7 @@ pub(super) fn encode(doc: &Document) -> Result<Vec<u8>, EncodeError> {
 
 pub(super) fn decode(bytes: &[u8]) -> Result<Document, DecodeError> {
     let v: JsonVersion = serde_json::from_slice(bytes).map_err(json_err)?;
-    if v.envelope != u64::from(ENVELOPE_VERSION) {
+    if !(1..=u64::from(ENVELOPE_VERSION)).contains(&v.envelope) {
         return Err(DecodeError::UnknownVersion(v.envelope));
     }
     let doc: JsonIn = serde_json::from_slice(bytes).map_err(json_err)?;

@@ -43,8 +43,10 @@ use crate::workflow::{DefinitionError, Route};
 use routes::RouteCache;
 use wire::{WireBody, WireBodyRef, WireHead};
 
-/// The version of the document envelope this build writes and reads.
-pub const ENVELOPE_VERSION: u8 = 1;
+/// The newest version of the document envelope this build writes and
+/// reads; it reads every version from 1. A document is written in the
+/// oldest version that holds its route: version 2 only when a step waits.
+pub const ENVELOPE_VERSION: u8 = 2;
 const MAGIC: [u8; 2] = *b"WB";
 
 /// Content type of a binary (postcard) document.
@@ -94,7 +96,7 @@ pub enum DecodeError {
     UnknownContentType(String),
     #[error("not a waybill document (bad magic bytes)")]
     BadMagic,
-    #[error("document envelope version {0} is not supported (this build reads version {ENVELOPE_VERSION})")]
+    #[error("document envelope version {0} is not supported (this build reads versions 1 to {ENVELOPE_VERSION})")]
     UnknownVersion(u64),
     #[error("document is truncated")]
     Truncated,
@@ -228,12 +230,12 @@ impl Codec {
     pub fn encode(&self, doc: &Document, format: Format) -> Result<Vec<u8>, EncodeError> {
         let bytes = match format {
             Format::Postcard => {
-                let route = self.routes.bytes_of(&doc.route)?;
+                let (version, route) = self.routes.bytes_of(&doc.route)?;
                 // Room for the payload and the history, so it rarely grows.
                 let mut out =
                     Vec::with_capacity(64 + route.len() + doc.payload.bytes.len() + 96 * (doc.history.len() + 1));
                 out.extend_from_slice(&MAGIC);
-                out.push(ENVELOPE_VERSION);
+                out.push(version);
                 put_varint(&mut out, route.len());
                 out.extend_from_slice(&route);
                 postcard::to_extend(&WireBodyRef::from(doc), out).map_err(|e| EncodeError::Failed(e.to_string()))?
@@ -305,15 +307,16 @@ impl Codec {
         if bytes[..2] != MAGIC {
             return Err(DecodeError::BadMagic);
         }
-        if bytes[2] != ENVELOPE_VERSION {
-            return Err(DecodeError::UnknownVersion(u64::from(bytes[2])));
+        let version = bytes[2];
+        if !(1..=ENVELOPE_VERSION).contains(&version) {
+            return Err(DecodeError::UnknownVersion(u64::from(version)));
         }
         let (route_len, rest) = take_varint(&bytes[3..])?;
         if route_len > rest.len() {
             return Err(DecodeError::Truncated);
         }
         let (route, body) = rest.split_at(route_len);
-        Ok((self.routes.intern(route)?, body))
+        Ok((self.routes.intern(version, route)?, body))
     }
 
     /// The envelope of a binary document, its history and payload unread

@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwapOption;
 
-use super::wire::{WireRoute, WireRouteRef};
+use super::wire::{RouteStepV2, WireRoute, WireRouteRef, WireStepRef, WireStepRefV2};
 use super::{DecodeError, EncodeError};
 use crate::hash::FastState;
 use crate::workflow::Route;
@@ -19,12 +19,28 @@ use crate::workflow::Route;
 /// Most routes kept by each map.
 const ROUTE_CACHE: usize = 1024;
 
-/// A route and its encoded bytes.
-type EncodedRoute = (Arc<Route>, Arc<[u8]>);
+/// A route, the envelope version it is written in, and its encoded bytes.
+type EncodedRoute = (Arc<Route>, RouteBytes);
+
+/// A route's encoded bytes and the envelope version they are written in.
+pub(super) type RouteBytes = (u8, Arc<[u8]>);
+
+/// The envelope version a route is written in: 1 unless a step waits (so
+/// that builds which read only version 1 keep reading every route that
+/// does not use what version 2 added).
+fn version_of(route: &Route) -> u8 {
+    if route.steps.iter().any(|s| s.wait.is_some()) {
+        2
+    } else {
+        1
+    }
+}
 
 #[derive(Default)]
 struct Routes {
-    by_bytes: HashMap<Box<[u8]>, Arc<Route>, FastState>,
+    /// Version 1's routes, then version 2's: the same bytes read
+    /// differently in each.
+    by_bytes: [HashMap<Box<[u8]>, Arc<Route>, FastState>; 2],
     /// Keyed by the `Arc`'s address; the entry holds the `Arc`, so the
     /// address cannot be reused while it is cached.
     by_ptr: HashMap<usize, EncodedRoute, FastState>,
@@ -32,6 +48,7 @@ struct Routes {
 
 /// The route read last, and its bytes.
 struct Last {
+    version: u8,
     bytes: Box<[u8]>,
     route: Arc<Route>,
 }
@@ -47,8 +64,9 @@ pub(super) struct RouteCache {
 }
 
 impl RouteCache {
-    /// The encoded bytes of `route`: cached by the `Arc`'s identity.
-    pub(super) fn bytes_of(&self, route: &Arc<Route>) -> Result<Arc<[u8]>, EncodeError> {
+    /// The encoded bytes of `route` and their envelope version: cached by
+    /// the `Arc`'s identity.
+    pub(super) fn bytes_of(&self, route: &Arc<Route>) -> Result<RouteBytes, EncodeError> {
         let key = Arc::as_ptr(route) as usize;
         if let Some(hit) = self
             .maps
@@ -58,58 +76,59 @@ impl RouteCache {
         {
             return Ok(hit);
         }
-        let bytes: Arc<[u8]> = postcard::to_stdvec(&WireRouteRef::from(&**route))
-            .map_err(|e| EncodeError::Failed(e.to_string()))?
-            .into();
+        let version = version_of(route);
+        let written = if version == 1 {
+            postcard::to_stdvec(&WireRouteRef::<'_, WireStepRef<'_>>::from(&**route))
+        } else {
+            postcard::to_stdvec(&WireRouteRef::<'_, WireStepRefV2<'_>>::from(&**route))
+        };
+        let bytes: Arc<[u8]> = written.map_err(|e| EncodeError::Failed(e.to_string()))?.into();
         if let Ok(mut m) = self.maps.write() {
             if m.by_ptr.len() >= ROUTE_CACHE {
                 m.by_ptr.clear();
             }
-            m.by_ptr.insert(key, (route.clone(), bytes.clone()));
+            m.by_ptr.insert(key, (route.clone(), (version, bytes.clone())));
         }
-        Ok(bytes)
+        Ok((version, bytes))
     }
 
-    /// The route encoded as `bytes`: from the cache, or decoded, checked and
-    /// cached.
-    pub(super) fn intern(&self, bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
+    /// The route encoded as `bytes` in envelope `version` (1 or 2): from
+    /// the cache, or decoded, checked and cached.
+    pub(super) fn intern(&self, version: u8, bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
         if let Some(last) = &*self.last.load() {
-            if *last.bytes == *bytes {
+            if last.version == version && *last.bytes == *bytes {
                 return Ok(last.route.clone());
             }
         }
-        let route = self.intern_shared(bytes)?;
+        let route = self.intern_shared(version, bytes)?;
         self.last.store(Some(Arc::new(Last {
+            version,
             bytes: bytes.into(),
             route: route.clone(),
         })));
         Ok(route)
     }
 
-    fn intern_shared(&self, bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
-        if let Some(hit) = self.maps.read().ok().and_then(|m| m.by_bytes.get(bytes).cloned()) {
+    fn intern_shared(&self, version: u8, bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
+        let slot = usize::from(version == 2);
+        if let Some(hit) = self.maps.read().ok().and_then(|m| m.by_bytes[slot].get(bytes).cloned()) {
             return Ok(hit);
         }
-        let wire: WireRoute = match postcard::take_from_bytes(bytes) {
-            Ok((route, [])) => route,
-            Ok((_, rest)) => {
-                return Err(DecodeError::Malformed(format!(
-                    "route has {} trailing bytes",
-                    rest.len()
-                )))
-            }
-            Err(postcard::Error::DeserializeUnexpectedEnd) => return Err(DecodeError::Truncated),
-            Err(e) => return Err(DecodeError::Malformed(format!("route: {e}"))),
-        };
-        let route = Arc::new(Route::try_from(wire)?);
+        let route = Arc::new(if version == 1 {
+            Route::try_from(read_route::<WireRoute>(bytes)?)?
+        } else {
+            Route::try_from(read_route::<WireRoute<RouteStepV2>>(bytes)?)?
+        });
         if let Ok(mut m) = self.maps.write() {
-            if m.by_bytes.len() >= ROUTE_CACHE {
-                m.by_bytes.clear();
+            if m.by_bytes[slot].len() >= ROUTE_CACHE {
+                m.by_bytes[slot].clear();
             }
-            m.by_bytes.insert(bytes.into(), route.clone());
+            m.by_bytes[slot].insert(bytes.into(), route.clone());
             if m.by_ptr.len() < ROUTE_CACHE {
-                m.by_ptr
-                    .insert(Arc::as_ptr(&route) as usize, (route.clone(), Arc::from(bytes)));
+                m.by_ptr.insert(
+                    Arc::as_ptr(&route) as usize,
+                    (route.clone(), (version, Arc::from(bytes))),
+                );
             }
         }
         Ok(route)
@@ -120,7 +139,20 @@ impl RouteCache {
     pub(super) fn len(&self) -> (usize, usize) {
         self.maps
             .read()
-            .map(|m| (m.by_bytes.len(), m.by_ptr.len()))
+            .map(|m| (m.by_bytes.iter().map(HashMap::len).sum(), m.by_ptr.len()))
             .unwrap_or_default()
+    }
+}
+
+/// The whole of `bytes` as one route's wire form.
+fn read_route<'b, R: serde::Deserialize<'b>>(bytes: &'b [u8]) -> Result<R, DecodeError> {
+    match postcard::take_from_bytes(bytes) {
+        Ok((route, [])) => Ok(route),
+        Ok((_, rest)) => Err(DecodeError::Malformed(format!(
+            "route has {} trailing bytes",
+            rest.len()
+        ))),
+        Err(postcard::Error::DeserializeUnexpectedEnd) => Err(DecodeError::Truncated),
+        Err(e) => Err(DecodeError::Malformed(format!("route: {e}"))),
     }
 }

@@ -77,9 +77,16 @@ fn every_malformed_input_is_a_typed_error() {
     );
     assert_eq!(c.decode(b"W", Format::Postcard), Err(DecodeError::Truncated));
     assert_eq!(c.decode(b"hello world", Format::Postcard), Err(DecodeError::BadMagic));
-    let mut v2 = bin.clone();
-    v2[2] = 2;
-    assert_eq!(c.decode(&v2, Format::Postcard), Err(DecodeError::UnknownVersion(2)));
+    let mut v3 = bin.clone();
+    v3[2] = 3;
+    assert_eq!(c.decode(&v3, Format::Postcard), Err(DecodeError::UnknownVersion(3)));
+    // Version 1's route read as version 2's: each step lacks its wait.
+    let mut as_v2 = bin.clone();
+    as_v2[2] = 2;
+    assert!(matches!(
+        c.decode(&as_v2, Format::Postcard),
+        Err(DecodeError::Malformed(_) | DecodeError::Truncated)
+    ));
     let mut trailing = bin.clone();
     trailing.push(0);
     assert_eq!(

@@ -203,15 +203,31 @@ async fn redrive<T: HopLog>(shared: &Shared<T>, state: &OrderState) -> Result<bo
         .message
         .headers
         .iter()
-        .filter(|(n, _)| !n.eq_ignore_ascii_case(headers::MSG_ID))
+        .filter(|(n, _)| !n.eq_ignore_ascii_case(headers::MSG_ID) && !headers::is_schedule_header(n))
     {
         h.append(name.to_owned(), value);
     }
     h.insert(headers::REDRIVE, state.sequence.to_string());
+    // A hop stored to wait (`waybill.timer.<order>`) and past due: to the
+    // service its header names.
+    let subject = if m.message.subject.starts_with(crate::subject::TIMER_PREFIX) {
+        let service = m
+            .message
+            .headers
+            .get(headers::HOP)
+            .and_then(|v| headers::HopHeader::parse(v).and_then(|h| h.service))
+            .and_then(|s| crate::id::ServiceSubject::new(s).ok());
+        match service {
+            Some(s) => crate::subject::hop(&s),
+            None => return Ok(false),
+        }
+    } else {
+        m.message.subject
+    };
     shared
         .transport
         .publish(Outgoing {
-            subject: m.message.subject,
+            subject,
             msg_id: Some(MsgId::redrive(
                 DedupId {
                     order: state.id,
@@ -221,6 +237,7 @@ async fn redrive<T: HopLog>(shared: &Shared<T>, state: &OrderState) -> Result<bo
             )),
             headers: h,
             payload: m.message.payload,
+            due: None,
         })
         .await?;
     shared.tracker.redriven.fetch_add(1, Ordering::Relaxed);

@@ -147,6 +147,25 @@ pub struct Outgoing {
     pub msg_id: Option<MsgId>,
     pub headers: Headers,
     pub payload: Bytes,
+    /// Set on a hop that is not due yet (a step's wait, a retry's
+    /// backoff): a transport may keep it from consumers until it is due.
+    /// A worker that sees a hop early hands it back until it is due, so a
+    /// transport may also ignore this.
+    pub due: Option<Due>,
+}
+
+/// When a hop is due, and whose it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Due {
+    pub at: crate::document::Timestamp,
+    pub order: crate::id::OrderId,
+}
+
+impl Due {
+    /// When `doc`'s hop is due, if it is not yet.
+    pub fn of(doc: &crate::document::Document) -> Option<Self> {
+        doc.not_before.map(|at| Self { at, order: doc.id })
+    }
 }
 
 /// The stream's answer to a publish.

@@ -54,8 +54,9 @@ pub const DLQ_STREAM: &str = "WAYBILL_DLQ";
 /// How long a private consumer outlives its process's last pull.
 const PRIVATE_INACTIVE: Duration = Duration::from_secs(300);
 
-/// The oldest nats-server Waybill runs on.
-pub const MIN_SERVER_VERSION: (u64, u64) = (2, 10);
+/// The oldest nats-server Waybill runs on: hops that are not due yet are
+/// message schedules (2.12), and the KV services use atomic batches (2.12).
+pub const MIN_SERVER_VERSION: (u64, u64) = (2, 12);
 
 /// Settings of the streams and consumers Waybill creates.
 #[derive(Debug, Clone)]
@@ -70,6 +71,11 @@ pub struct NatsConfig {
     pub replicas: usize,
     /// Unacknowledged messages per consumer, across every process sharing it.
     pub max_ack_pending: i64,
+    /// A hop due later than this is kept by the server until it is due (a
+    /// scheduled message on `waybill.timer.<order>`); one due sooner is
+    /// published at once and handed back by the worker until it is due,
+    /// which holds one of the consumer's `max_ack_pending` meanwhile.
+    pub schedule_after: Duration,
 }
 
 impl Default for NatsConfig {
@@ -80,6 +86,7 @@ impl Default for NatsConfig {
             duplicate_window: Duration::from_secs(120),
             replicas: 1,
             max_ack_pending: 20_000,
+            schedule_after: Duration::from_secs(1),
         }
     }
 }
@@ -226,6 +233,7 @@ impl Nats {
             max_bytes: self.config.max_bytes,
             duplicate_window: self.config.duplicate_window,
             num_replicas: self.config.replicas,
+            allow_message_schedules: true,
             ..Default::default()
         }
     }
@@ -281,7 +289,21 @@ impl Nats {
                     }
                 })?
             };
-            let got = &stream.cached_info().config;
+            let mut got = stream.cached_info().config.clone();
+            if create && name == HOPS_STREAM && needs_timers(&got, &want) {
+                // Made by a build without timers: add them, keeping the
+                // rest of the stream's settings as they are.
+                got.subjects.clone_from(&want.subjects);
+                got.allow_message_schedules = true;
+                let info = self
+                    .js
+                    .update_stream(&got)
+                    .await
+                    .map_err(|e| nats_err(&format!("cannot add timers to stream {name}"), e))?;
+                tracing::info!(stream = %name, "the stream now keeps hops that are not due yet (message schedules)");
+                got = info.config;
+            }
+            let got = &got;
             let mut problems = Vec::new();
             if got.subjects != want.subjects {
                 problems.push(format!("subjects {:?} (expected {:?})", got.subjects, want.subjects));
@@ -291,6 +313,13 @@ impl Nats {
             }
             if got.retention != want.retention {
                 problems.push(format!("retention {:?} (expected {:?})", got.retention, want.retention));
+            }
+            if name == HOPS_STREAM && !got.allow_message_schedules {
+                problems.push(
+                    "no message schedules (a server older than 2.12 ignores them, or `waybill setup` has not \
+                     added them)"
+                        .to_owned(),
+                );
             }
             if name == HOPS_STREAM && got.duplicate_window < Duration::from_secs(1) {
                 problems.push(format!("a duplicate window of {:?}", got.duplicate_window));
@@ -352,7 +381,7 @@ impl Nats {
             .get_raw_message(a.stream_seq)
             .await
             .map_err(|e| nats_err(&format!("cannot read message {}", a.stream_seq), e))?;
-        let mut headers = m.headers.clone();
+        let mut headers = to_nats_headers(&from_nats_headers(Some(&m.headers)));
         headers.insert(
             DLQ_REASON,
             format!(
@@ -385,6 +414,13 @@ impl Nats {
     }
 }
 
+/// A hops stream made before timers: without their subject or schedules.
+fn needs_timers(got: &stream::Config, want: &stream::Config) -> bool {
+    let missing = want.subjects.iter().any(|s| !got.subjects.contains(s));
+    let only_added = got.subjects.iter().all(|s| want.subjects.contains(s));
+    (missing && only_added) || (got.subjects == want.subjects && !got.allow_message_schedules)
+}
+
 fn to_nats_headers(h: &Headers) -> async_nats::HeaderMap {
     let mut out = async_nats::HeaderMap::new();
     for (name, value) in h.iter() {
@@ -397,6 +433,9 @@ pub(super) fn from_nats_headers(h: Option<&async_nats::HeaderMap>) -> Headers {
     let mut out = Headers::new();
     if let Some(h) = h {
         for (name, values) in h.iter() {
+            if crate::headers::is_schedule_header(name.as_ref()) {
+                continue;
+            }
             if let Some(v) = values.first() {
                 out.append(log::known_header(name.as_ref()), v.as_str());
             }
@@ -409,15 +448,28 @@ impl Transport for Nats {
     type Consumer = NatsConsumer;
 
     async fn publish(&self, msg: Outgoing) -> Result<PublishAck, Error> {
-        let mut p = PublishMessage::build()
-            .payload(msg.payload)
-            .headers(to_nats_headers(&msg.headers));
+        let mut headers = to_nats_headers(&msg.headers);
+        let mut subject = msg.subject;
+        if let Some(due) = msg.due {
+            let now = crate::document::Timestamp::now();
+            if due.at.since(now) > self.config.schedule_after {
+                // Kept by the server until it is due, then published to
+                // the hop's subject with these headers but the schedule's.
+                headers.insert(
+                    crate::headers::SCHEDULE,
+                    format!("@at {}", crate::coordinator::api::rfc3339(due.at)).as_str(),
+                );
+                headers.insert(crate::headers::SCHEDULE_TARGET, subject.as_str());
+                subject = subject::timer(&due.order);
+            }
+        }
+        let mut p = PublishMessage::build().payload(msg.payload).headers(headers);
         if let Some(id) = &msg.msg_id {
             p = p.message_id(id.to_string());
         }
         let ack = self
             .js
-            .send_publish(msg.subject, p)
+            .send_publish(subject, p)
             .await
             .map_err(|e| nats_err("publish failed", e))?
             .await
@@ -554,7 +606,9 @@ mod tests {
     fn versions() {
         assert_eq!(parse_version("2.10.26"), Some((2, 10, 26)));
         assert_eq!(parse_version("v2.15.1-beta.2"), Some((2, 15, 1)));
-        assert!(check_server_version("2.10.0").is_ok());
+        assert!(check_server_version("2.12.0").is_ok());
+        // Timers are message schedules, which 2.11 ignores.
+        assert!(check_server_version("2.11.9").is_err());
         assert!(check_server_version("2.15.1").is_ok());
         assert!(check_server_version("3.0.0").is_ok());
         let e = check_server_version("2.9.10").unwrap_err().to_string();

@@ -94,6 +94,7 @@ pub(super) async fn hand_off<T: Transport>(
         })),
         headers: headers::for_hop(doc, shared.format),
         payload: hop.body.clone(),
+        due: crate::transport::Due::of(doc),
     };
     store(shared, svc, delivery, out).await
 }

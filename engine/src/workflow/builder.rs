@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{duration_ms, Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Workflow, MAX_STEPS};
+use super::{duration_ms, Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Wait, Workflow, MAX_STEPS};
 use crate::id::{Outcome, ServiceSubject, StepName, WorkflowName};
 
 impl Workflow {
@@ -24,6 +24,7 @@ struct StepDraft {
     timeout: Duration,
     branches: Vec<(String, Then)>,
     max_visits: Option<u32>,
+    delay: Option<Duration>,
 }
 
 /// Builds a [`Workflow`]. Methods after `step(…)` configure that step.
@@ -59,6 +60,7 @@ impl WorkflowBuilder {
             timeout: DEFAULT_STEP_TIMEOUT,
             branches: Vec::new(),
             max_visits: None,
+            delay: None,
         });
         self
     }
@@ -103,6 +105,18 @@ impl WorkflowBuilder {
     pub fn max_visits(mut self, visits: u32) -> Self {
         if let Some(s) = self.last() {
             s.max_visits = Some(visits);
+        }
+        self
+    }
+
+    /// Makes the order wait `delay` before the last step runs, each time
+    /// it enters it: counted from when the step before it ended (from the
+    /// start, for the first step). A waiting order holds no worker, task or
+    /// lease: its next hop is stored with the time it is due (over NATS,
+    /// scheduled by the server), so a restart or a deploy loses nothing.
+    pub fn delay(mut self, delay: Duration) -> Self {
+        if let Some(s) = self.last() {
+            s.delay = Some(delay);
         }
         self
     }
@@ -162,6 +176,7 @@ impl WorkflowBuilder {
                 timeout_ms: duration_ms(draft.timeout),
                 branches,
                 max_visits: draft.max_visits,
+                wait: draft.delay.map(Wait::delay),
             });
         }
         Workflow::from_route(Route {

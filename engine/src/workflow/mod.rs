@@ -122,6 +122,37 @@ pub struct RouteStep {
     pub branches: Vec<Branch>,
     /// Most times the step may be entered (bounds loops through it).
     pub max_visits: Option<u32>,
+    /// What the order waits for each time it enters the step, before the
+    /// step runs.
+    pub wait: Option<Wait>,
+}
+
+/// What an order waits for before a step runs. It holds no worker while
+/// it waits: the hop is stored with the time it is due (over NATS, as a
+/// message the server schedules), and a worker sees it when it is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wait {
+    /// This long after the step before it ended (after the start, for the
+    /// first step), in milliseconds.
+    Delay { ms: u64 },
+}
+
+/// The longest [`Wait::Delay`] a route may hold: a year.
+pub const MAX_DELAY: Duration = Duration::from_secs(366 * 24 * 3600);
+
+impl Wait {
+    pub fn delay(d: Duration) -> Self {
+        Self::Delay {
+            ms: u64::try_from(d.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// How long after the step before it the step is due.
+    pub fn duration(&self) -> Duration {
+        match self {
+            Self::Delay { ms } => Duration::from_millis(*ms),
+        }
+    }
 }
 
 impl RouteStep {

@@ -69,6 +69,19 @@ fn errors_name_the_problem() {
 
     let e = Workflow::builder("order", 0).step("a", "s.a").build().unwrap_err();
     assert!(matches!(e, DefinitionError::BadVersion { .. }), "{e}");
+
+    let e = three().delay(Duration::ZERO).build().unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "workflow `order`: step `ship`: a delay must be longer than zero"
+    );
+    let e = three().delay(MAX_DELAY + Duration::from_secs(1)).build().unwrap_err();
+    assert!(
+        matches!(e, DefinitionError::BadStep { ref problem, .. } if problem.contains("a year")),
+        "{e}"
+    );
+    let wf = three().delay(MAX_DELAY).build().unwrap();
+    assert_eq!(wf.route().steps[2].wait, Some(Wait::delay(MAX_DELAY)));
 }
 
 #[test]

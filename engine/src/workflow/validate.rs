@@ -38,6 +38,19 @@ impl Route {
             if step.max_visits == Some(0) {
                 return Err(bad("max_visits must be at least 1".into()));
             }
+            if let Some(wait) = &step.wait {
+                let d = wait.duration();
+                if d.is_zero() {
+                    return Err(bad("a delay must be longer than zero".into()));
+                }
+                if d > super::MAX_DELAY {
+                    return Err(bad(format!(
+                        "a delay of {} s is longer than the most a route may hold ({} s, a year)",
+                        d.as_secs(),
+                        super::MAX_DELAY.as_secs()
+                    )));
+                }
+            }
             for b in &step.branches {
                 if let Next::Goto(i) = b.next {
                     if usize::from(i) >= self.steps.len() {

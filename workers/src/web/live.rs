@@ -119,8 +119,8 @@ impl Sampler {
             dead_letters: self.dead_letters.0,
             dead_letters_error: self.dead_letters.1.clone(),
         };
-        let json = serde_json::to_string(&live)
-            .unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string());
+        let json =
+            serde_json::to_string(&live).unwrap_or_else(|e| serde_json::json!({ "error": e.to_string() }).to_string());
         Snapshot {
             json: Arc::from(json),
             full: with_dashboard,

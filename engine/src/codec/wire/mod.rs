@@ -7,7 +7,9 @@
 //! variant order of these types are the format**: a type's two forms list
 //! the same fields in the same order, and changing either is a change of
 //! [`ENVELOPE_VERSION`](super::ENVELOPE_VERSION) (`tests/wire_format.rs`
-//! holds documents of version 1 that must keep their bytes).
+//! holds documents of versions 1 and 2 that must keep their bytes). The
+//! versions differ only in the route's steps: version 2 adds each step's
+//! wait (`RouteStepV2`); a route without one is still written as version 1.
 //!
 //! Identities ([`OrderId`](crate::id::OrderId), the names) travel as
 //! themselves: each is one scalar (a UUID, a string) whose serde form is
@@ -21,8 +23,8 @@ use std::marker::PhantomData;
 
 use serde::Serialize;
 
-pub(super) use read::{Route as WireRoute, WireBody, WireHead};
-pub(super) use write::{WireBodyRef, WireRouteRef};
+pub(super) use read::{JsonStep, Route as WireRoute, RouteStepV2, WireBody, WireHead};
+pub(super) use write::{JsonStepRef, WireBodyRef, WireRouteRef, WireStepRef, WireStepRefV2};
 
 /// A slice written as the sequence of its items' wire forms, without
 /// collecting them first.

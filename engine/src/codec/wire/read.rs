@@ -17,15 +17,58 @@ use crate::workflow;
 
 // ---------------------------------------------------------------- route
 
+/// A route: its steps are [`RouteStep`] in envelope version 1,
+/// [`RouteStepV2`] in version 2 and [`JsonStep`] in JSON.
 #[derive(Deserialize)]
-pub(in crate::codec) struct Route {
+pub(in crate::codec) struct Route<S = RouteStep> {
     workflow: WorkflowName,
     version: u32,
-    steps: Vec<RouteStep>,
+    steps: Vec<S>,
+}
+
+/// A step of version 2: version 1's fields, then its wait. (A nested struct
+/// is written as its fields in order, so this is the flat layout.)
+#[derive(Deserialize)]
+pub(in crate::codec) struct RouteStepV2 {
+    step: RouteStep,
+    wait: Option<Wait>,
+}
+
+/// A step in JSON: version 1's fields, and `wait` where there is one.
+#[derive(Deserialize)]
+pub(in crate::codec) struct JsonStep {
+    #[serde(flatten)]
+    step: RouteStep,
+    #[serde(default)]
+    wait: Option<Wait>,
+}
+
+/// What a step waits for. New kinds go at the end (an older build refuses
+/// a document with one as malformed).
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Wait {
+    Delay { ms: u64 },
+}
+
+impl From<workflow::Wait> for Wait {
+    fn from(w: workflow::Wait) -> Self {
+        match w {
+            workflow::Wait::Delay { ms } => Wait::Delay { ms },
+        }
+    }
+}
+
+impl From<Wait> for workflow::Wait {
+    fn from(w: Wait) -> Self {
+        match w {
+            Wait::Delay { ms } => workflow::Wait::Delay { ms },
+        }
+    }
 }
 
 #[derive(Deserialize)]
-struct RouteStep {
+pub(in crate::codec) struct RouteStep {
     name: StepName,
     service: ServiceSubject,
     compensate: Option<ServiceSubject>,
@@ -59,14 +102,14 @@ pub(super) struct Backoff {
 }
 
 /// A route off the wire is followed only once its structure is sound.
-impl TryFrom<Route> for workflow::Route {
+impl<S: Into<workflow::RouteStep>> TryFrom<Route<S>> for workflow::Route {
     type Error = DecodeError;
 
-    fn try_from(r: Route) -> Result<Self, DecodeError> {
+    fn try_from(r: Route<S>) -> Result<Self, DecodeError> {
         let route = workflow::Route {
             workflow: r.workflow,
             version: r.version,
-            steps: r.steps.into_iter().map(workflow::RouteStep::from).collect(),
+            steps: r.steps.into_iter().map(Into::into).collect(),
         };
         route.check_structure()?;
         Ok(route)
@@ -90,6 +133,25 @@ impl From<RouteStep> for workflow::RouteStep {
                 })
                 .collect(),
             max_visits: s.max_visits,
+            wait: None,
+        }
+    }
+}
+
+impl From<RouteStepV2> for workflow::RouteStep {
+    fn from(s: RouteStepV2) -> Self {
+        Self {
+            wait: s.wait.map(Into::into),
+            ..s.step.into()
+        }
+    }
+}
+
+impl From<JsonStep> for workflow::RouteStep {
+    fn from(s: JsonStep) -> Self {
+        Self {
+            wait: s.wait.map(Into::into),
+            ..s.step.into()
         }
     }
 }

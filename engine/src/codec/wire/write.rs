@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::super::payload::WirePayloadRef;
-use super::read::{Backoff, Next, Status, StepKind};
+use super::read::{Backoff, Next, Status, StepKind, Wait};
 use super::Seq;
 use crate::document::{AttemptResult, Compensation, Document, StepRecord};
 use crate::id::{OrderId, Outcome, ServiceSubject, StepName, WorkerId, WorkflowName};
@@ -12,16 +12,51 @@ use crate::workflow::{Branch, Route, RouteStep};
 
 // ---------------------------------------------------------------- route
 
-/// A route, as written.
+/// A route, as written: its steps as [`WireStepRef`] (envelope version 1),
+/// [`WireStepRefV2`] (version 2) or [`JsonStepRef`] (JSON).
 #[derive(Serialize)]
-pub(in crate::codec) struct WireRouteRef<'a> {
+#[serde(bound(serialize = "W: From<&'a RouteStep> + Serialize"))]
+pub(in crate::codec) struct WireRouteRef<'a, W = WireStepRef<'a>> {
     workflow: &'a WorkflowName,
     version: u32,
-    steps: Seq<'a, RouteStep, WireStepRef<'a>>,
+    steps: Seq<'a, RouteStep, W>,
+}
+
+/// Version 2: version 1's fields, then the wait.
+#[derive(Serialize)]
+pub(in crate::codec) struct WireStepRefV2<'a> {
+    step: WireStepRef<'a>,
+    wait: Option<Wait>,
 }
 
 #[derive(Serialize)]
-struct WireStepRef<'a> {
+pub(in crate::codec) struct JsonStepRef<'a> {
+    #[serde(flatten)]
+    step: WireStepRef<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    wait: Option<Wait>,
+}
+
+impl<'a> From<&'a RouteStep> for WireStepRefV2<'a> {
+    fn from(s: &'a RouteStep) -> Self {
+        Self {
+            step: s.into(),
+            wait: s.wait.map(Into::into),
+        }
+    }
+}
+
+impl<'a> From<&'a RouteStep> for JsonStepRef<'a> {
+    fn from(s: &'a RouteStep) -> Self {
+        Self {
+            step: s.into(),
+            wait: s.wait.map(Into::into),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(in crate::codec) struct WireStepRef<'a> {
     name: &'a StepName,
     service: &'a ServiceSubject,
     compensate: Option<&'a ServiceSubject>,
@@ -37,7 +72,7 @@ struct WireBranchRef<'a> {
     next: Next,
 }
 
-impl<'a> From<&'a Route> for WireRouteRef<'a> {
+impl<'a, W> From<&'a Route> for WireRouteRef<'a, W> {
     fn from(r: &'a Route) -> Self {
         Self {
             workflow: &r.workflow,

@@ -46,6 +46,7 @@ pub(crate) fn outgoing(subject: &str, body: &str, msg_id: Option<MsgId>) -> Outg
         msg_id,
         headers,
         payload: Bytes::from(body.to_owned()),
+        due: None,
     }
 }
 

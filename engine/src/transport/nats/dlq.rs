@@ -133,6 +133,7 @@ impl Nats {
                 msg_id: Some(MsgId::dead_letter_redrive(letter.sequence)),
                 headers,
                 payload: letter.payload.clone(),
+                due: None,
             })
             .await?;
         self.delete_dead_letter(letter.sequence).await?;
