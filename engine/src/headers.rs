@@ -50,6 +50,9 @@ pub const DLQ_REASON: &str = "Waybill-Dlq-Reason";
 pub const DLQ_KIND: &str = "Waybill-Dlq-Kind";
 /// On a dead letter: the consumer that gave up on it.
 pub const DLQ_CONSUMER: &str = "Waybill-Dlq-Consumer";
+/// On a hop woken from its wait to meet a cancel: the cancel's reason (the
+/// worker may see the hop before the cancel itself reaches it).
+pub const CANCEL: &str = "Waybill-Cancel";
 /// On a hop the coordinator re-drove: the sequence of the hop it repeats.
 pub const REDRIVE: &str = "Waybill-Redrive";
 /// NATS's deduplication id (set through [`crate::transport::Outgoing::msg_id`],

@@ -173,11 +173,16 @@ impl Registry {
             .and_then(|(_, e)| e.versions.iter().find(|w| w.version() == version))
     }
 
-    /// Every (workflow, version) registered.
+    /// Every (workflow, version) registered, by name then version.
     pub fn versions(&self) -> impl Iterator<Item = (WorkflowName, u32)> + '_ {
-        self.entries
+        let mut all: Vec<(WorkflowName, u32)> = self
+            .entries
             .values()
             .flat_map(|e| e.versions.iter().map(|w| (w.name().clone(), w.version())))
+            .collect();
+        // By name, then version: the same answer every time.
+        all.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()).then(a.1.cmp(&b.1)));
+        all.into_iter()
     }
 
     /// Parses and validates a JSON payload for workflow `name`.

@@ -902,3 +902,63 @@ async fn a_step_that_waits_runs_once_its_wait_has_passed() {
     worker.shutdown().await;
     client.close().await;
 }
+
+/// An order asleep on a long wait meets its cancel at once: its hold is
+/// undone and it ends cancelled, without waiting out the hour.
+#[tokio::test]
+async fn a_cancel_wakes_an_order_asleep_on_a_wait() {
+    let transport = Embedded::new();
+    let wf = Workflow::builder("reminder", 1)
+        .step("hold", "t.hold")
+        .compensate("t.release")
+        .step("remind", "t.remind")
+        .delay(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let worker = Worker::builder(transport.clone())
+        .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
+            Ok(StepOutput::ok())
+        })
+        .serve("t.release", |_ctx: StepContext, _p: Payload| async {
+            Ok(StepOutput::ok())
+        })
+        .serve("t.remind", |_ctx: StepContext, _p: Payload| async {
+            Err(StepError::permanent("a cancelled order must not be reminded"))
+        })
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let id = client
+        .start(&wf, Payload::postcard(&script("asleep")).unwrap())
+        .await
+        .unwrap();
+    // Asleep: the remind hop was handed back until it is due.
+    let remind = subject::service_consumer(&"t.remind".parse().unwrap());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while transport.consumer_stats(&remind).is_none_or(|s| s.delayed == 0) {
+        assert!(tokio::time::Instant::now() < deadline, "the order never went to sleep");
+        tokio::task::yield_now().await;
+    }
+    assert!(transport.request_cancel(id, "trip called off").await.unwrap());
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Cancelled, "{}", doc.journal());
+    let steps: Vec<(&str, &str)> = doc
+        .history
+        .iter()
+        .map(|r| (r.step.as_str(), r.service.as_str()))
+        .collect();
+    assert_eq!(
+        steps,
+        [("hold", "t.hold"), ("remind", "t.remind"), ("hold", "t.release")],
+        "cancelled at remind (not run), then the hold undone"
+    );
+    assert_eq!(
+        doc.history[1].result,
+        AttemptResult::Cancelled {
+            reason: "trip called off".into()
+        }
+    );
+    worker.shutdown().await;
+    client.close().await;
+}

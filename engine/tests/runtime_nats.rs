@@ -214,3 +214,61 @@ async fn a_step_that_waits_is_kept_by_the_server_through_a_worker_restart() {
     second.shutdown().await;
     client.close().await;
 }
+
+/// An order asleep on a server timer meets its cancel at once: the cancel
+/// replaces the timer with one due now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_wakes_an_order_asleep_on_a_server_timer() {
+    use waybill::{AttemptResult, StepContext, StepError, StepOutput, Workflow};
+
+    let server = NatsServer::start();
+    let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    let wf = Workflow::builder("reminder", 1)
+        .step("hold", "t.hold")
+        .compensate("t.release")
+        .step("remind", "t.remind")
+        .delay(Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut timers = raw.subscribe(waybill::subject::all_timers()).await.unwrap();
+    raw.flush().await.unwrap();
+    let worker = Worker::builder(t.clone())
+        .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
+            Ok(StepOutput::ok())
+        })
+        .serve("t.release", |_ctx: StepContext, _p: Payload| async {
+            Ok(StepOutput::ok())
+        })
+        .serve("t.remind", |_ctx: StepContext, _p: Payload| async {
+            Err(StepError::permanent("a cancelled order must not be reminded"))
+        })
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(t.clone()).await.unwrap();
+    let id = client
+        .start(&wf, Payload::postcard(&script("asleep")).unwrap())
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(DEADLINE, timers.next()).await.unwrap().unwrap();
+    assert_eq!(m.subject.as_str(), waybill::subject::timer(&id), "asleep on its timer");
+    // Asked from another connection, as `waybill cancel` does: this worker
+    // may see the woken hop before the cancel itself.
+    let asking = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    assert!(asking.request_cancel(id, "trip called off").await.unwrap());
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Cancelled, "{}", doc.journal());
+    let services: Vec<&str> = doc.history.iter().map(|r| r.service.as_str()).collect();
+    assert_eq!(services, ["t.hold", "t.remind", "t.release"]);
+    assert_eq!(
+        doc.history[1].result,
+        AttemptResult::Cancelled {
+            reason: "trip called off".into()
+        }
+    );
+    // A cancel asked again finds no timer left to wake, and says so.
+    assert!(!asking.request_cancel(id, "again").await.unwrap());
+    worker.shutdown().await;
+    client.close().await;
+}

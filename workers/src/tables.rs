@@ -29,6 +29,9 @@ pub fn print_status(s: &StatusReply) {
             w.since, w.tries, w.error
         );
     }
+    if let Some(until) = &s.asleep_until {
+        println!("asleep    until {until} (the step's wait or a retry's backoff; no worker holds it)");
+    }
     println!("partition {}", s.partition);
     if let Some(e) = &s.history_error {
         println!("history   unavailable: {e}");

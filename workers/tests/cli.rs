@@ -111,13 +111,18 @@ fn graph_draws_the_order_route_and_names_what_is_unknown() {
     ] {
         assert!(mermaid.contains(line), "missing {line:?}:\n{mermaid}");
     }
+    let cooling = text(&waybill(&["graph", "cooling_off"]).stdout);
+    assert!(
+        cooling.contains("s1[\"<b>charge</b><br/>payment.charge<br/>waits 2 s, 8 tries, 10 s\"]"),
+        "the wait is drawn:\n{cooling}"
+    );
     let dot = text(&waybill(&["graph", "order", "--version", "1", "--format", "dot"]).stdout);
     assert!(dot.starts_with("digraph \"order v1\" {"), "{dot}");
 
     let out = waybill(&["graph", "order", "--version", "7"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out.stderr).contains("no workflow `order` version 7 (known: order v1)"),
+        text(&out.stderr).contains("no workflow `order` version 7 (known: cooling_off v1, order v1)"),
         "{}",
         text(&out.stderr)
     );

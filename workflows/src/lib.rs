@@ -206,11 +206,46 @@ pub fn order_v1() -> Result<Workflow, DefinitionError> {
         .build()
 }
 
+/// The name of the order workflow with a cooling-off period.
+pub const COOLING_OFF: &str = "cooling_off";
+
+/// How long [`cooling_off_v1`] holds an order before charging it: short,
+/// so that its example flows replay in seconds. A shop's would be days;
+/// nothing else changes, since a waiting order holds no worker.
+pub const COOLING_OFF_PERIOD: Duration = Duration::from_secs(2);
+
+/// The `cooling_off` workflow, version 1: the same services as `order`,
+/// in another order and with a wait. The stock is reserved at once; the
+/// card is charged only once the cooling-off period has passed, during
+/// which the customer may cancel (`waybill cancel`): the reservation is
+/// released and nothing is charged. Then ship. A declined card releases
+/// the stock and ends the order `compensated`; missing stock fails it
+/// with nothing to undo.
+pub fn cooling_off_v1() -> Result<Workflow, DefinitionError> {
+    Workflow::builder(COOLING_OFF, 1)
+        .step("reserve", services::INVENTORY_RESERVE)
+        .compensate(services::INVENTORY_RELEASE)
+        .retry(Backoff::exponential(8, Duration::from_millis(50)))
+        .timeout(Duration::from_secs(10))
+        .on("out_of_stock", Then::Fail)
+        .step("charge", services::PAYMENT_CHARGE)
+        .delay(COOLING_OFF_PERIOD)
+        .compensate(services::PAYMENT_REFUND)
+        .retry(Backoff::exponential(8, Duration::from_millis(50)))
+        .timeout(Duration::from_secs(10))
+        .on("declined", Then::Fail)
+        .step("ship", services::SHIPPING_DISPATCH)
+        .retry(Backoff::exponential(8, Duration::from_millis(50)))
+        .timeout(Duration::from_secs(30))
+        .build()
+}
+
 /// A registry holding every workflow this crate defines, current versions
 /// last.
 pub fn registry() -> Result<Registry, DefinitionError> {
     let mut r = Registry::new();
     r.register::<Order>(order_v1()?);
+    r.register::<Order>(cooling_off_v1()?);
     Ok(r)
 }
 

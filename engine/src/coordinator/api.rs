@@ -191,6 +191,11 @@ pub struct StatusReply {
     /// Set while the current step waits on unavailable infrastructure.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub waiting: Option<Waiting>,
+    /// Set while the order sleeps before its current step (the step's
+    /// wait, or a retry's backoff): when it is due. It has slept since
+    /// `last_hop_at`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asleep_until: Option<String>,
     pub history: Vec<HistoryEntry>,
     /// The order's payload as JSON, when the coordinator can read it (its
     /// workflow registered there, or a JSON payload).
@@ -224,6 +229,7 @@ impl StatusReply {
             stalled,
             failure: None,
             waiting: None,
+            asleep_until: None,
             history: Vec::new(),
             payload: None,
             payload_error: None,
@@ -241,6 +247,10 @@ impl StatusReply {
             tries,
             error: error.to_owned(),
         });
+        self.asleep_until = doc
+            .not_before
+            .filter(|due| !doc.status.is_terminal() && *due > Timestamp::now())
+            .map(rfc3339);
         self
     }
 }
@@ -480,6 +490,41 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    #[test]
+    fn a_sleeping_order_says_until_when() {
+        use std::time::Duration;
+        let wf = crate::workflow::Workflow::builder("remind", 1)
+            .step("remind", "mail.remind")
+            .delay(Duration::from_secs(3600))
+            .build()
+            .unwrap();
+        let mut doc = Document::new(
+            OrderId::new(),
+            wf.shared_route(),
+            crate::document::Payload::postcard(&()).unwrap(),
+        );
+        let state = OrderState {
+            id: doc.id,
+            workflow: wf.name().clone(),
+            version: 1,
+            status: Status::Running,
+            step: "remind".parse().unwrap(),
+            service: None,
+            hop: 0,
+            attempt: 1,
+            sequence: 1,
+            last_hop_at: doc.created_at,
+            due: None,
+        };
+        let until = doc.not_before.unwrap();
+        let r = StatusReply::new(&state, false, "0/1".into()).with_document(&doc);
+        assert_eq!(r.asleep_until, Some(rfc3339(until)));
+        // Due already: awake.
+        doc.not_before = Some(Timestamp(1));
+        let r = StatusReply::new(&state, false, "0/1".into()).with_document(&doc);
+        assert_eq!(r.asleep_until, None);
+    }
 
     #[test]
     fn times_are_rfc3339_utc() {

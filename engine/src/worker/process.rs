@@ -35,8 +35,13 @@ pub(super) async fn process<T: Transport>(
         Err(why) => return Box::pin(dead_letter(shared, svc, delivery, why.kind(), why.to_string())).await,
     };
     // A cancel applies before the step, and before a retry's due time: an
-    // order asleep stops too.
-    if let Some(reason) = shared.transport.cancel_requested(&doc.id) {
+    // order asleep stops too. A hop woken from its wait by a cancel says so
+    // itself (it may come before the cancel reaches this worker).
+    let cancel = shared
+        .transport
+        .cancel_requested(&doc.id)
+        .or_else(|| delivery.message().headers.get(headers::CANCEL).map(str::to_owned));
+    if let Some(reason) = cancel {
         match cancel_hop(shared, &mut doc, reason) {
             Ok(Some(hop)) => {
                 tracing::info!(order = %doc.id, "cancelled at this hop");

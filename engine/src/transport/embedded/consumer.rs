@@ -191,6 +191,34 @@ impl ConsumerState {
         });
     }
 
+    /// Makes the delayed messages of `order` (a hop handed back until it is
+    /// due) ready now: it was cancelled, and its cancel applies at its next
+    /// hop. Returns how many there were.
+    pub(super) fn wake(&self, order: &crate::id::OrderId) -> usize {
+        let woken = {
+            let mut q = lock(&self.queue);
+            let is_order = |d: &Due| {
+                d.pending
+                    .msg
+                    .message
+                    .headers
+                    .get(crate::headers::HOP)
+                    .and_then(crate::headers::HopHeader::parse)
+                    .is_some_and(|h| h.order.parse::<crate::id::OrderId>().is_ok_and(|id| &id == order))
+            };
+            if !q.delayed.iter().any(is_order) {
+                return 0;
+            }
+            let (wake, keep): (Vec<Due>, Vec<Due>) = std::mem::take(&mut q.delayed).into_iter().partition(is_order);
+            q.delayed = keep.into();
+            let n = wake.len();
+            q.ready.extend(wake.into_iter().map(|d| d.pending));
+            n
+        };
+        self.notify.notify_one();
+        woken
+    }
+
     /// Moves due delayed messages and expired deliveries back to `ready`.
     fn promote(&self, q: &mut Queue, now: Instant) {
         while q.delayed.peek().is_some_and(|d| d.at <= now) {

@@ -410,7 +410,13 @@ impl Transport for Embedded {
     }
 
     async fn request_cancel(&self, order: crate::id::OrderId, reason: &str) -> Result<bool, Error> {
-        Ok(self.inner.cancels.insert(order, reason.to_owned()))
+        let fresh = self.inner.cancels.insert(order, reason.to_owned());
+        // An order asleep (a step's wait, a retry's backoff) meets its
+        // cancel now rather than when its wait ends.
+        for c in self.inner.consumers.load().iter() {
+            c.wake(&order);
+        }
+        Ok(fresh)
     }
 
     fn cancel_requested(&self, order: &crate::id::OrderId) -> Option<String> {

@@ -44,13 +44,67 @@ impl Nats {
 
     pub(super) async fn ask_cancel(&self, order: OrderId, reason: &str) -> Result<bool, Error> {
         let kv = self.key_value(CANCELS_BUCKET).await?;
-        match kv.create(order.to_string(), reason.to_owned().into()).await {
+        let fresh = match kv.create(order.to_string(), reason.to_owned().into()).await {
             Ok(_) => {
                 self.cancels.set.insert(order, reason.to_owned());
-                Ok(true)
+                true
             }
-            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => Ok(false),
-            Err(e) => Err(nats_err(&format!("cannot record the cancel of order {order}"), e)),
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+            Err(e) => return Err(nats_err(&format!("cannot record the cancel of order {order}"), e)),
+        };
+        // Asked again, too: an earlier ask may have stopped before this.
+        self.wake(order, reason).await?;
+        Ok(fresh)
+    }
+
+    /// Wakes `order` if it sleeps on a timer (a step's wait, a long
+    /// backoff), so that its next hop comes now and meets the cancel
+    /// instead of at the end of its wait. The timer is published again,
+    /// due now: a schedule replaces the one before it on the order's timer
+    /// subject. Expected at the sequence read, so a timer that fired
+    /// meanwhile is left alone (its hop is under way already).
+    async fn wake(&self, order: OrderId, reason: &str) -> Result<(), Error> {
+        use async_nats::jetstream::context::PublishErrorKind;
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
+
+        let timer = crate::subject::timer(&order);
+        let stream = self.hops().await?;
+        let m = match stream.get_last_raw_message_by_subject(&timer).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+            Err(e) => return Err(nats_err(&format!("cannot read the timer of order {order}"), e)),
+        };
+        let mut headers = async_nats::HeaderMap::new();
+        for (name, values) in m.headers.iter() {
+            let name: &str = name.as_ref();
+            let skip = name.eq_ignore_ascii_case(crate::headers::SCHEDULE)
+                || name.eq_ignore_ascii_case(crate::headers::MSG_ID);
+            if let (false, Some(v)) = (skip, values.first()) {
+                headers.insert(name, v.as_str());
+            }
+        }
+        let now = crate::coordinator::api::rfc3339(crate::document::Timestamp::now());
+        headers.insert(crate::headers::SCHEDULE, format!("@at {now}").as_str());
+        // A header value is one line.
+        let reason: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        headers.insert(crate::headers::CANCEL, reason.as_str());
+        let p = async_nats::jetstream::message::PublishMessage::build()
+            .payload(m.payload)
+            .headers(headers)
+            .expected_last_subject_sequence(m.sequence);
+        let stored = self
+            .js
+            .send_publish(timer, p)
+            .await
+            .map_err(|e| nats_err("waking a timer failed", e))?
+            .await;
+        match stored {
+            Ok(_) => {
+                tracing::info!(%order, "woke the order from its wait to meet its cancel");
+                Ok(())
+            }
+            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
+            Err(e) => Err(nats_err("waking a timer was not acknowledged", e)),
         }
     }
 

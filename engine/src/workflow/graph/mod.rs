@@ -81,6 +81,19 @@ fn timeout(step: &RouteStep) -> String {
     }
 }
 
+/// A step's wait before it runs: `waits 2 s, ` (or nothing).
+fn wait(step: &RouteStep) -> String {
+    let Some(w) = step.wait else {
+        return String::new();
+    };
+    let ms = u64::try_from(w.duration().as_millis()).unwrap_or(u64::MAX);
+    let span = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "min"), (1000, "s")]
+        .into_iter()
+        .find(|(unit, _)| ms % unit == 0)
+        .map_or_else(|| format!("{ms} ms"), |(unit, name)| format!("{} {name}", ms / unit));
+    format!("waits {span}, ")
+}
+
 fn edges(route: &Route) -> Vec<Edge> {
     let mut out = Vec::new();
     let edge = |from: String, to: String, label: &str, style| Edge {
@@ -117,7 +130,7 @@ struct Node<'a> {
     id: String,
     name: &'a str,
     service: &'a str,
-    /// Tries and timeout.
+    /// Its wait, tries and timeout.
     limits: String,
     undo: Option<(String, &'a str)>,
 }
@@ -127,7 +140,7 @@ fn nodes(route: &Route) -> impl Iterator<Item = Node<'_>> {
         id: step_id(i),
         name: step.name.as_str(),
         service: step.service.as_str(),
-        limits: format!("{}, {}", tries(step), timeout(step)),
+        limits: format!("{}{}, {}", wait(step), tries(step), timeout(step)),
         undo: step.compensate.as_ref().map(|u| (undo_id(i), u.as_str())),
     })
 }
@@ -245,6 +258,20 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
         assert!(!text.contains("u2"), "ship has nothing to undo:\n{text}");
+    }
+
+    #[test]
+    fn a_step_that_waits_says_how_long() {
+        let wf = Workflow::builder("remind", 1)
+            .step("hold", "booking.hold")
+            .delay(Duration::from_secs(48 * 3600))
+            .step("remind", "mail.remind")
+            .delay(Duration::from_millis(1500))
+            .build()
+            .unwrap();
+        let text = draw(wf.route(), GraphFormat::Mermaid);
+        assert!(text.contains("booking.hold<br/>waits 2 d, 3 tries, 30 s"), "{text}");
+        assert!(text.contains("mail.remind<br/>waits 1500 ms, 3 tries, 30 s"), "{text}");
     }
 
     #[test]

@@ -185,7 +185,7 @@ async function refreshOrder(first) {
   const graph = await routeSvg(o.workflow, o.version);
   const inFlight = !state.orderFinal;
   view.innerHTML = `
-  <h1><span class="mono">${esc(o.id)}</span> ${badge(o.status)} ${o.stalled ? badge("stalled") : ""} ${o.waiting ? badge("waiting") : ""}</h1>
+  <h1><span class="mono">${esc(o.id)}</span> ${badge(o.status)} ${o.stalled ? badge("stalled") : ""} ${o.waiting ? badge("waiting") : ""} ${o.asleep_until ? badge("asleep") : ""}</h1>
   <div id="order-notice">${state.notice && state.notice.id === o.id ? state.notice.html : ""}</div>
   <div class="grid">
     <section><h2>Where it stands</h2><dl class="facts" id="facts">
@@ -197,6 +197,7 @@ async function refreshOrder(first) {
       ${o.due ? `<dt>due</dt><dd>${esc(o.due)}</dd>` : ""}
       ${o.failure ? `<dt>failure</dt><dd>${esc(o.failure)}</dd>` : ""}
       ${o.waiting ? `<dt>waiting</dt><dd>on infrastructure since ${esc(o.waiting.since)}, ${o.waiting.tries} tries: ${esc(o.waiting.error)}</dd>` : ""}
+      ${o.asleep_until ? `<dt>asleep</dt><dd id="order-asleep">until ${esc(o.asleep_until)}</dd>` : ""}
       <dt>partition</dt><dd>${esc(o.partition)}</dd>
     </dl>
     ${inFlight ? `<p><button class="danger" id="cancel">Cancel this order</button></p>` : ""}
