@@ -272,3 +272,69 @@ async fn a_cancel_wakes_an_order_asleep_on_a_server_timer() {
     worker.shutdown().await;
     client.close().await;
 }
+
+/// Timers pending while nats-server is killed and started again on its
+/// store: every sleeping order wakes, once, and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timers_pending_through_a_server_kill_fire_once() {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use waybill::{StepContext, StepOutput, Workflow};
+
+    let mut server = NatsServer::start();
+    let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    let wait = Duration::from_secs(3);
+    let wf = Workflow::builder("reminder", 1)
+        .step("hold", "t.hold")
+        .step("remind", "t.remind")
+        .delay(wait)
+        .build()
+        .unwrap();
+    let reminded: Arc<Mutex<HashMap<waybill::OrderId, u32>>> = Arc::default();
+    let seen = reminded.clone();
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut timers = raw.subscribe(waybill::subject::all_timers()).await.unwrap();
+    raw.flush().await.unwrap();
+    let worker = Worker::builder(t.clone())
+        .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
+            Ok(StepOutput::ok())
+        })
+        .serve("t.remind", move |ctx: StepContext, _p: Payload| {
+            *seen.lock().unwrap().entry(ctx.order_id).or_default() += 1;
+            async { Ok(StepOutput::ok()) }
+        })
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(t.clone()).await.unwrap();
+    let ids: Vec<_> = futures::future::join_all(
+        (0..30).map(|i| client.start(&wf, Payload::postcard(&script(&format!("k{i}"))).unwrap())),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    let mut asleep = 0;
+    while asleep < ids.len() {
+        tokio::time::timeout(DEADLINE, timers.next())
+            .await
+            .expect("every order's timer within the deadline")
+            .unwrap();
+        asleep += 1;
+    }
+    // Every timer stored and none due yet: the server goes down.
+    server.restart();
+    for id in &ids {
+        let doc = tokio::time::timeout(DEADLINE, client.wait(*id)).await.unwrap().unwrap();
+        assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    }
+    let reminded = reminded.lock().unwrap().clone();
+    assert_eq!(reminded.len(), ids.len(), "every order woke");
+    assert!(
+        reminded.values().all(|n| *n == 1),
+        "each woke once: {:?}",
+        reminded.values().filter(|n| **n != 1).collect::<Vec<_>>()
+    );
+    worker.shutdown().await;
+    client.close().await;
+}

@@ -18,13 +18,20 @@ use waybill_workflows::Order;
 
 use crate::stack::Stack;
 
-/// The example flows every scenario replays: 2,000 orders of every kind
-/// (completed, declined, out of stock, unshippable, gateway retries).
+/// The example flows every scenario replays: the `cooling_off` orders
+/// first, so that their timers (2 s) are pending while the scenario's
+/// faults strike, then 2,000 orders of every kind (completed, declined, out
+/// of stock, unshippable, gateway retries).
 pub fn mixed() -> Vec<PreparedOrder> {
     let registry = waybill_workflows::registry().unwrap();
-    replay::load(&workspace_root().join("examples/orders/mixed.jsonl"), &registry)
-        .unwrap()
-        .orders
+    let load = |file: &str| {
+        replay::load(&workspace_root().join("examples/orders").join(file), &registry)
+            .unwrap()
+            .orders
+    };
+    let mut orders = load("cooling-off.jsonl");
+    orders.extend(load("mixed.jsonl"));
+    orders
 }
 
 /// `n` orders of the mixed flows: a prefix, or the file again and again
