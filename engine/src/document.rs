@@ -22,13 +22,39 @@ use crate::workflow::{Route, RouteStep};
 #[serde(transparent)]
 pub struct Timestamp(pub u64);
 
+thread_local! {
+    /// Set by [`Timestamp::follow_tokio_clock`]: the wall time and tokio's
+    /// instant it was anchored at.
+    static TOKIO_ANCHOR: std::cell::Cell<Option<(u64, tokio::time::Instant)>> =
+        const { std::cell::Cell::new(None) };
+}
+
 impl Timestamp {
+    /// The wall clock, unless this thread follows tokio's clock (tests).
     pub fn now() -> Self {
+        match TOKIO_ANCHOR.get() {
+            None => Self::wall(),
+            Some((wall, at)) => Self(wall.saturating_add(u64::try_from(at.elapsed().as_micros()).unwrap_or(u64::MAX))),
+        }
+    }
+
+    fn wall() -> Self {
         let micros = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_micros())
             .unwrap_or(0);
         Self(u64::try_from(micros).unwrap_or(u64::MAX))
+    }
+
+    /// For tests on tokio's paused clock: from now on, on this thread,
+    /// [`Timestamp::now`] moves with tokio's clock (from the wall time of
+    /// this call), so that a step's wait of two days passes when a
+    /// current-thread runtime with `start_paused` advances its clock, and
+    /// costs no real time. Every task of such a runtime runs on its thread.
+    /// Not for production: tokio's clock is monotonic and drifts from the
+    /// wall clock that other hosts read.
+    pub fn follow_tokio_clock() {
+        TOKIO_ANCHOR.set(Some((Self::wall().0, tokio::time::Instant::now())));
     }
 
     pub fn plus(self, d: Duration) -> Self {

@@ -962,3 +962,56 @@ async fn a_cancel_wakes_an_order_asleep_on_a_wait() {
     worker.shutdown().await;
     client.close().await;
 }
+
+/// A wait of two days on the embedded default, on tokio's paused clock: the
+/// order sleeps (its hop handed back until due), the clock jumps, and the
+/// step runs once, two days after the step before it, in no real time.
+#[tokio::test(start_paused = true)]
+async fn a_two_day_wait_passes_on_tokios_paused_clock() {
+    waybill::Timestamp::follow_tokio_clock();
+    let two_days = Duration::from_secs(48 * 3600);
+    let transport = Embedded::new();
+    let wf = Workflow::builder("reminder", 1)
+        .step("hold", "t.hold")
+        .step("remind", "t.remind")
+        .delay(two_days)
+        .build()
+        .unwrap();
+    let reminded = Arc::new(AtomicUsize::new(0));
+    let counter = reminded.clone();
+    let worker = Worker::builder(transport.clone())
+        .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
+            Ok(StepOutput::ok())
+        })
+        .serve("t.remind", move |_ctx: StepContext, _p: Payload| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok(StepOutput::ok()) }
+        })
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let id = client
+        .start(&wf, Payload::postcard(&script("patient")).unwrap())
+        .await
+        .unwrap();
+    let began = tokio::time::Instant::now();
+    // A deadline on the same clock, past the wait.
+    let doc = tokio::time::timeout(two_days + DEADLINE, client.wait(id))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    assert_eq!(reminded.load(Ordering::SeqCst), 1, "reminded once");
+    let (hold, remind) = (&doc.history[0], &doc.history[1]);
+    assert!(remind.started_at >= hold.ended_at.plus(two_days), "not before its wait");
+    assert!(began.elapsed() >= two_days, "the paused clock went past the wait");
+    let stats = worker.stats();
+    assert_eq!(
+        stats.naks.load(Ordering::Relaxed),
+        1,
+        "handed back once, until due, not polled"
+    );
+    worker.shutdown().await;
+    client.close().await;
+}
