@@ -267,6 +267,20 @@ async fn a_cancel_wakes_an_order_asleep_on_a_server_timer() {
             reason: "trip called off".into()
         }
     );
+    // The hour-long timer was replaced by the one due now, which fired:
+    // none is left to fire again.
+    let hops = async_nats::jetstream::new(raw.clone())
+        .get_stream("WAYBILL_HOPS")
+        .await
+        .unwrap();
+    let left = hops
+        .get_last_raw_message_by_subject(&waybill::subject::timer(&id))
+        .await;
+    assert!(
+        left.as_ref()
+            .is_err_and(|e| e.kind() == async_nats::jetstream::stream::LastRawMessageErrorKind::NoMessageFound),
+        "a timer is left: {left:?}"
+    );
     // A cancel asked again finds no timer left to wake, and says so.
     assert!(!asking.request_cancel(id, "again").await.unwrap());
     worker.shutdown().await;
