@@ -319,8 +319,8 @@ impl Document {
         let not_before = route
             .steps
             .first()
-            .and_then(|s| s.wait)
-            .map(|w| created_at.plus(w.duration()));
+            .and_then(|s| s.wait.as_ref()?.duration())
+            .map(|d| created_at.plus(d));
         Self {
             id,
             route,

@@ -44,7 +44,7 @@ use compact_str::CompactString;
 
 use crate::document::{AttemptResult, Compensation, Document, Status, StepKind, StepRecord, Timestamp};
 use crate::id::{Outcome, ServiceSubject, WorkerId};
-use crate::workflow::{Backoff, Next};
+use crate::workflow::{Backoff, Next, Wait};
 
 /// What a handler's attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -408,13 +408,122 @@ fn forward(doc: &mut Document, outcome: CompactString, ended_at: Timestamp) -> D
         }
     }
     let service = route_step.service.clone();
-    let wait = route_step.wait.map(|w| w.duration());
+    let wait = route_step.wait.as_ref().and_then(Wait::duration);
     // Route length is bounded by MAX_STEPS, far below u16::MAX.
     doc.step = u16::try_from(target).unwrap_or(u16::MAX);
     reset_attempt(doc);
     // A step that waits is due its wait after the step before it ended.
     doc.not_before = wait.map(|d| ended_at.plus(d));
     Decision::Hop { service, delay: wait }
+}
+
+/// When the order has just entered a step that waits until a payload time
+/// ([`Wait::Until`]), reads that time from the payload's JSON form (asked
+/// of `json` only then) and makes the hop due at it. A payload without the
+/// field, or with something there that is not a time, fails the order
+/// (compensating what it owes), naming the field: the returned decision
+/// replaces the one [`apply`] gave.
+pub fn wait_until(
+    doc: &mut Document,
+    json: impl FnOnce(&Document) -> Result<serde_json::Value, String>,
+) -> Option<Decision> {
+    if doc.status != Status::Running || doc.attempt != 1 || doc.not_before.is_some() {
+        return None;
+    }
+    let step = doc.current_step()?;
+    let Some(Wait::Until { field }) = &step.wait else {
+        return None;
+    };
+    let (step, field) = (step.name.clone(), field.clone());
+    let due = json(doc).and_then(|v| due_in(&v, &field));
+    match due {
+        Ok(at) => {
+            doc.not_before = Some(at);
+            None
+        }
+        Err(why) => Some(fail(
+            doc,
+            format!("step `{step}` waits until the payload's `{field}`, which {why}"),
+        )),
+    }
+}
+
+/// The time at `field` (a dotted path) of a payload's JSON form.
+fn due_in(json: &serde_json::Value, field: &str) -> Result<Timestamp, String> {
+    let mut at = json;
+    for part in field.split('.') {
+        at = at.get(part).ok_or_else(|| "is missing".to_owned())?;
+    }
+    match at {
+        serde_json::Value::String(s) => parse_rfc3339(s).ok_or_else(|| format!("is `{s}`, not an RFC 3339 time")),
+        serde_json::Value::Number(n) => n
+            .as_u64()
+            .and_then(|ms| ms.checked_mul(1000))
+            .map(Timestamp)
+            .ok_or_else(|| format!("is {n}, not milliseconds since the epoch")),
+        other => Err(format!("is {other}, not a time")),
+    }
+}
+
+/// `2026-12-05T22:39:00Z`, `2026-12-05T22:39:00.25+01:00`: microseconds
+/// since the epoch (`None` if it is not such a time, or before 1970).
+pub fn parse_rfc3339(s: &str) -> Option<Timestamp> {
+    let b = s.as_bytes();
+    let num = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes().all(|c| c.is_ascii_digit()).then(|| t.parse().ok())?
+    };
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || !matches!(b[10], b'T' | b't' | b' ')
+        || b[13] != b':'
+        || b[16] != b':'
+    {
+        return None;
+    }
+    let (y, mo, d) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    let (h, mi, sec) = (num(11..13)?, num(14..16)?, num(17..19)?);
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    let mut i = 19;
+    let mut micros = 0i64;
+    if b.get(i) == Some(&b'.') {
+        let start = i + 1;
+        i = start;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        let frac = s.get(start..i).filter(|f| !f.is_empty())?;
+        let six: String = frac.chars().chain(std::iter::repeat('0')).take(6).collect();
+        micros = six.parse().ok()?;
+    }
+    let offset = match s.get(i..)? {
+        "Z" | "z" => 0,
+        tz if tz.len() == 6 && matches!(&tz[..1], "+" | "-") && &tz[3..4] == ":" => {
+            let (oh, om) = (num(i + 1..i + 3)?, num(i + 4..i + 6)?);
+            let o = (oh * 60 + om) * 60;
+            if &tz[..1] == "+" {
+                o
+            } else {
+                -o
+            }
+        }
+        _ => return None,
+    };
+    // Days since 1970-01-01 (Howard Hinnant's days_from_civil).
+    let y = if mo <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + h * 3600 + mi * 60 + sec - offset;
+    u64::try_from(secs.checked_mul(1_000_000)?.checked_add(micros)?)
+        .ok()
+        .map(Timestamp)
 }
 
 fn reset_attempt(doc: &mut Document) {
@@ -592,6 +701,91 @@ mod tests {
         // Asleep before its second try: a cancel undoes the hold at once.
         assert_eq!(cancel_now(&mut d), Some(hop("booking.release")));
         assert_eq!(d.not_before, None);
+    }
+
+    #[test]
+    fn rfc3339_times_read_as_microseconds() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:00Z"), Some(Timestamp(0)));
+        assert_eq!(
+            parse_rfc3339("2026-12-05T22:39:00.25Z"),
+            Some(Timestamp(1_796_510_340_250_000))
+        );
+        assert_eq!(
+            parse_rfc3339("2026-12-05T23:39:00.25+01:00"),
+            parse_rfc3339("2026-12-05T22:39:00.25Z")
+        );
+        assert_eq!(
+            parse_rfc3339("2026-12-05T21:39:00-01:00"),
+            parse_rfc3339("2026-12-05T22:39:00Z")
+        );
+        // What the coordinator writes reads back.
+        let t = Timestamp(1_764_974_340_123_456);
+        assert_eq!(parse_rfc3339(&crate::coordinator::api::rfc3339(t)), Some(t));
+        for bad in [
+            "",
+            "2026-12-05",
+            "2026-13-05T22:39:00Z",
+            "2026-12-05T22:39:00",
+            "2026-12-05T22:39:00+0100",
+            "2026-12-05T22:39:00.Z",
+            "1969-12-31T23:59:59Z",
+            "2026-12-0xT22:39:00Z",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn a_step_waits_until_the_payload_says_or_the_order_fails_naming_the_field() {
+        let wf = Workflow::builder("ship_later", 1)
+            .step("pack", "shipping.pack")
+            .compensate("shipping.unpack")
+            .step("ship", "shipping.dispatch")
+            .not_before("delivery.at")
+            .build()
+            .unwrap();
+        let start = |payload: serde_json::Value| {
+            Document::new(OrderId::new(), wf.shared_route(), Payload::json(&payload).unwrap())
+        };
+        let json = |d: &Document| serde_json::from_slice(&d.payload.bytes).map_err(|e| e.to_string());
+
+        let mut d = start(serde_json::json!({"delivery": {"at": "2026-12-24T08:00:00Z"}}));
+        assert_eq!(d.not_before, None, "the first step does not wait");
+        run(&mut d, StepResult::ok());
+        assert_eq!(wait_until(&mut d, json), None);
+        assert_eq!(d.not_before, parse_rfc3339("2026-12-24T08:00:00Z"));
+        // Read once: a retry of the step keeps its backoff.
+        run(&mut d, StepResult::Transient("carrier".into()));
+        let backoff = d.not_before;
+        assert_eq!(wait_until(&mut d, |_| panic!("not read again")), None);
+        assert_eq!(d.not_before, backoff);
+
+        let mut d = start(serde_json::json!({"delivery": {"at": 1_766_563_200_000u64}}));
+        run(&mut d, StepResult::ok());
+        wait_until(&mut d, json);
+        assert_eq!(d.not_before, Some(Timestamp(1_766_563_200_000_000)));
+
+        for (payload, why) in [
+            (serde_json::json!({"delivery": {}}), "which is missing"),
+            (
+                serde_json::json!({"delivery": {"at": "soon"}}),
+                "which is `soon`, not an RFC 3339 time",
+            ),
+            (
+                serde_json::json!({"delivery": {"at": true}}),
+                "which is true, not a time",
+            ),
+        ] {
+            let mut d = start(payload);
+            run(&mut d, StepResult::ok());
+            assert_eq!(wait_until(&mut d, json), Some(hop("shipping.unpack")), "{why}");
+            assert_eq!(d.status, Status::Compensating);
+            let failure = d.failure.clone().unwrap();
+            assert!(
+                failure.contains("step `ship` waits until the payload's `delivery.at`") && failure.contains(why),
+                "{failure}"
+            );
+        }
     }
 
     #[test]

@@ -1015,3 +1015,125 @@ async fn a_two_day_wait_passes_on_tokios_paused_clock() {
     worker.shutdown().await;
     client.close().await;
 }
+
+/// A step that waits until a time its payload holds: it runs once that time
+/// has passed; a payload without it fails the order, naming the field.
+#[tokio::test]
+async fn a_step_waits_until_the_time_its_payload_names() {
+    let transport = Embedded::new();
+    let wf = Workflow::builder("ship_later", 1)
+        .step("pack", "t.pack")
+        .compensate("t.unpack")
+        .step("ship", "t.ship")
+        .not_before("ship_at")
+        .build()
+        .unwrap();
+    let shipped = Arc::new(AtomicUsize::new(0));
+    let counter = shipped.clone();
+    let worker = Worker::builder(transport.clone())
+        .serve("t.pack", |_ctx: StepContext, _p: Payload| async {
+            Ok(StepOutput::ok())
+        })
+        .serve("t.unpack", |_ctx: StepContext, _p: Payload| async {
+            Ok(StepOutput::ok())
+        })
+        .serve("t.ship", move |_ctx: StepContext, _p: Payload| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            async { Ok(StepOutput::ok()) }
+        })
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let ship_at = waybill::Timestamp::now().plus(Duration::from_millis(400));
+    let on_time = client
+        .start(
+            &wf,
+            Payload::json(&serde_json::json!({ "ship_at": waybill::coordinator::api::rfc3339(ship_at) })).unwrap(),
+        )
+        .await
+        .unwrap();
+    let undated = client
+        .start(&wf, Payload::json(&serde_json::json!({ "ship": "soon" })).unwrap())
+        .await
+        .unwrap();
+
+    let doc = tokio::time::timeout(DEADLINE, client.wait(on_time))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    assert!(doc.history[1].started_at >= ship_at, "shipped before its time");
+    let doc = tokio::time::timeout(DEADLINE, client.wait(undated))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.status, Status::Compensated, "{}", doc.journal());
+    assert_eq!(
+        doc.failure.as_deref(),
+        Some("step `ship` waits until the payload's `ship_at`, which is missing")
+    );
+    assert_eq!(shipped.load(Ordering::SeqCst), 1, "only the dated order shipped");
+    worker.shutdown().await;
+    client.close().await;
+}
+
+/// A binary (postcard) payload's time is read through the worker's
+/// registry, which knows the payload's type; without one, the order fails
+/// saying so.
+#[tokio::test]
+async fn a_binary_payloads_time_is_read_through_the_registry() {
+    #[derive(serde::Serialize, serde::Deserialize)]
+    struct Dated {
+        name: String,
+        /// Milliseconds since the epoch.
+        ship_at: u64,
+    }
+    impl waybill::WorkflowPayload for Dated {
+        fn validate(&self) -> Result<(), waybill::InvalidPayload> {
+            Ok(())
+        }
+    }
+    let wf = Workflow::builder("ship_later", 1)
+        .step("pack", "t.pack")
+        .step("ship", "t.ship")
+        .not_before("ship_at")
+        .build()
+        .unwrap();
+    let mut registry = Registry::new();
+    registry.register::<Dated>(wf.clone());
+    let registry = Arc::new(registry);
+    let ship_at = waybill::Timestamp::now().plus(Duration::from_millis(300));
+    let payload = Payload::postcard(&Dated {
+        name: "boxed".into(),
+        ship_at: ship_at.0 / 1000 + 1,
+    })
+    .unwrap();
+    for with_registry in [true, false] {
+        let transport = Embedded::new();
+        let mut builder = Worker::builder(transport.clone())
+            .serve("t.pack", |_ctx: StepContext, _p: Payload| async {
+                Ok(StepOutput::ok())
+            })
+            .serve("t.ship", |_ctx: StepContext, _p: Payload| async {
+                Ok(StepOutput::ok())
+            });
+        if with_registry {
+            builder = builder.registry(registry.clone());
+        }
+        let worker = builder.start().await.unwrap();
+        let client = Client::connect(transport.clone()).await.unwrap();
+        let id = client.start(&wf, payload.clone()).await.unwrap();
+        let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+        if with_registry {
+            assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+            assert!(doc.history[1].started_at >= ship_at, "shipped before its time");
+        } else {
+            assert_eq!(doc.status, Status::Failed, "{}", doc.journal());
+            let failure = doc.failure.clone().unwrap_or_default();
+            assert!(failure.contains("this worker has no registry"), "{failure}");
+        }
+        worker.shutdown().await;
+        client.close().await;
+    }
+}

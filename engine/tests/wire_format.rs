@@ -618,7 +618,7 @@ fn the_waiting_document_reads_field_by_field() {
     let codec = Codec::default();
     for format in [Format::Postcard, Format::Json] {
         let d = codec.decode(&golden("waiting", format), format).unwrap();
-        let waits: Vec<Option<waybill::Wait>> = d.route.steps.iter().map(|s| s.wait).collect();
+        let waits: Vec<Option<waybill::Wait>> = d.route.steps.iter().map(|s| s.wait.clone()).collect();
         assert_eq!(
             waits,
             [

@@ -325,9 +325,9 @@ where
         }
         // Documents of a workflow or version this build does not define are
         // refused (dead-lettered with the reason), never run on a guess.
-        let registry = waybill_workflows::registry()?;
+        let registry = std::sync::Arc::new(waybill_workflows::registry()?);
         let mut builder = Worker::builder(nats.clone())
-            .accept(registry.versions())
+            .registry(registry)
             .concurrency(args.concurrency)
             .pumps(threads)
             .ack_wait(Duration::from_secs(args.ack_wait.max(1)))

@@ -296,8 +296,13 @@ impl EmbeddedRuntime {
             })
         };
         let services = MemoryServices::new(stock);
+        let registry = Arc::new(waybill_workflows::registry().map_err(|e| ReplayError::Start(e.to_string()))?);
         let worker = services
-            .serve(Worker::builder(transport.clone()).concurrency(opts.concurrency))
+            .serve(
+                Worker::builder(transport.clone())
+                    .concurrency(opts.concurrency)
+                    .registry(registry.clone()),
+            )
             .start()
             .await
             .map_err(|e| ReplayError::Start(e.to_string()))?;
@@ -305,9 +310,8 @@ impl EmbeddedRuntime {
             .await
             .map_err(|e| ReplayError::Start(e.to_string()))?;
         let coordinator = if opts.coordinator {
-            let registry = waybill_workflows::registry().map_err(|e| ReplayError::Start(e.to_string()))?;
             let config = CoordinatorConfig::default();
-            let handle = coordinator::start(transport.clone(), Some(Arc::new(registry)), config)
+            let handle = coordinator::start(transport.clone(), Some(registry), config)
                 .await
                 .map_err(|e| ReplayError::Start(e.to_string()))?;
             Some(handle)

@@ -31,6 +31,30 @@ fn round_trips_in_both_formats() {
 }
 
 #[test]
+fn waits_of_both_kinds_round_trip_as_version_2() {
+    let wf = Workflow::builder("ship_later", 1)
+        .step("pack", "shipping.pack")
+        .step("ship", "shipping.dispatch")
+        .not_before("delivery.not_before")
+        .step("remind", "mail.remind")
+        .delay(std::time::Duration::from_secs(60))
+        .build()
+        .unwrap();
+    let d = Document::new(OrderId::new(), wf.shared_route(), Payload::postcard(&1u8).unwrap());
+    let c = Codec::default();
+    for f in [Format::Postcard, Format::Json] {
+        let bytes = c.encode(&d, f).unwrap();
+        assert_eq!(c.decode(&bytes, f).unwrap(), d, "{f:?}");
+    }
+    assert_eq!(c.encode(&d, Format::Postcard).unwrap()[2], 2);
+    let json: serde_json::Value = serde_json::from_slice(&c.encode(&d, Format::Json).unwrap()).unwrap();
+    assert_eq!(
+        json["route"]["steps"][1]["wait"],
+        serde_json::json!({"until": {"field": "delivery.not_before"}})
+    );
+}
+
+#[test]
 fn peek_reads_the_envelope_the_full_decode_would() {
     let c = Codec::default();
     let mut d = doc();

@@ -54,6 +54,7 @@ pub struct WorkerBuilder<T> {
     codec: Codec,
     format: Format,
     accept: Option<Arc<HashSet<(WorkflowName, u32)>>>,
+    registry: Option<Arc<crate::Registry>>,
     services: Vec<(String, Arc<dyn Handler>)>,
 }
 
@@ -96,6 +97,7 @@ impl Worker {
             codec: Codec::default(),
             format: Format::Postcard,
             accept: None,
+            registry: None,
             services: Vec::new(),
         }
     }
@@ -189,6 +191,16 @@ impl<T: Transport> WorkerBuilder<T> {
         self
     }
 
+    /// The workflows this worker knows: it accepts only their versions (see
+    /// [`Self::accept`]), and reads their payloads through it where a route
+    /// needs a field of one (a step that waits until a payload time). A
+    /// JSON payload is read without it.
+    pub fn registry(mut self, registry: Arc<crate::Registry>) -> Self {
+        self.accept = Some(Arc::new(registry.versions().collect()));
+        self.registry = Some(registry);
+        self
+    }
+
     /// Opens a consumer per service and starts serving.
     pub async fn start(self) -> Result<WorkerHandle, WorkerError> {
         if self.services.is_empty() {
@@ -213,6 +225,7 @@ impl<T: Transport> WorkerBuilder<T> {
             format: self.format,
             worker: self.id,
             accept: self.accept,
+            registry: self.registry,
             stats: Arc::new(WorkerStats::default()),
             ack_wait: self.ack_wait,
             max_deliver: self.max_deliver,

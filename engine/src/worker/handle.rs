@@ -84,6 +84,8 @@ pub(super) struct Shared<T> {
     pub(super) format: Format,
     pub(super) worker: WorkerId,
     pub(super) accept: Option<Arc<HashSet<(WorkflowName, u32)>>>,
+    /// Reads payloads as JSON for a route that needs a field of one.
+    pub(super) registry: Option<Arc<crate::Registry>>,
     pub(super) stats: Arc<WorkerStats>,
     pub(super) ack_wait: Duration,
     pub(super) max_deliver: u32,

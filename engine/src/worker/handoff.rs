@@ -44,8 +44,29 @@ impl fmt::Display for NoNextHop {
 
 /// Applies `attempt` to `doc` and encodes the hop that follows.
 pub(super) fn next_hop<T>(shared: &Shared<T>, doc: &mut Document, attempt: Attempt) -> Result<NextHop, NoNextHop> {
-    let decision = transition::apply(doc, attempt).map_err(NoNextHop::Transition)?;
+    let mut decision = transition::apply(doc, attempt).map_err(NoNextHop::Transition)?;
+    if let Some(failed) = transition::wait_until(doc, |d| payload_json(shared, d)) {
+        decision = failed;
+    }
     encode_hop(shared, doc, &decision)
+}
+
+/// The document's payload as JSON: through the worker's registry, or as it
+/// is when it is JSON.
+fn payload_json<T>(shared: &Shared<T>, doc: &Document) -> Result<serde_json::Value, String> {
+    match &shared.registry {
+        Some(r) => r
+            .payload_json(doc.route.workflow.as_str(), &doc.payload)
+            .map_err(|e| format!("cannot be read: {e}")),
+        None if doc.payload.content_type == crate::document::ContentType::Json => {
+            serde_json::from_slice(&doc.payload.bytes).map_err(|e| format!("cannot be read: {e}"))
+        }
+        None => Err(format!(
+            "cannot be read here: the payload is {} and this worker has no registry \
+             (WorkerBuilder::registry) to read it with",
+            doc.payload.content_type.as_str()
+        )),
+    }
 }
 
 /// Applies a cancel asked for the order (see [`transition::cancel`]) and

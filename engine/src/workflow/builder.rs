@@ -24,7 +24,7 @@ struct StepDraft {
     timeout: Duration,
     branches: Vec<(String, Then)>,
     max_visits: Option<u32>,
-    delay: Option<Duration>,
+    wait: Option<Wait>,
 }
 
 /// Builds a [`Workflow`]. Methods after `step(…)` configure that step.
@@ -60,7 +60,7 @@ impl WorkflowBuilder {
             timeout: DEFAULT_STEP_TIMEOUT,
             branches: Vec::new(),
             max_visits: None,
-            delay: None,
+            wait: None,
         });
         self
     }
@@ -116,7 +116,25 @@ impl WorkflowBuilder {
     /// scheduled by the server), so a restart or a deploy loses nothing.
     pub fn delay(mut self, delay: Duration) -> Self {
         if let Some(s) = self.last() {
-            s.delay = Some(delay);
+            s.wait = Some(Wait::delay(delay));
+        }
+        self
+    }
+
+    /// Makes the order wait, before the last step runs, until the time the
+    /// payload's `field` holds (a name in its JSON form, or a dotted path:
+    /// `delivery.not_before`), written as an RFC 3339 time or as
+    /// milliseconds since the epoch. It is read as the step is entered,
+    /// each time; a time already past is no wait. A payload without it, or
+    /// with something else there, fails the order, naming the field. Not
+    /// on the first step (no worker reads the payload before it). The
+    /// worker entering the step reads a JSON payload itself, a binary one
+    /// through its registry ([`crate::WorkerBuilder::registry`]).
+    pub fn not_before(mut self, field: impl Into<String>) -> Self {
+        if let Some(s) = self.last() {
+            s.wait = Some(Wait::Until {
+                field: field.into().into(),
+            });
         }
         self
     }
@@ -176,7 +194,7 @@ impl WorkflowBuilder {
                 timeout_ms: duration_ms(draft.timeout),
                 branches,
                 max_visits: draft.max_visits,
-                wait: draft.delay.map(Wait::delay),
+                wait: draft.wait.clone(),
             });
         }
         Workflow::from_route(Route {

@@ -130,11 +130,16 @@ pub struct RouteStep {
 /// What an order waits for before a step runs. It holds no worker while
 /// it waits: the hop is stored with the time it is due (over NATS, as a
 /// message the server schedules), and a worker sees it when it is due.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Wait {
     /// This long after the step before it ended (after the start, for the
     /// first step), in milliseconds.
     Delay { ms: u64 },
+    /// Until the time a field of the payload holds (its JSON form: a
+    /// top-level name, or a dotted path into nested objects), an RFC 3339
+    /// time or milliseconds since the epoch; read as the step is entered.
+    /// A time past is no wait.
+    Until { field: compact_str::CompactString },
 }
 
 /// The longest [`Wait::Delay`] a route may hold: a year.
@@ -147,10 +152,12 @@ impl Wait {
         }
     }
 
-    /// How long after the step before it the step is due.
-    pub fn duration(&self) -> Duration {
+    /// How long after the step before it the step is due; `None` for a
+    /// time read from the payload.
+    pub fn duration(&self) -> Option<Duration> {
         match self {
-            Self::Delay { ms } => Duration::from_millis(*ms),
+            Self::Delay { ms } => Some(Duration::from_millis(*ms)),
+            Self::Until { .. } => None,
         }
     }
 }

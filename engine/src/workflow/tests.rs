@@ -80,6 +80,21 @@ fn errors_name_the_problem() {
         matches!(e, DefinitionError::BadStep { ref problem, .. } if problem.contains("a year")),
         "{e}"
     );
+    let e = Workflow::builder("order", 1)
+        .step("a", "s.a")
+        .not_before("ship_at")
+        .build()
+        .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("the first step cannot wait until a payload time"),
+        "{e}"
+    );
+    for bad in ["", "a..b", ".a"] {
+        let e = three().not_before(bad).build().unwrap_err();
+        assert!(e.to_string().contains("is not a payload field"), "{bad:?}: {e}");
+    }
+    three().not_before("delivery.at").build().unwrap();
     let wf = three().delay(MAX_DELAY).build().unwrap();
     assert_eq!(wf.route().steps[2].wait, Some(Wait::delay(MAX_DELAY)));
 }

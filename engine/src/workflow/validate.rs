@@ -38,8 +38,19 @@ impl Route {
             if step.max_visits == Some(0) {
                 return Err(bad("max_visits must be at least 1".into()));
             }
-            if let Some(wait) = &step.wait {
-                let d = wait.duration();
+            if let Some(crate::workflow::Wait::Until { field }) = &step.wait {
+                if field.is_empty() || field.split('.').any(str::is_empty) {
+                    return Err(bad(format!("`{field}` is not a payload field to wait until")));
+                }
+                if std::ptr::eq(step, &self.steps[0]) {
+                    return Err(bad(
+                        "the first step cannot wait until a payload time (no worker reads the payload before \
+                         it); wait on a later step, or start the order at its time"
+                            .into(),
+                    ));
+                }
+            }
+            if let Some(d) = step.wait.as_ref().and_then(crate::workflow::Wait::duration) {
                 if d.is_zero() {
                     return Err(bad("a delay must be longer than zero".into()));
                 }

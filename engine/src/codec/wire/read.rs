@@ -45,16 +45,18 @@ pub(in crate::codec) struct JsonStep {
 
 /// What a step waits for. New kinds go at the end (an older build refuses
 /// a document with one as malformed).
-#[derive(Clone, Copy, Serialize, Deserialize)]
+#[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(super) enum Wait {
     Delay { ms: u64 },
+    Until { field: compact_str::CompactString },
 }
 
-impl From<workflow::Wait> for Wait {
-    fn from(w: workflow::Wait) -> Self {
+impl From<&workflow::Wait> for Wait {
+    fn from(w: &workflow::Wait) -> Self {
         match w {
-            workflow::Wait::Delay { ms } => Wait::Delay { ms },
+            workflow::Wait::Delay { ms } => Wait::Delay { ms: *ms },
+            workflow::Wait::Until { field } => Wait::Until { field: field.clone() },
         }
     }
 }
@@ -63,6 +65,7 @@ impl From<Wait> for workflow::Wait {
     fn from(w: Wait) -> Self {
         match w {
             Wait::Delay { ms } => workflow::Wait::Delay { ms },
+            Wait::Until { field } => workflow::Wait::Until { field },
         }
     }
 }

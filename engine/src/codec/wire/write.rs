@@ -41,7 +41,7 @@ impl<'a> From<&'a RouteStep> for WireStepRefV2<'a> {
     fn from(s: &'a RouteStep) -> Self {
         Self {
             step: s.into(),
-            wait: s.wait.map(Into::into),
+            wait: s.wait.as_ref().map(Into::into),
         }
     }
 }
@@ -50,7 +50,7 @@ impl<'a> From<&'a RouteStep> for JsonStepRef<'a> {
     fn from(s: &'a RouteStep) -> Self {
         Self {
             step: s.into(),
-            wait: s.wait.map(Into::into),
+            wait: s.wait.as_ref().map(Into::into),
         }
     }
 }

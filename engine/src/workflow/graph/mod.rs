@@ -83,10 +83,16 @@ fn timeout(step: &RouteStep) -> String {
 
 /// A step's wait before it runs: `waits 2 s, ` (or nothing).
 fn wait(step: &RouteStep) -> String {
-    let Some(w) = step.wait else {
+    let Some(w) = &step.wait else {
         return String::new();
     };
-    let ms = u64::try_from(w.duration().as_millis()).unwrap_or(u64::MAX);
+    let Some(d) = w.duration() else {
+        return match w {
+            crate::workflow::Wait::Until { field } => format!("waits until {field}, "),
+            crate::workflow::Wait::Delay { .. } => String::new(),
+        };
+    };
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let span = [(86_400_000, "d"), (3_600_000, "h"), (60_000, "min"), (1000, "s")]
         .into_iter()
         .find(|(unit, _)| ms % unit == 0)
@@ -267,9 +273,15 @@ mod tests {
             .delay(Duration::from_secs(48 * 3600))
             .step("remind", "mail.remind")
             .delay(Duration::from_millis(1500))
+            .step("ship", "shipping.dispatch")
+            .not_before("delivery.at")
             .build()
             .unwrap();
         let text = draw(wf.route(), GraphFormat::Mermaid);
+        assert!(
+            text.contains("shipping.dispatch<br/>waits until delivery.at, 3 tries, 30 s"),
+            "{text}"
+        );
         assert!(text.contains("booking.hold<br/>waits 2 d, 3 tries, 30 s"), "{text}");
         assert!(text.contains("mail.remind<br/>waits 1500 ms, 3 tries, 30 s"), "{text}");
     }
