@@ -166,16 +166,38 @@ fn a_worker_and_the_coordinator_serve_metrics_that_agree_with_their_counts() {
     assert!(sum_of(&text, "process_resident_memory_bytes", "") > 0.0, "{text}");
 
     // The coordinator's counts of the ends agree with the replay's, once it
-    // has read every hop (polled: it announces nothing).
-    let give_up = std::time::Instant::now() + Duration::from_secs(20);
-    let mut seen = String::new();
-    while std::time::Instant::now() < give_up {
-        seen = http_get(coordinator_port, "/metrics").unwrap();
-        if sum_of(&seen, "waybill_orders_finished_total", "") == file["orders"].as_f64().unwrap() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    // has read every hop: asked with `after` the stream's last sequence, it
+    // answers only when its view has read that far (each ask waits up to
+    // 5 s there; asked again while it catches up, 20 s in all).
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(async {
+            use waybill::coordinator::api::OrdersQuery;
+            use waybill::coordinator::CoordinatorClient;
+            use waybill::transport::nats::{Nats, NatsConfig};
+            use waybill::transport::HopLog;
+            let nats = Nats::connect(&url, NatsConfig::default()).await.unwrap();
+            let last = nats.log_info().await.unwrap().last_sequence;
+            let coordinators = CoordinatorClient::new(nats, Duration::from_secs(10));
+            let read_all = OrdersQuery {
+                after: Some(last),
+                limit: Some(0),
+                ..OrdersQuery::default()
+            };
+            let give_up = tokio::time::Instant::now() + Duration::from_secs(20);
+            loop {
+                match coordinators.orders(&read_all).await {
+                    Ok(_) => break,
+                    Err(e) if tokio::time::Instant::now() < give_up => {
+                        eprintln!("the coordinator has not read to {last} yet: {e}");
+                    }
+                    Err(e) => panic!("the coordinator never read to sequence {last}: {e}"),
+                }
+            }
+        });
+    let seen = http_get(coordinator_port, "/metrics").unwrap();
     for status in ["completed", "failed", "compensated"] {
         let counted = sum_of(&seen, "waybill_orders_finished_total", &format!(r#"status="{status}""#));
         assert_eq!(counted, file[status].as_f64().unwrap(), "{status}: {seen}");
