@@ -19,7 +19,10 @@ use waybill::{
 const DEADLINE: Duration = Duration::from_secs(10);
 
 mod common;
-use common::{gated, script, serve, three_steps, Faulty, Log, PublishFault, Script};
+use common::{
+    counted, gated, must_not_remind, ok, reminder, script, serve, serve_reminder, three_steps, Faulty, Log,
+    PublishFault, Script,
+};
 
 struct Harness {
     transport: Embedded,
@@ -777,15 +780,6 @@ async fn a_draining_worker_hands_back_what_it_took_ahead() {
     client.close().await;
 }
 
-/// A handler that says it was called and answers `ok`.
-fn counted(calls: &Arc<AtomicUsize>) -> impl waybill::Handler {
-    let calls = calls.clone();
-    move |_ctx: StepContext, _p: Payload| {
-        calls.fetch_add(1, Ordering::SeqCst);
-        async { Ok(StepOutput::ok()) }
-    }
-}
-
 #[tokio::test]
 async fn a_cancel_that_races_a_step_undoes_it_too_and_ends_the_order_cancelled() {
     let transport = Embedded::new();
@@ -864,21 +858,10 @@ async fn a_step_that_waits_runs_once_its_wait_has_passed() {
         .build()
         .unwrap();
     let reminded = Arc::new(AtomicUsize::new(0));
-    let counter = reminded.clone();
     let worker = Worker::builder(transport.clone())
-        .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
-            Ok(StepOutput::ok())
-        })
-        .serve("t.remind", move |_ctx: StepContext, _p: Payload| {
-            let counter = counter.clone();
-            async move {
-                counter.fetch_add(1, Ordering::SeqCst);
-                Ok(StepOutput::ok())
-            }
-        })
-        .serve("t.confirm", |_ctx: StepContext, _p: Payload| async {
-            Ok(StepOutput::ok())
-        })
+        .serve("t.hold", ok)
+        .serve("t.remind", counted(&reminded))
+        .serve("t.confirm", ok)
         .start()
         .await
         .unwrap();
@@ -908,23 +891,8 @@ async fn a_step_that_waits_runs_once_its_wait_has_passed() {
 #[tokio::test]
 async fn a_cancel_wakes_an_order_asleep_on_a_wait() {
     let transport = Embedded::new();
-    let wf = Workflow::builder("reminder", 1)
-        .step("hold", "t.hold")
-        .compensate("t.release")
-        .step("remind", "t.remind")
-        .delay(Duration::from_secs(3600))
-        .build()
-        .unwrap();
-    let worker = Worker::builder(transport.clone())
-        .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
-            Ok(StepOutput::ok())
-        })
-        .serve("t.release", |_ctx: StepContext, _p: Payload| async {
-            Ok(StepOutput::ok())
-        })
-        .serve("t.remind", |_ctx: StepContext, _p: Payload| async {
-            Err(StepError::permanent("a cancelled order must not be reminded"))
-        })
+    let wf = reminder(Duration::from_secs(3600));
+    let worker = serve_reminder(Worker::builder(transport.clone()), must_not_remind)
         .start()
         .await
         .unwrap();
@@ -971,22 +939,9 @@ async fn a_two_day_wait_passes_on_tokios_paused_clock() {
     waybill::Timestamp::follow_tokio_clock();
     let two_days = Duration::from_secs(48 * 3600);
     let transport = Embedded::new();
-    let wf = Workflow::builder("reminder", 1)
-        .step("hold", "t.hold")
-        .step("remind", "t.remind")
-        .delay(two_days)
-        .build()
-        .unwrap();
+    let wf = reminder(two_days);
     let reminded = Arc::new(AtomicUsize::new(0));
-    let counter = reminded.clone();
-    let worker = Worker::builder(transport.clone())
-        .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
-            Ok(StepOutput::ok())
-        })
-        .serve("t.remind", move |_ctx: StepContext, _p: Payload| {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async { Ok(StepOutput::ok()) }
-        })
+    let worker = serve_reminder(Worker::builder(transport.clone()), counted(&reminded))
         .start()
         .await
         .unwrap();
@@ -1029,18 +984,10 @@ async fn a_step_waits_until_the_time_its_payload_names() {
         .build()
         .unwrap();
     let shipped = Arc::new(AtomicUsize::new(0));
-    let counter = shipped.clone();
     let worker = Worker::builder(transport.clone())
-        .serve("t.pack", |_ctx: StepContext, _p: Payload| async {
-            Ok(StepOutput::ok())
-        })
-        .serve("t.unpack", |_ctx: StepContext, _p: Payload| async {
-            Ok(StepOutput::ok())
-        })
-        .serve("t.ship", move |_ctx: StepContext, _p: Payload| {
-            counter.fetch_add(1, Ordering::SeqCst);
-            async { Ok(StepOutput::ok()) }
-        })
+        .serve("t.pack", ok)
+        .serve("t.unpack", ok)
+        .serve("t.ship", counted(&shipped))
         .start()
         .await
         .unwrap();
@@ -1112,12 +1059,8 @@ async fn a_binary_payloads_time_is_read_through_the_registry() {
     for with_registry in [true, false] {
         let transport = Embedded::new();
         let mut builder = Worker::builder(transport.clone())
-            .serve("t.pack", |_ctx: StepContext, _p: Payload| async {
-                Ok(StepOutput::ok())
-            })
-            .serve("t.ship", |_ctx: StepContext, _p: Payload| async {
-                Ok(StepOutput::ok())
-            });
+            .serve("t.pack", ok)
+            .serve("t.ship", ok);
         if with_registry {
             builder = builder.registry(registry.clone());
         }

@@ -17,7 +17,7 @@ use waybill::transport::{Headers, Outgoing, Transport};
 use waybill::{headers, Client, Payload, Status, Worker, WorkerId};
 use waybill_testkit::NatsServer;
 
-use common::{script, serve, three_steps, Log, Script};
+use common::{counted, must_not_remind, ok, reminder, script, serve, serve_reminder, three_steps, Log, Script};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -137,7 +137,7 @@ async fn a_server_that_is_not_running_is_a_clear_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_that_waits_is_kept_by_the_server_through_a_worker_restart() {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    use waybill::{StepContext, StepOutput, Workflow};
+    use waybill::Workflow;
 
     let server = NatsServer::start();
     let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
@@ -152,19 +152,9 @@ async fn a_step_that_waits_is_kept_by_the_server_through_a_worker_restart() {
     let reminded = Arc::new(AtomicUsize::new(0));
     let start = |reminded: Arc<AtomicUsize>| {
         Worker::builder(t.clone())
-            .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
-                Ok(StepOutput::ok())
-            })
-            .serve("t.remind", move |_ctx: StepContext, _p: Payload| {
-                let reminded = reminded.clone();
-                async move {
-                    reminded.fetch_add(1, Ordering::SeqCst);
-                    Ok(StepOutput::ok())
-                }
-            })
-            .serve("t.confirm", |_ctx: StepContext, _p: Payload| async {
-                Ok(StepOutput::ok())
-            })
+            .serve("t.hold", ok)
+            .serve("t.remind", counted(&reminded))
+            .serve("t.confirm", ok)
             .start()
     };
     // Every timer as it is published, on a connection of the test's own.
@@ -219,30 +209,15 @@ async fn a_step_that_waits_is_kept_by_the_server_through_a_worker_restart() {
 /// replaces the timer with one due now.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancel_wakes_an_order_asleep_on_a_server_timer() {
-    use waybill::{AttemptResult, StepContext, StepError, StepOutput, Workflow};
+    use waybill::AttemptResult;
 
     let server = NatsServer::start();
     let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
-    let wf = Workflow::builder("reminder", 1)
-        .step("hold", "t.hold")
-        .compensate("t.release")
-        .step("remind", "t.remind")
-        .delay(Duration::from_secs(3600))
-        .build()
-        .unwrap();
+    let wf = reminder(Duration::from_secs(3600));
     let raw = async_nats::connect(server.url()).await.unwrap();
     let mut timers = raw.subscribe(waybill::subject::all_timers()).await.unwrap();
     raw.flush().await.unwrap();
-    let worker = Worker::builder(t.clone())
-        .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
-            Ok(StepOutput::ok())
-        })
-        .serve("t.release", |_ctx: StepContext, _p: Payload| async {
-            Ok(StepOutput::ok())
-        })
-        .serve("t.remind", |_ctx: StepContext, _p: Payload| async {
-            Err(StepError::permanent("a cancelled order must not be reminded"))
-        })
+    let worker = serve_reminder(Worker::builder(t.clone()), must_not_remind)
         .start()
         .await
         .unwrap();
@@ -293,30 +268,22 @@ async fn a_cancel_wakes_an_order_asleep_on_a_server_timer() {
 async fn timers_pending_through_a_server_kill_fire_once() {
     use std::collections::HashMap;
     use std::sync::Mutex;
-    use waybill::{StepContext, StepOutput, Workflow};
+    use waybill::{StepContext, StepOutput};
 
     let mut server = NatsServer::start();
     let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
     let wait = Duration::from_secs(3);
-    let wf = Workflow::builder("reminder", 1)
-        .step("hold", "t.hold")
-        .step("remind", "t.remind")
-        .delay(wait)
-        .build()
-        .unwrap();
+    let wf = reminder(wait);
     let reminded: Arc<Mutex<HashMap<waybill::OrderId, u32>>> = Arc::default();
     let seen = reminded.clone();
     let raw = async_nats::connect(server.url()).await.unwrap();
     let mut timers = raw.subscribe(waybill::subject::all_timers()).await.unwrap();
     raw.flush().await.unwrap();
-    let worker = Worker::builder(t.clone())
-        .serve("t.hold", |_ctx: StepContext, _p: Payload| async {
-            Ok(StepOutput::ok())
-        })
-        .serve("t.remind", move |ctx: StepContext, _p: Payload| {
-            *seen.lock().unwrap().entry(ctx.order_id).or_default() += 1;
-            async { Ok(StepOutput::ok()) }
-        })
+    let remind = move |ctx: StepContext, _p: Payload| {
+        *seen.lock().unwrap().entry(ctx.order_id).or_default() += 1;
+        async { Ok(StepOutput::ok()) }
+    };
+    let worker = serve_reminder(Worker::builder(t.clone()), remind)
         .start()
         .await
         .unwrap();

@@ -36,11 +36,7 @@ struct JsonIn {
 pub(super) fn encode(doc: &Document) -> Result<Vec<u8>, EncodeError> {
     serde_json::to_vec(&JsonOut {
         // As the binary form: 2 only when a step waits.
-        envelope: if doc.route.steps.iter().any(|s| s.wait.is_some()) {
-            2
-        } else {
-            1
-        },
+        envelope: super::routes::version_of(&doc.route),
         route: WireRouteRef::from(&*doc.route),
         body: WireBodyRef::from(doc),
     })

@@ -28,7 +28,7 @@ pub(super) type RouteBytes = (u8, Arc<[u8]>);
 /// The envelope version a route is written in: 1 unless a step waits (so
 /// that builds which read only version 1 keep reading every route that
 /// does not use what version 2 added).
-fn version_of(route: &Route) -> u8 {
+pub(super) fn version_of(route: &Route) -> u8 {
     if route.steps.iter().any(|s| s.wait.is_some()) {
         2
     } else {

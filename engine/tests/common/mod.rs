@@ -1,5 +1,6 @@
 //! What the runtime tests share: a three-step workflow, a payload that
-//! scripts what its handlers do, and handlers that log every call.
+//! scripts what its handlers do, and handlers that log every call; the
+//! waits' two-step workflow and its handlers.
 
 #![allow(dead_code)] // each test file uses its own part of this
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
@@ -90,6 +91,43 @@ impl Log {
     pub fn calls_of(&self, step: &str) -> usize {
         self.calls.lock().unwrap().iter().filter(|c| c.0 == step).count()
     }
+}
+
+/// The waits' tests' workflow: `hold` (undone by `t.release`), then
+/// `remind` once `wait` has passed after it.
+pub fn reminder(wait: Duration) -> Workflow {
+    Workflow::builder("reminder", 1)
+        .step("hold", "t.hold")
+        .compensate("t.release")
+        .step("remind", "t.remind")
+        .delay(wait)
+        .build()
+        .unwrap()
+}
+
+/// A step that answers `ok`.
+pub async fn ok(_ctx: StepContext, _p: Payload) -> Result<StepOutput, StepError> {
+    Ok(StepOutput::ok())
+}
+
+/// Serves the reminder's services: `hold` and `release` answer `ok`,
+/// `remind` is `remind`.
+pub fn serve_reminder<T: Transport>(b: WorkerBuilder<T>, remind: impl waybill::Handler) -> WorkerBuilder<T> {
+    b.serve("t.hold", ok).serve("t.release", ok).serve("t.remind", remind)
+}
+
+/// A step that says it was called (in `calls`) and answers `ok`.
+pub fn counted(calls: &Arc<std::sync::atomic::AtomicUsize>) -> impl waybill::Handler {
+    let calls = calls.clone();
+    move |_ctx: StepContext, _p: Payload| {
+        calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async { Ok(StepOutput::ok()) }
+    }
+}
+
+/// A `remind` that must not run: the order was cancelled.
+pub async fn must_not_remind(_ctx: StepContext, _p: Payload) -> Result<StepOutput, StepError> {
+    Err(StepError::permanent("a cancelled order must not be reminded"))
 }
 
 /// A step that says it was entered, then waits at `gate` for a permit
