@@ -96,18 +96,36 @@ pub async fn open(nats: &Nats, bucket: &'static str) -> Result<Store, KvError> {
     })
 }
 
+/// How long seeding waits out an unavailable bucket: a replicated bucket
+/// just created answers "no responders" until it has elected its leader.
+const SEED_UNAVAILABLE_LIMIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Seeds stock levels; SKUs that already have a level keep it (setup is
 /// idempotent and never resets live stock). Returns how many were created.
+/// An unavailable bucket (no leader yet, a node away) is tried again, 50 ms
+/// doubling to 1 s apart, for up to 30 s: a fault of the infrastructure
+/// delays the setup, it does not fail it.
 pub async fn seed_stock(nats: &Nats, stock: &BTreeMap<String, i64>) -> Result<usize, KvError> {
     let store = open(nats, INVENTORY).await?;
     let mut created = 0;
     for (sku, &available) in stock {
         check_key(sku).map_err(|e| kv_err(INVENTORY, e))?;
         let value = SkuValue { available, reserved: 0 };
-        match store.create(record::sku_key(sku), encode(&value)).await {
-            Ok(_) => created += 1,
-            Err(e) if fault::is_conflict(&e) => {}
-            Err(e) => return Err(kv_err(INVENTORY, e)),
+        let deadline = tokio::time::Instant::now() + SEED_UNAVAILABLE_LIMIT;
+        let mut pause = std::time::Duration::from_millis(50);
+        loop {
+            match store.create(record::sku_key(sku), encode(&value)).await {
+                Ok(_) => created += 1,
+                Err(e) if fault::is_conflict(&e) => {}
+                Err(e) if fault::is_unavailable(&e) && tokio::time::Instant::now() + pause < deadline => {
+                    tracing::info!(%sku, error = %e, "the inventory bucket is unavailable; trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(1));
+                    continue;
+                }
+                Err(e) => return Err(kv_err(INVENTORY, e)),
+            }
+            break;
         }
     }
     Ok(created)
