@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::id::{OrderId, ServiceSubject, StepName, WorkerId};
+use crate::id::{OrderId, ServiceSubject, SignalName, StepName, WorkerId};
 use crate::workflow::{Route, RouteStep};
 
 /// Microseconds since the Unix epoch. Its serde form (the number) belongs to
@@ -250,6 +250,10 @@ pub enum AttemptResult {
     /// as the canceller gave it): the completed steps are undone and the
     /// order ends `cancelled`.
     Cancelled { reason: String },
+    /// The step's wait for a signal ended, before the step ran: with the
+    /// signal's JSON (`data`), or without it when its deadline passed. Not
+    /// an attempt.
+    Signal { name: SignalName, data: Option<String> },
 }
 
 impl AttemptResult {
@@ -257,6 +261,12 @@ impl AttemptResult {
     /// attempt of the step.
     pub fn is_unavailable(&self) -> bool {
         matches!(self, AttemptResult::Unavailable { .. })
+    }
+
+    /// Whether this record is an attempt of its step (or of its undoing):
+    /// not a wait on infrastructure nor the end of a wait for a signal.
+    pub fn is_attempt(&self) -> bool {
+        !matches!(self, AttemptResult::Unavailable { .. } | AttemptResult::Signal { .. })
     }
 }
 
@@ -360,13 +370,21 @@ impl Document {
         }
     }
 
-    /// How often the named step was entered (its first attempts counted;
-    /// waits on infrastructure are not attempts).
+    /// How often the named step was entered: its first attempts, and the
+    /// entries that ended without it running (its signal's deadline
+    /// passed). Waits on infrastructure are not attempts.
     pub fn visits(&self, step: &StepName) -> u32 {
         let n = self
             .history
             .iter()
-            .filter(|r| r.kind == StepKind::Forward && r.attempt == 1 && &r.step == step && !r.result.is_unavailable())
+            .filter(|r| {
+                r.kind == StepKind::Forward
+                    && &r.step == step
+                    && match r.result {
+                        AttemptResult::Signal { ref data, .. } => data.is_none(),
+                        ref other => r.attempt == 1 && other.is_attempt(),
+                    }
+            })
             .count();
         u32::try_from(n).unwrap_or(u32::MAX)
     }
@@ -381,6 +399,44 @@ impl Document {
             Some(AttemptResult::Unavailable { message, since, tries }) => Some((*since, *tries, message.as_str())),
             _ => None,
         }
+    }
+
+    /// The JSON of the signal `name` as the order received it (the latest,
+    /// if a step entered again received it again), if it did.
+    pub fn signal(&self, name: &str) -> Option<&str> {
+        self.history.iter().rev().find_map(|r| match &r.result {
+            AttemptResult::Signal { name: n, data } if n.as_str() == name => data.as_deref(),
+            _ => None,
+        })
+    }
+
+    /// The signal the order waits for now, and since when (the order
+    /// entered the step): running, at a step that waits for a signal, and
+    /// not yet received on this entry into the step (nor timed out). Its
+    /// deadline is the step's wait after that.
+    pub fn awaited_signal(&self) -> Option<(&SignalName, Timestamp)> {
+        if self.status != Status::Running {
+            return None;
+        }
+        let step = self.current_step()?;
+        let name = step.awaits()?;
+        // This entry's records come last (waits on infrastructure); then
+        // the record that moved the order here, which says when: another
+        // step's, or an outcome of this one (a loop). None: the start.
+        for r in self.history.iter().rev() {
+            if r.step != step.name || r.kind != StepKind::Forward {
+                return Some((name, r.ended_at));
+            }
+            match &r.result {
+                AttemptResult::Signal { data: Some(_), .. } => return None,
+                // An earlier entry's end: it ran, or its wait timed out.
+                AttemptResult::Outcome(_) | AttemptResult::Signal { data: None, .. } => {
+                    return Some((name, r.ended_at))
+                }
+                _ => {}
+            }
+        }
+        Some((name, self.created_at))
     }
 
     /// The latest `detail` recorded by the named step, if any.
@@ -434,6 +490,8 @@ impl fmt::Display for Journal<'_> {
                     )
                 }
                 AttemptResult::Cancelled { reason } => format!("cancelled: {reason}"),
+                AttemptResult::Signal { name, data: Some(data) } => format!("signal `{name}` received: {data}"),
+                AttemptResult::Signal { name, data: None } => format!("no signal `{name}` by its deadline"),
             };
             write!(
                 f,

@@ -157,6 +157,12 @@ name_type!(
     "outcome",
     dots = false
 );
+name_type!(
+    /// The name of a signal an order can wait for, such as `approved`.
+    SignalName,
+    "signal name",
+    dots = false
+);
 
 impl Outcome {
     /// The outcome of a step that did what it was asked.

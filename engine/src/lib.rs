@@ -50,7 +50,9 @@ pub use document::{
     AttemptResult, Compensation, ContentType, Document, Journal, Payload, PayloadError, Status, StepKind, StepRecord,
     Target, Timestamp, UnknownStatus,
 };
-pub use id::{DedupId, MsgId, NameError, OrderId, Outcome, ServiceSubject, StepName, WorkerId, WorkflowName};
+pub use id::{
+    DedupId, MsgId, NameError, OrderId, Outcome, ServiceSubject, SignalName, StepName, WorkerId, WorkflowName,
+};
 pub use registry::{InvalidPayload, Registry, StartError, WorkflowPayload};
 pub use transition::{Attempt, Decision, StepResult};
 pub use worker::{

@@ -1,7 +1,7 @@
 //! Every NATS subject and consumer name Waybill uses is built here, and only
 //! here.
 
-use crate::id::{OrderId, ServiceSubject, WorkflowName};
+use crate::id::{OrderId, ServiceSubject, SignalName, WorkflowName};
 
 /// Prefix of every hop that asks a service for work.
 pub const HOP_PREFIX: &str = "waybill.hop.";
@@ -103,6 +103,8 @@ pub const START_PREFIX: &str = "waybill.start.";
 pub const STATUS_PREFIX: &str = "waybill.status.";
 /// Prefix of the cancel requests: `waybill.cancel.<order id>`.
 pub const CANCEL_PREFIX: &str = "waybill.cancel.";
+/// Prefix of the signal deliveries: `waybill.signal.<order id>.<name>`.
+pub const SIGNAL_PREFIX: &str = "waybill.signal.";
 /// The summary request.
 pub const ORDERS: &str = "waybill.orders";
 /// The queue group every coordinator answers the public requests in.
@@ -132,6 +134,12 @@ pub fn partition_cancel(owner: u32, count: u32, id: &OrderId) -> String {
     format!("{}.cancel.{id}", partition_prefix(owner, count))
 }
 
+/// `<partition prefix>.signal.<id>.<name>`: a signal only the coordinators
+/// of partition `owner` of `count` answer.
+pub fn partition_signal(owner: u32, count: u32, id: &OrderId, name: &SignalName) -> String {
+    format!("{}.signal.{id}.{name}", partition_prefix(owner, count))
+}
+
 /// `<partition prefix>.orders`: an orders request for one partition.
 pub fn partition_orders(owner: u32, count: u32) -> String {
     format!("{}.orders", partition_prefix(owner, count))
@@ -144,9 +152,11 @@ pub fn coordinator_subjects(index: u32, count: u32) -> Vec<String> {
         format!("{START_PREFIX}*"),
         format!("{STATUS_PREFIX}*"),
         format!("{CANCEL_PREFIX}*"),
+        format!("{SIGNAL_PREFIX}*.*"),
         ORDERS.to_owned(),
         format!("{own}.status.*"),
         format!("{own}.cancel.*"),
+        format!("{own}.signal.*.*"),
         format!("{own}.orders"),
     ]
 }
@@ -161,6 +171,8 @@ pub enum CoordinatorRequest<'a> {
     Status { id: &'a str, public: bool },
     /// `waybill.cancel.<id>`, or the partition's own form.
     Cancel { id: &'a str, public: bool },
+    /// `waybill.signal.<id>.<name>`, or the partition's own form.
+    Signal { id: &'a str, name: &'a str, public: bool },
     /// `waybill.orders`, or the partition's own form.
     Orders { public: bool },
 }
@@ -178,6 +190,10 @@ impl<'a> CoordinatorRequest<'a> {
         if let Some(id) = subject.strip_prefix(CANCEL_PREFIX) {
             return Some(Self::Cancel { id, public: true });
         }
+        if let Some(rest) = subject.strip_prefix(SIGNAL_PREFIX) {
+            let (id, name) = rest.split_once('.')?;
+            return Some(Self::Signal { id, name, public: true });
+        }
         if subject == ORDERS {
             return Some(Self::Orders { public: true });
         }
@@ -188,6 +204,13 @@ impl<'a> CoordinatorRequest<'a> {
         }
         if let Some(id) = rest.strip_prefix(".cancel.") {
             return Some(Self::Cancel { id, public: false });
+        }
+        if let Some((id, name)) = rest.strip_prefix(".signal.").and_then(|r| r.split_once('.')) {
+            return Some(Self::Signal {
+                id,
+                name,
+                public: false,
+            });
         }
         (rest == ".orders").then_some(Self::Orders { public: false })
     }
@@ -217,6 +240,12 @@ pub fn status(id: &crate::id::OrderId) -> String {
 /// `waybill.cancel.<order id>`: the cancel request of one order.
 pub fn cancel(id: &crate::id::OrderId) -> String {
     format!("{CANCEL_PREFIX}{id}")
+}
+
+/// `waybill.signal.<order id>.<name>`: the delivery of a signal to an
+/// order.
+pub fn signal(id: &OrderId, name: &SignalName) -> String {
+    format!("{SIGNAL_PREFIX}{id}.{name}")
 }
 
 /// `waybill.start.<workflow>`: the start request of a workflow's orders.
@@ -278,6 +307,23 @@ mod tests {
         assert_eq!(
             R::parse("waybill.coordinator.p2.1.cancel.x", 1, 2),
             Some(R::Cancel { id: "x", public: false })
+        );
+        assert_eq!(
+            R::parse("waybill.signal.x.approved", 0, 1),
+            Some(R::Signal {
+                id: "x",
+                name: "approved",
+                public: true
+            })
+        );
+        assert_eq!(R::parse("waybill.signal.x", 0, 1), None);
+        assert_eq!(
+            R::parse("waybill.coordinator.p2.1.signal.x.approved", 1, 2),
+            Some(R::Signal {
+                id: "x",
+                name: "approved",
+                public: false
+            })
         );
         assert_eq!(
             R::parse("waybill.coordinator.p2.1.status.x", 1, 2),

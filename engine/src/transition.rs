@@ -112,6 +112,8 @@ pub enum TransitionError {
     Terminal(Status),
     #[error("document has no current step (cursor {0} is outside the route)")]
     NoStep(u16),
+    #[error("step `{0}` waits for no signal")]
+    NoSignal(String),
 }
 
 /// The first wait after an unavailable infrastructure.
@@ -257,10 +259,10 @@ pub fn apply(doc: &mut Document, attempt: Attempt) -> Result<Decision, Transitio
             }
         }
         (StepKind::Forward, AttemptResult::Outcome(outcome)) => forward(doc, outcome, ended_at),
-        // Waits on infrastructure returned above, and cancels are made by
-        // `cancel`: no such record is made here. Were one to be, the step
+        // Waits on infrastructure returned above, and cancels and signals
+        // are made by `cancel` and `signal`: no such record is made here. Were one to be, the step
         // runs again, which is always safe.
-        (_, AttemptResult::Unavailable { .. } | AttemptResult::Cancelled { .. }) => {
+        (_, AttemptResult::Unavailable { .. } | AttemptResult::Cancelled { .. } | AttemptResult::Signal { .. }) => {
             Decision::Hop { service, delay: None }
         }
     };
@@ -384,6 +386,13 @@ fn forward(doc: &mut Document, outcome: CompactString, ended_at: Timestamp) -> D
             service,
         });
     }
+    go(doc, next, ended_at)
+}
+
+/// Moves the order from its current step to `next` (not `Fail`): the step
+/// it leads to, entered at `ended_at` (its wait counted from then), or
+/// completion.
+fn go(doc: &mut Document, next: Next, ended_at: Timestamp) -> Decision {
     let target = match next {
         Next::Continue => {
             let n = usize::from(doc.step) + 1;
@@ -415,6 +424,57 @@ fn forward(doc: &mut Document, outcome: CompactString, ended_at: Timestamp) -> D
     // A step that waits is due its wait after the step before it ended.
     doc.not_before = wait.map(|d| ended_at.plus(d));
     Decision::Hop { service, delay: wait }
+}
+
+/// Ends the order's wait for the signal its current step waits for
+/// ([`Wait::Signal`], see [`Document::awaited_signal`]), before the step
+/// runs: appends one record (not an attempt) at `at`. With the signal's
+/// JSON, the step runs now (the hop is no longer held to its deadline):
+/// `None`. Without (its deadline passed), the order goes where the wait's
+/// `on_timeout` says, the step unrun, and the returned decision is its next
+/// hop.
+pub fn signal(
+    doc: &mut Document,
+    data: Option<String>,
+    worker: WorkerId,
+    at: Timestamp,
+) -> Result<Option<Decision>, TransitionError> {
+    if doc.status.is_terminal() {
+        return Err(TransitionError::Terminal(doc.status));
+    }
+    let step = doc.current_step().ok_or(TransitionError::NoStep(doc.step))?;
+    let Some(Wait::Signal { name, on_timeout, .. }) = &step.wait else {
+        return Err(TransitionError::NoSignal(step.name.to_string()));
+    };
+    let (name, on_timeout, step_name) = (name.clone(), *on_timeout, step.name.clone());
+    let received = data.is_some();
+    doc.history.push(StepRecord {
+        step: step.name.clone(),
+        service: step.service.clone(),
+        kind: StepKind::Forward,
+        attempt: doc.attempt,
+        result: AttemptResult::Signal {
+            name: name.clone(),
+            data,
+        },
+        detail: None,
+        started_at: at,
+        ended_at: at,
+        worker,
+    });
+    if received {
+        doc.not_before = None;
+        return Ok(None);
+    }
+    doc.hop = doc.hop.saturating_add(1);
+    let why = format!("step `{step_name}` waited for signal `{name}` past its deadline");
+    Ok(Some(match on_timeout {
+        Next::Fail => fail(doc, why),
+        next => {
+            tracing::debug!(order = %doc.id, "{why}; going on");
+            go(doc, next, at)
+        }
+    }))
 }
 
 /// When the order has just entered a step that waits until a payload time

@@ -20,7 +20,7 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 mod common;
 use common::{
-    counted, gated, must_not_remind, ok, reminder, script, serve, serve_reminder, three_steps, Faulty, Log,
+    approval, counted, gated, must_not_remind, ok, reminder, script, serve, serve_reminder, three_steps, Faulty, Log,
     PublishFault, Script,
 };
 
@@ -1079,4 +1079,223 @@ async fn a_binary_payloads_time_is_read_through_the_registry() {
         worker.shutdown().await;
         client.close().await;
     }
+}
+
+/// Waits until a hop of `service` sleeps (handed back until it is due).
+async fn asleep_at(transport: &Embedded, service: &str) {
+    let consumer = subject::service_consumer(&service.parse().unwrap());
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while transport.consumer_stats(&consumer).is_none_or(|s| s.delayed == 0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no hop of {service} went to sleep"
+        );
+        tokio::task::yield_now().await;
+    }
+}
+
+/// `t.book`: says what it saw of the signal `approved`, and answers `ok`.
+fn booking(seen: &Arc<std::sync::Mutex<Vec<Option<String>>>>) -> impl waybill::Handler {
+    let seen = seen.clone();
+    move |ctx: StepContext, _p: Payload| {
+        seen.lock().unwrap().push(ctx.signal("approved").map(str::to_owned));
+        async { Ok(StepOutput::ok()) }
+    }
+}
+
+/// A signal delivered while the order waits for it wakes it: the step runs
+/// once, with the signal's JSON, which the document keeps under its name;
+/// the same signal again is a duplicate and changes nothing.
+#[tokio::test]
+async fn a_signal_wakes_the_order_waiting_for_it_and_is_kept_once() {
+    let transport = Embedded::new();
+    let wf = approval(Duration::from_secs(3600), waybill::Then::Fail);
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let worker = Worker::builder(transport.clone())
+        .serve("t.hold", ok)
+        .serve("t.release", ok)
+        .serve("t.book", booking(&seen))
+        .serve("t.nudge", ok)
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let id = client
+        .start(&wf, Payload::postcard(&script("x")).unwrap())
+        .await
+        .unwrap();
+    asleep_at(&transport, "t.book").await;
+    let approved: waybill::SignalName = "approved".parse().unwrap();
+    assert!(transport.send_signal(id, &approved, r#"{"by":"ana"}"#).await.unwrap());
+    assert!(
+        !transport.send_signal(id, &approved, r#"{"by":"bob"}"#).await.unwrap(),
+        "a duplicate"
+    );
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [Some(r#"{"by":"ana"}"#.to_owned())],
+        "booked once, with the first"
+    );
+    assert_eq!(doc.signal("approved"), Some(r#"{"by":"ana"}"#));
+    let results: Vec<&AttemptResult> = doc.history.iter().map(|r| &r.result).collect();
+    assert!(
+        matches!(
+            results[..],
+            [
+                AttemptResult::Outcome(_),
+                AttemptResult::Signal { data: Some(_), .. },
+                AttemptResult::Outcome(_)
+            ]
+        ),
+        "{}",
+        doc.journal()
+    );
+    assert_eq!(
+        doc.visits(&"book".parse().unwrap()),
+        1,
+        "the signal is not a visit of its own"
+    );
+    worker.shutdown().await;
+    client.close().await;
+}
+
+/// A signal delivered before the order reaches the step that waits for it
+/// is kept, and the order does not wait at all when it gets there.
+#[tokio::test]
+async fn a_signal_before_the_step_is_kept_until_the_order_gets_there() {
+    let transport = Embedded::new();
+    let wf = approval(Duration::from_secs(3600), waybill::Then::Fail);
+    let (gate, entered) = (
+        Arc::new(tokio::sync::Semaphore::new(0)),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let worker = Worker::builder(transport.clone())
+        .serve("t.hold", gated(&gate, &entered))
+        .serve("t.release", ok)
+        .serve("t.book", booking(&seen))
+        .serve("t.nudge", ok)
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let id = client
+        .start(&wf, Payload::postcard(&script("x")).unwrap())
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, entered.notified()).await.unwrap();
+    let approved: waybill::SignalName = "approved".parse().unwrap();
+    assert!(transport.send_signal(id, &approved, "true").await.unwrap());
+    gate.add_permits(1);
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    assert_eq!(*seen.lock().unwrap(), [Some("true".to_owned())]);
+    assert_eq!(worker.stats().naks.load(Ordering::Relaxed), 0, "it never slept");
+    worker.shutdown().await;
+    client.close().await;
+}
+
+/// Past its deadline without the signal, the route goes `on_timeout`: to
+/// fail (undoing the hold) by default, or to another step; the step that
+/// waited never runs. Two days pass on tokio's paused clock.
+#[tokio::test(start_paused = true)]
+async fn a_signal_deadline_passing_goes_where_the_route_says() {
+    waybill::Timestamp::follow_tokio_clock();
+    let two_days = Duration::from_secs(48 * 3600);
+    for (then, end, last) in [
+        (
+            waybill::Then::Fail,
+            Status::Compensated,
+            ("hold", StepKind::Compensation),
+        ),
+        (
+            waybill::Then::step("nudge"),
+            Status::Completed,
+            ("nudge", StepKind::Forward),
+        ),
+    ] {
+        let transport = Embedded::new();
+        let wf = approval(two_days, then);
+        let worker = Worker::builder(transport.clone())
+            .serve("t.hold", ok)
+            .serve("t.release", ok)
+            .serve("t.book", |_c: StepContext, _p: Payload| async {
+                Err(StepError::permanent("booked without approval"))
+            })
+            .serve("t.nudge", ok)
+            .start()
+            .await
+            .unwrap();
+        let client = Client::connect(transport.clone()).await.unwrap();
+        let id = client
+            .start(&wf, Payload::postcard(&script("x")).unwrap())
+            .await
+            .unwrap();
+        let doc = tokio::time::timeout(two_days + DEADLINE, client.wait(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(doc.status, end, "{}", doc.journal());
+        let timed_out = &doc.history[1];
+        assert_eq!(
+            timed_out.result,
+            AttemptResult::Signal {
+                name: "approved".parse().unwrap(),
+                data: None
+            }
+        );
+        assert!(
+            timed_out.ended_at >= doc.history[0].ended_at.plus(two_days),
+            "not before its deadline"
+        );
+        let r = doc.history.last().unwrap();
+        assert_eq!((r.step.as_str(), r.kind), last, "{}", doc.journal());
+        if end == Status::Compensated {
+            assert!(doc
+                .failure
+                .as_deref()
+                .unwrap()
+                .contains("waited for signal `approved` past its deadline"));
+        }
+        worker.shutdown().await;
+        client.close().await;
+    }
+}
+
+/// A cancel reaches an order waiting for a signal: it wakes, is cancelled
+/// at the waiting step (not run), and its hold is undone.
+#[tokio::test]
+async fn a_cancel_reaches_an_order_waiting_for_a_signal() {
+    let transport = Embedded::new();
+    let wf = approval(Duration::from_secs(3600), waybill::Then::Fail);
+    let worker = Worker::builder(transport.clone())
+        .serve("t.hold", ok)
+        .serve("t.release", ok)
+        .serve("t.book", must_not_remind)
+        .serve("t.nudge", ok)
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let id = client
+        .start(&wf, Payload::postcard(&script("x")).unwrap())
+        .await
+        .unwrap();
+    asleep_at(&transport, "t.book").await;
+    assert!(transport.request_cancel(id, "no longer needed").await.unwrap());
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Cancelled, "{}", doc.journal());
+    let steps: Vec<(&str, StepKind)> = doc.history.iter().map(|r| (r.step.as_str(), r.kind)).collect();
+    assert_eq!(
+        steps,
+        [
+            ("hold", StepKind::Forward),
+            ("book", StepKind::Forward),
+            ("hold", StepKind::Compensation)
+        ]
+    );
+    worker.shutdown().await;
+    client.close().await;
 }

@@ -334,6 +334,23 @@ pub async fn status<T: Rpc>(transport: &T, id: &str, timeout: Duration) -> Resul
         .map_err(|e| OpsError::request(&subject::status(&id), timeout, e))
 }
 
+/// Delivers the signal `name` with its JSON `data` to an order, through
+/// the coordinator.
+pub async fn signal<T: Rpc>(
+    transport: &T,
+    id: &str,
+    name: &str,
+    data: &str,
+    timeout: Duration,
+) -> Result<waybill::coordinator::api::SignalReply, OpsError> {
+    let id = id.parse::<OrderId>()?;
+    let name = waybill::SignalName::new(name)?;
+    CoordinatorClient::new(transport.clone(), timeout)
+        .signal(&id, &name, data)
+        .await
+        .map_err(|e| OpsError::request(&subject::signal(&id, &name), timeout, e))
+}
+
 pub async fn orders<T: Rpc>(transport: &T, query: &OrdersQuery, timeout: Duration) -> Result<OrdersReply, OpsError> {
     CoordinatorClient::new(transport.clone(), timeout)
         .orders(query)

@@ -29,6 +29,12 @@ pub fn print_status(s: &StatusReply) {
             w.since, w.tries, w.error
         );
     }
+    if let Some(a) = &s.awaiting {
+        println!(
+            "awaiting  signal {} since {} (deadline {}; `waybill signal {} {} [JSON]`)",
+            a.signal, a.since, a.deadline, s.id, a.signal
+        );
+    }
     if let Some(until) = &s.asleep_until {
         println!("asleep    until {until} (the step's wait or a retry's backoff; no worker holds it)");
     }
@@ -82,9 +88,13 @@ fn result_of(h: &HistoryEntry) -> String {
             };
             format!("{kind}: {e}")
         }
-        (None, None) => match &h.cancelled {
-            Some(reason) => format!("cancelled: {reason}"),
-            None => "-".into(),
+        (None, None) => match (&h.cancelled, &h.signal) {
+            (Some(reason), _) => format!("cancelled: {reason}"),
+            (None, Some(sig)) => match &sig.data {
+                Some(data) => format!("signal {}: {data}", sig.name),
+                None => format!("no {} by deadline", sig.name),
+            },
+            (None, None) => "-".into(),
         },
     };
     if let Some(d) = &h.detail {

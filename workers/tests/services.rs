@@ -43,6 +43,7 @@ fn ctx(id: OrderId, step: &str, attempt: u32) -> StepContext {
         hop: 1,
         deadline: tokio::time::Instant::now(),
         worker: WorkerId::new("test"),
+        signals: Vec::new(),
     }
 }
 

@@ -108,11 +108,25 @@ pub struct HistoryEntry {
     /// Set when the order was cancelled at this hop: why.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled: Option<String>,
+    /// Set when this record ends the step's wait for a signal (not an
+    /// attempt): the signal, and its JSON if it came (none: its deadline
+    /// passed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<SignalRecord>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
     pub started_at: String,
     pub ended_at: String,
     pub worker: String,
+}
+
+/// A signal in an order's history: its name, and its JSON as text (none
+/// when its deadline passed without it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalRecord {
+    pub name: String,
+    #[serde(default)]
+    pub data: Option<String>,
 }
 
 impl HistoryEntry {
@@ -121,8 +135,15 @@ impl HistoryEntry {
             AttemptResult::Cancelled { reason } => Some(reason.clone()),
             _ => None,
         };
+        let signal = match &r.result {
+            AttemptResult::Signal { name, data } => Some(SignalRecord {
+                name: name.to_string(),
+                data: data.clone(),
+            }),
+            _ => None,
+        };
         let (outcome, error, transient, unavailable) = match &r.result {
-            AttemptResult::Cancelled { .. } => (None, None, None, None),
+            AttemptResult::Cancelled { .. } | AttemptResult::Signal { .. } => (None, None, None, None),
             AttemptResult::Outcome(o) => (Some(o.to_string()), None, None, None),
             AttemptResult::Error { message, transient } => (None, Some(message.clone()), Some(*transient), None),
             AttemptResult::Unavailable { message, since, tries } => (
@@ -146,6 +167,7 @@ impl HistoryEntry {
             transient,
             unavailable,
             cancelled,
+            signal,
             detail: r.detail.as_ref().map(|d| d.to_string()),
             started_at: rfc3339(r.started_at),
             ended_at: rfc3339(r.ended_at),
@@ -196,6 +218,9 @@ pub struct StatusReply {
     /// `last_hop_at`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asleep_until: Option<String>,
+    /// Set while the order waits for a signal before its current step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub awaiting: Option<Awaiting>,
     pub history: Vec<HistoryEntry>,
     /// The order's payload as JSON, when the coordinator can read it (its
     /// workflow registered there, or a JSON payload).
@@ -230,6 +255,7 @@ impl StatusReply {
             failure: None,
             waiting: None,
             asleep_until: None,
+            awaiting: None,
             history: Vec::new(),
             payload: None,
             payload_error: None,
@@ -247,12 +273,30 @@ impl StatusReply {
             tries,
             error: error.to_owned(),
         });
+        self.awaiting = doc.awaited_signal().map(|(name, since)| {
+            let wait = doc.current_step().and_then(|s| s.wait.as_ref()?.duration());
+            Awaiting {
+                signal: name.to_string(),
+                since: rfc3339(since),
+                deadline: rfc3339(since.plus(wait.unwrap_or_default())),
+            }
+        });
         self.asleep_until = doc
             .not_before
-            .filter(|due| !doc.status.is_terminal() && *due > Timestamp::now())
+            .filter(|due| !doc.status.is_terminal() && *due > Timestamp::now() && self.awaiting.is_none())
             .map(rfc3339);
         self
     }
+}
+
+/// What an order waits for before its current step: a signal, since it
+/// entered the step, at most until its deadline (then the route goes on
+/// without it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Awaiting {
+    pub signal: String,
+    pub since: String,
+    pub deadline: String,
 }
 
 /// The reason a cancel records when its request gives none.
@@ -278,6 +322,25 @@ pub struct CancelReply {
     /// nothing).
     pub already_asked: bool,
     /// Where the order stood when the cancel was recorded.
+    pub status: Status,
+    pub step: StepName,
+}
+
+/// Largest signal accepted: its JSON, in bytes.
+pub const MAX_SIGNAL_BYTES: usize = 64 * 1024;
+
+/// The answer to a signal: kept for the order (`duplicate`: it had it
+/// already, and this one changed nothing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalReply {
+    pub id: OrderId,
+    pub signal: String,
+    /// The order had this signal already: the first one stays.
+    pub duplicate: bool,
+    /// The order waits for it now (else it is kept until the order reaches
+    /// the step that waits for it).
+    pub awaited: bool,
+    /// Where the order stood when the signal was kept.
     pub status: Status,
     pub step: StepName,
 }

@@ -6,8 +6,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde::de::DeserializeOwned;
 
-use super::api::{CancelReply, CancelRequest, ErrorReply, OrdersQuery, OrdersReply, StartReply, StatusReply};
-use crate::id::OrderId;
+use super::api::{
+    CancelReply, CancelRequest, ErrorReply, OrdersQuery, OrdersReply, SignalReply, StartReply, StatusReply,
+};
+use crate::id::{OrderId, SignalName};
 use crate::subject;
 use crate::transport::{self, Headers, Rpc};
 
@@ -97,6 +99,14 @@ impl<T: Rpc> CoordinatorClient<T> {
             cause,
         })?;
         self.ask(subject, Headers::new(), Bytes::from(body), false).await
+    }
+
+    /// Delivers the signal `name` to an order (`waybill.signal.<id>.<name>`)
+    /// with its JSON `data` (`{}` if empty); a second delivery of the same
+    /// name answers `duplicate`.
+    pub async fn signal(&self, id: &OrderId, name: &SignalName, data: &str) -> Result<SignalReply, RequestError> {
+        let body = Bytes::copy_from_slice(data.as_bytes());
+        self.ask(subject::signal(id, name), Headers::new(), body, false).await
     }
 
     /// A summary of the tracked orders (`waybill.orders`).

@@ -9,8 +9,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::api::{
-    CancelReply, CancelRequest, ErrorReply, OrdersQuery, OrdersReply, StartReply, StatusReply, DEFAULT_CANCEL_REASON,
-    MAX_CANCEL_REASON, MAX_START_BYTES,
+    CancelReply, CancelRequest, ErrorReply, OrdersQuery, OrdersReply, SignalReply, StartReply, StatusReply,
+    DEFAULT_CANCEL_REASON, MAX_CANCEL_REASON, MAX_SIGNAL_BYTES, MAX_START_BYTES,
 };
 use super::view::Partition;
 use super::Shared;
@@ -88,6 +88,9 @@ async fn answer<T: Transport + HopLog + Rpc>(shared: &Shared<T>, request: &impl 
         }
         Some(CoordinatorRequest::Status { id, public }) => status(shared, id, public).await,
         Some(CoordinatorRequest::Cancel { id, public }) => cancel_order(shared, id, request.payload(), public).await,
+        Some(CoordinatorRequest::Signal { id, name, public }) => {
+            signal_order(shared, id, name, request.payload(), public).await
+        }
         Some(CoordinatorRequest::Orders { public }) => orders(shared, request.payload(), public).await,
         None => error(format!("no such request: `{subject}`")),
     }
@@ -308,6 +311,109 @@ async fn cancel_order<T: Transport + HopLog + Rpc>(shared: &Shared<T>, id: &str,
             id,
         )),
         Err(e) => error(format!("the cancel of order {id} was not recorded: {e}")),
+    }
+}
+
+/// Delivers a signal (its JSON: the body, `{}` if empty) to an order in
+/// flight whose route waits for it: kept for the step that waits for it,
+/// and the order woken if it waits now. An order unknown, ended, or whose
+/// route waits for no signal of that name, is an error.
+async fn signal_order<T: Transport + HopLog + Rpc>(
+    shared: &Shared<T>,
+    id: &str,
+    name: &str,
+    body: &Bytes,
+    public: bool,
+) -> Bytes {
+    let id: OrderId = match id.parse() {
+        Ok(id) => id,
+        Err(e) => return error(e.to_string()),
+    };
+    let name = match crate::id::SignalName::new(name) {
+        Ok(n) => n,
+        Err(e) => return error(e.to_string()),
+    };
+    let p = shared.config.partition;
+    let owner = Partition::of(&id, p.count);
+    if owner != p.index {
+        if !public {
+            return error(format!("order {id} belongs to partition {owner}/{}, not {p}", p.count));
+        }
+        let subject = subject::partition_signal(owner, p.count, &id, &name);
+        return forward(shared, owner, subject, body.clone())
+            .await
+            .unwrap_or_else(|e| error(e.to_string()));
+    }
+    if body.len() > MAX_SIGNAL_BYTES {
+        return error(format!(
+            "signal `{name}` is {} bytes, over the limit of {MAX_SIGNAL_BYTES}",
+            body.len()
+        ));
+    }
+    let data = if body.iter().all(u8::is_ascii_whitespace) {
+        "{}".to_owned()
+    } else {
+        match serde_json::from_slice::<serde_json::Value>(body) {
+            Ok(v) => v.to_string(),
+            Err(e) => return error(format!("signal `{name}` is not JSON: {e}")),
+        }
+    };
+    let Some(state) = shared.tracker.get(&id) else {
+        return if shared.tracker.is_caught_up() {
+            error(format!("unknown order {id}"))
+        } else {
+            error(format!(
+                "unknown order {id} (so far: the coordinator is still replaying the hop stream)"
+            ))
+        };
+    };
+    if state.status.is_terminal() {
+        return error(format!(
+            "order {id} already ended {}: no signal can reach it",
+            state.status
+        ));
+    }
+    // The route, from the latest hop: a signal it never waits for is a
+    // mistake (a misspelt name), not something to keep.
+    let mut awaited = false;
+    if let Ok(Some(m)) = shared.transport.get(state.sequence).await {
+        let ct = m.message.headers.get(headers::CONTENT_TYPE);
+        if let Ok(doc) = shared.config.codec.decode_as(&m.message.payload, ct) {
+            let waits: Vec<&str> = doc
+                .route
+                .steps
+                .iter()
+                .filter_map(|s| s.awaits())
+                .map(|n| n.as_str())
+                .collect();
+            if !waits.contains(&name.as_str()) {
+                let expected = if waits.is_empty() {
+                    "none".to_owned()
+                } else {
+                    waits.join(", ")
+                };
+                return error(format!(
+                    "order {id} ({} v{}) waits for no signal `{name}`; its route waits for: {expected}",
+                    doc.route.workflow, doc.route.version
+                ));
+            }
+            awaited = doc.awaited_signal().is_some_and(|(n, _)| n == &name);
+        }
+    }
+    match shared.transport.send_signal(id, &name, &data).await {
+        Ok(fresh) => json(&SignalReply {
+            id,
+            signal: name.to_string(),
+            duplicate: !fresh,
+            awaited,
+            status: state.status,
+            step: state.step,
+        }),
+        Err(e) if e.is_retryable() => error_reply(&ErrorReply::retry(
+            format!("signal `{name}` of order {id} was not recorded: {e}"),
+            id,
+        )),
+        Err(e) => error(format!("signal `{name}` of order {id} was not recorded: {e}")),
     }
 }
 

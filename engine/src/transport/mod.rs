@@ -30,7 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use crate::document::Timestamp;
-use crate::id::{MsgId, OrderId};
+use crate::id::{MsgId, OrderId, SignalName};
 
 mod cancels;
 #[cfg(any(test, feature = "conformance"))]
@@ -356,6 +356,35 @@ pub trait Transport: Clone + Send + Sync + 'static {
     fn cancel_requested(&self, order: &OrderId) -> Option<String> {
         let _ = order;
         None
+    }
+
+    /// Delivers the signal `name`, with its JSON `data`, to `order`: kept
+    /// for the step that waits for it (one signal of a name per order), and
+    /// the order woken ([`Transport::wake`]) in case it waits now.
+    /// `Ok(false)` when the order had it already: a duplicate, not kept
+    /// (the first stays).
+    fn send_signal(
+        &self,
+        order: OrderId,
+        name: &SignalName,
+        data: &str,
+    ) -> impl Future<Output = Result<bool, Error>> + Send {
+        let _ = (order, name, data);
+        std::future::ready(Err(Error::BadConfig("this transport cannot keep signals".into())))
+    }
+
+    /// The JSON of the signal `name` delivered to `order`, if it was.
+    fn signal(&self, order: &OrderId, name: &SignalName) -> impl Future<Output = Result<Option<String>, Error>> + Send {
+        let _ = (order, name);
+        std::future::ready(Err(Error::BadConfig("this transport cannot keep signals".into())))
+    }
+
+    /// Makes the hop of `order` that sleeps until it is due (a step's wait,
+    /// a signal's deadline, a long backoff) come now. Nothing when it does
+    /// not sleep.
+    fn wake(&self, order: OrderId) -> impl Future<Output = Result<(), Error>> + Send {
+        let _ = order;
+        std::future::ready(Ok(()))
     }
 }
 

@@ -37,6 +37,7 @@ mod dlq;
 mod log;
 mod rpc;
 mod servers;
+mod signals;
 pub use atomic::{AtomicAck, AtomicError, AtomicWrite, MAX_BATCH};
 pub use cancels::CANCELS_BUCKET;
 use consumer::pull_messages;
@@ -45,6 +46,7 @@ pub use dlq::StoredLetter;
 pub use log::NatsLog;
 pub use rpc::{NatsRequest, NatsRequests};
 pub use servers::{InvalidServer, ServerList, ServerListError};
+pub use signals::{MAX_SIGNAL_BYTES, SIGNALS_BUCKET};
 
 /// The stream every hop is stored in.
 pub const HOPS_STREAM: &str = "WAYBILL_HOPS";
@@ -99,6 +101,8 @@ pub struct Nats {
     config: NatsConfig,
     /// The cancels this process knows of (shared by the clones).
     cancels: std::sync::Arc<cancels::Cancels>,
+    /// The bucket of signals, once opened (shared by the clones).
+    signals: std::sync::Arc<tokio::sync::OnceCell<kv::Store>>,
 }
 
 /// An error of async-nats, told apart by its kind and code
@@ -179,6 +183,7 @@ impl Nats {
             js,
             config,
             cancels: std::sync::Arc::default(),
+            signals: std::sync::Arc::default(),
         })
     }
 
@@ -254,13 +259,22 @@ impl Nats {
     /// that exist are configured as Waybill needs (`waybill setup`).
     pub async fn setup(&self) -> Result<(), Error> {
         self.check_streams(true).await?;
-        // The bucket of cancels is made once and then left as it is (made
-        // with 3 replicas, say, it is not remade by a process asking for 1).
-        match self.key_value(CANCELS_BUCKET).await {
-            Ok(_) => Ok(()),
-            Err(Error::BadConfig(_)) => self.create_key_value(self.cancels_config()).await.map(|_| ()),
-            Err(e) => Err(e),
+        // The buckets of cancels and signals are made once and then left as
+        // they are (made with 3 replicas, say, not remade by a process
+        // asking for 1).
+        for (bucket, config) in [
+            (CANCELS_BUCKET, self.cancels_config()),
+            (SIGNALS_BUCKET, self.signals_config()),
+        ] {
+            match self.key_value(bucket).await {
+                Ok(_) => {}
+                Err(Error::BadConfig(_)) => {
+                    self.create_key_value(config).await?;
+                }
+                Err(e) => return Err(e),
+            }
         }
+        Ok(())
     }
 
     /// Checks that the streams exist and are configured as Waybill needs,
@@ -595,6 +609,23 @@ impl Transport for Nats {
 
     fn cancel_requested(&self, order: &crate::id::OrderId) -> Option<String> {
         self.cancels.set.get(order)
+    }
+
+    async fn send_signal(
+        &self,
+        order: crate::id::OrderId,
+        name: &crate::id::SignalName,
+        data: &str,
+    ) -> Result<bool, Error> {
+        self.put_signal(order, name, data).await
+    }
+
+    async fn signal(&self, order: &crate::id::OrderId, name: &crate::id::SignalName) -> Result<Option<String>, Error> {
+        self.get_signal(order, name).await
+    }
+
+    async fn wake(&self, order: crate::id::OrderId) -> Result<(), Error> {
+        self.wake_timer(order, None).await
     }
 }
 

@@ -10,7 +10,7 @@ use std::time::Duration;
 use compact_str::CompactString;
 
 use crate::document::{Payload, PayloadError, StepKind};
-use crate::id::{OrderId, StepName, WorkerId, WorkflowName};
+use crate::id::{OrderId, SignalName, StepName, WorkerId, WorkflowName};
 
 /// A boxed future, as handlers return them.
 pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send + 'static>>;
@@ -50,9 +50,22 @@ pub struct StepContext {
     /// When the attempt times out.
     pub deadline: tokio::time::Instant,
     pub worker: WorkerId,
+    /// The signals the order received so far, each with its JSON (empty
+    /// for most orders): see [`StepContext::signal`].
+    pub signals: Vec<(SignalName, String)>,
 }
 
 impl StepContext {
+    /// The JSON of the signal `name`, if the order received it (a step
+    /// that waits for one runs once it has: [`crate::WorkflowBuilder::await_signal`]).
+    pub fn signal(&self, name: &str) -> Option<&str> {
+        self.signals
+            .iter()
+            .rev()
+            .find(|(n, _)| n.as_str() == name)
+            .map(|(_, data)| data.as_str())
+    }
+
     /// `<order>:<step>` for a step (`#<visit>` added past the first visit),
     /// `<order>:<step>:undo` for its compensation.
     pub fn idempotency_key(&self) -> IdempotencyKey {

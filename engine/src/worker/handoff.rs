@@ -82,7 +82,7 @@ pub(super) fn cancel_hop<T>(
     decision.map(|d| encode_hop(shared, doc, &d)).transpose()
 }
 
-fn encode_hop<T>(shared: &Shared<T>, doc: &Document, decision: &Decision) -> Result<NextHop, NoNextHop> {
+pub(super) fn encode_hop<T>(shared: &Shared<T>, doc: &Document, decision: &Decision) -> Result<NextHop, NoNextHop> {
     let subject = match decision {
         Decision::Hop { service, .. } => subject::hop(service),
         Decision::Finish(status) => {

@@ -8,7 +8,9 @@ use std::fmt;
 use tracing::Instrument;
 
 use super::handle::{Service, Shared, WorkerStats};
-use super::handoff::{cancel_hop, dead_letter, hand_back, hand_off, next_hop, publish_retry_delay, Unstored};
+use super::handoff::{
+    cancel_hop, dead_letter, encode_hop, hand_back, hand_off, next_hop, publish_retry_delay, Unstored,
+};
 use super::run::{prepare, run, Ran};
 use crate::codec::DecodeError;
 use crate::document::{Document, Status, Timestamp};
@@ -53,6 +55,25 @@ pub(super) async fn process<T: Transport>(
             Ok(None) => {}
             Err(e) => {
                 let why = e.to_string();
+                return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, why)).await;
+            }
+        }
+    }
+    if doc.awaited_signal().is_some() {
+        match Box::pin(await_signal(shared, &mut doc)).await {
+            Awaited::Run => {}
+            Awaited::Hop(Ok(hop)) => return Box::pin(store_and_ack(shared, svc, &doc, hop, delivery)).await,
+            Awaited::Hop(Err(e)) => {
+                let why = e.to_string();
+                return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, why)).await;
+            }
+            Awaited::Sleep(delay) => {
+                Box::pin(hand_back(shared, svc, delivery, Some(delay), "waiting for a signal")).await;
+                // A signal delivered while this worker looked finds no hop
+                // asleep to wake: look again now that it sleeps.
+                return wake_if_signalled(shared, &doc).await;
+            }
+            Awaited::Failed(why) => {
                 return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, why)).await;
             }
         }
@@ -104,6 +125,79 @@ pub(super) async fn process<T: Transport>(
     .await
 }
 
+/// What the wait for a signal came to, at a hop of a step that waits for
+/// one.
+enum Awaited {
+    /// The signal is there (recorded in the document): run the step.
+    Run,
+    /// The next hop: the wait timed out, or the signal could not be read
+    /// (an unavailable store: tried again, not an attempt).
+    Hop(Result<super::handoff::NextHop, super::handoff::NoNextHop>),
+    /// Not there, and the deadline is this far off: hand the hop back.
+    Sleep(std::time::Duration),
+    /// The signal cannot be read here at all.
+    Failed(String),
+}
+
+/// Looks for the signal the document's step waits for: recorded in the
+/// document if it came; the route's way on if its deadline passed.
+async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document) -> Awaited {
+    let Some((name, since)) = doc.awaited_signal().map(|(n, s)| (n.clone(), s)) else {
+        return Awaited::Run;
+    };
+    let deadline = since.plus(
+        doc.current_step()
+            .and_then(|s| s.wait.as_ref()?.duration())
+            .unwrap_or_default(),
+    );
+    let found = shared.transport.signal(&doc.id, &name).await;
+    let now = Timestamp::now();
+    let ended = match found {
+        Ok(Some(data)) => {
+            tracing::debug!(order = %doc.id, signal = %name, "signal received");
+            Some(data)
+        }
+        Ok(None) if deadline > now => return Awaited::Sleep(deadline.since(now)),
+        Ok(None) => None,
+        Err(e) if e.is_unavailable() => {
+            let attempt = crate::transition::Attempt {
+                result: crate::transition::StepResult::Unavailable(format!("signal `{name}` cannot be read: {e}")),
+                worker: shared.worker.clone(),
+                started_at: now,
+                ended_at: now,
+                jitter: fastrand::f64(),
+            };
+            return Awaited::Hop(next_hop(shared, doc, attempt));
+        }
+        Err(e) => return Awaited::Failed(format!("signal `{name}` cannot be read: {e}")),
+    };
+    match crate::transition::signal(doc, ended, shared.worker.clone(), now) {
+        Ok(None) => Awaited::Run,
+        Ok(Some(decision)) => Awaited::Hop(encode_hop(shared, doc, &decision)),
+        Err(e) => Awaited::Failed(e.to_string()),
+    }
+}
+
+/// Wakes the order of `doc` if the signal its step waits for is there: a
+/// hop just stored (or handed back) to wait for it may have missed the
+/// wake of its delivery.
+async fn wake_if_signalled<T: Transport>(shared: &Shared<T>, doc: &Document) {
+    let Some((name, _)) = doc.awaited_signal() else {
+        return;
+    };
+    match shared.transport.signal(&doc.id, name).await {
+        Ok(Some(_)) => {
+            if let Err(e) = shared.transport.wake(doc.id).await {
+                tracing::warn!(order = %doc.id, error = %e, "could not wake an order for its signal; it wakes at its deadline");
+            }
+        }
+        Ok(None) => {}
+        Err(e) => {
+            tracing::warn!(order = %doc.id, error = %e, "could not look for a signal; the order wakes at its deadline")
+        }
+    }
+}
+
 /// Stores the next hop, then acknowledges the input; or hands the input
 /// back, or makes it a dead letter, when the hop cannot be stored.
 async fn store_and_ack<T: Transport>(
@@ -124,6 +218,7 @@ async fn store_and_ack<T: Transport>(
                 // The output is stored; a redelivery will be a duplicate.
                 tracing::warn!(error = %e, "ack failed");
             }
+            wake_if_signalled(shared, doc).await;
         }
         Err(Unstored::OverLimit(e)) => {
             let reason = format!(

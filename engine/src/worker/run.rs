@@ -48,6 +48,14 @@ pub(super) fn prepare<T>(shared: &Shared<T>, doc: &Document) -> Option<(StepCont
         hop: doc.hop,
         deadline: tokio::time::Instant::now() + timeout,
         worker: shared.worker.clone(),
+        signals: doc
+            .history
+            .iter()
+            .filter_map(|r| match &r.result {
+                crate::document::AttemptResult::Signal { name, data: Some(d) } => Some((name.clone(), d.clone())),
+                _ => None,
+            })
+            .collect(),
     };
     let span = step_span(doc, &ctx);
     Some((ctx, timeout, span))
@@ -258,6 +266,7 @@ mod tests {
             hop: doc.hop,
             deadline: tokio::time::Instant::now(),
             worker: WorkerId::new("test"),
+            signals: Vec::new(),
         };
         let seen = Arc::new(Mutex::new(None));
         let span = tracing::subscriber::with_default(Seen(seen.clone()), || step_span(&doc, &ctx));

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use super::{duration_ms, Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Wait, Workflow, MAX_STEPS};
-use crate::id::{Outcome, ServiceSubject, StepName, WorkflowName};
+use crate::id::{Outcome, ServiceSubject, SignalName, StepName, WorkflowName};
 
 impl Workflow {
     /// Starts a definition of workflow `name`, version `version` (≥ 1).
@@ -25,6 +25,8 @@ struct StepDraft {
     branches: Vec<(String, Then)>,
     max_visits: Option<u32>,
     wait: Option<Wait>,
+    /// A signal's name, deadline and where its timeout leads.
+    signal: Option<(String, Duration, Then)>,
 }
 
 /// Builds a [`Workflow`]. Methods after `step(…)` configure that step.
@@ -61,6 +63,7 @@ impl WorkflowBuilder {
             branches: Vec::new(),
             max_visits: None,
             wait: None,
+            signal: None,
         });
         self
     }
@@ -117,6 +120,7 @@ impl WorkflowBuilder {
     pub fn delay(mut self, delay: Duration) -> Self {
         if let Some(s) = self.last() {
             s.wait = Some(Wait::delay(delay));
+            s.signal = None;
         }
         self
     }
@@ -135,6 +139,38 @@ impl WorkflowBuilder {
             s.wait = Some(Wait::Until {
                 field: field.into().into(),
             });
+            s.signal = None;
+        }
+        self
+    }
+
+    /// Makes the order wait, before the last step runs, for the signal
+    /// `name` (`waybill signal <order> <name> [JSON]`, or a request on
+    /// `waybill.signal.<order>.<name>`), at most `deadline` after the step
+    /// before it ended. The signal's JSON is kept in the document under its
+    /// name ([`crate::Document::signal`], [`crate::StepContext::signal`]).
+    /// A signal delivered before the order reaches the step is kept and
+    /// used when it gets there; a duplicate is answered `duplicate` and
+    /// applied once. Past the deadline without it, the route goes where
+    /// [`on_timeout`](Self::on_timeout) says (by default it fails the order,
+    /// undoing what was done), and the step does not run. The waiting order
+    /// holds no worker: its hop is stored due at the deadline and woken by
+    /// the signal.
+    pub fn await_signal(mut self, name: impl Into<String>, deadline: Duration) -> Self {
+        if let Some(s) = self.last() {
+            s.signal = Some((name.into(), deadline, Then::Fail));
+            s.wait = None;
+        }
+        self
+    }
+
+    /// Where the order goes when the last step's signal does not come by
+    /// its deadline (see [`await_signal`](Self::await_signal)): `Then::Fail`
+    /// (the default) undoes what was done, `Then::Continue` skips the step,
+    /// `Then::step(…)` goes to another.
+    pub fn on_timeout(mut self, then: Then) -> Self {
+        if let Some((_, _, t)) = self.last().and_then(|s| s.signal.as_mut()) {
+            *t = then;
         }
         self
     }
@@ -155,27 +191,26 @@ impl WorkflowBuilder {
             });
         }
         let index_of = |wanted: &str| self.steps.iter().position(|s| s.name == wanted);
+        let resolve = |from: &str, outcome: &str, then: &Then| match then {
+            Then::Continue => Ok(Next::Continue),
+            Then::Fail => Ok(Next::Fail),
+            Then::Complete => Ok(Next::Complete),
+            Then::Step(to) => match index_of(to) {
+                // Below MAX_STEPS, so the index fits.
+                Some(i) => Ok(Next::Goto(u16::try_from(i).unwrap_or(u16::MAX))),
+                None => Err(DefinitionError::UnknownStep {
+                    workflow: workflow.clone(),
+                    from: from.to_owned(),
+                    outcome: outcome.to_owned(),
+                    to: to.clone(),
+                }),
+            },
+        };
         let mut steps = Vec::with_capacity(self.steps.len());
         for draft in &self.steps {
             let mut branches = Vec::with_capacity(draft.branches.len());
             for (outcome, then) in &draft.branches {
-                let next = match then {
-                    Then::Continue => Next::Continue,
-                    Then::Fail => Next::Fail,
-                    Then::Complete => Next::Complete,
-                    Then::Step(to) => match index_of(to) {
-                        // Below MAX_STEPS, so the index fits.
-                        Some(i) => Next::Goto(u16::try_from(i).unwrap_or(u16::MAX)),
-                        None => {
-                            return Err(DefinitionError::UnknownStep {
-                                workflow,
-                                from: draft.name.clone(),
-                                outcome: outcome.clone(),
-                                to: to.clone(),
-                            })
-                        }
-                    },
-                };
+                let next = resolve(&draft.name, outcome, then)?;
                 branches.push(Branch {
                     outcome: Outcome::new(outcome.clone()).map_err(bad_name)?,
                     next,
@@ -194,7 +229,16 @@ impl WorkflowBuilder {
                 timeout_ms: duration_ms(draft.timeout),
                 branches,
                 max_visits: draft.max_visits,
-                wait: draft.wait.clone(),
+                wait: match &draft.signal {
+                    // A step has one wait, the last one given; a signal's
+                    // is kept apart until its `on_timeout` is resolved.
+                    Some((name, deadline, then)) => Some(Wait::Signal {
+                        name: SignalName::new(name).map_err(bad_name)?,
+                        timeout_ms: u64::try_from(deadline.as_millis()).unwrap_or(u64::MAX),
+                        on_timeout: resolve(&draft.name, "a signal's timeout", then)?,
+                    }),
+                    None => draft.wait.clone(),
+                },
             });
         }
         Workflow::from_route(Route {

@@ -18,7 +18,7 @@ mod validate;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::id::{NameError, Outcome, ServiceSubject, StepName, WorkflowName};
+use crate::id::{NameError, Outcome, ServiceSubject, SignalName, StepName, WorkflowName};
 
 pub use backoff::Backoff;
 pub use builder::{WorkflowBuilder, DEFAULT_STEP_TIMEOUT};
@@ -140,6 +140,15 @@ pub enum Wait {
     /// time or milliseconds since the epoch; read as the step is entered.
     /// A time past is no wait.
     Until { field: compact_str::CompactString },
+    /// Until the named signal is delivered to the order (`waybill signal`),
+    /// or `timeout_ms` after the step before it ended, when the route goes
+    /// `on_timeout` instead (the step does not run). A signal delivered
+    /// before the order reaches the step is kept for it.
+    Signal {
+        name: SignalName,
+        timeout_ms: u64,
+        on_timeout: Next,
+    },
 }
 
 /// The longest [`Wait::Delay`] a route may hold: a year.
@@ -152,12 +161,21 @@ impl Wait {
         }
     }
 
-    /// How long after the step before it the step is due; `None` for a
-    /// time read from the payload.
+    /// How long after the step before it the step is due (for a signal,
+    /// its deadline: the hop comes then unless the signal wakes it before);
+    /// `None` for a time read from the payload.
     pub fn duration(&self) -> Option<Duration> {
         match self {
-            Self::Delay { ms } => Some(Duration::from_millis(*ms)),
+            Self::Delay { ms } | Self::Signal { timeout_ms: ms, .. } => Some(Duration::from_millis(*ms)),
             Self::Until { .. } => None,
+        }
+    }
+
+    /// The signal waited for, if this is a wait for one.
+    pub fn signal(&self) -> Option<&SignalName> {
+        match self {
+            Self::Signal { name, .. } => Some(name),
+            _ => None,
         }
     }
 }
@@ -165,6 +183,11 @@ impl Wait {
 impl RouteStep {
     pub fn timeout(&self) -> Duration {
         Duration::from_millis(u64::from(self.timeout_ms))
+    }
+
+    /// The signal the step waits for before it runs, if it does.
+    pub fn awaits(&self) -> Option<&SignalName> {
+        self.wait.as_ref().and_then(Wait::signal)
     }
 
     /// Where `outcome` leads from this step; `None` when the route does not

@@ -51,14 +51,30 @@ impl Route {
                 }
             }
             if let Some(d) = step.wait.as_ref().and_then(crate::workflow::Wait::duration) {
+                let what = if step.awaits().is_some() {
+                    "a signal's deadline"
+                } else {
+                    "a delay"
+                };
                 if d.is_zero() {
-                    return Err(bad("a delay must be longer than zero".into()));
+                    return Err(bad(format!("{what} must be longer than zero")));
                 }
                 if d > super::MAX_DELAY {
                     return Err(bad(format!(
-                        "a delay of {} s is longer than the most a route may hold ({} s, a year)",
+                        "{what} of {} s is longer than the most a route may hold ({} s, a year)",
                         d.as_secs(),
                         super::MAX_DELAY.as_secs()
+                    )));
+                }
+            }
+            if let Some(crate::workflow::Wait::Signal {
+                on_timeout: Next::Goto(i),
+                ..
+            }) = step.wait
+            {
+                if usize::from(i) >= self.steps.len() {
+                    return Err(bad(format!(
+                        "its signal's timeout points at step index {i}, past the end"
                     )));
                 }
             }
@@ -145,6 +161,10 @@ impl Route {
         }
         for b in &step.branches {
             push(b.next);
+        }
+        // A signal that does not come leads from the step, unrun.
+        if let Some(crate::workflow::Wait::Signal { on_timeout, .. }) = step.wait {
+            push(on_timeout);
         }
         out
     }

@@ -105,6 +105,21 @@ pub fn reminder(wait: Duration) -> Workflow {
         .unwrap()
 }
 
+/// The signals' tests' workflow: `hold` (undone by `t.release`), then
+/// `book` once the signal `approved` came, at most `deadline` after the
+/// hold; without it the route goes `on_timeout`, to `nudge` say.
+pub fn approval(deadline: Duration, on_timeout: waybill::Then) -> Workflow {
+    let nudges = on_timeout == waybill::Then::step("nudge");
+    let b = Workflow::builder("approval", 1)
+        .step("hold", "t.hold")
+        .compensate("t.release")
+        .step("book", "t.book")
+        .await_signal("approved", deadline)
+        .on_timeout(on_timeout)
+        .on("ok", waybill::Then::Complete);
+    if nudges { b.step("nudge", "t.nudge") } else { b }.build().unwrap()
+}
+
 /// A step that answers `ok`.
 pub async fn ok(_ctx: StepContext, _p: Payload) -> Result<StepOutput, StepError> {
     Ok(StepOutput::ok())

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::super::payload::WirePayload;
 use super::super::DecodeError;
 use crate::document::{self, Document, Timestamp};
-use crate::id::{OrderId, Outcome, ServiceSubject, StepName, WorkerId, WorkflowName};
+use crate::id::{OrderId, Outcome, ServiceSubject, SignalName, StepName, WorkerId, WorkflowName};
 use crate::workflow;
 
 // ---------------------------------------------------------------- route
@@ -48,8 +48,17 @@ pub(in crate::codec) struct JsonStep {
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(super) enum Wait {
-    Delay { ms: u64 },
-    Until { field: compact_str::CompactString },
+    Delay {
+        ms: u64,
+    },
+    Until {
+        field: compact_str::CompactString,
+    },
+    Signal {
+        name: SignalName,
+        timeout_ms: u64,
+        on_timeout: Next,
+    },
 }
 
 impl From<&workflow::Wait> for Wait {
@@ -57,6 +66,15 @@ impl From<&workflow::Wait> for Wait {
         match w {
             workflow::Wait::Delay { ms } => Wait::Delay { ms: *ms },
             workflow::Wait::Until { field } => Wait::Until { field: field.clone() },
+            workflow::Wait::Signal {
+                name,
+                timeout_ms,
+                on_timeout,
+            } => Wait::Signal {
+                name: name.clone(),
+                timeout_ms: *timeout_ms,
+                on_timeout: (*on_timeout).into(),
+            },
         }
     }
 }
@@ -66,6 +84,15 @@ impl From<Wait> for workflow::Wait {
         match w {
             Wait::Delay { ms } => workflow::Wait::Delay { ms },
             Wait::Until { field } => workflow::Wait::Until { field },
+            Wait::Signal {
+                name,
+                timeout_ms,
+                on_timeout,
+            } => workflow::Wait::Signal {
+                name,
+                timeout_ms,
+                on_timeout: on_timeout.into(),
+            },
         }
     }
 }
@@ -289,6 +316,11 @@ enum AttemptResult {
     Cancelled {
         reason: String,
     },
+    /// Added with signals (envelope version 2).
+    Signal {
+        name: SignalName,
+        data: Option<String>,
+    },
 }
 
 impl From<AttemptResult> for document::AttemptResult {
@@ -302,6 +334,7 @@ impl From<AttemptResult> for document::AttemptResult {
                 tries,
             },
             AttemptResult::Cancelled { reason } => Self::Cancelled { reason },
+            AttemptResult::Signal { name, data } => Self::Signal { name, data },
         }
     }
 }

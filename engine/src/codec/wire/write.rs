@@ -7,7 +7,7 @@ use super::super::payload::WirePayloadRef;
 use super::read::{Backoff, Next, Status, StepKind, Wait};
 use super::Seq;
 use crate::document::{AttemptResult, Compensation, Document, StepRecord};
-use crate::id::{OrderId, Outcome, ServiceSubject, StepName, WorkerId, WorkflowName};
+use crate::id::{OrderId, Outcome, ServiceSubject, SignalName, StepName, WorkerId, WorkflowName};
 use crate::workflow::{Branch, Route, RouteStep};
 
 // ---------------------------------------------------------------- route
@@ -120,9 +120,13 @@ enum WireAttemptRef<'a> {
         since: u64,
         tries: u32,
     },
-    /// Last: see the reader.
+    /// Last but one: see the reader.
     Cancelled {
         reason: &'a str,
+    },
+    Signal {
+        name: &'a SignalName,
+        data: Option<&'a str>,
     },
 }
 
@@ -140,6 +144,10 @@ impl<'a> From<&'a AttemptResult> for WireAttemptRef<'a> {
                 tries: *tries,
             },
             AttemptResult::Cancelled { reason } => WireAttemptRef::Cancelled { reason },
+            AttemptResult::Signal { name, data } => WireAttemptRef::Signal {
+                name,
+                data: data.as_deref(),
+            },
         }
     }
 }

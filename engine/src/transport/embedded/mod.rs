@@ -84,6 +84,8 @@ struct Inner {
     dead: Arc<DeadLetters>,
     /// Orders to cancel at their next hop.
     cancels: super::cancels::CancelSet,
+    /// The signals delivered to orders, by order and name: their JSON.
+    signals: Mutex<HashMap<(crate::id::OrderId, crate::id::SignalName), String, crate::hash::FastState>>,
     /// The latest messages, in sequence order (see
     /// [`EmbeddedConfig::log_capacity`]).
     log: Mutex<VecDeque<Arc<Stored>>>,
@@ -194,6 +196,7 @@ impl Embedded {
                     count,
                 }),
                 cancels: super::cancels::CancelSet::default(),
+                signals: Mutex::default(),
                 log: Mutex::new(VecDeque::new()),
                 appended: Notify::new(),
                 rpc: rpc::Subscriptions::default(),
@@ -413,14 +416,40 @@ impl Transport for Embedded {
         let fresh = self.inner.cancels.insert(order, reason.to_owned());
         // An order asleep (a step's wait, a retry's backoff) meets its
         // cancel now rather than when its wait ends.
-        for c in self.inner.consumers.load().iter() {
-            c.wake(&order);
-        }
+        self.wake(order).await?;
         Ok(fresh)
     }
 
     fn cancel_requested(&self, order: &crate::id::OrderId) -> Option<String> {
         self.inner.cancels.get(order)
+    }
+
+    async fn send_signal(
+        &self,
+        order: crate::id::OrderId,
+        name: &crate::id::SignalName,
+        data: &str,
+    ) -> Result<bool, Error> {
+        let fresh = match lock(&self.inner.signals).entry((order, name.clone())) {
+            std::collections::hash_map::Entry::Occupied(_) => false,
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(data.to_owned());
+                true
+            }
+        };
+        self.wake(order).await?;
+        Ok(fresh)
+    }
+
+    async fn signal(&self, order: &crate::id::OrderId, name: &crate::id::SignalName) -> Result<Option<String>, Error> {
+        Ok(lock(&self.inner.signals).get(&(*order, name.clone())).cloned())
+    }
+
+    async fn wake(&self, order: crate::id::OrderId) -> Result<(), Error> {
+        for c in self.inner.consumers.load().iter() {
+            c.wake(&order);
+        }
+        Ok(())
     }
 }
 

@@ -53,17 +53,19 @@ impl Nats {
             Err(e) => return Err(nats_err(&format!("cannot record the cancel of order {order}"), e)),
         };
         // Asked again, too: an earlier ask may have stopped before this.
-        self.wake(order, reason).await?;
+        self.wake_timer(order, Some(reason)).await?;
         Ok(fresh)
     }
 
-    /// Wakes `order` if it sleeps on a timer (a step's wait, a long
-    /// backoff), so that its next hop comes now and meets the cancel
-    /// instead of at the end of its wait. The timer is published again,
-    /// due now: a schedule replaces the one before it on the order's timer
-    /// subject. Expected at the sequence read, so a timer that fired
-    /// meanwhile is left alone (its hop is under way already).
-    async fn wake(&self, order: OrderId, reason: &str) -> Result<(), Error> {
+    /// Wakes `order` if it sleeps on a timer (a step's wait, a signal's
+    /// deadline, a long backoff), so that its next hop comes now: to meet
+    /// its cancel (`cancel`, the reason, which the woken hop carries: it
+    /// may come before the cancel reaches its worker) or its signal. The
+    /// timer is published again, due now: a schedule replaces the one
+    /// before it on the order's timer subject. Expected at the sequence
+    /// read, so a timer that fired meanwhile is left alone (its hop is
+    /// under way already).
+    pub(super) async fn wake_timer(&self, order: OrderId, cancel: Option<&str>) -> Result<(), Error> {
         use async_nats::jetstream::context::PublishErrorKind;
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
 
@@ -85,9 +87,11 @@ impl Nats {
         }
         let now = crate::coordinator::api::rfc3339(crate::document::Timestamp::now());
         headers.insert(crate::headers::SCHEDULE, format!("@at {now}").as_str());
-        // A header value is one line.
-        let reason: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-        headers.insert(crate::headers::CANCEL, reason.as_str());
+        if let Some(reason) = cancel {
+            // A header value is one line.
+            let reason: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+            headers.insert(crate::headers::CANCEL, reason.as_str());
+        }
         let p = async_nats::jetstream::message::PublishMessage::build()
             .payload(m.payload)
             .headers(headers)
@@ -100,7 +104,7 @@ impl Nats {
             .await;
         match stored {
             Ok(_) => {
-                tracing::info!(%order, "woke the order from its wait to meet its cancel");
+                tracing::info!(%order, cancel = cancel.is_some(), "woke the order from its wait");
                 Ok(())
             }
             Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),

@@ -89,7 +89,7 @@ fn wait(step: &RouteStep) -> String {
     let Some(d) = w.duration() else {
         return match w {
             crate::workflow::Wait::Until { field } => format!("waits until {field}, "),
-            crate::workflow::Wait::Delay { .. } => String::new(),
+            _ => String::new(),
         };
     };
     let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
@@ -97,7 +97,10 @@ fn wait(step: &RouteStep) -> String {
         .into_iter()
         .find(|(unit, _)| ms % unit == 0)
         .map_or_else(|| format!("{ms} ms"), |(unit, name)| format!("{} {name}", ms / unit));
-    format!("waits {span}, ")
+    match w.signal() {
+        Some(name) => format!("waits for {name} (at most {span}), "),
+        None => format!("waits {span}, "),
+    }
 }
 
 fn edges(route: &Route) -> Vec<Edge> {
@@ -122,6 +125,10 @@ fn edges(route: &Route) -> Vec<Edge> {
                 b.outcome.as_str(),
                 Style::Solid,
             ));
+        }
+        if let Some(crate::workflow::Wait::Signal { name, on_timeout, .. }) = &step.wait {
+            let label = format!("no {name} in time");
+            out.push(edge(step_id(i), target(route, i, *on_timeout), &label, Style::Dashed));
         }
         out.push(edge(step_id(i), FAILED.to_owned(), "error", Style::Dashed));
         if step.compensate.is_some() {

@@ -49,6 +49,12 @@ pub(crate) enum Command {
     /// first, and it ends `cancelled`. An order already ended is an error.
     /// Needs a coordinator unless `--force`.
     Cancel(CancelArgs),
+    /// Deliver a signal to an order (`waybill.signal.<id>.<name>`): its
+    /// JSON is kept in the order under the signal's name, and the step
+    /// that waits for it runs. A signal sent before the order reaches that
+    /// step is kept until it does; a second one of the same name is a
+    /// duplicate and changes nothing. Needs a coordinator.
+    Signal(SignalArgs),
     /// Draw a workflow's route: its steps, where each outcome leads, what
     /// fails the order and what undoes each step (Mermaid, Graphviz DOT, or
     /// the SVG picture the coordinator's web page shows).
@@ -81,6 +87,24 @@ pub(crate) struct CancelArgs {
     /// Record the cancel without asking the coordinator first.
     #[arg(long)]
     pub(crate) force: bool,
+    #[command(flatten)]
+    pub(crate) nats: NatsArgs,
+    /// Seconds to wait for the coordinator's answer.
+    #[arg(long, default_value_t = 5)]
+    pub(crate) timeout: u64,
+}
+
+#[derive(Args, Debug)]
+pub(crate) struct SignalArgs {
+    /// The order's id.
+    pub(crate) id: String,
+    /// The signal's name, as the route waits for it (`approved`).
+    pub(crate) name: String,
+    /// Its JSON (default `{}`); `-` reads it from standard input.
+    pub(crate) data: Option<String>,
+    /// Print the coordinator's JSON answer.
+    #[arg(long)]
+    pub(crate) json: bool,
     #[command(flatten)]
     pub(crate) nats: NatsArgs,
     /// Seconds to wait for the coordinator's answer.

@@ -81,7 +81,47 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dlq(cmd) => dlq_cmd::dlq(cmd),
         Command::Graph(args) => graph(args),
         Command::Cancel(args) => cancel_cmd::cancel(args),
+        Command::Signal(args) => signal(args),
     }
+}
+
+/// `waybill signal`.
+fn signal(args: SignalArgs) -> anyhow::Result<ExitCode> {
+    let SignalArgs {
+        id,
+        name,
+        data,
+        json,
+        nats,
+        timeout,
+    } = args;
+    let data = match data.as_deref() {
+        Some("-") => std::io::read_to_string(std::io::stdin()).context("cannot read the signal from standard input")?,
+        Some(d) => d.to_owned(),
+        None => "{}".to_owned(),
+    };
+    let reply = runtime()?.block_on(async {
+        let t = nats.connect("waybill-signal").await?;
+        ops::signal(&t, &id, &name, &data, Duration::from_secs(timeout)).await
+    })?;
+    show(&reply, json, |r| {
+        if r.duplicate {
+            println!(
+                "duplicate: order {} had signal {} already; this one changed nothing",
+                r.id, r.signal
+            );
+        } else if r.awaited {
+            println!(
+                "signal {} delivered to order {}: its step {} runs now",
+                r.signal, r.id, r.step
+            );
+        } else {
+            println!(
+                "signal {} kept for order {} (now {} at step {}): used when it reaches the step that waits for it",
+                r.signal, r.id, r.status, r.step
+            );
+        }
+    })
 }
 
 /// `waybill coordinator`.

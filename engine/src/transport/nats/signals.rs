@@ -1,0 +1,76 @@
+//! Signals over NATS: one KV bucket, `waybill_signals`, a key per order and
+//! signal (`<order>.<name>`) holding the signal's JSON. Delivering one
+//! creates its key (a second delivery finds it there: a duplicate) and
+//! wakes the order; the worker at the waiting step reads the key.
+//!
+//! Neither side can miss the other: the deliverer writes the key, then
+//! wakes the order's timer; the worker that stores a hop waiting for the
+//! signal reads the key after the hop is stored, and wakes it itself if
+//! the signal is there. And the hop that comes at the deadline reads the
+//! key again before it gives up.
+
+use async_nats::jetstream::kv;
+
+use super::{nats_err, Nats};
+use crate::id::{OrderId, SignalName};
+use crate::transport::Error;
+
+/// The bucket of signals.
+pub const SIGNALS_BUCKET: &str = "waybill_signals";
+
+/// Largest signal a bucket entry holds: the JSON of one signal.
+pub const MAX_SIGNAL_BYTES: usize = 64 * 1024;
+
+fn key(order: &OrderId, name: &SignalName) -> String {
+    format!("{order}.{name}")
+}
+
+impl Nats {
+    pub(super) fn signals_config(&self) -> kv::Config {
+        kv::Config {
+            bucket: SIGNALS_BUCKET.into(),
+            description: "Signals delivered to orders (key: <order>.<signal>; value: its JSON)".into(),
+            history: 1,
+            // As long as the hops are kept: no order outlives them.
+            max_age: self.config.max_age,
+            max_value_size: i32::try_from(MAX_SIGNAL_BYTES).unwrap_or(i32::MAX),
+            num_replicas: self.config.replicas,
+            storage: async_nats::jetstream::stream::StorageType::File,
+            ..Default::default()
+        }
+    }
+
+    /// The bucket, opened once per connection (its clones share it).
+    async fn signals(&self) -> Result<&kv::Store, Error> {
+        self.signals.get_or_try_init(|| self.key_value(SIGNALS_BUCKET)).await
+    }
+
+    pub(super) async fn put_signal(&self, order: OrderId, name: &SignalName, data: &str) -> Result<bool, Error> {
+        let kv = self.signals().await?;
+        let fresh = match kv.create(key(&order, name), data.to_owned().into()).await {
+            Ok(_) => true,
+            Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => false,
+            Err(e) => return Err(nats_err(&format!("cannot record signal `{name}` of order {order}"), e)),
+        };
+        // Woken again on a duplicate, too: the first delivery may have
+        // stopped before it woke the order.
+        self.wake_timer(order, None).await?;
+        Ok(fresh)
+    }
+
+    pub(super) async fn get_signal(&self, order: &OrderId, name: &SignalName) -> Result<Option<String>, Error> {
+        let kv = self.signals().await?;
+        let entry = kv
+            .get(key(order, name))
+            .await
+            .map_err(|e| nats_err(&format!("cannot read signal `{name}` of order {order}"), e))?;
+        entry
+            .map(|b| {
+                String::from_utf8(b.to_vec()).map_err(|_| Error::Other {
+                    message: format!("signal `{name}` of order {order} is not UTF-8 JSON"),
+                    retryable: false,
+                })
+            })
+            .transpose()
+    }
+}
