@@ -102,6 +102,11 @@ fn slots<T>(inner: &Inner<T>) -> std::sync::MutexGuard<'_, FastMap<OrderId, Slot
 }
 
 impl<T: Transport> Client<T> {
+    /// The transport the client publishes and follows on.
+    pub fn transport(&self) -> &T {
+        &self.inner.transport
+    }
+
     /// Connects and starts following finished orders.
     pub async fn connect(transport: T) -> Result<Self, ClientError> {
         Self::with_codec(transport, Codec::default(), Format::Postcard).await

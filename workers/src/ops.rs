@@ -97,7 +97,7 @@ impl OpsError {
             RequestError::Transport(TransportError::NoResponders(_)) => OpsError::NoCoordinator { subject },
             RequestError::Transport(TransportError::TimedOut(_)) => OpsError::NoAnswer { subject, timeout },
             RequestError::Transport(error) => OpsError::RequestFailed { subject, error },
-            RequestError::Refused { message } => OpsError::Answered {
+            RequestError::Refused { message, .. } => OpsError::Answered {
                 message,
                 retryable: false,
             },
@@ -245,7 +245,7 @@ async fn start_once(client: &CoordinatorClient<Nats>, workflow: &str, body: Byte
         }
         Err(RequestError::Transport(e)) => StartTry::Retry(format!("request on `{subject}` failed: {e}")),
         Err(RequestError::Retry { message, .. }) => StartTry::Retry(message),
-        Err(RequestError::Refused { message }) => StartTry::Refused(message),
+        Err(RequestError::Refused { message, .. }) => StartTry::Refused(message),
         Err(e @ (RequestError::BadAnswer { .. } | RequestError::Encode { .. })) => StartTry::Refused(e.to_string()),
     }
 }

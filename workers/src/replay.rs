@@ -13,14 +13,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::{FuturesUnordered, StreamExt};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 // Tokio's clock: the system's, unless a test pauses it; a paced run's
 // timers follow it.
 use tokio::time::Instant;
 use waybill::coordinator::api::{OrdersQuery, StatusReply};
 use waybill::coordinator::{self, CoordinatorClient, CoordinatorConfig, CoordinatorHandle};
 use waybill::hash::FastMap;
-use waybill::transport::{Embedded, EmbeddedConfig, HopLog, Transport};
+use waybill::transport::{Embedded, EmbeddedConfig, HopLog, Rpc, Transport};
 use waybill::{Client, Document, OrderId, Payload, Registry, Status, Worker, WorkerHandle, Workflow};
 
 use crate::services::MemoryServices;
@@ -55,6 +55,109 @@ pub struct PreparedOrder {
     pub expect: Status,
     pub workflow: Workflow,
     pub payload: Payload,
+    /// What the replay does to the order once started, in this order.
+    pub actions: Vec<Action>,
+}
+
+/// Something a replay does to an order in flight, through the coordinator
+/// (as `waybill signal` and `waybill cancel` do), once the order is where
+/// `when` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Action {
+    pub when: When,
+    pub what: Act,
+}
+
+/// An action's moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum When {
+    /// As soon as the order is started (before it reaches a waiting step).
+    Start,
+    /// Once the order waits for the signal the action sends.
+    Waiting,
+    /// Once the order sleeps before its step (a step's wait).
+    Asleep,
+}
+
+/// What an action does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Act {
+    /// Delivers a signal with its JSON; `duplicate` says whether the
+    /// coordinator must answer that the order had it already.
+    Signal {
+        name: waybill::SignalName,
+        data: String,
+        duplicate: bool,
+    },
+    /// Cancels the order, with a reason.
+    Cancel { reason: String },
+}
+
+/// A line's `signals` entry.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SignalLine {
+    name: String,
+    #[serde(default)]
+    data: Option<serde_json::Value>,
+    when: When,
+    #[serde(default)]
+    duplicate: bool,
+}
+
+/// A line's `cancel` field.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CancelLine {
+    when: When,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// The actions of one line: its `signals` (a list) and `cancel` fields,
+/// taken out of the order's JSON.
+fn actions_of(map: &mut serde_json::Map<String, serde_json::Value>) -> Result<Vec<Action>, String> {
+    let mut actions = Vec::new();
+    if let Some(v) = map.remove("signals") {
+        let lines: Vec<SignalLine> = serde_json::from_value(v).map_err(|e| {
+            format!(
+                "`signals`: {e} (expected a list of {{\"name\", \"when\": \"start\"|\"waiting\", \"data\", \"duplicate\"}})"
+            )
+        })?;
+        for l in lines {
+            if l.when == When::Asleep {
+                return Err(format!(
+                    "`signals`: signal `{}` is sent at start or once waiting, not asleep",
+                    l.name
+                ));
+            }
+            let name = waybill::SignalName::new(&l.name).map_err(|e| format!("`signals`: {e}"))?;
+            let data = l.data.unwrap_or_else(|| serde_json::json!({})).to_string();
+            actions.push(Action {
+                when: l.when,
+                what: Act::Signal {
+                    name,
+                    data,
+                    duplicate: l.duplicate,
+                },
+            });
+        }
+    }
+    if let Some(v) = map.remove("cancel") {
+        let c: CancelLine = serde_json::from_value(v).map_err(|e| {
+            format!("`cancel`: {e} (expected {{\"when\": \"start\"|\"asleep\"|\"waiting\", \"reason\"}})")
+        })?;
+        actions.push(Action {
+            when: c.when,
+            what: Act::Cancel {
+                reason: c
+                    .reason
+                    .unwrap_or_else(|| waybill::coordinator::api::DEFAULT_CANCEL_REASON.to_owned()),
+            },
+        });
+    }
+    Ok(actions)
 }
 
 /// The orders of one file.
@@ -94,8 +197,11 @@ pub fn expand(paths: &[PathBuf]) -> Result<Vec<PathBuf>, ReplayError> {
 }
 
 /// Reads and validates one file of order flows. Each non-blank line is a JSON
-/// object: the order, plus `expect` (the terminal status it must reach) and
-/// optionally `workflow` (default `order`).
+/// object: the order, plus `expect` (the terminal status it must reach),
+/// optionally `workflow` (default `order`), and what to do to the order in
+/// flight: `signals` (a list of `{"name", "data", "when": "start" |
+/// "waiting", "duplicate": bool}`) and `cancel` (`{"when": "start" |
+/// "asleep" | "waiting", "reason"}`), done through the coordinator.
 pub fn load(path: &Path, registry: &Registry) -> Result<FlowFile, ReplayError> {
     let text = std::fs::read_to_string(path).map_err(|source| ReplayError::Io {
         path: path.to_owned(),
@@ -129,6 +235,7 @@ pub fn load(path: &Path, registry: &Registry) -> Result<FlowFile, ReplayError> {
             Some(other) => return Err(err(format!("`workflow` must be a string, got {other}"))),
             None => waybill_workflows::ORDER.to_owned(),
         };
+        let actions = actions_of(&mut map).map_err(err)?;
         let json = serde_json::to_vec(&map).map_err(|e| err(e.to_string()))?;
         let (workflow, payload) = registry
             .prepare_json(&workflow, &json)
@@ -138,6 +245,7 @@ pub fn load(path: &Path, registry: &Registry) -> Result<FlowFile, ReplayError> {
             expect,
             workflow,
             payload,
+            actions,
         });
     }
     if orders.is_empty() {
@@ -422,7 +530,7 @@ impl EmbeddedRuntime {
 /// if it could not be started or followed). Works over any transport: on
 /// the embedded default the workers run in this process, on NATS wherever
 /// they run.
-pub async fn run_orders<T: Transport>(
+pub async fn run_orders<T: Transport + Rpc>(
     client: &Client<T>,
     label: &str,
     orders: &[PreparedOrder],
@@ -438,7 +546,7 @@ pub async fn run_orders<T: Transport>(
 /// at most `opts.in_flight` at once. An order's latency counts from when it
 /// was due, so time spent waiting for a place in the window is in it. A
 /// `per_second` that is not a positive number runs unpaced.
-pub async fn run_orders_paced<T: Transport>(
+pub async fn run_orders_paced<T: Transport + Rpc>(
     client: &Client<T>,
     label: &str,
     orders: &[PreparedOrder],
@@ -450,7 +558,7 @@ pub async fn run_orders_paced<T: Transport>(
     run(client, label, orders, opts, rate, on_done).await
 }
 
-async fn run<T: Transport>(
+async fn run<T: Transport + Rpc>(
     client: &Client<T>,
     label: &str,
     orders: &[PreparedOrder],
@@ -499,7 +607,10 @@ async fn run<T: Transport>(
             let give_up = opts.order_timeout;
             pending.push(async move {
                 let result = match start_retrying(&client, id, o, give_up).await {
-                    Ok(()) => client.wait(id).await.map_err(|e| e.to_string()),
+                    Ok(()) => match act(&client, id, &o.actions, give_up).await {
+                        Ok(()) => client.wait(id).await.map_err(|e| e.to_string()),
+                        Err(e) => Err(e),
+                    },
                     Err(e) => Err(format!("could not start: {e}")),
                 };
                 (id, result)
@@ -579,6 +690,106 @@ async fn run<T: Transport>(
         steady_orders_per_sec: steady_rate(&finished_at),
         p50_ms: percentile_ms(&latencies, 50.0),
         p99_ms: percentile_ms(&latencies, 99.0),
+    }
+}
+
+/// How often an action asks the coordinator where its order is.
+const ACTION_POLL: Duration = Duration::from_millis(20);
+
+/// Does `actions` to order `id`, each once the order is where its `when`
+/// says (asked of the coordinator), within `give_up` for each.
+async fn act<T: Transport + Rpc>(
+    client: &Client<T>,
+    id: OrderId,
+    actions: &[Action],
+    give_up: Duration,
+) -> Result<(), String> {
+    if actions.is_empty() {
+        return Ok(());
+    }
+    let asks = CoordinatorClient::new(client.transport().clone(), ASK_TIMEOUT);
+    for a in actions {
+        let deadline = Instant::now() + give_up;
+        let wanted = match (&a.when, &a.what) {
+            (When::Start, _) => None,
+            (When::Waiting, Act::Signal { name, .. }) => Some(format!("waiting for signal {name}")),
+            (When::Waiting, Act::Cancel { .. }) => Some("waiting for a signal".to_owned()),
+            (When::Asleep, _) => Some("asleep".to_owned()),
+        };
+        if let Some(wanted) = wanted {
+            loop {
+                // Unknown at first: the coordinator has not read its first
+                // hop yet.
+                if let Ok(s) = asks.status(&id).await {
+                    let there = match (&a.when, &a.what) {
+                        (When::Waiting, Act::Signal { name, .. }) => {
+                            s.awaiting.as_ref().is_some_and(|w| w.signal == name.as_str())
+                        }
+                        (When::Waiting, _) => s.awaiting.is_some(),
+                        _ => s.asleep_until.is_some(),
+                    };
+                    if there {
+                        break;
+                    }
+                    if s.status.is_terminal() {
+                        return Err(format!("the order ended {} before it was {wanted}", s.status));
+                    }
+                }
+                if Instant::now() >= deadline {
+                    return Err(format!("the order was not {wanted} within {} s", give_up.as_secs()));
+                }
+                tokio::time::sleep(ACTION_POLL).await;
+            }
+        }
+        match &a.what {
+            Act::Signal { name, data, duplicate } => {
+                let reply = retry_asking(deadline, || asks.signal(&id, name, data))
+                    .await
+                    .map_err(|e| format!("signal {name} was not delivered: {e}"))?;
+                if reply.duplicate != *duplicate {
+                    return Err(format!(
+                        "signal {name} was answered {} where the line expects {}",
+                        if reply.duplicate { "duplicate" } else { "new" },
+                        if *duplicate { "duplicate" } else { "new" },
+                    ));
+                }
+            }
+            Act::Cancel { reason } => {
+                retry_asking(deadline, || asks.cancel(&id, Some(reason)))
+                    .await
+                    .map_err(|e| format!("the cancel was not recorded: {e}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether the coordinator answered that it does not know the order.
+fn unknown(e: &waybill::coordinator::RequestError) -> bool {
+    matches!(
+        e,
+        waybill::coordinator::RequestError::Refused {
+            code: Some(waybill::coordinator::api::ErrorCode::UnknownOrder),
+            ..
+        }
+    )
+}
+
+/// Asks until answered, or until `deadline` while the coordinator does not
+/// know the order yet (it reads the stream a moment behind the start) or
+/// cannot be reached (starting, say).
+async fn retry_asking<R, F: std::future::Future<Output = Result<R, waybill::coordinator::RequestError>>>(
+    deadline: Instant,
+    ask: impl Fn() -> F,
+) -> Result<R, waybill::coordinator::RequestError> {
+    loop {
+        match ask().await {
+            Ok(r) => return Ok(r),
+            Err(e) if Instant::now() < deadline && (e.is_retryable() || unknown(&e)) => {
+                tokio::time::sleep(ACTION_POLL).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

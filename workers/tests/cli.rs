@@ -122,7 +122,7 @@ fn graph_draws_the_order_route_and_names_what_is_unknown() {
     let out = waybill(&["graph", "order", "--version", "7"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out.stderr).contains("no workflow `order` version 7 (known: cooling_off v1, order v1)"),
+        text(&out.stderr).contains("no workflow `order` version 7 (known: cooling_off v1, order v1, trip v1)"),
         "{}",
         text(&out.stderr)
     );

@@ -30,7 +30,17 @@ fn workers(url: &str) -> Vec<Proc> {
         worker("payment-worker", env!("CARGO_BIN_EXE_payment-worker"), url),
         worker("inventory-worker", env!("CARGO_BIN_EXE_inventory-worker"), url),
         worker("shipping-worker", env!("CARGO_BIN_EXE_shipping-worker"), url),
+        worker("trip-worker", env!("CARGO_BIN_EXE_trip-worker"), url),
     ]
+}
+
+/// A coordinator: the trip flows' signals and cancels go through it.
+fn coordinator(url: &str) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_waybill"));
+    cmd.args(["coordinator", "--nats", url])
+        .current_dir(workspace_root())
+        .env("RUST_LOG", "warn");
+    Proc::spawn("coordinator", cmd)
 }
 
 #[test]
@@ -44,7 +54,8 @@ fn the_mixed_flows_replay_across_worker_processes() {
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 SKUs seeded, 5 kept their level"));
 
-    let procs = workers(&url);
+    let mut procs = workers(&url);
+    procs.push(coordinator(&url));
     let out = waybill(&["replay", "--no-progress", "--nats", &url, "examples/orders"]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -53,8 +64,16 @@ fn the_mixed_flows_replay_across_worker_processes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("examples/orders/mixed.jsonl") && stdout.contains("all orders ended as expected"));
+    // The trip's flows (signals before and after the step, a duplicate, a
+    // deadline passing, cancels while asleep and while waiting) ran too.
+    let trip = stdout
+        .lines()
+        .find(|l| l.starts_with("examples/orders/trip.jsonl"))
+        .unwrap();
+    let counts: Vec<&str> = trip.split_whitespace().skip(1).take(6).collect();
+    assert_eq!(counts, ["9", "3", "1", "3", "2", "0"], "{trip}");
 
-    // SIGTERM drains every worker, which then exits 0.
+    // SIGTERM drains every worker (and the coordinator), which then exits 0.
     for p in procs {
         let name = p.name.clone();
         let (status, stderr) = p.signal_and_wait("TERM", Duration::from_secs(20));

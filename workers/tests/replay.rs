@@ -35,6 +35,7 @@ async fn every_example_ends_as_expected_and_money_and_stock_add_up() {
     let opts = ReplayOptions::default();
     let engine = EmbeddedRuntime::start(stock.clone(), &opts).await.unwrap();
     let mut by_status: HashMap<Status, usize> = HashMap::new();
+    let mut trips: HashMap<Status, usize> = HashMap::new();
     let mut completed_qty: HashMap<String, i64> = HashMap::new();
     let (mut charged, mut refunded) = (0u64, 0u64);
     for f in &files {
@@ -43,8 +44,15 @@ async fn every_example_ends_as_expected_and_money_and_stock_add_up() {
             .await;
         assert!(report.ok(), "{}: {:#?}", report.file, report.mismatches);
         assert_eq!(report.orders, f.orders.len());
-        assert_eq!(report.completed + report.failed + report.compensated, report.orders);
+        assert_eq!(
+            report.completed + report.failed + report.compensated + report.cancelled,
+            report.orders
+        );
         for o in &f.orders {
+            if o.workflow.name().as_str() == waybill_workflows::trip::TRIP {
+                *trips.entry(o.expect).or_default() += 1;
+                continue;
+            }
             *by_status.entry(o.expect).or_default() += 1;
             let order: Order = o.payload.decode().unwrap();
             // Compensated with its card declined (`cooling_off` charges
@@ -96,6 +104,23 @@ async fn every_example_ends_as_expected_and_money_and_stock_add_up() {
         assert_eq!(level.reserved, completed_qty.get(&sku).copied().unwrap_or(0), "{sku}");
     }
     assert_eq!(engine.services.shipping.log().count() as u64, completed);
+
+    // Trips: the booked ones keep their three holds and their charge, and
+    // were booked on their approval; every other hold was given back and
+    // every other charge refunded.
+    let booked = trips[&Status::Completed];
+    assert!(booked > 0 && trips[&Status::Cancelled] > 0, "{trips:?}");
+    let t = engine.services.trip.state();
+    assert_eq!(t.bookings.len(), booked);
+    assert!(
+        t.bookings.values().all(|approval| approval.contains("\"by\"")),
+        "{:?}",
+        t.bookings
+    );
+    assert_eq!(t.holds.len(), 3 * booked, "{:?}", t.holds);
+    assert!(t.holds.keys().all(|(order, _)| t.bookings.contains_key(order)));
+    assert_eq!(t.charges.len(), booked);
+    assert!(t.refunds > 0);
     engine.shutdown().await;
 }
 

@@ -1,6 +1,7 @@
 //! The order domain: the [`Order`] payload, the `order` workflow, the
 //! names of the services it asks for ([`services`]), and the generator of
-//! example order flows.
+//! example order flows; and the trip domain ([`trip`]), whose workflow
+//! waits for a traveller's approval.
 //!
 //! The JSON form of [`Order`] is a public interface (example files, clients
 //! in other languages):
@@ -18,6 +19,7 @@ use waybill::{Backoff, DefinitionError, InvalidPayload, Registry, Then, Workflow
 
 pub mod samples;
 pub mod services;
+pub mod trip;
 
 /// The name of the order workflow.
 pub const ORDER: &str = "order";
@@ -246,6 +248,7 @@ pub fn registry() -> Result<Registry, DefinitionError> {
     let mut r = Registry::new();
     r.register::<Order>(order_v1()?);
     r.register::<Order>(cooling_off_v1()?);
+    r.register::<trip::Trip>(trip::trip_v1()?);
     Ok(r)
 }
 

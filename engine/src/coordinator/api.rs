@@ -43,6 +43,23 @@ pub struct ErrorReply {
     /// after all; a retry under this id then answers `"duplicate": true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<OrderId>,
+    /// What kind of error it is, where a caller may act on it (the text is
+    /// for people).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<ErrorCode>,
+}
+
+/// The kind of an error answer, to decide on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The coordinator tracks no such order (or not yet: it reads the
+    /// stream a moment behind a start).
+    UnknownOrder,
+    /// The order has ended: nothing can change it.
+    Ended,
+    /// The order's route waits for no signal of that name.
+    NotAwaited,
 }
 
 impl ErrorReply {
@@ -52,6 +69,15 @@ impl ErrorReply {
             error: error.into(),
             retryable: None,
             id: None,
+            code: None,
+        }
+    }
+
+    /// An error of a kind a caller may act on.
+    pub fn coded(code: ErrorCode, error: impl Into<String>) -> Self {
+        Self {
+            code: Some(code),
+            ..Self::new(error)
         }
     }
 
@@ -61,6 +87,7 @@ impl ErrorReply {
             error: error.into(),
             retryable: Some(false),
             id: None,
+            code: None,
         }
     }
 
@@ -70,6 +97,7 @@ impl ErrorReply {
             error: error.into(),
             retryable: Some(true),
             id: Some(id),
+            code: None,
         }
     }
 }

@@ -24,7 +24,11 @@ pub enum RequestError {
     /// The coordinator refused it for cause: the same request again will
     /// not succeed.
     #[error("{message}")]
-    Refused { message: String },
+    Refused {
+        message: String,
+        /// What kind of refusal, where the coordinator says.
+        code: Option<super::api::ErrorCode>,
+    },
     /// The coordinator could not do it for now (`"retryable": true`): send
     /// the same request again, a start under `id`.
     #[error("{message}")]
@@ -157,7 +161,10 @@ impl<T: Rpc> CoordinatorClient<T> {
                     id: e.id,
                 }
             } else {
-                RequestError::Refused { message: e.error }
+                RequestError::Refused {
+                    message: e.error,
+                    code: e.code,
+                }
             });
         }
         serde_json::from_slice(&answer).map_err(|cause| RequestError::BadAnswer {
@@ -242,7 +249,7 @@ mod tests {
         .await;
         let e = c.start("order", None, Bytes::new()).await.unwrap_err();
         assert!(
-            matches!(&e, RequestError::Refused { message } if message == "bad order"),
+            matches!(&e, RequestError::Refused { message, .. } if message == "bad order"),
             "{e:?}"
         );
         assert!(!e.is_retryable());
@@ -251,7 +258,7 @@ mod tests {
         let _s = serve_once(&t, subject::status(&id), r#"{"error":"unknown order"}"#).await;
         let e = c.status(&id).await.unwrap_err();
         assert!(
-            matches!(&e, RequestError::Refused { message } if message == "unknown order"),
+            matches!(&e, RequestError::Refused { message, .. } if message == "unknown order"),
             "{e:?}"
         );
 

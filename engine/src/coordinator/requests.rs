@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::api::{
-    CancelReply, CancelRequest, ErrorReply, OrdersQuery, OrdersReply, SignalReply, StartReply, StatusReply,
+    CancelReply, CancelRequest, ErrorCode, ErrorReply, OrdersQuery, OrdersReply, SignalReply, StartReply, StatusReply,
     DEFAULT_CANCEL_REASON, MAX_CANCEL_REASON, MAX_SIGNAL_BYTES, MAX_START_BYTES,
 };
 use super::view::Partition;
@@ -41,6 +41,18 @@ fn error(message: impl Into<String>) -> Bytes {
 fn error_reply(e: &ErrorReply) -> Bytes {
     // Strings, a flag and an id always serialise.
     Bytes::from(serde_json::to_vec(e).unwrap_or_default())
+}
+
+/// The answer about an order the coordinator does not track (`id` named in
+/// the text when given).
+fn unknown_order<T>(shared: &Shared<T>, id: Option<&OrderId>) -> Bytes {
+    let named = id.map(|id| format!(" {id}")).unwrap_or_default();
+    let text = if shared.tracker.is_caught_up() {
+        format!("unknown order{named}")
+    } else {
+        format!("unknown order{named} (so far: the coordinator is still replaying the hop stream)")
+    };
+    error_reply(&ErrorReply::coded(ErrorCode::UnknownOrder, text))
 }
 
 /// A start refused for cause (`"retryable": false`).
@@ -199,11 +211,7 @@ async fn status<T: HopLog + Rpc>(shared: &Shared<T>, id: &str, public: bool) -> 
         .unwrap_or_else(|e| error(e.to_string()));
     }
     let Some(state) = shared.tracker.get(&id) else {
-        return if shared.tracker.is_caught_up() {
-            error("unknown order")
-        } else {
-            error("unknown order (so far: the coordinator is still replaying the hop stream)")
-        };
+        return unknown_order(shared, None);
     };
     let t = crate::document::Timestamp::now();
     let stalled = state.due.is_some_and(|d| d.plus(shared.config.stall_grace) < t);
@@ -285,18 +293,12 @@ async fn cancel_order<T: Transport + HopLog + Rpc>(shared: &Shared<T>, id: &str,
         ));
     }
     let Some(state) = shared.tracker.get(&id) else {
-        return if shared.tracker.is_caught_up() {
-            error(format!("unknown order {id}"))
-        } else {
-            error(format!(
-                "unknown order {id} (so far: the coordinator is still replaying the hop stream)"
-            ))
-        };
+        return unknown_order(shared, Some(&id));
     };
     if state.status.is_terminal() {
-        return error(format!(
-            "order {id} already ended {}: there is nothing to cancel",
-            state.status
+        return error_reply(&ErrorReply::coded(
+            ErrorCode::Ended,
+            format!("order {id} already ended {}: there is nothing to cancel", state.status),
         ));
     }
     match shared.transport.request_cancel(id, &reason).await {
@@ -359,18 +361,12 @@ async fn signal_order<T: Transport + HopLog + Rpc>(
         }
     };
     let Some(state) = shared.tracker.get(&id) else {
-        return if shared.tracker.is_caught_up() {
-            error(format!("unknown order {id}"))
-        } else {
-            error(format!(
-                "unknown order {id} (so far: the coordinator is still replaying the hop stream)"
-            ))
-        };
+        return unknown_order(shared, Some(&id));
     };
     if state.status.is_terminal() {
-        return error(format!(
-            "order {id} already ended {}: no signal can reach it",
-            state.status
+        return error_reply(&ErrorReply::coded(
+            ErrorCode::Ended,
+            format!("order {id} already ended {}: no signal can reach it", state.status),
         ));
     }
     // The route, from the latest hop: a signal it never waits for is a
@@ -392,9 +388,12 @@ async fn signal_order<T: Transport + HopLog + Rpc>(
                 } else {
                     waits.join(", ")
                 };
-                return error(format!(
-                    "order {id} ({} v{}) waits for no signal `{name}`; its route waits for: {expected}",
-                    doc.route.workflow, doc.route.version
+                return error_reply(&ErrorReply::coded(
+                    ErrorCode::NotAwaited,
+                    format!(
+                        "order {id} ({} v{}) waits for no signal `{name}`; its route waits for: {expected}",
+                        doc.route.workflow, doc.route.version
+                    ),
                 ));
             }
             awaited = doc.awaited_signal().is_some_and(|(n, _)| n == &name);

@@ -1,4 +1,5 @@
-//! The reference services: payment, inventory and shipping. Each keeps its
+//! The reference services: payment, inventory and shipping, and the trip's
+//! ([`TripService`], in memory only). Each keeps its
 //! own state behind an interface of its own ([`Ledger`], [`StockStore`],
 //! [`ShipmentLog`]); here that state is in memory; [`kv`] keeps the ledger
 //! and the stock in NATS KV buckets shared by every process of a service
@@ -11,17 +12,21 @@ mod inventory;
 pub mod kv;
 mod payment;
 mod shipping;
+mod trip;
 
 use std::sync::Arc;
 
 pub use inventory::{initial_stock, InventoryService, Level, MemoryStock, Reservation, StockError, StockStore};
 pub use payment::{Ledger, LedgerError, MemoryLedger, PaymentEntry, PaymentService};
 pub use shipping::{tracking_number, MemoryShipments, ShipmentError, ShipmentLog, ShippingService};
+pub use trip::{Hold, TripService, TripState};
 
 use waybill::transport::Transport;
 use waybill::{Payload, StepContext, StepError, WorkerBuilder};
 use waybill_workflows::services::{
-    INVENTORY_RELEASE, INVENTORY_RESERVE, PAYMENT_CHARGE, PAYMENT_REFUND, SHIPPING_DISPATCH,
+    INVENTORY_RELEASE, INVENTORY_RESERVE, PAYMENT_CHARGE, PAYMENT_REFUND, SHIPPING_DISPATCH, TRIP_BOOK, TRIP_CAR_HOLD,
+    TRIP_CAR_RELEASE, TRIP_CHARGE, TRIP_FLIGHT_HOLD, TRIP_FLIGHT_RELEASE, TRIP_HOTEL_HOLD, TRIP_HOTEL_RELEASE,
+    TRIP_REFUND, TRIP_REMIND,
 };
 use waybill_workflows::OrderView;
 
@@ -77,13 +82,14 @@ macro_rules! handler {
     }};
 }
 
-/// The three services with in-memory state, as the embedded default runs
-/// them.
+/// The reference services with in-memory state, as the embedded default
+/// runs them: the order's three and the trip's.
 #[derive(Debug, Clone)]
 pub struct MemoryServices {
     pub payment: Arc<PaymentService<MemoryLedger>>,
     pub inventory: Arc<InventoryService<MemoryStock>>,
     pub shipping: Arc<ShippingService<MemoryShipments>>,
+    pub trip: Arc<TripService>,
 }
 
 impl MemoryServices {
@@ -93,15 +99,43 @@ impl MemoryServices {
             payment: Arc::new(PaymentService::new(MemoryLedger::default())),
             inventory: Arc::new(InventoryService::new(MemoryStock::new(stock))),
             shipping: Arc::new(ShippingService::new(MemoryShipments::default())),
+            trip: Arc::default(),
         }
     }
 
-    /// Serves all five service subjects on `builder`.
+    /// Serves every service subject on `builder`.
     pub fn serve<T: Transport>(&self, builder: WorkerBuilder<T>) -> WorkerBuilder<T> {
         let builder = serve_payment(&self.payment, builder);
         let builder = serve_inventory(&self.inventory, builder);
-        serve_shipping(&self.shipping, builder)
+        let builder = serve_shipping(&self.shipping, builder);
+        serve_trip(&self.trip, builder)
     }
+}
+
+/// A step handler calling `method` of the trip service for one hold.
+macro_rules! hold_handler {
+    ($svc:expr, $method:ident, $kind:expr) => {{
+        let svc = $svc.clone();
+        move |ctx: StepContext, payload: Payload| {
+            let svc = svc.clone();
+            async move { svc.$method($kind, ctx, payload).await }
+        }
+    }};
+}
+
+/// Serves the ten `trip.…` subjects.
+pub fn serve_trip<T: Transport>(svc: &Arc<TripService>, builder: WorkerBuilder<T>) -> WorkerBuilder<T> {
+    builder
+        .serve(TRIP_FLIGHT_HOLD, hold_handler!(svc, hold, Hold::Flight))
+        .serve(TRIP_FLIGHT_RELEASE, hold_handler!(svc, release, Hold::Flight))
+        .serve(TRIP_HOTEL_HOLD, hold_handler!(svc, hold, Hold::Hotel))
+        .serve(TRIP_HOTEL_RELEASE, hold_handler!(svc, release, Hold::Hotel))
+        .serve(TRIP_CAR_HOLD, hold_handler!(svc, hold, Hold::Car))
+        .serve(TRIP_CAR_RELEASE, hold_handler!(svc, release, Hold::Car))
+        .serve(TRIP_CHARGE, handler!(svc, charge))
+        .serve(TRIP_REFUND, handler!(svc, refund))
+        .serve(TRIP_REMIND, handler!(svc, remind))
+        .serve(TRIP_BOOK, handler!(svc, book))
 }
 
 /// Serves `payment.charge` and `payment.refund`.

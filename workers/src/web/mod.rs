@@ -118,7 +118,7 @@ fn fail(status: StatusCode, error: impl Into<String>) -> Response {
 /// How a failed request to the coordinators reads on the page.
 fn request_failed(e: RequestError) -> Response {
     match e {
-        RequestError::Refused { message } => fail(StatusCode::NOT_FOUND, message),
+        RequestError::Refused { message, .. } => fail(StatusCode::NOT_FOUND, message),
         RequestError::Retry { message, .. } => fail(StatusCode::SERVICE_UNAVAILABLE, message),
         RequestError::Transport(t) => fail(StatusCode::BAD_GATEWAY, t.to_string()),
         other => fail(StatusCode::BAD_GATEWAY, other.to_string()),
@@ -233,7 +233,7 @@ async fn cancel(State(app): State<App>, Path(id): Path<String>, headers: HeaderM
     let client = CoordinatorClient::new(app.nats.clone(), app.timeout);
     match client.cancel(&id, asked.reason.as_deref()).await {
         Ok(reply) => json(StatusCode::OK, &reply),
-        Err(RequestError::Refused { message }) => fail(StatusCode::CONFLICT, message),
+        Err(RequestError::Refused { message, .. }) => fail(StatusCode::CONFLICT, message),
         Err(e) => request_failed(e),
     }
 }

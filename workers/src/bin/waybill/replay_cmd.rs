@@ -193,17 +193,27 @@ fn find_stock(paths: &[PathBuf]) -> Option<PathBuf> {
 fn print_table(reports: &[FileReport]) {
     let width = reports.iter().map(|r| r.file.len()).max().unwrap_or(4).max(4);
     println!(
-        "{:<width$}  {:>7}  {:>9}  {:>6}  {:>11}  {:>10}  {:>9}  {:>7}  {:>7}",
-        "file", "orders", "completed", "failed", "compensated", "mismatches", "orders/s", "p50 ms", "p99 ms"
+        "{:<width$}  {:>7}  {:>9}  {:>6}  {:>11}  {:>9}  {:>10}  {:>9}  {:>7}  {:>7}",
+        "file",
+        "orders",
+        "completed",
+        "failed",
+        "compensated",
+        "cancelled",
+        "mismatches",
+        "orders/s",
+        "p50 ms",
+        "p99 ms"
     );
     for r in reports {
         println!(
-            "{:<width$}  {:>7}  {:>9}  {:>6}  {:>11}  {:>10}  {:>9.0}  {:>7.2}  {:>7.2}",
+            "{:<width$}  {:>7}  {:>9}  {:>6}  {:>11}  {:>9}  {:>10}  {:>9.0}  {:>7.2}  {:>7.2}",
             r.file,
             r.orders,
             r.completed,
             r.failed,
             r.compensated,
+            r.cancelled,
             r.mismatches.len(),
             r.orders_per_sec,
             r.p50_ms,
