@@ -17,7 +17,9 @@ use waybill::transport::{Headers, Outgoing, Transport};
 use waybill::{headers, Client, Payload, Status, Worker, WorkerId};
 use waybill_testkit::NatsServer;
 
-use common::{counted, must_not_remind, ok, reminder, script, serve, serve_reminder, three_steps, Log, Script};
+use common::{
+    approval, counted, gated, must_not_remind, ok, reminder, script, serve, serve_reminder, three_steps, Log, Script,
+};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -315,6 +317,209 @@ async fn timers_pending_through_a_server_kill_fire_once() {
         reminded.values().all(|n| *n == 1),
         "each woke once: {:?}",
         reminded.values().filter(|n| **n != 1).collect::<Vec<_>>()
+    );
+    worker.shutdown().await;
+    client.close().await;
+}
+
+/// `t.book` that counts, per order, the approvals it booked on.
+fn booking(
+    seen: &Arc<std::sync::Mutex<std::collections::HashMap<waybill::OrderId, Vec<String>>>>,
+) -> impl waybill::Handler {
+    let seen = seen.clone();
+    move |ctx: waybill::StepContext, _p: Payload| {
+        let approval = ctx.signal("approved").map(str::to_owned);
+        seen.lock()
+            .unwrap()
+            .entry(ctx.order_id)
+            .or_default()
+            .extend(approval.clone());
+        async move {
+            match approval {
+                Some(_) => Ok(waybill::StepOutput::ok()),
+                None => Err(waybill::StepError::permanent("booked without approval")),
+            }
+        }
+    }
+}
+
+/// Over NATS: a signal wakes an order asleep on its server timer (sent from
+/// another connection, as the coordinator does), a duplicate changes
+/// nothing, a signal sent before the order reaches its step is kept for
+/// it, and a deadline passing fires on the server and takes the route's
+/// way on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signals_wake_orders_asleep_on_server_timers_and_deadlines_fire_there() {
+    let server = NatsServer::start();
+    let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut timers = raw.subscribe(waybill::subject::all_timers()).await.unwrap();
+    raw.flush().await.unwrap();
+    let booked = Arc::default();
+    let (gate, entered) = (
+        Arc::new(tokio::sync::Semaphore::new(0)),
+        Arc::new(tokio::sync::Notify::new()),
+    );
+    let nudged = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let worker = Worker::builder(t.clone())
+        .serve("t.hold", ok)
+        .serve("t.release", ok)
+        .serve("t.book", booking(&booked))
+        .serve("t.nudge", counted(&nudged))
+        .start()
+        .await
+        .unwrap();
+    let gated_worker = Worker::builder(t.clone())
+        .serve("t.hold_slowly", gated(&gate, &entered))
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(t.clone()).await.unwrap();
+    let asking = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    let approved: waybill::SignalName = "approved".parse().unwrap();
+
+    // After: asleep on its timer, woken by the signal.
+    let wf = approval(Duration::from_secs(3600), waybill::Then::Fail);
+    let after = client
+        .start(&wf, Payload::postcard(&script("after")).unwrap())
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(DEADLINE, timers.next()).await.unwrap().unwrap();
+    assert_eq!(m.subject.as_str(), waybill::subject::timer(&after));
+    assert!(asking.send_signal(after, &approved, r#"{"by":"ana"}"#).await.unwrap());
+    assert!(
+        !asking.send_signal(after, &approved, r#"{"by":"bob"}"#).await.unwrap(),
+        "a duplicate"
+    );
+    let doc = tokio::time::timeout(DEADLINE, client.wait(after))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    assert_eq!(doc.signal("approved"), Some(r#"{"by":"ana"}"#));
+
+    // Before: the signal is kept while the hold runs, and used at once.
+    let slow = waybill::Workflow::builder("approval_slow", 1)
+        .step("hold", "t.hold_slowly")
+        .step("book", "t.book")
+        .await_signal("approved", Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let before = client
+        .start(&slow, Payload::postcard(&script("before")).unwrap())
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, entered.notified()).await.unwrap();
+    assert!(asking.send_signal(before, &approved, r#"{"by":"cai"}"#).await.unwrap());
+    gate.add_permits(1);
+    let doc = tokio::time::timeout(DEADLINE, client.wait(before))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+
+    // A deadline: the server's timer fires, and the route goes to nudge.
+    let wf = approval(Duration::from_millis(1500), waybill::Then::step("nudge"));
+    let late = client
+        .start(&wf, Payload::postcard(&script("late")).unwrap())
+        .await
+        .unwrap();
+    let doc = tokio::time::timeout(DEADLINE, client.wait(late))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    let steps: Vec<&str> = doc.history.iter().map(|r| r.step.as_str()).collect();
+    assert_eq!(steps, ["hold", "book", "nudge"], "{}", doc.journal());
+    assert_eq!(
+        doc.history[1].result,
+        waybill::AttemptResult::Signal {
+            name: approved.clone(),
+            data: None
+        }
+    );
+    assert_eq!(nudged.load(std::sync::atomic::Ordering::SeqCst), 1);
+
+    let booked = booked.lock().unwrap().clone();
+    assert_eq!(
+        booked.get(&after).map(Vec::as_slice),
+        Some(&[r#"{"by":"ana"}"#.to_owned()][..])
+    );
+    assert_eq!(
+        booked.get(&before).map(Vec::as_slice),
+        Some(&[r#"{"by":"cai"}"#.to_owned()][..])
+    );
+    assert!(!booked.contains_key(&late), "booked without its signal");
+    worker.shutdown().await;
+    gated_worker.shutdown().await;
+    client.close().await;
+}
+
+/// Orders waiting for their signals while their worker stops and the
+/// server is killed and started again on its store: each gets its signal,
+/// once, books once and completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orders_waiting_for_signals_through_a_worker_restart_and_a_server_kill_get_them_once() {
+    let mut server = NatsServer::start();
+    let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut timers = raw.subscribe(waybill::subject::all_timers()).await.unwrap();
+    raw.flush().await.unwrap();
+    let booked = Arc::default();
+    let serve = |t: Nats| {
+        Worker::builder(t)
+            .serve("t.hold", ok)
+            .serve("t.release", ok)
+            .serve("t.book", booking(&booked))
+            .start()
+    };
+    let worker = serve(t.clone()).await.unwrap();
+    let client = Client::connect(t.clone()).await.unwrap();
+    let wf = approval(Duration::from_secs(3600), waybill::Then::Fail);
+    let ids: Vec<_> = futures::future::join_all(
+        (0..20).map(|i| client.start(&wf, Payload::postcard(&script(&format!("w{i}"))).unwrap())),
+    )
+    .await
+    .into_iter()
+    .map(Result::unwrap)
+    .collect();
+    for _ in &ids {
+        tokio::time::timeout(DEADLINE, timers.next())
+            .await
+            .expect("every order asleep on its timer")
+            .unwrap();
+    }
+    // No worker, then no server: the orders wait in the store alone.
+    worker.shutdown().await;
+    server.restart();
+    let worker = serve(t.clone()).await.unwrap();
+    let approved: waybill::SignalName = "approved".parse().unwrap();
+    for id in &ids {
+        // The server may still be electing its stream leaders.
+        let give_up = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            match t.send_signal(*id, &approved, r#"{"by":"ops"}"#).await {
+                Ok(fresh) => {
+                    assert!(fresh);
+                    break;
+                }
+                Err(e) if e.is_retryable() && tokio::time::Instant::now() < give_up => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("the signal of {id} was not kept: {e}"),
+            }
+        }
+    }
+    for id in &ids {
+        let doc = tokio::time::timeout(DEADLINE, client.wait(*id)).await.unwrap().unwrap();
+        assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    }
+    let booked = booked.lock().unwrap().clone();
+    assert_eq!(booked.len(), ids.len(), "every order booked");
+    assert!(
+        booked.values().all(|b| b.len() == 1),
+        "each booked once: {:?}",
+        booked.values().filter(|b| b.len() != 1).collect::<Vec<_>>()
     );
     worker.shutdown().await;
     client.close().await;

@@ -1,0 +1,173 @@
+//! `waybill signal` over NATS, through the coordinator: a signal reaches
+//! the order waiting for it, which runs its step with the signal's JSON; a
+//! second one is a duplicate; a misspelt signal, bad JSON, an unknown order
+//! and an order that ended are clear errors; `waybill status` shows what
+//! the order awaits and the signal in its history.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a failed unwrap is a failed test
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use waybill::coordinator::{self, CoordinatorClient, CoordinatorConfig};
+use waybill::transport::nats::Nats;
+use waybill::transport::{NatsConfig, Transport};
+use waybill::{Client, OrderId, Payload, Status, StepContext, StepOutput, Worker, Workflow};
+use waybill_testkit::NatsServer;
+
+mod common;
+use common::{text, waybill};
+
+const DEADLINE: Duration = Duration::from_secs(20);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_from_the_command_line_reaches_the_order_waiting_for_it() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let nats = Nats::connect(&url, NatsConfig::default()).await.unwrap();
+    let coordinator = coordinator::start(nats.clone(), None, CoordinatorConfig::default())
+        .await
+        .unwrap();
+    let client = Client::connect(nats.clone()).await.unwrap();
+    let wf = Workflow::builder("approval", 1)
+        .step("hold", "t.hold")
+        .step("book", "t.book")
+        .await_signal("approved", Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let book = {
+        let seen = seen.clone();
+        move |ctx: StepContext, _p: Payload| {
+            seen.lock().unwrap().extend(ctx.signal("approved").map(str::to_owned));
+            async { Ok(StepOutput::ok()) }
+        }
+    };
+    let worker = Worker::builder(nats.clone())
+        .serve("t.hold", |_c: StepContext, _p: Payload| async { Ok(StepOutput::ok()) })
+        .serve("t.book", book)
+        .start()
+        .await
+        .unwrap();
+    let id = client
+        .start(&wf, Payload::json(&serde_json::json!({"trip": 1})).unwrap())
+        .await
+        .unwrap();
+    let sid = id.to_string();
+
+    // The coordinator says when the order awaits its signal.
+    let asks = CoordinatorClient::new(nats.clone(), Duration::from_secs(5));
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    while asks.status(&id).await.ok().and_then(|s| s.awaiting).is_none() {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the order never awaited its signal"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = text(&waybill(&url, &["status", &sid]).stdout);
+    assert!(status.contains("awaiting  signal approved since"), "{status}");
+
+    // Mistakes are errors, and change nothing.
+    let fails = |args: &[&str], want: &str| {
+        let out = waybill(&url, args);
+        assert!(!out.status.success(), "{args:?} succeeded: {}", text(&out.stdout));
+        assert!(text(&out.stderr).contains(want), "{args:?}: {}", text(&out.stderr));
+    };
+    fails(
+        &["signal", &sid, "aproved"],
+        "waits for no signal `aproved`; its route waits for: approved",
+    );
+    fails(&["signal", &sid, "approved", "{not json"], "is not JSON");
+    fails(&["signal", &OrderId::new().to_string(), "approved"], "unknown order");
+    fails(&["signal", &sid, "bad name!"], "signal name `bad name!`");
+    assert!(seen.lock().unwrap().is_empty());
+
+    let out = waybill(&url, &["signal", &sid, "approved", r#"{"by": "ana"}"#]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).contains("its step book runs now"),
+        "{}",
+        text(&out.stdout)
+    );
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    assert_eq!(*seen.lock().unwrap(), [r#"{"by":"ana"}"#]);
+
+    // Once ended, no signal reaches it; the history shows the one that did.
+    fails(&["signal", &sid, "approved"], "already ended completed");
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    let v = loop {
+        let out = waybill(&url, &["status", &sid, "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if v["status"] == "completed" {
+            break v;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "{v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let history = v["history"].as_array().unwrap();
+    assert!(
+        history
+            .iter()
+            .any(|h| h["signal"]["name"] == "approved" && h["signal"]["data"] == r#"{"by":"ana"}"#),
+        "{v}"
+    );
+    assert!(v.get("awaiting").is_none(), "{v}");
+
+    worker.shutdown().await;
+    client.close().await;
+    coordinator.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_kept_before_the_step_and_sent_again_is_a_duplicate() {
+    let server = NatsServer::start();
+    let url = server.url();
+    let nats = Nats::connect(&url, NatsConfig::default()).await.unwrap();
+    let coordinator = coordinator::start(nats.clone(), None, CoordinatorConfig::default())
+        .await
+        .unwrap();
+    let client = Client::connect(nats.clone()).await.unwrap();
+    let wf = Workflow::builder("approval", 1)
+        .step("hold", "t.hold")
+        .delay(Duration::from_secs(3600))
+        .step("book", "t.book")
+        .await_signal("approved", Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    // No worker serves the hold: the order sleeps before it, far from the
+    // step that waits for the signal.
+    let id = client
+        .start(&wf, Payload::json(&serde_json::json!({})).unwrap())
+        .await
+        .unwrap();
+    let sid = id.to_string();
+    let asks = CoordinatorClient::new(nats.clone(), Duration::from_secs(5));
+    let give_up = tokio::time::Instant::now() + DEADLINE;
+    while asks.status(&id).await.is_err() {
+        assert!(
+            tokio::time::Instant::now() < give_up,
+            "the coordinator never saw the order"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let out = waybill(&url, &["signal", &sid, "approved", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["duplicate"].as_bool(), v["awaited"].as_bool()),
+        (Some(false), Some(false)),
+        "{v}"
+    );
+    let out = waybill(&url, &["signal", &sid, "approved", r#"{"again": true}"#]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).starts_with("duplicate:"), "{}", text(&out.stdout));
+    // Kept, with the first one's JSON.
+    assert_eq!(
+        nats.signal(&id, &"approved".parse().unwrap()).await.unwrap().as_deref(),
+        Some("{}")
+    );
+    client.close().await;
+    coordinator.shutdown().await;
+}
