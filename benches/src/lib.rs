@@ -44,6 +44,7 @@ pub fn mixed_orders(count: usize) -> Result<Vec<PreparedOrder>, BenchError> {
                 expect: s.expect,
                 workflow,
                 payload,
+                actions: Vec::new(),
             })
         })
         .collect()

@@ -116,6 +116,11 @@ fn graph_draws_the_order_route_and_names_what_is_unknown() {
         cooling.contains("s1[\"<b>charge</b><br/>payment.charge<br/>waits 2 s, 8 tries, 10 s\"]"),
         "the wait is drawn:\n{cooling}"
     );
+    let trip = text(&waybill(&["graph", "trip"]).stdout);
+    assert!(
+        trip.contains("waits for approved (at most 3 s)") && trip.contains("s5 -. \"no approved in time\" .-> failed"),
+        "the signal and its timeout are drawn:\n{trip}"
+    );
     let dot = text(&waybill(&["graph", "order", "--version", "1", "--format", "dot"]).stdout);
     assert!(dot.starts_with("digraph \"order v1\" {"), "{dot}");
 

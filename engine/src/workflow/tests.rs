@@ -129,3 +129,59 @@ fn backoff_grows_and_is_capped() {
     assert_eq!(j.delay(1, 0.0), Duration::from_millis(80));
     assert_eq!(j.delay(1, 1.0), Duration::from_millis(120));
 }
+
+#[test]
+fn a_signal_wait_is_checked_like_the_rest_of_the_route() {
+    let wf = three()
+        .await_signal("approved", Duration::from_secs(60))
+        .on_timeout(Then::step("charge"))
+        .max_visits(3)
+        .build()
+        .unwrap();
+    let ship = &wf.route().steps[2];
+    assert_eq!(
+        ship.wait,
+        Some(Wait::Signal {
+            name: "approved".parse().unwrap(),
+            timeout_ms: 60_000,
+            on_timeout: Next::Goto(0),
+        })
+    );
+    // The last wait given is the step's.
+    let wf = three()
+        .await_signal("approved", Duration::from_secs(60))
+        .delay(Duration::from_secs(1))
+        .build()
+        .unwrap();
+    assert_eq!(wf.route().steps[2].awaits(), None);
+
+    let e = three().await_signal("approved", Duration::ZERO).build().unwrap_err();
+    assert!(
+        e.to_string().contains("a signal's deadline must be longer than zero"),
+        "{e}"
+    );
+    let e = three().await_signal("ok!", Duration::from_secs(1)).build().unwrap_err();
+    assert!(e.to_string().contains("signal name `ok!`"), "{e}");
+    let e = three()
+        .await_signal("approved", Duration::from_secs(1))
+        .on_timeout(Then::step("nowhere"))
+        .build()
+        .unwrap_err();
+    assert!(e.to_string().contains("unknown step `nowhere`"), "{e}");
+    // A timeout that loops back must be bounded, as any loop.
+    let e = three()
+        .await_signal("approved", Duration::from_secs(1))
+        .on_timeout(Then::step("reserve"))
+        .build()
+        .unwrap_err();
+    assert!(matches!(e, DefinitionError::UnboundedLoop { .. }), "{e}");
+    // Only a timeout reaches a step after a completing one.
+    let wf = Workflow::builder("remind", 1)
+        .step("wait", "s.wait")
+        .await_signal("approved", Duration::from_secs(1))
+        .on_timeout(Then::step("nudge"))
+        .on("ok", Then::Complete)
+        .step("nudge", "s.nudge")
+        .build();
+    assert!(wf.is_ok(), "{wf:?}");
+}
