@@ -48,6 +48,7 @@ type Scenario = fn() -> LocalBoxFuture<'static, Row>;
 const SCENARIOS: &[(&str, Scenario)] = &[
     ("no-faults", || no_faults().boxed_local()),
     ("worker-sigkill", || worker_sigkill().boxed_local()),
+    ("signals-worker-sigkill", || signals_worker_sigkill().boxed_local()),
     ("coordinator-sigkill", || coordinator_sigkill().boxed_local()),
     ("nats-server-sigkill", || nats_server_sigkill().boxed_local()),
     ("worker-drain", || worker_drain().boxed_local()),
@@ -235,6 +236,31 @@ impl Scene {
         self.driver.client.close().await;
         (row, self.stack)
     }
+}
+
+/// The trip's flows (orders asleep on a reminder's timer, waiting for
+/// their approval signal, a deadline passing, cancels) while the trip's
+/// workers are SIGKILLed and started again: a kill delays a trip, and
+/// never changes how it ends; no trip is booked, reminded or undone twice.
+async fn signals_worker_sigkill() -> Row {
+    const KILLS: usize = 4;
+    let orders = run::trips(orders_or(2000).div_ceil(400));
+    let mut sc = Scene::new(Stack::single(), 0, 1, orders.len()).await;
+    sc.stack.start_trip_workers(2);
+    let mut rng = fastrand::Rng::with_seed(9);
+    let run = sc.driver.start(orders);
+    for k in 1..=KILLS {
+        sc.trigger.at(k as f64 / (KILLS + 2) as f64).await;
+        let trip_workers: Vec<usize> = (0..sc.stack.workers.len())
+            .filter(|&i| sc.stack.workers[i].service == stack::TRIP)
+            .collect();
+        let i = trip_workers[rng.usize(..trip_workers.len())];
+        sc.trigger.fault();
+        sc.stack.kill_and_restart_worker(i);
+    }
+    let driven = run.done().await;
+    let faults = format!("{KILLS} × SIGKILL of a trip worker while trips sleep and await signals, restarted");
+    sc.end("signals: worker SIGKILL", faults, driven, 0).await.0
 }
 
 /// The same stack and orders with nothing done to them: the reference

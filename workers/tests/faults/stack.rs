@@ -6,12 +6,20 @@ use std::time::Duration;
 
 use waybill_testkit::{workspace_root, NatsCluster, NatsServer, Proc};
 
-/// The worker binaries, by service: 0 payment, 1 inventory, 2 shipping.
-pub const WORKERS: [(&str, &str); 3] = [
+/// The worker binaries, by service: 0 payment, 1 inventory, 2 shipping,
+/// 3 the trip's services (started only where a scenario asks:
+/// [`Stack::start_trip_workers`]).
+pub const WORKERS: [(&str, &str); 4] = [
     ("payment-worker", env!("CARGO_BIN_EXE_payment-worker")),
     ("inventory-worker", env!("CARGO_BIN_EXE_inventory-worker")),
     ("shipping-worker", env!("CARGO_BIN_EXE_shipping-worker")),
+    ("trip-worker", env!("CARGO_BIN_EXE_trip-worker")),
 ];
+
+/// The order workflows' services: what [`Stack::start_workers`] starts.
+const ORDER_SERVICES: usize = 3;
+/// The trip's services, in [`WORKERS`].
+pub const TRIP: usize = 3;
 
 const WAYBILL: &str = env!("CARGO_BIN_EXE_waybill");
 
@@ -157,11 +165,24 @@ impl Stack {
     /// until each is serving.
     pub fn start_workers(&mut self, per_service: usize) {
         let first = self.workers.len();
-        for service in 0..WORKERS.len() {
+        for service in 0..ORDER_SERVICES {
             for k in 0..per_service {
                 self.start_worker(service, service + k);
             }
         }
+        self.await_serving(first);
+    }
+
+    /// `n` trip workers, spread over the nodes; waits until each serves.
+    pub fn start_trip_workers(&mut self, n: usize) {
+        let first = self.workers.len();
+        for k in 0..n {
+            self.start_worker(TRIP, k);
+        }
+        self.await_serving(first);
+    }
+
+    fn await_serving(&mut self, first: usize) {
         for w in &mut self.workers[first..] {
             w.proc.expect_stderr(" serving", Duration::from_secs(60));
         }
