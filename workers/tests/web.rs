@@ -334,6 +334,41 @@ async fn the_page_shows_the_coordinators_counts_an_orders_timeline_and_the_dead_
     let refused = post_without_header(page, &format!("/api/orders/{}/cancel", stuck[2]));
     assert!(refused.starts_with("HTTP/1.1 403"), "{refused}");
 
+    // An order awaiting a signal says which and since when; a signal from
+    // the command line wakes it, and its timeline shows the signal.
+    let nats = waybill::transport::Nats::connect(&url, waybill::transport::NatsConfig::default())
+        .await
+        .unwrap();
+    let approval = waybill::Workflow::builder("approval", 1)
+        .step("hold", "t.hold")
+        .step("book", "t.book")
+        .await_signal("approved", Duration::from_secs(3600))
+        .build()
+        .unwrap();
+    let ok = |_c: waybill::StepContext, _p: waybill::Payload| async { Ok(waybill::StepOutput::ok()) };
+    let approver = waybill::Worker::builder(nats.clone())
+        .serve("t.hold", ok)
+        .serve("t.book", ok)
+        .start()
+        .await
+        .unwrap();
+    let client = waybill::Client::connect(nats.clone()).await.unwrap();
+    let id = client
+        .start(&approval, waybill::Payload::json(&serde_json::json!({})).unwrap())
+        .await
+        .unwrap();
+    b.goto(&format!("{base}/#/order/{id}")).await.unwrap();
+    until_text(&b, "order-awaiting", "signal approved since").await;
+    let out = waybill(
+        &url,
+        &["signal", &id.to_string(), "approved", r#"{"by": "the browser test"}"#],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    until_text(&b, "order-status", "completed").await;
+    until_text(&b, "timeline", r#"signal approved {"by":"the browser test"}"#).await;
+    approver.shutdown().await;
+    client.close().await;
+
     b.close().await.unwrap();
     let (status, stderr) = coordinator.signal_and_wait("TERM", DEADLINE);
     assert!(status.success(), "{stderr}");

@@ -185,7 +185,7 @@ async function refreshOrder(first) {
   const graph = await routeSvg(o.workflow, o.version);
   const inFlight = !state.orderFinal;
   view.innerHTML = `
-  <h1><span class="mono">${esc(o.id)}</span> ${badge(o.status)} ${o.stalled ? badge("stalled") : ""} ${o.waiting ? badge("waiting") : ""} ${o.asleep_until ? badge("asleep") : ""}</h1>
+  <h1><span class="mono">${esc(o.id)}</span> ${badge(o.status)} ${o.stalled ? badge("stalled") : ""} ${o.waiting ? badge("waiting") : ""} ${o.asleep_until ? badge("asleep") : ""} ${o.awaiting ? badge("awaiting") : ""}</h1>
   <div id="order-notice">${state.notice && state.notice.id === o.id ? state.notice.html : ""}</div>
   <div class="grid">
     <section><h2>Where it stands</h2><dl class="facts" id="facts">
@@ -198,6 +198,7 @@ async function refreshOrder(first) {
       ${o.failure ? `<dt>failure</dt><dd>${esc(o.failure)}</dd>` : ""}
       ${o.waiting ? `<dt>waiting</dt><dd>on infrastructure since ${esc(o.waiting.since)}, ${o.waiting.tries} tries: ${esc(o.waiting.error)}</dd>` : ""}
       ${o.asleep_until ? `<dt>asleep</dt><dd id="order-asleep">until ${esc(o.asleep_until)}</dd>` : ""}
+      ${o.awaiting ? `<dt>awaiting</dt><dd id="order-awaiting">signal <b>${esc(o.awaiting.signal)}</b> since ${esc(o.awaiting.since)} (deadline ${esc(o.awaiting.deadline)})</dd>` : ""}
       <dt>partition</dt><dd>${esc(o.partition)}</dd>
     </dl>
     ${inFlight ? `<p><button class="danger" id="cancel">Cancel this order</button></p>` : ""}
@@ -241,6 +242,7 @@ function timeline(history, error) {
     let result, cls = h.kind === "compensation" ? "compensation" : "";
     if (h.cancelled !== undefined) { result = `cancelled: ${esc(h.cancelled)}`; cls = "cancel"; }
     else if (h.unavailable) { result = `waited on infrastructure (${h.unavailable.tries} tries): ${esc(h.unavailable.error)}`; cls = "unavailable"; }
+    else if (h.signal) { result = h.signal.data !== undefined && h.signal.data !== null ? `signal <b>${esc(h.signal.name)}</b> <span class="muted">${esc(h.signal.data)}</span>` : `no signal <b>${esc(h.signal.name)}</b> by its deadline`; cls = "signal"; }
     else if (h.error !== undefined) { result = `${h.transient ? "transient" : "permanent"} error: ${esc(h.error)}`; cls = "error"; }
     else result = `outcome <b>${esc(h.outcome)}</b>${h.detail ? ` <span class="muted">${esc(h.detail)}</span>` : ""}`;
     const left = (100 * (t(h.started_at) - start)) / (end - start);
