@@ -71,7 +71,7 @@ pub(super) async fn process<T: Transport>(
                 Box::pin(hand_back(shared, svc, delivery, Some(delay), "waiting for a signal")).await;
                 // A signal delivered while this worker looked finds no hop
                 // asleep to wake: look again now that it sleeps.
-                return wake_if_signalled(shared, &doc).await;
+                return Box::pin(wake_if_signalled(shared, &doc)).await;
             }
             Awaited::Failed(why) => {
                 return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, why)).await;
@@ -218,7 +218,11 @@ async fn store_and_ack<T: Transport>(
                 // The output is stored; a redelivery will be a duplicate.
                 tracing::warn!(error = %e, "ack failed");
             }
-            wake_if_signalled(shared, doc).await;
+            // Boxed, and only for a hop that waits for a signal: its state
+            // would weigh on every step's future.
+            if doc.awaited_signal().is_some() {
+                Box::pin(wake_if_signalled(shared, doc)).await;
+            }
         }
         Err(Unstored::OverLimit(e)) => {
             let reason = format!(
