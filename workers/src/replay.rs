@@ -708,6 +708,7 @@ async fn act<T: Transport + Rpc>(
         return Ok(());
     }
     let asks = CoordinatorClient::new(client.transport().clone(), ASK_TIMEOUT);
+    let mut nobody = Unanswered::default();
     for a in actions {
         let deadline = Instant::now() + give_up;
         let wanted = match (&a.when, &a.what) {
@@ -720,7 +721,11 @@ async fn act<T: Transport + Rpc>(
             loop {
                 // Unknown at first: the coordinator has not read its first
                 // hop yet.
-                if let Ok(s) = asks.status(&id).await {
+                let answer = asks.status(&id).await;
+                if let Err(e) = &answer {
+                    nobody.check(e)?;
+                }
+                if let Ok(s) = answer {
                     let there = match (&a.when, &a.what) {
                         (When::Waiting, Act::Signal { name, .. }) => {
                             s.awaiting.as_ref().is_some_and(|w| w.signal == name.as_str())
@@ -743,7 +748,7 @@ async fn act<T: Transport + Rpc>(
         }
         match &a.what {
             Act::Signal { name, data, duplicate } => {
-                let reply = retry_asking(deadline, || asks.signal(&id, name, data))
+                let reply = retry_asking(deadline, &mut nobody, || asks.signal(&id, name, data))
                     .await
                     .map_err(|e| format!("signal {name} was not delivered: {e}"))?;
                 if reply.duplicate != *duplicate {
@@ -755,7 +760,7 @@ async fn act<T: Transport + Rpc>(
                 }
             }
             Act::Cancel { reason } => {
-                retry_asking(deadline, || asks.cancel(&id, Some(reason)))
+                retry_asking(deadline, &mut nobody, || asks.cancel(&id, Some(reason)))
                     .await
                     .map_err(|e| format!("the cancel was not recorded: {e}"))?;
             }
@@ -780,16 +785,46 @@ fn unknown(e: &waybill::coordinator::RequestError) -> bool {
 /// cannot be reached (starting, say).
 async fn retry_asking<R, F: std::future::Future<Output = Result<R, waybill::coordinator::RequestError>>>(
     deadline: Instant,
+    nobody: &mut Unanswered,
     ask: impl Fn() -> F,
-) -> Result<R, waybill::coordinator::RequestError> {
+) -> Result<R, String> {
     loop {
         match ask().await {
             Ok(r) => return Ok(r),
             Err(e) if Instant::now() < deadline && (e.is_retryable() || unknown(&e)) => {
+                nobody.check(&e)?;
                 tokio::time::sleep(ACTION_POLL).await;
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(e.to_string()),
         }
+    }
+}
+
+/// How long a replay waits for a coordinator that nobody runs: one may be
+/// starting, but a flow's actions need one.
+const NO_COORDINATOR: Duration = Duration::from_secs(5);
+
+/// Since when the coordinator's requests have had no responders.
+#[derive(Default)]
+struct Unanswered(Option<Instant>);
+
+impl Unanswered {
+    /// An error once nobody has answered for [`NO_COORDINATOR`].
+    fn check(&mut self, e: &waybill::coordinator::RequestError) -> Result<(), String> {
+        use waybill::coordinator::RequestError;
+        if !matches!(e, RequestError::Transport(waybill::transport::Error::NoResponders(_))) {
+            self.0 = None;
+            return Ok(());
+        }
+        let since = *self.0.get_or_insert_with(Instant::now);
+        if since.elapsed() >= NO_COORDINATOR {
+            return Err(format!(
+                "no coordinator answered for {} s: a line's signals and cancels go through one \
+                 (start `waybill coordinator`)",
+                NO_COORDINATOR.as_secs()
+            ));
+        }
+        Ok(())
     }
 }
 
