@@ -58,13 +58,25 @@ impl Nats {
         Ok(fresh)
     }
 
+    /// Read from the bucket stream's leader, not by the bucket's own read
+    /// (a direct get, which any replica answers): a replica a moment
+    /// behind would not have a signal that was just stored and woke the
+    /// order, which would then sleep until its deadline.
     pub(super) async fn get_signal(&self, order: &OrderId, name: &SignalName) -> Result<Option<String>, Error> {
+        use async_nats::jetstream::stream::LastRawMessageErrorKind;
         let kv = self.signals().await?;
-        let entry = kv
-            .get(key(order, name))
-            .await
-            .map_err(|e| nats_err(&format!("cannot read signal `{name}` of order {order}"), e))?;
-        entry
+        let subject = format!("{}{}", kv.prefix, key(order, name));
+        let m = match kv.stream.get_last_raw_message_by_subject(&subject).await {
+            Ok(m) => m,
+            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(None),
+            Err(e) => return Err(nats_err(&format!("cannot read signal `{name}` of order {order}"), e)),
+        };
+        // A deleted or purged key is a marker, not a signal.
+        let op = m.headers.get("KV-Operation").map(|v| v.as_str().to_owned());
+        if matches!(op.as_deref(), Some("DEL" | "PURGE")) {
+            return Ok(None);
+        }
+        Some(m.payload)
             .map(|b| {
                 String::from_utf8(b.to_vec()).map_err(|_| Error::Other {
                     message: format!("signal `{name}` of order {order} is not UTF-8 JSON"),
