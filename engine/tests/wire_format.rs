@@ -351,19 +351,63 @@ fn waiting() -> Document {
     d
 }
 
-fn cases() -> [(&'static str, Document); 5] {
+/// Version 2 with signals: a step that waits for one (its timeout going
+/// to another step), another that waits until a payload time, and the
+/// history of an order that received one and timed out on none.
+fn signalled() -> Document {
+    let route = Workflow::builder("approval", 1)
+        .step("hold", "booking.hold")
+        .compensate("booking.release")
+        .step("book", "booking.confirm")
+        .await_signal("approved", Duration::from_secs(48 * 3600))
+        .on_timeout(Then::step("nudge"))
+        .on("ok", Then::Complete)
+        .step("nudge", "mail.nudge")
+        .not_before("nudge_at")
+        .build()
+        .unwrap()
+        .shared_route();
+    let mut d = Document::new(id(6), route, Payload::postcard(&("trip-2", 3u8)).unwrap());
+    d.hop = 1;
+    d.step = 1;
+    d.created_at = Timestamp(1_764_000_500_000_000);
+    d.not_before = None;
+    let t = 1_764_000_590_000_000;
+    d.history = vec![
+        record("hold", "booking.hold", StepKind::Forward, 1, outcome("ok"), t),
+        record(
+            "book",
+            "booking.confirm",
+            StepKind::Forward,
+            1,
+            AttemptResult::Signal {
+                name: "approved".parse().unwrap(),
+                data: Some(r#"{"by":"ana"}"#.into()),
+            },
+            t + 60_000_000,
+        ),
+    ];
+    d.owed = vec![Compensation {
+        step: "hold".parse().unwrap(),
+        service: "booking.release".parse().unwrap(),
+    }];
+    d
+}
+
+fn cases() -> [(&'static str, Document); 6] {
     [
         ("running", running()),
         ("compensating", compensating()),
         ("finished", finished()),
         ("cancelled", cancelled()),
         ("waiting", waiting()),
+        ("signalled", signalled()),
     ]
 }
 
 /// The envelope version each case is written in.
 fn version(case: &str) -> u8 {
-    if case == "waiting" {
+    if matches!(case, "waiting" | "signalled") {
         2
     } else {
         1
@@ -631,6 +675,38 @@ fn the_waiting_document_reads_field_by_field() {
         assert_eq!(d.not_before, Some(Timestamp(1_764_172_890_002_000)));
         assert_eq!((d.hop, d.step), (1, 1));
     }
+}
+
+#[test]
+fn the_signalled_document_reads_field_by_field() {
+    let codec = Codec::default();
+    for format in [Format::Postcard, Format::Json] {
+        let d = codec.decode(&golden("signalled", format), format).unwrap();
+        assert_eq!(
+            d.route.steps[1].wait,
+            Some(waybill::Wait::Signal {
+                name: "approved".parse().unwrap(),
+                timeout_ms: 172_800_000,
+                on_timeout: waybill::Next::Goto(2),
+            }),
+            "{format:?}"
+        );
+        assert_eq!(
+            d.route.steps[2].wait,
+            Some(waybill::Wait::Until {
+                field: "nudge_at".into()
+            })
+        );
+        assert_eq!(d.signal("approved"), Some(r#"{"by":"ana"}"#), "{format:?}");
+        assert_eq!(d.awaited_signal(), None, "received: the step runs");
+    }
+    let json: serde_json::Value = serde_json::from_slice(&golden("signalled", Format::Json)).unwrap();
+    assert_eq!(json["envelope"], 2);
+    assert_eq!(
+        json["route"]["steps"][1]["wait"]["signal"]["name"], "approved",
+        "{json}"
+    );
+    assert_eq!(json["history"][1]["result"]["signal"]["data"], r#"{"by":"ana"}"#, "{json}");
 }
 
 #[test]
