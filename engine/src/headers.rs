@@ -53,6 +53,10 @@ pub const DLQ_CONSUMER: &str = "Waybill-Dlq-Consumer";
 /// On a hop woken from its wait to meet a cancel: the cancel's reason (the
 /// worker may see the hop before the cancel itself reaches it).
 pub const CANCEL: &str = "Waybill-Cancel";
+/// On a hop that waits for a signal: its name. A signal wakes only a hop
+/// that waits for it (a signal kept for a later step leaves the order
+/// asleep where it is).
+pub const AWAITS: &str = "Waybill-Awaits";
 /// On a hop the coordinator re-drove: the sequence of the hop it repeats.
 pub const REDRIVE: &str = "Waybill-Redrive";
 /// NATS's deduplication id (set through [`crate::transport::Outgoing::msg_id`],
@@ -148,6 +152,9 @@ pub fn for_hop(doc: &Document, format: Format) -> Headers {
     let mut h = Headers::with_capacity(2);
     h.append(HOP, v);
     h.append(CONTENT_TYPE, CompactString::const_new(format.content_type()));
+    if let Some((signal, _)) = doc.awaited_signal() {
+        h.append(AWAITS, CompactString::new(signal.as_str()));
+    }
     h
 }
 

@@ -1299,3 +1299,53 @@ async fn a_cancel_reaches_an_order_waiting_for_a_signal() {
     worker.shutdown().await;
     client.close().await;
 }
+
+/// A signal kept for a later step does not wake the order asleep at an
+/// earlier one: only the signal a hop waits for wakes it. When the order
+/// gets to the later step, the kept signal lets it through at once.
+#[tokio::test]
+async fn a_signal_for_a_later_step_leaves_the_order_asleep_where_it_is() {
+    let transport = Embedded::new();
+    let hour = Duration::from_secs(3600);
+    let wf = Workflow::builder("two_approvals", 1)
+        .step("hold", "t.hold")
+        .step("first", "t.first")
+        .await_signal("first_ok", hour)
+        .step("second", "t.second")
+        .await_signal("second_ok", hour)
+        .build()
+        .unwrap();
+    let worker = Worker::builder(transport.clone())
+        .serve("t.hold", ok)
+        .serve("t.first", ok)
+        .serve("t.second", ok)
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let id = client
+        .start(&wf, Payload::postcard(&script("x")).unwrap())
+        .await
+        .unwrap();
+    asleep_at(&transport, "t.first").await;
+    let name = |n: &str| n.parse::<waybill::SignalName>().unwrap();
+    assert!(transport.send_signal(id, &name("second_ok"), "{}").await.unwrap());
+    let first = subject::service_consumer(&"t.first".parse().unwrap());
+    let stats = transport.consumer_stats(&first).unwrap();
+    assert_eq!(stats.delayed, 1, "still asleep at the first step: {stats:?}");
+    assert_eq!(
+        worker.stats().naks.load(Ordering::Relaxed),
+        1,
+        "handed back once, not woken"
+    );
+    assert!(transport.send_signal(id, &name("first_ok"), "{}").await.unwrap());
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    assert_eq!(
+        worker.stats().naks.load(Ordering::Relaxed),
+        1,
+        "the second step did not wait: its signal was kept"
+    );
+    worker.shutdown().await;
+    client.close().await;
+}

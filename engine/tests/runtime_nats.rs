@@ -524,3 +524,63 @@ async fn orders_waiting_for_signals_through_a_worker_restart_and_a_server_kill_g
     worker.shutdown().await;
     client.close().await;
 }
+
+/// Over NATS, a signal kept for a later step does not wake the order's
+/// timer at an earlier one (no new timer is published); the awaited one
+/// does, and the kept one lets the later step through at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_for_a_later_step_leaves_the_server_timer_alone() {
+    let server = NatsServer::start();
+    let t = Nats::connect(&server.url(), NatsConfig::default()).await.unwrap();
+    let raw = async_nats::connect(server.url()).await.unwrap();
+    let mut timers = raw.subscribe(waybill::subject::all_timers()).await.unwrap();
+    raw.flush().await.unwrap();
+    let hour = Duration::from_secs(3600);
+    let wf = waybill::Workflow::builder("two_approvals", 1)
+        .step("hold", "t.hold")
+        .step("first", "t.first")
+        .await_signal("first_ok", hour)
+        .step("second", "t.second")
+        .await_signal("second_ok", hour)
+        .build()
+        .unwrap();
+    let worker = Worker::builder(t.clone())
+        .serve("t.hold", ok)
+        .serve("t.first", ok)
+        .serve("t.second", ok)
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(t.clone()).await.unwrap();
+    let id = client
+        .start(&wf, Payload::postcard(&script("x")).unwrap())
+        .await
+        .unwrap();
+    tokio::time::timeout(DEADLINE, timers.next()).await.unwrap().unwrap();
+    let hops = async_nats::jetstream::new(raw.clone())
+        .get_stream("WAYBILL_HOPS")
+        .await
+        .unwrap();
+    let timer = waybill::subject::timer(&id);
+    let before = hops.get_last_raw_message_by_subject(&timer).await.unwrap();
+    assert_eq!(
+        before.headers.get(headers::AWAITS).map(|v| v.as_str()),
+        Some("first_ok")
+    );
+    let name = |n: &str| n.parse::<waybill::SignalName>().unwrap();
+    assert!(t.send_signal(id, &name("second_ok"), "{}").await.unwrap());
+    let after = hops.get_last_raw_message_by_subject(&timer).await.unwrap();
+    assert_eq!(after.sequence, before.sequence, "the timer was left alone");
+    assert!(t.send_signal(id, &name("first_ok"), "{}").await.unwrap());
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    let steps: Vec<&str> = doc.history.iter().map(|r| r.step.as_str()).collect();
+    assert_eq!(
+        steps,
+        ["hold", "first", "first", "second", "second"],
+        "{}",
+        doc.journal()
+    );
+    worker.shutdown().await;
+    client.close().await;
+}

@@ -706,7 +706,10 @@ fn the_signalled_document_reads_field_by_field() {
         json["route"]["steps"][1]["wait"]["signal"]["name"], "approved",
         "{json}"
     );
-    assert_eq!(json["history"][1]["result"]["signal"]["data"], r#"{"by":"ana"}"#, "{json}");
+    assert_eq!(
+        json["history"][1]["result"]["signal"]["data"], r#"{"by":"ana"}"#,
+        "{json}"
+    );
 }
 
 #[test]

@@ -380,10 +380,11 @@ pub trait Transport: Clone + Send + Sync + 'static {
     }
 
     /// Makes the hop of `order` that sleeps until it is due (a step's wait,
-    /// a signal's deadline, a long backoff) come now. Nothing when it does
-    /// not sleep.
-    fn wake(&self, order: OrderId) -> impl Future<Output = Result<(), Error>> + Send {
-        let _ = order;
+    /// a signal's deadline, a long backoff) come now; with `signal`, only
+    /// a hop that waits for that signal (its `Waybill-Awaits` header).
+    /// Nothing when no such hop sleeps.
+    fn wake(&self, order: OrderId, signal: Option<&SignalName>) -> impl Future<Output = Result<(), Error>> + Send {
+        let _ = (order, signal);
         std::future::ready(Ok(()))
     }
 }

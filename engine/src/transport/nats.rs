@@ -624,8 +624,8 @@ impl Transport for Nats {
         self.get_signal(order, name).await
     }
 
-    async fn wake(&self, order: crate::id::OrderId) -> Result<(), Error> {
-        self.wake_timer(order, None).await
+    async fn wake(&self, order: crate::id::OrderId, signal: Option<&crate::id::SignalName>) -> Result<(), Error> {
+        self.wake_timer(order, None, signal).await
     }
 }
 

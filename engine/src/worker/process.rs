@@ -187,7 +187,7 @@ async fn wake_if_signalled<T: Transport>(shared: &Shared<T>, doc: &Document) {
     };
     match shared.transport.signal(&doc.id, name).await {
         Ok(Some(_)) => {
-            if let Err(e) = shared.transport.wake(doc.id).await {
+            if let Err(e) = shared.transport.wake(doc.id, Some(name)).await {
                 tracing::warn!(order = %doc.id, error = %e, "could not wake an order for its signal; it wakes at its deadline");
             }
         }

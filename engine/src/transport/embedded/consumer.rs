@@ -193,18 +193,18 @@ impl ConsumerState {
 
     /// Makes the delayed messages of `order` (a hop handed back until it is
     /// due) ready now: it was cancelled, and its cancel applies at its next
-    /// hop. Returns how many there were.
-    pub(super) fn wake(&self, order: &crate::id::OrderId) -> usize {
+    /// hop; or, with `signal`, the hop waiting for that signal got it.
+    /// Returns how many there were.
+    pub(super) fn wake(&self, order: &crate::id::OrderId, signal: Option<&crate::id::SignalName>) -> usize {
         let woken = {
             let mut q = lock(&self.queue);
             let is_order = |d: &Due| {
-                d.pending
-                    .msg
-                    .message
-                    .headers
+                let headers = &d.pending.msg.message.headers;
+                headers
                     .get(crate::headers::HOP)
                     .and_then(crate::headers::HopHeader::parse)
                     .is_some_and(|h| h.order.parse::<crate::id::OrderId>().is_ok_and(|id| &id == order))
+                    && signal.is_none_or(|s| headers.get(crate::headers::AWAITS) == Some(s.as_str()))
             };
             if !q.delayed.iter().any(is_order) {
                 return 0;

@@ -416,7 +416,7 @@ impl Transport for Embedded {
         let fresh = self.inner.cancels.insert(order, reason.to_owned());
         // An order asleep (a step's wait, a retry's backoff) meets its
         // cancel now rather than when its wait ends.
-        self.wake(order).await?;
+        self.wake(order, None).await?;
         Ok(fresh)
     }
 
@@ -437,7 +437,7 @@ impl Transport for Embedded {
                 true
             }
         };
-        self.wake(order).await?;
+        self.wake(order, Some(name)).await?;
         Ok(fresh)
     }
 
@@ -445,9 +445,9 @@ impl Transport for Embedded {
         Ok(lock(&self.inner.signals).get(&(*order, name.clone())).cloned())
     }
 
-    async fn wake(&self, order: crate::id::OrderId) -> Result<(), Error> {
+    async fn wake(&self, order: crate::id::OrderId, signal: Option<&crate::id::SignalName>) -> Result<(), Error> {
         for c in self.inner.consumers.load().iter() {
-            c.wake(&order);
+            c.wake(&order, signal);
         }
         Ok(())
     }

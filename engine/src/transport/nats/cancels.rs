@@ -53,7 +53,7 @@ impl Nats {
             Err(e) => return Err(nats_err(&format!("cannot record the cancel of order {order}"), e)),
         };
         // Asked again, too: an earlier ask may have stopped before this.
-        self.wake_timer(order, Some(reason)).await?;
+        self.wake_timer(order, Some(reason), None).await?;
         Ok(fresh)
     }
 
@@ -65,7 +65,14 @@ impl Nats {
     /// before it on the order's timer subject. Expected at the sequence
     /// read, so a timer that fired meanwhile is left alone (its hop is
     /// under way already).
-    pub(super) async fn wake_timer(&self, order: OrderId, cancel: Option<&str>) -> Result<(), Error> {
+    /// With `signal`, only a timer that waits for it (its `Waybill-Awaits`
+    /// header): a signal kept for a later step leaves the order asleep.
+    pub(super) async fn wake_timer(
+        &self,
+        order: OrderId,
+        cancel: Option<&str>,
+        signal: Option<&crate::id::SignalName>,
+    ) -> Result<(), Error> {
         use async_nats::jetstream::context::PublishErrorKind;
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
 
@@ -76,6 +83,12 @@ impl Nats {
             Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
             Err(e) => return Err(nats_err(&format!("cannot read the timer of order {order}"), e)),
         };
+        if let Some(s) = signal {
+            let awaits = m.headers.get(crate::headers::AWAITS).map(|v| v.as_str());
+            if awaits != Some(s.as_str()) {
+                return Ok(());
+            }
+        }
         let mut headers = async_nats::HeaderMap::new();
         for (name, values) in m.headers.iter() {
             let name: &str = name.as_ref();

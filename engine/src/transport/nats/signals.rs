@@ -54,7 +54,7 @@ impl Nats {
         };
         // Woken again on a duplicate, too: the first delivery may have
         // stopped before it woke the order.
-        self.wake_timer(order, None).await?;
+        self.wake_timer(order, None, Some(name)).await?;
         Ok(fresh)
     }
 
@@ -72,7 +72,10 @@ impl Nats {
             Err(e) => return Err(nats_err(&format!("cannot read signal `{name}` of order {order}"), e)),
         };
         // A deleted or purged key is a marker, not a signal.
-        let op = m.headers.get("KV-Operation").map(|v| v.as_str().to_owned());
+        let op = m
+            .headers
+            .get(crate::headers::KV_OPERATION)
+            .map(|v| v.as_str().to_owned());
         if matches!(op.as_deref(), Some("DEL" | "PURGE")) {
             return Ok(None);
         }
