@@ -1349,3 +1349,57 @@ async fn a_signal_for_a_later_step_leaves_the_order_asleep_where_it_is() {
     worker.shutdown().await;
     client.close().await;
 }
+
+/// A signal that cannot be read for now (its store electing a leader) is
+/// not an attempt and not a timeout: the look-up is tried again after the
+/// unavailable backoff (each retry handed back until due, not asked at
+/// once), folded into one wait record, and the step runs once it is read.
+#[tokio::test]
+async fn an_unreadable_signal_is_waited_out_with_backoff() {
+    let faulty = Faulty::new(Embedded::new(), |_| PublishFault::Pass);
+    let wf = approval(Duration::from_secs(3600), waybill::Then::Fail);
+    let booked = Arc::new(AtomicUsize::new(0));
+    let worker = Worker::builder(faulty.clone())
+        .serve("t.hold", ok)
+        .serve("t.release", ok)
+        .serve("t.book", counted(&booked))
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(faulty.clone()).await.unwrap();
+    // Kept before the order starts, so that no wait for it is involved.
+    let id = OrderId::new();
+    let approved: waybill::SignalName = "approved".parse().unwrap();
+    assert!(faulty.send_signal(id, &approved, "{}").await.unwrap());
+    faulty.unreadable_signals.store(usize::MAX, Ordering::SeqCst);
+    client
+        .start_with_id(id, &wf, Payload::postcard(&script("x")).unwrap())
+        .await
+        .unwrap();
+    // Two retries handed back until due, then the store is back.
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while worker.stats().naks.load(Ordering::Relaxed) < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "no retry was handed back");
+        tokio::task::yield_now().await;
+    }
+    faulty.unreadable_signals.store(0, Ordering::SeqCst);
+    let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    assert_eq!(booked.load(Ordering::SeqCst), 1);
+    let waits: Vec<u32> = doc
+        .history
+        .iter()
+        .filter_map(|r| match r.result {
+            AttemptResult::Unavailable { tries, .. } => Some(tries),
+            _ => None,
+        })
+        .collect();
+    assert!(matches!(waits[..], [n] if n >= 2), "one wait record: {}", doc.journal());
+    assert_eq!(
+        u64::from(waits[0]),
+        worker.stats().naks.load(Ordering::Relaxed),
+        "each retry handed back once, until its backoff ended"
+    );
+    worker.shutdown().await;
+    client.close().await;
+}

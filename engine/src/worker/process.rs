@@ -67,6 +67,9 @@ pub(super) async fn process<T: Transport>(
                 let why = e.to_string();
                 return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, why)).await;
             }
+            Awaited::NotDue(delay) => {
+                return Box::pin(hand_back(shared, svc, delivery, Some(delay), "not due yet")).await;
+            }
             Awaited::Sleep(delay) => {
                 Box::pin(hand_back(shared, svc, delivery, Some(delay), "waiting for a signal")).await;
                 // A signal delivered while this worker looked finds no hop
@@ -135,6 +138,9 @@ enum Awaited {
     Hop(Result<super::handoff::NextHop, super::handoff::NoNextHop>),
     /// Not there, and the deadline is this far off: hand the hop back.
     Sleep(std::time::Duration),
+    /// A retry of the look-up (its store was unavailable), due in this
+    /// long: hand the hop back, unread.
+    NotDue(std::time::Duration),
     /// The signal cannot be read here at all.
     Failed(String),
 }
@@ -150,6 +156,12 @@ async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document) -> A
             .and_then(|s| s.wait.as_ref()?.duration())
             .unwrap_or_default(),
     );
+    // A hop due before its deadline is a retry's backoff, not the wait:
+    // honoured, or a store that cannot be read would be asked again at once.
+    let now = Timestamp::now();
+    if let Some(due) = doc.not_before.filter(|due| *due > now && *due != deadline) {
+        return Awaited::NotDue(due.since(now));
+    }
     let found = shared.transport.signal(&doc.id, &name).await;
     let now = Timestamp::now();
     let ended = match found {

@@ -13,7 +13,10 @@ use std::sync::Arc;
 use waybill::transport::{
     ConsumerConfig, DeadLetter, Embedded, Error as TransportError, Outgoing, PublishAck, Transport,
 };
-use waybill::{Backoff, Payload, StepContext, StepError, StepOutput, Then, WorkerBuilder, Workflow, WorkflowPayload};
+use waybill::{
+    Backoff, OrderId, Payload, SignalName, StepContext, StepError, StepOutput, Then, WorkerBuilder, Workflow,
+    WorkflowPayload,
+};
 
 /// The payload of these tests: what the handlers should do.
 #[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
@@ -242,6 +245,8 @@ pub enum PublishFault {
 pub struct Faulty {
     pub inner: Embedded,
     decide: Arc<dyn Fn(&Outgoing) -> PublishFault + Send + Sync>,
+    /// Reads of a signal to fail as unavailable, from now on.
+    pub unreadable_signals: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Faulty {
@@ -249,6 +254,7 @@ impl Faulty {
         Self {
             inner,
             decide: Arc::new(decide),
+            unreadable_signals: Arc::default(),
         }
     }
 }
@@ -277,5 +283,30 @@ impl Transport for Faulty {
 
     async fn delete_consumer(&self, durable: &str) -> Result<(), TransportError> {
         self.inner.delete_consumer(durable).await
+    }
+
+    async fn send_signal(&self, order: OrderId, name: &SignalName, data: &str) -> Result<bool, TransportError> {
+        self.inner.send_signal(order, name, data).await
+    }
+
+    async fn signal(&self, order: &OrderId, name: &SignalName) -> Result<Option<String>, TransportError> {
+        let failing = self
+            .unreadable_signals
+            .fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |n| n.checked_sub(1),
+            )
+            .is_ok();
+        if failing {
+            return Err(TransportError::Unavailable(
+                "the signals' store is electing its leader".into(),
+            ));
+        }
+        self.inner.signal(order, name).await
+    }
+
+    async fn wake(&self, order: OrderId, signal: Option<&SignalName>) -> Result<(), TransportError> {
+        self.inner.wake(order, signal).await
     }
 }
