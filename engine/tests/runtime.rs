@@ -1403,3 +1403,45 @@ async fn an_unreadable_signal_is_waited_out_with_backoff() {
     worker.shutdown().await;
     client.close().await;
 }
+
+/// A deadline passing into a step that waits until a payload time: that
+/// wait holds too (the step runs at its time, not at once). On tokio's
+/// paused clock.
+#[tokio::test(start_paused = true)]
+async fn a_signal_timeout_into_a_timed_step_waits_for_its_time() {
+    waybill::Timestamp::follow_tokio_clock();
+    let day = Duration::from_secs(24 * 3600);
+    let transport = Embedded::new();
+    let wf = Workflow::builder("nudging", 1)
+        .step("hold", "t.hold")
+        .step("book", "t.book")
+        .await_signal("approved", 2 * day)
+        .on_timeout(waybill::Then::step("nudge"))
+        .on("ok", waybill::Then::Complete)
+        .step("nudge", "t.nudge")
+        .not_before("nudge_at")
+        .build()
+        .unwrap();
+    let worker = Worker::builder(transport.clone())
+        .serve("t.hold", ok)
+        .serve("t.book", must_not_remind)
+        .serve("t.nudge", ok)
+        .start()
+        .await
+        .unwrap();
+    let client = Client::connect(transport.clone()).await.unwrap();
+    let nudge_at = waybill::Timestamp::now().plus(3 * day);
+    let payload = Payload::json(&serde_json::json!({"nudge_at": nudge_at.0 / 1000})).unwrap();
+    let id = client.start(&wf, payload).await.unwrap();
+    let doc = tokio::time::timeout(4 * day, client.wait(id)).await.unwrap().unwrap();
+    assert_eq!(doc.status, Status::Completed, "{}", doc.journal());
+    let nudge = doc.history.last().unwrap();
+    assert_eq!(nudge.step.as_str(), "nudge", "{}", doc.journal());
+    assert!(
+        nudge.started_at >= nudge_at,
+        "nudged before its time:\n{}",
+        doc.journal()
+    );
+    worker.shutdown().await;
+    client.close().await;
+}

@@ -44,10 +44,15 @@ impl fmt::Display for NoNextHop {
 
 /// Applies `attempt` to `doc` and encodes the hop that follows.
 pub(super) fn next_hop<T>(shared: &Shared<T>, doc: &mut Document, attempt: Attempt) -> Result<NextHop, NoNextHop> {
-    let mut decision = transition::apply(doc, attempt).map_err(NoNextHop::Transition)?;
-    if let Some(failed) = transition::wait_until(doc, |d| payload_json(shared, d)) {
-        decision = failed;
-    }
+    let decision = transition::apply(doc, attempt).map_err(NoNextHop::Transition)?;
+    hop_for(shared, doc, decision)
+}
+
+/// Encodes the hop `decision` leads to, once a step it enters that waits
+/// until a payload time has that time (or the order failed for want of
+/// it).
+pub(super) fn hop_for<T>(shared: &Shared<T>, doc: &mut Document, decision: Decision) -> Result<NextHop, NoNextHop> {
+    let decision = transition::wait_until(doc, |d| payload_json(shared, d)).unwrap_or(decision);
     encode_hop(shared, doc, &decision)
 }
 
@@ -82,7 +87,7 @@ pub(super) fn cancel_hop<T>(
     decision.map(|d| encode_hop(shared, doc, &d)).transpose()
 }
 
-pub(super) fn encode_hop<T>(shared: &Shared<T>, doc: &Document, decision: &Decision) -> Result<NextHop, NoNextHop> {
+fn encode_hop<T>(shared: &Shared<T>, doc: &Document, decision: &Decision) -> Result<NextHop, NoNextHop> {
     let subject = match decision {
         Decision::Hop { service, .. } => subject::hop(service),
         Decision::Finish(status) => {

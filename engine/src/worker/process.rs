@@ -8,9 +8,7 @@ use std::fmt;
 use tracing::Instrument;
 
 use super::handle::{Service, Shared, WorkerStats};
-use super::handoff::{
-    cancel_hop, dead_letter, encode_hop, hand_back, hand_off, next_hop, publish_retry_delay, Unstored,
-};
+use super::handoff::{cancel_hop, dead_letter, hand_back, hand_off, hop_for, next_hop, publish_retry_delay, Unstored};
 use super::run::{prepare, run, Ran};
 use crate::codec::DecodeError;
 use crate::document::{Document, Status, Timestamp};
@@ -171,7 +169,9 @@ async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document) -> A
         }
         Ok(None) if deadline > now => return Awaited::Sleep(deadline.since(now)),
         Ok(None) => None,
-        Err(e) if e.is_unavailable() => {
+        // A store that cannot answer for now (or says to ask again) is
+        // waited out, never a dead letter.
+        Err(e) if e.is_unavailable() || e.is_retryable() => {
             let attempt = crate::transition::Attempt {
                 result: crate::transition::StepResult::Unavailable(format!("signal `{name}` cannot be read: {e}")),
                 worker: shared.worker.clone(),
@@ -185,7 +185,8 @@ async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document) -> A
     };
     match crate::transition::signal(doc, ended, shared.worker.clone(), now) {
         Ok(None) => Awaited::Run,
-        Ok(Some(decision)) => Awaited::Hop(encode_hop(shared, doc, &decision)),
+        // Its way on may enter a step that waits until a payload time.
+        Ok(Some(decision)) => Awaited::Hop(hop_for(shared, doc, decision)),
         Err(e) => Awaited::Failed(e.to_string()),
     }
 }
