@@ -1445,3 +1445,48 @@ async fn a_signal_timeout_into_a_timed_step_waits_for_its_time() {
     worker.shutdown().await;
     client.close().await;
 }
+
+/// Whether a signal came in time is when it was kept, not when its step's
+/// hop is read: with the step's worker late (started only after the
+/// deadline), a signal kept before the deadline is used, and one kept
+/// after it is not (the route goes on_timeout). On tokio's paused clock.
+#[tokio::test(start_paused = true)]
+async fn a_signal_is_in_time_by_when_it_was_kept_not_when_it_is_read() {
+    waybill::Timestamp::follow_tokio_clock();
+    let day = Duration::from_secs(24 * 3600);
+    let wf = approval(2 * day, waybill::Then::Fail);
+    let approved: waybill::SignalName = "approved".parse().unwrap();
+    for (kept_in_time, end) in [(true, Status::Completed), (false, Status::Compensated)] {
+        let transport = Embedded::new();
+        let holder = Worker::builder(transport.clone())
+            .serve("t.hold", ok)
+            .serve("t.release", ok)
+            .start()
+            .await
+            .unwrap();
+        let client = Client::connect(transport.clone()).await.unwrap();
+        let id = client
+            .start(&wf, Payload::postcard(&script("x")).unwrap())
+            .await
+            .unwrap();
+        if kept_in_time {
+            tokio::time::sleep(day).await;
+            assert!(transport.send_signal(id, &approved, "{}").await.unwrap());
+            tokio::time::sleep(2 * day).await;
+        } else {
+            tokio::time::sleep(3 * day).await;
+            assert!(transport.send_signal(id, &approved, "{}").await.unwrap());
+        }
+        // The step's worker comes only now, past the deadline.
+        let booker = Worker::builder(transport.clone())
+            .serve("t.book", ok)
+            .start()
+            .await
+            .unwrap();
+        let doc = tokio::time::timeout(DEADLINE, client.wait(id)).await.unwrap().unwrap();
+        assert_eq!(doc.status, end, "{}", doc.journal());
+        holder.shutdown().await;
+        booker.shutdown().await;
+        client.close().await;
+    }
+}

@@ -396,7 +396,13 @@ async fn signal_order<T: Transport + HopLog + Rpc>(
                     ),
                 ));
             }
-            awaited = doc.awaited_signal().is_some_and(|(n, _)| n == &name);
+            // Waiting for it, and not past its deadline (a signal kept
+            // after it comes too late, however late its hop is read).
+            let now = crate::document::Timestamp::now();
+            awaited = doc.awaited_signal().is_some_and(|(n, since)| {
+                let wait = doc.current_step().and_then(|s| s.wait.as_ref()?.duration());
+                n == &name && now <= since.plus(wait.unwrap_or_default())
+            });
         }
     }
     match shared.transport.send_signal(id, &name, &data).await {

@@ -44,6 +44,16 @@ pub use crate::headers::{HeaderValue, Headers};
 pub use embedded::{ConsumerStats, Embedded, EmbeddedConfig, EmbeddedConsumer, EmbeddedDelivery, EmbeddedLog};
 pub use nats::{Nats, NatsConfig};
 
+/// A signal as a transport keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeptSignal {
+    /// Its JSON.
+    pub data: String,
+    /// When it was kept (the store's clock): a signal kept after its
+    /// step's deadline came too late, however late the step is read.
+    pub at: Timestamp,
+}
+
 /// Why a transport operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -373,8 +383,13 @@ pub trait Transport: Clone + Send + Sync + 'static {
         std::future::ready(Err(Error::BadConfig("this transport cannot keep signals".into())))
     }
 
-    /// The JSON of the signal `name` delivered to `order`, if it was.
-    fn signal(&self, order: &OrderId, name: &SignalName) -> impl Future<Output = Result<Option<String>, Error>> + Send {
+    /// The signal `name` delivered to `order`, if it was: its JSON and when
+    /// it was kept.
+    fn signal(
+        &self,
+        order: &OrderId,
+        name: &SignalName,
+    ) -> impl Future<Output = Result<Option<KeptSignal>, Error>> + Send {
         let _ = (order, name);
         std::future::ready(Err(Error::BadConfig("this transport cannot keep signals".into())))
     }

@@ -620,7 +620,11 @@ impl Transport for Nats {
         self.put_signal(order, name, data).await
     }
 
-    async fn signal(&self, order: &crate::id::OrderId, name: &crate::id::SignalName) -> Result<Option<String>, Error> {
+    async fn signal(
+        &self,
+        order: &crate::id::OrderId,
+        name: &crate::id::SignalName,
+    ) -> Result<Option<super::KeptSignal>, Error> {
         self.get_signal(order, name).await
     }
 

@@ -163,9 +163,15 @@ async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document) -> A
     let found = shared.transport.signal(&doc.id, &name).await;
     let now = Timestamp::now();
     let ended = match found {
-        Ok(Some(data)) => {
+        // Kept in time, however late this hop is read; or read before the
+        // deadline (a store's clock a little ahead is no reason to wait).
+        Ok(Some(s)) if s.at <= deadline || now < deadline => {
             tracing::debug!(order = %doc.id, signal = %name, "signal received");
-            Some(data)
+            Some(s.data)
+        }
+        Ok(Some(_)) => {
+            tracing::info!(order = %doc.id, signal = %name, "the signal came after its deadline");
+            None
         }
         Ok(None) if deadline > now => return Awaited::Sleep(deadline.since(now)),
         Ok(None) => None,

@@ -289,7 +289,11 @@ impl Transport for Faulty {
         self.inner.send_signal(order, name, data).await
     }
 
-    async fn signal(&self, order: &OrderId, name: &SignalName) -> Result<Option<String>, TransportError> {
+    async fn signal(
+        &self,
+        order: &OrderId,
+        name: &SignalName,
+    ) -> Result<Option<waybill::transport::KeptSignal>, TransportError> {
         let failing = self
             .unreadable_signals
             .fetch_update(

@@ -85,7 +85,7 @@ struct Inner {
     /// Orders to cancel at their next hop.
     cancels: super::cancels::CancelSet,
     /// The signals delivered to orders, by order and name: their JSON.
-    signals: Mutex<HashMap<(crate::id::OrderId, crate::id::SignalName), String, crate::hash::FastState>>,
+    signals: Mutex<HashMap<(crate::id::OrderId, crate::id::SignalName), super::KeptSignal, crate::hash::FastState>>,
     /// The latest messages, in sequence order (see
     /// [`EmbeddedConfig::log_capacity`]).
     log: Mutex<VecDeque<Arc<Stored>>>,
@@ -433,7 +433,10 @@ impl Transport for Embedded {
         let fresh = match lock(&self.inner.signals).entry((order, name.clone())) {
             std::collections::hash_map::Entry::Occupied(_) => false,
             std::collections::hash_map::Entry::Vacant(v) => {
-                v.insert(data.to_owned());
+                v.insert(super::KeptSignal {
+                    data: data.to_owned(),
+                    at: Timestamp::now(),
+                });
                 true
             }
         };
@@ -441,7 +444,11 @@ impl Transport for Embedded {
         Ok(fresh)
     }
 
-    async fn signal(&self, order: &crate::id::OrderId, name: &crate::id::SignalName) -> Result<Option<String>, Error> {
+    async fn signal(
+        &self,
+        order: &crate::id::OrderId,
+        name: &crate::id::SignalName,
+    ) -> Result<Option<super::KeptSignal>, Error> {
         Ok(lock(&self.inner.signals).get(&(*order, name.clone())).cloned())
     }
 

@@ -148,7 +148,7 @@ impl HopLog for Nats {
     }
 }
 
-fn micros(nanos: i128) -> Timestamp {
+pub(super) fn micros(nanos: i128) -> Timestamp {
     Timestamp(u64::try_from(nanos / 1000).unwrap_or(0))
 }
 

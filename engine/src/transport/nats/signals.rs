@@ -13,7 +13,7 @@ use async_nats::jetstream::kv;
 
 use super::{nats_err, Nats};
 use crate::id::{OrderId, SignalName};
-use crate::transport::Error;
+use crate::transport::{Error, KeptSignal};
 
 /// The bucket of signals.
 pub const SIGNALS_BUCKET: &str = "waybill_signals";
@@ -62,7 +62,7 @@ impl Nats {
     /// (a direct get, which any replica answers): a replica a moment
     /// behind would not have a signal that was just stored and woke the
     /// order, which would then sleep until its deadline.
-    pub(super) async fn get_signal(&self, order: &OrderId, name: &SignalName) -> Result<Option<String>, Error> {
+    pub(super) async fn get_signal(&self, order: &OrderId, name: &SignalName) -> Result<Option<KeptSignal>, Error> {
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
         let kv = self.signals().await?;
         let subject = format!("{}{}", kv.prefix, key(order, name));
@@ -79,12 +79,15 @@ impl Nats {
         if matches!(op.as_deref(), Some("DEL" | "PURGE")) {
             return Ok(None);
         }
+        let at = super::log::micros(m.time.unix_timestamp_nanos());
         Some(m.payload)
             .map(|b| {
-                String::from_utf8(b.to_vec()).map_err(|_| Error::Other {
-                    message: format!("signal `{name}` of order {order} is not UTF-8 JSON"),
-                    retryable: false,
-                })
+                String::from_utf8(b.to_vec())
+                    .map(|data| KeptSignal { data, at })
+                    .map_err(|_| Error::Other {
+                        message: format!("signal `{name}` of order {order} is not UTF-8 JSON"),
+                        retryable: false,
+                    })
             })
             .transpose()
     }
