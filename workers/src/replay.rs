@@ -748,10 +748,25 @@ async fn act<T: Transport + Rpc>(
         }
         match &a.what {
             Act::Signal { name, data, duplicate } => {
-                let reply = retry_asking(deadline, &mut nobody, || asks.signal(&id, name, data))
-                    .await
-                    .map_err(|e| format!("signal {name} was not delivered: {e}"))?;
-                if reply.duplicate != *duplicate {
+                // A try that failed may have kept the signal all the same:
+                // then the next one is answered `duplicate`.
+                let failed_once = std::sync::atomic::AtomicBool::new(false);
+                let reply = retry_asking(deadline, &mut nobody, || {
+                    let ask = asks.signal(&id, name, data);
+                    let failed_once = &failed_once;
+                    async move {
+                        let r = ask.await;
+                        if r.as_ref().is_err_and(|e| e.is_retryable()) {
+                            failed_once.store(true, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        r
+                    }
+                })
+                .await
+                .map_err(|e| format!("signal {name} was not delivered: {e}"))?;
+                let kept_by_a_failed_try =
+                    reply.duplicate && !*duplicate && failed_once.load(std::sync::atomic::Ordering::Relaxed);
+                if reply.duplicate != *duplicate && !kept_by_a_failed_try {
                     return Err(format!(
                         "signal {name} was answered {} where the line expects {}",
                         if reply.duplicate { "duplicate" } else { "new" },

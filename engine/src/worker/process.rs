@@ -58,7 +58,7 @@ pub(super) async fn process<T: Transport>(
         }
     }
     if doc.awaited_signal().is_some() {
-        match Box::pin(await_signal(shared, &mut doc)).await {
+        match Box::pin(await_signal(shared, &mut doc, delivery.delivered())).await {
             Awaited::Run => {}
             Awaited::Hop(Ok(hop)) => return Box::pin(store_and_ack(shared, svc, &doc, hop, delivery)).await,
             Awaited::Hop(Err(e)) => {
@@ -71,7 +71,11 @@ pub(super) async fn process<T: Transport>(
             Awaited::Sleep(delay) => {
                 Box::pin(hand_back(shared, svc, delivery, Some(delay), "waiting for a signal")).await;
                 // A signal delivered while this worker looked finds no hop
-                // asleep to wake: look again now that it sleeps.
+                // asleep to wake: look again now that it sleeps. (This is
+                // the embedded default's way to wait, where every hop comes
+                // at once. Over NATS a waiting hop comes early only when a
+                // wake found its signal, so this is rare there; a hop
+                // handed back is then no timer, and wakes at its deadline.)
                 return Box::pin(wake_if_signalled(shared, &doc)).await;
             }
             Awaited::Failed(why) => {
@@ -145,7 +149,7 @@ enum Awaited {
 
 /// Looks for the signal the document's step waits for: recorded in the
 /// document if it came; the route's way on if its deadline passed.
-async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document) -> Awaited {
+async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document, delivered: u32) -> Awaited {
     let Some((name, since)) = doc.awaited_signal().map(|(n, s)| (n.clone(), s)) else {
         return Awaited::Run;
     };
@@ -155,9 +159,14 @@ async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document) -> A
             .unwrap_or_default(),
     );
     // A hop due before its deadline is a retry's backoff, not the wait:
-    // honoured, or a store that cannot be read would be asked again at once.
+    // honoured, or a store that cannot be read would be asked again at
+    // once. Unless it comes again early: then it was woken, by someone who
+    // read the signal (so the store answers again).
     let now = Timestamp::now();
-    if let Some(due) = doc.not_before.filter(|due| *due > now && *due != deadline) {
+    if let Some(due) = doc
+        .not_before
+        .filter(|due| *due > now && *due != deadline && delivered == 1)
+    {
         return Awaited::NotDue(due.since(now));
     }
     let found = shared.transport.signal(&doc.id, &name).await;
@@ -200,20 +209,27 @@ async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document) -> A
 /// Wakes the order of `doc` if the signal its step waits for is there: a
 /// hop just stored (or handed back) to wait for it may have missed the
 /// wake of its delivery.
+/// A store that does not answer is asked again a few times (about a
+/// second in all) before the order is left to its deadline.
 async fn wake_if_signalled<T: Transport>(shared: &Shared<T>, doc: &Document) {
+    const TRIES: u32 = 5;
     let Some((name, _)) = doc.awaited_signal() else {
         return;
     };
-    match shared.transport.signal(&doc.id, name).await {
-        Ok(Some(_)) => {
-            if let Err(e) = shared.transport.wake(doc.id, Some(name)).await {
-                tracing::warn!(order = %doc.id, error = %e, "could not wake an order for its signal; it wakes at its deadline");
-            }
+    for tries in 1..=TRIES {
+        let e = match shared.transport.signal(&doc.id, name).await {
+            Ok(None) => return,
+            Ok(Some(_)) => match shared.transport.wake(doc.id, Some(name)).await {
+                Ok(()) => return,
+                Err(e) => e,
+            },
+            Err(e) => e,
+        };
+        if !e.is_retryable() || tries == TRIES {
+            tracing::warn!(order = %doc.id, error = %e, "could not wake an order for its signal; it wakes at its deadline");
+            return;
         }
-        Ok(None) => {}
-        Err(e) => {
-            tracing::warn!(order = %doc.id, error = %e, "could not look for a signal; the order wakes at its deadline")
-        }
+        tokio::time::sleep(crate::transition::unavailable_delay(tries, fastrand::f64())).await;
     }
 }
 

@@ -78,50 +78,65 @@ impl Nats {
 
         let timer = crate::subject::timer(&order);
         let stream = self.hops().await?;
-        let m = match stream.get_last_raw_message_by_subject(&timer).await {
-            Ok(m) => m,
-            Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
-            Err(e) => return Err(nats_err(&format!("cannot read the timer of order {order}"), e)),
-        };
-        if let Some(s) = signal {
-            let awaits = m.headers.get(crate::headers::AWAITS).map(|v| v.as_str());
-            if awaits != Some(s.as_str()) {
+        // A cancel that loses the race to another wake (a signal's, which
+        // carries no cancel) tries again on the timer that wake left, so
+        // that the woken hop still says it is cancelled.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let m = match stream.get_last_raw_message_by_subject(&timer).await {
+                Ok(m) => m,
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
+                Err(e) => return Err(nats_err(&format!("cannot read the timer of order {order}"), e)),
+            };
+            if cancel.is_some() && m.headers.get(crate::headers::CANCEL).is_some() {
                 return Ok(());
             }
-        }
-        let mut headers = async_nats::HeaderMap::new();
-        for (name, values) in m.headers.iter() {
-            let name: &str = name.as_ref();
-            let skip = name.eq_ignore_ascii_case(crate::headers::SCHEDULE)
-                || name.eq_ignore_ascii_case(crate::headers::MSG_ID);
-            if let (false, Some(v)) = (skip, values.first()) {
-                headers.insert(name, v.as_str());
+            if let Some(s) = signal {
+                let awaits = m.headers.get(crate::headers::AWAITS).map(|v| v.as_str());
+                if awaits != Some(s.as_str()) {
+                    return Ok(());
+                }
             }
-        }
-        let now = crate::coordinator::api::rfc3339(crate::document::Timestamp::now());
-        headers.insert(crate::headers::SCHEDULE, format!("@at {now}").as_str());
-        if let Some(reason) = cancel {
-            // A header value is one line.
-            let reason: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
-            headers.insert(crate::headers::CANCEL, reason.as_str());
-        }
-        let p = async_nats::jetstream::message::PublishMessage::build()
-            .payload(m.payload)
-            .headers(headers)
-            .expected_last_subject_sequence(m.sequence);
-        let stored = self
-            .js
-            .send_publish(timer, p)
-            .await
-            .map_err(|e| nats_err("waking a timer failed", e))?
-            .await;
-        match stored {
-            Ok(_) => {
-                tracing::info!(%order, cancel = cancel.is_some(), "woke the order from its wait");
-                Ok(())
+            let mut headers = async_nats::HeaderMap::new();
+            for (name, values) in m.headers.iter() {
+                let name: &str = name.as_ref();
+                let skip = name.eq_ignore_ascii_case(crate::headers::SCHEDULE)
+                    || name.eq_ignore_ascii_case(crate::headers::MSG_ID);
+                if let (false, Some(v)) = (skip, values.first()) {
+                    headers.insert(name, v.as_str());
+                }
             }
-            Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => Ok(()),
-            Err(e) => Err(nats_err("waking a timer was not acknowledged", e)),
+            let now = crate::coordinator::api::rfc3339(crate::document::Timestamp::now());
+            headers.insert(crate::headers::SCHEDULE, format!("@at {now}").as_str());
+            if let Some(reason) = cancel {
+                // A header value is one line.
+                let reason: String = reason.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+                headers.insert(crate::headers::CANCEL, reason.as_str());
+            }
+            let p = async_nats::jetstream::message::PublishMessage::build()
+                .payload(m.payload)
+                .headers(headers)
+                .expected_last_subject_sequence(m.sequence);
+            let stored = self
+                .js
+                .send_publish(timer.clone(), p)
+                .await
+                .map_err(|e| nats_err("waking a timer failed", e))?
+                .await;
+            return match stored {
+                Ok(_) => {
+                    tracing::info!(%order, cancel = cancel.is_some(), "woke the order from its wait");
+                    Ok(())
+                }
+                Err(e) if e.kind() == PublishErrorKind::WrongLastSequence => {
+                    if cancel.is_some() && tries < 3 {
+                        continue;
+                    }
+                    Ok(())
+                }
+                Err(e) => Err(nats_err("waking a timer was not acknowledged", e)),
+            };
         }
     }
 

@@ -53,9 +53,24 @@ impl Nats {
             Err(e) => return Err(nats_err(&format!("cannot record signal `{name}` of order {order}"), e)),
         };
         // Woken again on a duplicate, too: the first delivery may have
-        // stopped before it woke the order.
-        self.wake_timer(order, None, Some(name)).await?;
-        Ok(fresh)
+        // stopped before it woke the order. A wake that fails is tried
+        // again here, then reported: the signal is kept, and the caller
+        // sends it again (answered `duplicate`) to wake the order.
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.wake_timer(order, None, Some(name)).await {
+                Ok(()) => return Ok(fresh),
+                Err(e) if e.is_retryable() && tries < 4 => {
+                    tokio::time::sleep(crate::transition::unavailable_delay(tries, fastrand::f64())).await;
+                }
+                Err(e) => {
+                    return Err(Error::Unavailable(format!(
+                        "signal `{name}` of order {order} is kept, but the order could not be woken: {e}"
+                    )))
+                }
+            }
+        }
     }
 
     /// Read from the bucket stream's leader, not by the bucket's own read
