@@ -77,7 +77,7 @@ pub struct NatsArgs {
     /// NATS server URL, or a comma-separated list of the cluster's servers
     /// (`nats://n1:4222,nats://n2:4222`; `nats://` and port 4222 may be left
     /// out): the process connects to any live one and fails over to the
-    /// others. nats-server 2.10 or later.
+    /// others. nats-server 2.12 or later.
     #[arg(
         long = "nats",
         env = "NATS_URL",
