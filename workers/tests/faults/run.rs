@@ -40,25 +40,13 @@ pub fn mixed() -> Vec<PreparedOrder> {
 /// order sleeps only a second, and a replay that sees it asleep late sees
 /// it no more (its line expects what only a cancel in time gives).
 pub fn trips(n: usize) -> Vec<PreparedOrder> {
-    trips_where(n, |a| a.when != replay::When::Asleep)
-}
-
-/// The trip's flows whose every action is done at start (signals kept
-/// before the step waits for them), `n` times each: their ends do not
-/// depend on an action landing inside a window of a few seconds, which an
-/// outage of the server may outlast.
-pub fn trips_acting_at_start(n: usize) -> Vec<PreparedOrder> {
-    trips_where(n, |a| a.when == replay::When::Start)
-}
-
-fn trips_where(n: usize, keep: impl Fn(&replay::Action) -> bool) -> Vec<PreparedOrder> {
     let registry = waybill_workflows::registry().unwrap();
     let path = workspace_root().join("examples/orders/trip.jsonl");
     let lines: Vec<PreparedOrder> = replay::load(&path, &registry)
         .unwrap()
         .orders
         .into_iter()
-        .filter(|o| o.actions.iter().all(&keep))
+        .filter(|o| !o.actions.iter().any(|a| a.when == replay::When::Asleep))
         .collect();
     lines.iter().cycle().take(n * lines.len()).cloned().collect()
 }
