@@ -20,8 +20,8 @@ const DEADLINE: Duration = Duration::from_secs(10);
 
 mod common;
 use common::{
-    approval, counted, gated, must_not_remind, ok, reminder, script, serve, serve_reminder, three_steps, Faulty, Log,
-    PublishFault, Script,
+    approval, counted, gated, must_not_remind, ok, reminder, script, serve, serve_reminder, serve_two_approvals,
+    three_steps, two_approvals, Faulty, Log, PublishFault, Script,
 };
 
 struct Harness {
@@ -1306,19 +1306,8 @@ async fn a_cancel_reaches_an_order_waiting_for_a_signal() {
 #[tokio::test]
 async fn a_signal_for_a_later_step_leaves_the_order_asleep_where_it_is() {
     let transport = Embedded::new();
-    let hour = Duration::from_secs(3600);
-    let wf = Workflow::builder("two_approvals", 1)
-        .step("hold", "t.hold")
-        .step("first", "t.first")
-        .await_signal("first_ok", hour)
-        .step("second", "t.second")
-        .await_signal("second_ok", hour)
-        .build()
-        .unwrap();
-    let worker = Worker::builder(transport.clone())
-        .serve("t.hold", ok)
-        .serve("t.first", ok)
-        .serve("t.second", ok)
+    let wf = two_approvals();
+    let worker = serve_two_approvals(Worker::builder(transport.clone()))
         .start()
         .await
         .unwrap();
@@ -1469,14 +1458,18 @@ async fn a_signal_is_in_time_by_when_it_was_kept_not_when_it_is_read() {
             .start(&wf, Payload::postcard(&script("x")).unwrap())
             .await
             .unwrap();
-        if kept_in_time {
-            tokio::time::sleep(day).await;
-            assert!(transport.send_signal(id, &approved, "{}").await.unwrap());
-            tokio::time::sleep(2 * day).await;
-        } else {
-            tokio::time::sleep(3 * day).await;
-            assert!(transport.send_signal(id, &approved, "{}").await.unwrap());
+        // The hold done (its next hop stored, for a worker not there yet),
+        // the clock is moved by hand: a day, or three (past the deadline),
+        // before the signal is kept; then past the deadline in any case.
+        let give_up = std::time::Instant::now() + DEADLINE;
+        while holder.stats().published.load(Ordering::Relaxed) == 0 {
+            assert!(std::time::Instant::now() < give_up, "the hold never ran");
+            tokio::task::yield_now().await;
         }
+        let before = if kept_in_time { day } else { 3 * day };
+        tokio::time::advance(before).await;
+        assert!(transport.send_signal(id, &approved, "{}").await.unwrap());
+        tokio::time::advance((3 * day).saturating_sub(before)).await;
         // The step's worker comes only now, past the deadline.
         let booker = Worker::builder(transport.clone())
             .serve("t.book", ok)

@@ -18,7 +18,8 @@ use waybill::{headers, Client, Payload, Status, Worker, WorkerId};
 use waybill_testkit::NatsServer;
 
 use common::{
-    approval, counted, gated, must_not_remind, ok, reminder, script, serve, serve_reminder, three_steps, Log, Script,
+    approval, counted, gated, must_not_remind, ok, reminder, script, serve, serve_reminder, serve_two_approvals,
+    three_steps, two_approvals, Log, Script,
 };
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -492,23 +493,13 @@ async fn orders_waiting_for_signals_through_a_worker_restart_and_a_server_kill_g
     // No worker, then no server: the orders wait in the store alone.
     worker.shutdown().await;
     server.restart();
+    // The worker starts once JetStream answers this connection again (it
+    // opens its consumers): the server has recovered its streams, the
+    // bucket of signals among them.
     let worker = serve(t.clone()).await.unwrap();
     let approved: waybill::SignalName = "approved".parse().unwrap();
     for id in &ids {
-        // The server may still be electing its stream leaders.
-        let give_up = tokio::time::Instant::now() + DEADLINE;
-        loop {
-            match t.send_signal(*id, &approved, r#"{"by":"ops"}"#).await {
-                Ok(fresh) => {
-                    assert!(fresh);
-                    break;
-                }
-                Err(e) if e.is_retryable() && tokio::time::Instant::now() < give_up => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("the signal of {id} was not kept: {e}"),
-            }
-        }
+        assert!(t.send_signal(*id, &approved, r#"{"by":"ops"}"#).await.unwrap());
     }
     for id in &ids {
         let doc = tokio::time::timeout(DEADLINE, client.wait(*id)).await.unwrap().unwrap();
@@ -535,22 +526,8 @@ async fn a_signal_for_a_later_step_leaves_the_server_timer_alone() {
     let raw = async_nats::connect(server.url()).await.unwrap();
     let mut timers = raw.subscribe(waybill::subject::all_timers()).await.unwrap();
     raw.flush().await.unwrap();
-    let hour = Duration::from_secs(3600);
-    let wf = waybill::Workflow::builder("two_approvals", 1)
-        .step("hold", "t.hold")
-        .step("first", "t.first")
-        .await_signal("first_ok", hour)
-        .step("second", "t.second")
-        .await_signal("second_ok", hour)
-        .build()
-        .unwrap();
-    let worker = Worker::builder(t.clone())
-        .serve("t.hold", ok)
-        .serve("t.first", ok)
-        .serve("t.second", ok)
-        .start()
-        .await
-        .unwrap();
+    let wf = two_approvals();
+    let worker = serve_two_approvals(Worker::builder(t.clone())).start().await.unwrap();
     let client = Client::connect(t.clone()).await.unwrap();
     let id = client
         .start(&wf, Payload::postcard(&script("x")).unwrap())

@@ -20,15 +20,44 @@ use common::{text, waybill};
 
 const DEADLINE: Duration = Duration::from_secs(20);
 
+/// A throwaway server, a coordinator (no workflow definitions: it tracks
+/// any) and a client.
+struct Stack {
+    server: NatsServer,
+    url: String,
+    nats: Nats,
+    coordinator: waybill::coordinator::CoordinatorHandle<Nats>,
+    client: Client<Nats>,
+}
+
+impl Stack {
+    async fn start() -> Self {
+        let server = NatsServer::start();
+        let url = server.url();
+        let nats = Nats::connect(&url, NatsConfig::default()).await.unwrap();
+        let coordinator = coordinator::start(nats.clone(), None, CoordinatorConfig::default())
+            .await
+            .unwrap();
+        let client = Client::connect(nats.clone()).await.unwrap();
+        Self {
+            server,
+            url,
+            nats,
+            coordinator,
+            client,
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_from_the_command_line_reaches_the_order_waiting_for_it() {
-    let server = NatsServer::start();
-    let url = server.url();
-    let nats = Nats::connect(&url, NatsConfig::default()).await.unwrap();
-    let coordinator = coordinator::start(nats.clone(), None, CoordinatorConfig::default())
-        .await
-        .unwrap();
-    let client = Client::connect(nats.clone()).await.unwrap();
+    let Stack {
+        server: _server,
+        url,
+        nats,
+        coordinator,
+        client,
+    } = Stack::start().await;
     let wf = Workflow::builder("approval", 1)
         .step("hold", "t.hold")
         .step("book", "t.book")
@@ -122,13 +151,13 @@ async fn a_signal_from_the_command_line_reaches_the_order_waiting_for_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_signal_kept_before_the_step_and_sent_again_is_a_duplicate() {
-    let server = NatsServer::start();
-    let url = server.url();
-    let nats = Nats::connect(&url, NatsConfig::default()).await.unwrap();
-    let coordinator = coordinator::start(nats.clone(), None, CoordinatorConfig::default())
-        .await
-        .unwrap();
-    let client = Client::connect(nats.clone()).await.unwrap();
+    let Stack {
+        server: _server,
+        url,
+        nats,
+        coordinator,
+        client,
+    } = Stack::start().await;
     let wf = Workflow::builder("approval", 1)
         .step("hold", "t.hold")
         .delay(Duration::from_secs(3600))

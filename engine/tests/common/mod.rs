@@ -123,6 +123,26 @@ pub fn approval(deadline: Duration, on_timeout: waybill::Then) -> Workflow {
     if nudges { b.step("nudge", "t.nudge") } else { b }.build().unwrap()
 }
 
+/// `hold`, then `first` once the signal `first_ok` came, then `second`
+/// once `second_ok` came (each within an hour): the signals' tests of a
+/// signal kept for a later step.
+pub fn two_approvals() -> Workflow {
+    let hour = Duration::from_secs(3600);
+    Workflow::builder("two_approvals", 1)
+        .step("hold", "t.hold")
+        .step("first", "t.first")
+        .await_signal("first_ok", hour)
+        .step("second", "t.second")
+        .await_signal("second_ok", hour)
+        .build()
+        .unwrap()
+}
+
+/// Serves [`two_approvals`]' services, each answering `ok`.
+pub fn serve_two_approvals<T: Transport>(b: WorkerBuilder<T>) -> WorkerBuilder<T> {
+    b.serve("t.hold", ok).serve("t.first", ok).serve("t.second", ok)
+}
+
 /// A step that answers `ok`.
 pub async fn ok(_ctx: StepContext, _p: Payload) -> Result<StepOutput, StepError> {
     Ok(StepOutput::ok())
