@@ -410,33 +410,42 @@ impl Document {
         })
     }
 
-    /// The signal the order waits for now, and since when (the order
-    /// entered the step): running, at a step that waits for a signal, and
-    /// not yet received on this entry into the step (nor timed out). Its
-    /// deadline is the step's wait after that.
-    pub fn awaited_signal(&self) -> Option<(&SignalName, Timestamp)> {
+    /// The signal the order waits for now: running, at a step that waits
+    /// for a signal, and not yet received on this entry into the step (nor
+    /// timed out).
+    pub fn awaited_signal(&self) -> Option<AwaitedSignal<'_>> {
         if self.status != Status::Running {
             return None;
         }
         let step = self.current_step()?;
         let name = step.awaits()?;
+        let wait = step
+            .wait
+            .as_ref()
+            .and_then(crate::workflow::Wait::duration)
+            .unwrap_or_default();
+        let awaited = |since: Timestamp| AwaitedSignal {
+            name,
+            since,
+            deadline: since.plus(wait),
+        };
         // This entry's records come last (waits on infrastructure); then
         // the record that moved the order here, which says when: another
         // step's, or an outcome of this one (a loop). None: the start.
         for r in self.history.iter().rev() {
             if r.step != step.name || r.kind != StepKind::Forward {
-                return Some((name, r.ended_at));
+                return Some(awaited(r.ended_at));
             }
             match &r.result {
                 AttemptResult::Signal { data: Some(_), .. } => return None,
                 // An earlier entry's end: it ran, or its wait timed out.
                 AttemptResult::Outcome(_) | AttemptResult::Signal { data: None, .. } => {
-                    return Some((name, r.ended_at))
+                    return Some(awaited(r.ended_at))
                 }
                 _ => {}
             }
         }
-        Some((name, self.created_at))
+        Some(awaited(self.created_at))
     }
 
     /// The latest `detail` recorded by the named step, if any.
@@ -447,6 +456,16 @@ impl Document {
             .find(|r| r.step.as_str() == step && r.detail.is_some())
             .and_then(|r| r.detail.as_deref())
     }
+}
+
+/// The signal an order waits for ([`Document::awaited_signal`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AwaitedSignal<'a> {
+    pub name: &'a SignalName,
+    /// When the order entered the step.
+    pub since: Timestamp,
+    /// When the wait ends without it: the step's wait after `since`.
+    pub deadline: Timestamp,
 }
 
 /// A readable record of a document: its status, why it failed, and one line

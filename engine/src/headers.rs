@@ -152,8 +152,8 @@ pub fn for_hop(doc: &Document, format: Format) -> Headers {
     let mut h = Headers::with_capacity(2);
     h.append(HOP, v);
     h.append(CONTENT_TYPE, CompactString::const_new(format.content_type()));
-    if let Some((signal, _)) = doc.awaited_signal() {
-        h.append(AWAITS, CompactString::new(signal.as_str()));
+    if let Some(a) = doc.awaited_signal() {
+        h.append(AWAITS, CompactString::new(a.name.as_str()));
     }
     h
 }

@@ -47,8 +47,8 @@ mod workflow;
 pub use client::{Client, ClientError, DEFAULT_START_TIMEOUT, MAX_START_TIMEOUT};
 pub use codec::{Codec, DecodeError, EncodeError, Envelope, Format};
 pub use document::{
-    AttemptResult, Compensation, ContentType, Document, Journal, Payload, PayloadError, Status, StepKind, StepRecord,
-    Target, Timestamp, UnknownStatus,
+    AttemptResult, AwaitedSignal, Compensation, ContentType, Document, Journal, Payload, PayloadError, Status,
+    StepKind, StepRecord, Target, Timestamp, UnknownStatus,
 };
 pub use id::{
     DedupId, MsgId, NameError, OrderId, Outcome, ServiceSubject, SignalName, StepName, WorkerId, WorkflowName,

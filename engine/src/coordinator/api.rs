@@ -301,13 +301,10 @@ impl StatusReply {
             tries,
             error: error.to_owned(),
         });
-        self.awaiting = doc.awaited_signal().map(|(name, since)| {
-            let wait = doc.current_step().and_then(|s| s.wait.as_ref()?.duration());
-            Awaiting {
-                signal: name.to_string(),
-                since: rfc3339(since),
-                deadline: rfc3339(since.plus(wait.unwrap_or_default())),
-            }
+        self.awaiting = doc.awaited_signal().map(|a| Awaiting {
+            signal: a.name.to_string(),
+            since: rfc3339(a.since),
+            deadline: rfc3339(a.deadline),
         });
         self.asleep_until = doc
             .not_before

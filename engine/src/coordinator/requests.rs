@@ -179,6 +179,36 @@ enum ForwardError {
 }
 
 /// Asks the coordinators of another partition, and relays their answer.
+/// The answer about an order of another partition: asked on a public
+/// subject, the owner's, forwarded on `subject(owner, count)`; asked on
+/// this partition's own subject, a refusal. `None` for an order of this
+/// partition.
+async fn elsewhere<T: Rpc>(
+    shared: &Shared<T>,
+    id: &OrderId,
+    public: bool,
+    subject: impl FnOnce(u32, u32) -> String,
+    body: &Bytes,
+) -> Option<Bytes> {
+    let p = shared.config.partition;
+    let owner = Partition::of(id, p.count);
+    if owner == p.index {
+        return None;
+    }
+    if !public {
+        return Some(error(format!(
+            "order {id} belongs to partition {owner}/{}, not {p}",
+            p.count
+        )));
+    }
+    let subject = subject(owner, p.count);
+    Some(
+        forward(shared, owner, subject, body.clone())
+            .await
+            .unwrap_or_else(|e| error(e.to_string())),
+    )
+}
+
 async fn forward<T: Rpc>(shared: &Shared<T>, owner: u32, subject: String, body: Bytes) -> Result<Bytes, ForwardError> {
     let count = shared.config.partition.count;
     let wait = shared.config.forward_timeout;
@@ -195,21 +225,11 @@ async fn status<T: HopLog + Rpc>(shared: &Shared<T>, id: &str, public: bool) -> 
         Ok(id) => id,
         Err(e) => return error(e.to_string()),
     };
-    let p = shared.config.partition;
-    let owner = Partition::of(&id, p.count);
-    if owner != p.index {
-        if !public {
-            return error(format!("order {id} belongs to partition {owner}/{}, not {p}", p.count));
-        }
-        return forward(
-            shared,
-            owner,
-            subject::partition_status(owner, p.count, &id),
-            Bytes::new(),
-        )
-        .await
-        .unwrap_or_else(|e| error(e.to_string()));
+    let owners = |owner, count| subject::partition_status(owner, count, &id);
+    if let Some(answer) = elsewhere(shared, &id, public, owners, &Bytes::new()).await {
+        return answer;
     }
+    let p = shared.config.partition;
     let Some(state) = shared.tracker.get(&id) else {
         return unknown_order(shared, None);
     };
@@ -262,16 +282,9 @@ async fn cancel_order<T: Transport + HopLog + Rpc>(shared: &Shared<T>, id: &str,
         Ok(id) => id,
         Err(e) => return error(e.to_string()),
     };
-    let p = shared.config.partition;
-    let owner = Partition::of(&id, p.count);
-    if owner != p.index {
-        if !public {
-            return error(format!("order {id} belongs to partition {owner}/{}, not {p}", p.count));
-        }
-        let subject = subject::partition_cancel(owner, p.count, &id);
-        return forward(shared, owner, subject, body.clone())
-            .await
-            .unwrap_or_else(|e| error(e.to_string()));
+    let owners = |owner, count| subject::partition_cancel(owner, count, &id);
+    if let Some(answer) = elsewhere(shared, &id, public, owners, body).await {
+        return answer;
     }
     let asked: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
         CancelRequest::default()
@@ -335,16 +348,9 @@ async fn signal_order<T: Transport + HopLog + Rpc>(
         Ok(n) => n,
         Err(e) => return error(e.to_string()),
     };
-    let p = shared.config.partition;
-    let owner = Partition::of(&id, p.count);
-    if owner != p.index {
-        if !public {
-            return error(format!("order {id} belongs to partition {owner}/{}, not {p}", p.count));
-        }
-        let subject = subject::partition_signal(owner, p.count, &id, &name);
-        return forward(shared, owner, subject, body.clone())
-            .await
-            .unwrap_or_else(|e| error(e.to_string()));
+    let owners = |owner, count| subject::partition_signal(owner, count, &id, &name);
+    if let Some(answer) = elsewhere(shared, &id, public, owners, body).await {
+        return answer;
     }
     if body.len() > MAX_SIGNAL_BYTES {
         return error(format!(
@@ -399,10 +405,9 @@ async fn signal_order<T: Transport + HopLog + Rpc>(
             // Waiting for it, and not past its deadline (a signal kept
             // after it comes too late, however late its hop is read).
             let now = crate::document::Timestamp::now();
-            awaited = doc.awaited_signal().is_some_and(|(n, since)| {
-                let wait = doc.current_step().and_then(|s| s.wait.as_ref()?.duration());
-                n == &name && now <= since.plus(wait.unwrap_or_default())
-            });
+            awaited = doc
+                .awaited_signal()
+                .is_some_and(|a| a.name == &name && now <= a.deadline);
         }
     }
     match shared.transport.send_signal(id, &name, &data).await {

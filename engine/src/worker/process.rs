@@ -150,14 +150,9 @@ enum Awaited {
 /// Looks for the signal the document's step waits for: recorded in the
 /// document if it came; the route's way on if its deadline passed.
 async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document, delivered: u32) -> Awaited {
-    let Some((name, since)) = doc.awaited_signal().map(|(n, s)| (n.clone(), s)) else {
+    let Some((name, deadline)) = doc.awaited_signal().map(|a| (a.name.clone(), a.deadline)) else {
         return Awaited::Run;
     };
-    let deadline = since.plus(
-        doc.current_step()
-            .and_then(|s| s.wait.as_ref()?.duration())
-            .unwrap_or_default(),
-    );
     // A hop due before its deadline is a retry's backoff, not the wait:
     // honoured, or a store that cannot be read would be asked again at
     // once. Unless it comes again early: then it was woken, by someone who
@@ -213,7 +208,7 @@ async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document, deli
 /// second in all) before the order is left to its deadline.
 async fn wake_if_signalled<T: Transport>(shared: &Shared<T>, doc: &Document) {
     const TRIES: u32 = 5;
-    let Some((name, _)) = doc.awaited_signal() else {
+    let Some(name) = doc.awaited_signal().map(|a| a.name) else {
         return;
     };
     for tries in 1..=TRIES {
