@@ -251,7 +251,7 @@ pub(crate) fn first_hop(
     let first = &workflow.route().steps[0];
     Ok(Outgoing {
         subject: subject::hop(&first.service),
-        msg_id: Some(MsgId::hop(DedupId { order: id, hop: 0 })),
+        msg_id: Some(MsgId::hop(DedupId::main(id, 0))),
         headers: headers::for_hop(&doc, format),
         payload: Bytes::from(body),
         due: crate::transport::Due::of(&doc),
@@ -348,6 +348,9 @@ async fn follow<T: Transport>(inner: Arc<Inner<T>>, mut consumer: T::Consumer, c
                 .codec
                 .decode_as(&msg.payload, msg.headers.get(headers::CONTENT_TYPE))
             {
+                // A branch that undid its own steps after its join went on
+                // without it ends so: the order's end comes on its own.
+                Ok(doc) if doc.branch.is_some() => {}
                 Ok(doc) => resolve(&inner, Arc::new(doc)),
                 Err(e) => tracing::warn!(subject = %msg.subject, error = %e, "ignoring an undecodable terminal hop"),
             }

@@ -319,6 +319,23 @@ pub struct Document {
     pub failure: Option<String>,
     pub created_at: Timestamp,
     pub payload: Payload,
+    /// Set on the copy of the document a branch of a fork runs: which
+    /// one, and what the document held when it forked. `None` on the
+    /// order's own document.
+    pub branch: Option<BranchAt>,
+}
+
+/// Where a branch's document stands: its fork (by index in the route) and
+/// branch, and how much of the history and of the compensations owed it
+/// holds from before the fork.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BranchAt {
+    pub fork: u8,
+    pub branch: u8,
+    /// The order's hop when it forked: its branches' first hops.
+    pub hop_at: u32,
+    pub history_at: u32,
+    pub owed_at: u32,
 }
 
 impl Document {
@@ -344,6 +361,7 @@ impl Document {
             failure: None,
             created_at,
             payload,
+            branch: None,
         }
     }
 

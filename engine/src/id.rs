@@ -223,17 +223,35 @@ impl FromStr for OrderId {
     }
 }
 
-/// The deduplication id of one hop: `<order id>:<hop index>`. A hop published
-/// twice with the same id is stored once.
+/// The deduplication id of one hop: `<order id>:<hop index>`, or
+/// `<order id>:<fork>.<branch>:<hop index>` for a hop of a branch (whose
+/// hops are counted apart). A hop published twice with the same id is
+/// stored once.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 pub struct DedupId {
     pub order: OrderId,
     pub hop: u32,
+    /// The fork and branch of a branch's hop.
+    pub branch: Option<(u8, u8)>,
+}
+
+impl DedupId {
+    /// The id of the order's own hop `hop`.
+    pub fn main(order: OrderId, hop: u32) -> Self {
+        Self {
+            order,
+            hop,
+            branch: None,
+        }
+    }
 }
 
 impl fmt::Display for DedupId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}", self.order, self.hop)
+        match self.branch {
+            None => write!(f, "{}:{}", self.order, self.hop),
+            Some((fork, branch)) => write!(f, "{}:{fork}.{branch}:{}", self.order, self.hop),
+        }
     }
 }
 
@@ -402,15 +420,21 @@ mod tests {
     fn dedup_id_format() {
         let id: OrderId = "01890a5d-ac96-774b-bcce-b302099a8057".parse().unwrap();
         assert_eq!(
-            DedupId { order: id, hop: 3 }.to_string(),
+            DedupId::main(id, 3).to_string(),
             "01890a5d-ac96-774b-bcce-b302099a8057:3"
         );
+        // A branch's hops are counted apart: fork 0, branch 2.
+        let branch = DedupId {
+            branch: Some((0, 2)),
+            ..DedupId::main(id, 3)
+        };
+        assert_eq!(branch.to_string(), "01890a5d-ac96-774b-bcce-b302099a8057:0.2:3");
     }
 
     #[test]
     fn msg_id_text_of_each_kind() {
         let order: OrderId = "01890a5d-ac96-774b-bcce-b302099a8057".parse().unwrap();
-        let hop = DedupId { order, hop: 3 };
+        let hop = DedupId::main(order, 3);
         assert_eq!(MsgId::hop(hop).to_string(), "01890a5d-ac96-774b-bcce-b302099a8057:3");
         assert_eq!(MsgId::from(hop).as_hop(), Some(hop));
         assert_eq!(

@@ -36,6 +36,7 @@ mod document;
 pub mod hash;
 pub mod headers;
 pub mod id;
+pub mod join;
 mod registry;
 pub mod subject;
 pub mod trace;
@@ -47,7 +48,7 @@ mod workflow;
 pub use client::{Client, ClientError, DEFAULT_START_TIMEOUT, MAX_START_TIMEOUT};
 pub use codec::{Codec, DecodeError, EncodeError, Envelope, Format};
 pub use document::{
-    AttemptResult, AwaitedSignal, Compensation, ContentType, Document, Journal, Payload, PayloadError, Status,
+    AttemptResult, AwaitedSignal, BranchAt, Compensation, ContentType, Document, Journal, Payload, PayloadError, Status,
     StepKind, StepRecord, Target, Timestamp, UnknownStatus,
 };
 pub use id::{
@@ -61,6 +62,6 @@ pub use worker::{
 };
 pub use workflow::graph;
 pub use workflow::{
-    Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Wait, Workflow, WorkflowBuilder,
-    DEFAULT_STEP_TIMEOUT, MAX_DELAY, MAX_STEPS,
+    Backoff, Branch, DefinitionError, Fork, Join, Merge, Next, Onward, Route, RouteStep, Then, Wait, Workflow,
+    WorkflowBuilder, DEFAULT_STEP_TIMEOUT, MAX_BRANCHES, MAX_DELAY, MAX_STEPS,
 };

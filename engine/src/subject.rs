@@ -21,6 +21,21 @@ pub fn timer(order: &OrderId) -> String {
     format!("{TIMER_PREFIX}{order}")
 }
 
+/// The timer subject of an order's hop: `waybill.timer.<order>`, or for a
+/// branch's hop `waybill.timer.<order>.<fork>.<branch>` (each branch
+/// sleeps apart: a schedule replaces the one before it on its subject).
+pub fn timer_of(order: &OrderId, branch: Option<(u8, u8)>) -> String {
+    match branch {
+        None => timer(order),
+        Some((fork, b)) => format!("{TIMER_PREFIX}{order}.{fork}.{b}"),
+    }
+}
+
+/// `waybill.timer.<order>.>`: the timers of an order's branches.
+pub fn branch_timers(order: &OrderId) -> String {
+    format!("{TIMER_PREFIX}{order}.>")
+}
+
 /// `waybill.timer.>`: every hop that is not due yet.
 pub fn all_timers() -> String {
     format!("{TIMER_PREFIX}>")

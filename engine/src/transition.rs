@@ -44,7 +44,7 @@ use compact_str::CompactString;
 
 use crate::document::{AttemptResult, Compensation, Document, Status, StepKind, StepRecord, Timestamp};
 use crate::id::{Outcome, ServiceSubject, WorkerId};
-use crate::workflow::{Backoff, Next, Wait};
+use crate::workflow::{Backoff, Next, Onward, Wait};
 
 /// What a handler's attempt came to.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,8 +101,18 @@ pub enum Decision {
         /// due before this delay.
         delay: Option<Duration>,
     },
-    /// The order reached a terminal status; publish the terminal hop.
+    /// The order reached a terminal status; publish the terminal hop. (A
+    /// branch's document ends so only when it undid its own steps, after
+    /// its join had gone on without it.)
     Finish(Status),
+    /// The order forks (the route's fork by this index): one copy of the
+    /// document per branch ([`branches`]), and the order's own document
+    /// waits for the join.
+    Fork(usize),
+    /// A branch's document is done with its branch (it completed, failed,
+    /// or was cancelled or stopped: its status says which): it arrives at
+    /// its fork's join ([`crate::join`]) with its compensations owed.
+    Arrive,
 }
 
 /// Why `apply` could not be used on a document.
@@ -300,6 +310,11 @@ pub fn cancel(
     doc.hop = doc.hop.saturating_add(1);
     doc.failure = Some(format!("cancelled: {reason}"));
     reset_attempt(doc);
+    if doc.branch.is_some() {
+        // The join undoes every branch's steps together.
+        doc.status = Status::Cancelled;
+        return Ok(Some(Decision::Arrive));
+    }
     Ok(Some(match doc.owed.last() {
         Some(c) => {
             doc.status = Status::Compensating;
@@ -313,7 +328,7 @@ pub fn cancel(
 }
 
 /// Whether a cancel started the order's compensation.
-fn was_cancelled(doc: &Document) -> bool {
+pub(crate) fn was_cancelled(doc: &Document) -> bool {
     doc.history
         .iter()
         .rev()
@@ -393,23 +408,22 @@ fn forward(doc: &mut Document, outcome: CompactString, ended_at: Timestamp) -> D
 /// it leads to, entered at `ended_at` (its wait counted from then), or
 /// completion.
 fn go(doc: &mut Document, next: Next, ended_at: Timestamp) -> Decision {
-    let target = match next {
-        Next::Continue => {
-            let n = usize::from(doc.step) + 1;
-            if n < doc.route.steps.len() {
-                Some(n)
-            } else {
-                None
-            }
-        }
-        Next::Goto(i) => Some(usize::from(i)),
-        Next::Complete | Next::Fail => None,
+    let target = match doc.route.onward(doc.step, next) {
+        Onward::Step(j) => Some(usize::from(j)),
+        Onward::Fork(f) => return Decision::Fork(f),
+        Onward::Join(_) | Onward::Complete | Onward::Fail => None,
     };
     let Some(target) = target else {
-        doc.owed.clear();
-        return finish(doc, Status::Completed);
+        return complete(doc);
     };
-    let route_step = &doc.route.steps[target];
+    enter(doc, target, ended_at)
+}
+
+/// Moves the order to step `target`, entered at `ended_at`.
+pub(crate) fn enter(doc: &mut Document, target: usize, ended_at: Timestamp) -> Decision {
+    let Some(route_step) = doc.route.steps.get(target) else {
+        return complete(doc);
+    };
     if let Some(max) = route_step.max_visits {
         if doc.visits(&route_step.name) >= max {
             let why = format!("step `{}` was entered {max} times, its limit", route_step.name);
@@ -591,10 +605,28 @@ fn reset_attempt(doc: &mut Document) {
     doc.not_before = None;
 }
 
-/// A permanent failure: compensate what is owed, or fail at once.
-fn fail(doc: &mut Document, why: String) -> Decision {
+/// The order (or a branch's document: its branch) is complete.
+fn complete(doc: &mut Document) -> Decision {
+    if doc.branch.is_some() {
+        // What it owes is the join's to keep or undo.
+        doc.status = Status::Completed;
+        doc.not_before = None;
+        return Decision::Arrive;
+    }
+    doc.owed.clear();
+    finish(doc, Status::Completed)
+}
+
+/// A permanent failure: compensate what is owed, or fail at once. A
+/// branch's document arrives at its join failed instead, owing what it
+/// owes: the join undoes every branch's steps together.
+pub(crate) fn fail(doc: &mut Document, why: String) -> Decision {
     doc.failure = Some(why);
     reset_attempt(doc);
+    if doc.branch.is_some() && doc.status == Status::Running {
+        doc.status = Status::Failed;
+        return Decision::Arrive;
+    }
     match doc.owed.last() {
         Some(c) => {
             doc.status = Status::Compensating;

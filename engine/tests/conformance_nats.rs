@@ -213,7 +213,7 @@ async fn a_hop_not_due_is_kept_by_the_server_until_it_is() {
             msg_id: Some(MsgId::custom("timed:1")),
             headers,
             payload: bytes::Bytes::from_static(b"due in 2 s"),
-            due: Some(Due { at, order }),
+            due: Some(Due { at, order, branch: None }),
         }
     };
     let ack = t.publish(msg()).await.unwrap();
@@ -261,6 +261,7 @@ async fn a_hop_due_soon_is_published_at_once() {
             due: Some(Due {
                 at: Timestamp::now().plus(Duration::from_millis(100)),
                 order: OrderId::new(),
+                branch: None,
             }),
         })
         .await

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use waybill::{
-    AttemptResult, Backoff, Codec, Compensation, ContentType, Document, Format, Next, OrderId, Payload, Status,
+    AttemptResult, Backoff, BranchAt, Codec, Compensation, ContentType, Document, Format, Join, Merge, Next, OrderId, Payload, Status,
     StepKind, StepRecord, Then, Timestamp, WorkerId, Workflow,
 };
 
@@ -394,8 +394,59 @@ fn signalled() -> Document {
     d
 }
 
-fn cases() -> [(&'static str, Document); 6] {
+/// Version 3: a route that forks (two branches, joined on the first to
+/// complete, payloads kept) and the document of its second branch, one
+/// step in, forked after the first step.
+fn forked() -> Document {
+    let route = Workflow::builder("quotes", 1)
+        .step("ask", "quote.ask")
+        .compensate("quote.forget")
+        .fork("desks")
+        .branch()
+        .step("town", "desk.town")
+        .compensate("desk.town.release")
+        .branch()
+        .step("airport", "desk.airport")
+        .compensate("desk.airport.release")
+        .on("busy", Then::step("airport_again"))
+        .step("airport_again", "desk.airport")
+        .join(Join::first(1).merge(Merge::Keep))
+        .step("pay", "quote.pay")
+        .build()
+        .unwrap()
+        .shared_route();
+    let mut d = Document::new(id(7), route, Payload::postcard(&("trip-3", 4u8)).unwrap());
+    d.hop = 3;
+    d.step = 3;
+    d.created_at = Timestamp(1_764_000_600_000_000);
+    let t = 1_764_000_690_000_000;
+    d.history = vec![
+        record("ask", "quote.ask", StepKind::Forward, 1, outcome("ok"), t),
+        record("airport", "desk.airport", StepKind::Forward, 1, outcome("busy"), t + 1_000_000),
+    ];
+    d.owed = vec![
+        Compensation {
+            step: "ask".parse().unwrap(),
+            service: "quote.forget".parse().unwrap(),
+        },
+        Compensation {
+            step: "airport".parse().unwrap(),
+            service: "desk.airport.release".parse().unwrap(),
+        },
+    ];
+    d.branch = Some(BranchAt {
+        fork: 0,
+        branch: 1,
+        hop_at: 2,
+        history_at: 1,
+        owed_at: 1,
+    });
+    d
+}
+
+fn cases() -> [(&'static str, Document); 7] {
     [
+        ("forked", forked()),
         ("running", running()),
         ("compensating", compensating()),
         ("finished", finished()),
@@ -407,10 +458,10 @@ fn cases() -> [(&'static str, Document); 6] {
 
 /// The envelope version each case is written in.
 fn version(case: &str) -> u8 {
-    if matches!(case, "waiting" | "signalled") {
-        2
-    } else {
-        1
+    match case {
+        "forked" => 3,
+        "waiting" | "signalled" => 2,
+        _ => 1,
     }
 }
 
@@ -713,12 +764,39 @@ fn the_signalled_document_reads_field_by_field() {
 }
 
 #[test]
+fn the_forked_document_reads_field_by_field() {
+    let codec = Codec::default();
+    for format in [Format::Postcard, Format::Json] {
+        let bytes = golden("forked", format);
+        let d = codec.decode(&bytes, format).unwrap();
+        let fork = &d.route.forks[0];
+        assert_eq!(fork.name.as_str(), "desks");
+        assert_eq!(fork.starts, [1, 2]);
+        assert_eq!(fork.end, 4);
+        assert_eq!(fork.join, Join::first(1).merge(Merge::Keep));
+        let b = d.branch.unwrap();
+        assert_eq!((b.fork, b.branch, b.hop_at, b.history_at, b.owed_at), (0, 1, 2, 1, 1));
+        // The envelope says whose hop it is: the coordinator keeps a
+        // branch's hops apart from the order's own.
+        assert_eq!(codec.peek(&bytes, format).unwrap().branch, d.branch, "{format:?}");
+    }
+    let json: serde_json::Value = serde_json::from_slice(&golden("forked", Format::Json)).unwrap();
+    assert_eq!(json["envelope"], 3);
+    assert_eq!(json["route"]["forks"][0]["first"], 1, "{json}");
+    assert_eq!(json["route"]["forks"][0]["merge"], "keep", "{json}");
+    assert_eq!(json["branch"]["history_at"], 1, "{json}");
+    // A document of an older version has neither.
+    let json: serde_json::Value = serde_json::from_slice(&golden("signalled", Format::Json)).unwrap();
+    assert!(json["route"].get("forks").is_none() && json.get("branch").is_none(), "{json}");
+}
+
+#[test]
 fn an_envelope_version_past_this_builds_is_refused() {
     let codec = Codec::default();
     let mut bytes = golden("waiting", Format::Postcard);
     bytes[2] = waybill::codec::ENVELOPE_VERSION + 1;
     let e = codec.decode(&bytes, Format::Postcard).unwrap_err();
-    assert!(matches!(e, waybill::DecodeError::UnknownVersion(3)), "{e}");
+    assert!(matches!(e, waybill::DecodeError::UnknownVersion(4)), "{e}");
     bytes[2] = 0;
     assert!(matches!(
         codec.decode(&bytes, Format::Postcard).unwrap_err(),

@@ -64,14 +64,16 @@ fn the_mixed_flows_replay_across_worker_processes() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("examples/orders/mixed.jsonl") && stdout.contains("all orders ended as expected"));
-    // The trip's flows (signals before and after the step, a duplicate, a
-    // deadline passing, cancels while asleep and while waiting) ran too.
+    // The trip's flows (parallel holds, a branch failing and every hold
+    // undone, a join of the first car desk, signals before and after the
+    // step, a duplicate, a deadline passing, cancels while branches run,
+    // asleep and waiting) ran too.
     let trip = stdout
         .lines()
         .find(|l| l.starts_with("examples/orders/trip.jsonl"))
         .unwrap();
     let counts: Vec<&str> = trip.split_whitespace().skip(1).take(6).collect();
-    assert_eq!(counts, ["9", "3", "1", "3", "2", "0"], "{trip}");
+    assert_eq!(counts, ["12", "4", "0", "5", "3", "0"], "{trip}");
 
     // SIGTERM drains every worker (and the coordinator), which then exits 0.
     for p in procs {

@@ -249,6 +249,7 @@ pub fn registry() -> Result<Registry, DefinitionError> {
     r.register::<Order>(order_v1()?);
     r.register::<Order>(cooling_off_v1()?);
     r.register::<trip::Trip>(trip::trip_v1()?);
+    r.register::<trip::Trip>(trip::trip_v2()?);
     Ok(r)
 }
 

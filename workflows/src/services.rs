@@ -21,8 +21,14 @@ pub const TRIP_FLIGHT_RELEASE: &str = "trip.flight.release";
 pub const TRIP_HOTEL_HOLD: &str = "trip.hotel.hold";
 /// Gives a hotel hold back.
 pub const TRIP_HOTEL_RELEASE: &str = "trip.hotel.release";
-/// Holds a trip's car.
+/// Prices a trip before anything is held.
+pub const TRIP_QUOTE: &str = "trip.quote";
+/// Holds a trip's car (at the desk in town).
 pub const TRIP_CAR_HOLD: &str = "trip.car.hold";
+/// Holds a trip's car at the airport's desk.
+pub const TRIP_AIRPORT_CAR_HOLD: &str = "trip.airport_car.hold";
+/// Gives an airport car hold back.
+pub const TRIP_AIRPORT_CAR_RELEASE: &str = "trip.airport_car.release";
 /// Gives a car hold back.
 pub const TRIP_CAR_RELEASE: &str = "trip.car.release";
 /// Charges a trip's card.
@@ -35,7 +41,10 @@ pub const TRIP_REMIND: &str = "trip.remind";
 pub const TRIP_BOOK: &str = "trip.book";
 
 /// Every service subject of the trip workflow.
-pub const TRIP_ALL: [&str; 10] = [
+pub const TRIP_ALL: [&str; 13] = [
+    TRIP_QUOTE,
+    TRIP_AIRPORT_CAR_HOLD,
+    TRIP_AIRPORT_CAR_RELEASE,
     TRIP_FLIGHT_HOLD,
     TRIP_FLIGHT_RELEASE,
     TRIP_HOTEL_HOLD,
@@ -73,8 +82,10 @@ mod tests {
             .map(|s| ServiceSubject::new(s).unwrap())
             .collect();
         let mut used = crate::trip::trip_v1().unwrap().services();
+        used.extend(crate::trip::trip_v2().unwrap().services());
         named.sort();
         used.sort();
+        used.dedup();
         assert_eq!(named, used);
     }
 }

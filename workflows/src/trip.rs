@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use waybill::{Backoff, DefinitionError, InvalidPayload, Then, Workflow, WorkflowPayload};
+use waybill::{Backoff, DefinitionError, InvalidPayload, Join, Then, Workflow, WorkflowPayload};
 
 use crate::services;
 
@@ -26,6 +26,10 @@ pub const TRIP: &str = "trip";
 /// What the reference services call a flight, hotel or car there is none
 /// of: its hold answers `sold_out`.
 pub const SOLD_OUT: &str = "SOLD-OUT";
+
+/// What the airport's car desk calls a car only the desk in town has:
+/// its hold answers `sold_out` there (the town desk holds it).
+pub const TOWN_ONLY: &str = "TOWN-ONLY";
 
 /// The signal the trip waits for before it books: the traveller's
 /// approval (its JSON is kept in the order, and the booking reads it).
@@ -106,6 +110,69 @@ pub fn trip_v1() -> Result<Workflow, DefinitionError> {
         .retry(retry)
         .timeout(timeout)
         .on("sold_out", Then::Fail)
+        .step("charge", services::TRIP_CHARGE)
+        .compensate(services::TRIP_REFUND)
+        .retry(retry)
+        .timeout(timeout)
+        .on("declined", Then::Fail)
+        .step("remind", services::TRIP_REMIND)
+        .delay(REMINDER_AFTER)
+        .retry(retry)
+        .timeout(timeout)
+        .step("book", services::TRIP_BOOK)
+        .await_signal(APPROVED, APPROVAL_DEADLINE)
+        .on_timeout(Then::Fail)
+        .retry(retry)
+        .timeout(timeout)
+        .build()
+}
+
+/// The `trip` workflow, version 2, the current one: prices the trip
+/// (`quote`), then holds the flight and the hotel **at the same time**
+/// (fork `holds`: each branch has its own copy of the trip, and the join
+/// goes on when both are held), then asks the desk in town and the desk at
+/// the airport for the car at the same time and takes **the first** that
+/// holds one (fork `car`, `Join::first(1)`: the other is stopped, and its
+/// hold given back if it made one). Then as version 1: charge, remind
+/// after [`REMINDER_AFTER`], book on the traveller's approval or give
+/// everything back at [`APPROVAL_DEADLINE`]. A hold that is sold out (both
+/// desks, for the car) stops the other branches and undoes every hold
+/// made, newest first; the trip ends `compensated`.
+pub fn trip_v2() -> Result<Workflow, DefinitionError> {
+    let retry = Backoff::exponential(8, Duration::from_millis(50));
+    let timeout = Duration::from_secs(10);
+    Workflow::builder(TRIP, 2)
+        .step("quote", services::TRIP_QUOTE)
+        .retry(retry)
+        .timeout(timeout)
+        .fork("holds")
+        .branch()
+        .step("hold_flight", services::TRIP_FLIGHT_HOLD)
+        .compensate(services::TRIP_FLIGHT_RELEASE)
+        .retry(retry)
+        .timeout(timeout)
+        .on("sold_out", Then::Fail)
+        .branch()
+        .step("hold_hotel", services::TRIP_HOTEL_HOLD)
+        .compensate(services::TRIP_HOTEL_RELEASE)
+        .retry(retry)
+        .timeout(timeout)
+        .on("sold_out", Then::Fail)
+        .join(Join::all())
+        .fork("car")
+        .branch()
+        .step("hold_car", services::TRIP_CAR_HOLD)
+        .compensate(services::TRIP_CAR_RELEASE)
+        .retry(retry)
+        .timeout(timeout)
+        .on("sold_out", Then::Fail)
+        .branch()
+        .step("hold_airport_car", services::TRIP_AIRPORT_CAR_HOLD)
+        .compensate(services::TRIP_AIRPORT_CAR_RELEASE)
+        .retry(retry)
+        .timeout(timeout)
+        .on("sold_out", Then::Fail)
+        .join(Join::first(1))
         .step("charge", services::TRIP_CHARGE)
         .compensate(services::TRIP_REFUND)
         .retry(retry)

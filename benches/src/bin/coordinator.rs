@@ -265,7 +265,7 @@ impl Docs {
         let service = d.target().map(|t| t.service.clone());
         Outgoing {
             subject: waybill::subject::hop(service.as_ref().unwrap_or(&self.workflow.route().steps[0].service)),
-            msg_id: Some(MsgId::hop(DedupId { order: d.id, hop })),
+            msg_id: Some(MsgId::hop(DedupId::main(d.id, hop))),
             headers: headers::for_hop(&d, Format::Postcard),
             payload: Bytes::from(self.codec.encode(&d, Format::Postcard).unwrap_or_default()),
             due: None,

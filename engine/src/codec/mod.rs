@@ -41,12 +41,13 @@ use crate::document::{Document, Status, Timestamp};
 use crate::id::OrderId;
 use crate::workflow::{DefinitionError, Route};
 use routes::RouteCache;
-use wire::{WireBody, WireBodyRef, WireHead};
+use wire::{WireBody, WireBodyRef, WireBodyRefV3, WireBodyV3, WireHead};
 
 /// The newest version of the document envelope this build writes and
 /// reads; it reads every version from 1. A document is written in the
-/// oldest version that holds its route: version 2 only when a step waits.
-pub const ENVELOPE_VERSION: u8 = 2;
+/// oldest version that holds its route: version 2 when a step waits,
+/// version 3 when the route forks.
+pub const ENVELOPE_VERSION: u8 = 3;
 const MAGIC: [u8; 2] = *b"WB";
 
 /// Content type of a binary (postcard) document.
@@ -132,6 +133,9 @@ pub struct Envelope {
     pub step: u16,
     pub attempt: u32,
     pub not_before: Option<Timestamp>,
+    /// The fork and branch whose document this is (see
+    /// [`Document::branch`]).
+    pub branch: Option<crate::document::BranchAt>,
 }
 
 impl Envelope {
@@ -156,6 +160,7 @@ impl Envelope {
             step,
             attempt: doc.attempt,
             not_before: doc.not_before,
+            branch: doc.branch,
         })
     }
 }
@@ -238,7 +243,12 @@ impl Codec {
                 out.push(version);
                 put_varint(&mut out, route.len());
                 out.extend_from_slice(&route);
-                postcard::to_extend(&WireBodyRef::from(doc), out).map_err(|e| EncodeError::Failed(e.to_string()))?
+                if version >= 3 {
+                    postcard::to_extend(&WireBodyRefV3::from(doc), out)
+                } else {
+                    postcard::to_extend(&WireBodyRef::from(doc), out)
+                }
+                .map_err(|e| EncodeError::Failed(e.to_string()))?
             }
             Format::Json => json::encode(doc)?,
         };
@@ -295,8 +305,9 @@ impl Codec {
 
 /// The binary form.
 impl Codec {
-    /// Splits a binary document into its (interned) route and its body.
-    fn split_postcard<'b>(&self, bytes: &'b [u8]) -> Result<(Arc<Route>, &'b [u8]), DecodeError> {
+    /// Splits a binary document into its (interned) route, its body and
+    /// its envelope version.
+    fn split_postcard<'b>(&self, bytes: &'b [u8]) -> Result<(Arc<Route>, &'b [u8], u8), DecodeError> {
         if bytes.len() < 3 {
             return if MAGIC.starts_with(bytes) {
                 Err(DecodeError::Truncated)
@@ -316,15 +327,17 @@ impl Codec {
             return Err(DecodeError::Truncated);
         }
         let (route, body) = rest.split_at(route_len);
-        Ok((self.routes.intern(version, route)?, body))
+        Ok((self.routes.intern(version, route)?, body, version))
     }
 
     /// The envelope of a binary document, its history and payload unread
-    /// (except while compensating: the step being undone is in the owed list).
+    /// (except while compensating: the step being undone is in the owed
+    /// list; and for a route with forks: whether it is a branch's comes
+    /// last).
     fn peek_postcard(&self, bytes: &[u8]) -> Result<Envelope, DecodeError> {
-        let (route, body) = self.split_postcard(bytes)?;
+        let (route, body, version) = self.split_postcard(bytes)?;
         let head: WireHead = postcard::take_from_bytes(body).map_err(postcard_err)?.0;
-        if Status::from(head.status) == Status::Compensating {
+        if Status::from(head.status) == Status::Compensating || version >= 3 {
             return Envelope::of(&self.decode_postcard(bytes)?);
         }
         if usize::from(head.step) >= route.steps.len() {
@@ -345,13 +358,23 @@ impl Codec {
             step: head.step,
             attempt: head.attempt,
             not_before: head.not_before.map(Timestamp),
+            branch: None,
         })
     }
 
     fn decode_postcard(&self, bytes: &[u8]) -> Result<Document, DecodeError> {
-        let (route, body) = self.split_postcard(bytes)?;
-        match postcard::take_from_bytes::<WireBody>(body) {
-            Ok((body, [])) => Ok(body.with_route(route)),
+        let (route, body, version) = self.split_postcard(bytes)?;
+        let read = if version >= 3 {
+            postcard::take_from_bytes::<WireBodyV3>(body).map(|(b, rest)| {
+                let mut doc = b.body.with_route(route);
+                doc.branch = b.branch.map(Into::into);
+                (doc, rest)
+            })
+        } else {
+            postcard::take_from_bytes::<WireBody>(body).map(|(b, rest)| (b.with_route(route), rest))
+        };
+        match read {
+            Ok((doc, [])) => Ok(doc),
             Ok((_, rest)) => Err(DecodeError::TrailingBytes(rest.len())),
             Err(e) => Err(postcard_err(e)),
         }
@@ -381,6 +404,30 @@ fn check(doc: &Document) -> Result<(), DecodeError> {
         return Err(DecodeError::Inconsistent(
             "compensating with no compensation owed".into(),
         ));
+    }
+    if let Some(b) = doc.branch {
+        let fork = doc.route.forks.get(usize::from(b.fork)).ok_or_else(|| {
+            DecodeError::Inconsistent(format!("branch of fork {}, which its route lacks", b.fork))
+        })?;
+        if usize::from(b.branch) >= fork.starts.len() {
+            return Err(DecodeError::Inconsistent(format!(
+                "branch {} of a {}-branch fork",
+                b.branch,
+                fork.starts.len()
+            )));
+        }
+        if doc.status == crate::document::Status::Running && !fork.span(usize::from(b.branch)).contains(&doc.step) {
+            return Err(DecodeError::Inconsistent(format!(
+                "branch {} of fork `{}` at step {}, outside it",
+                b.branch, fork.name, doc.step
+            )));
+        }
+        let fits = |at: u32, len: usize| usize::try_from(at).is_ok_and(|at| at <= len);
+        if !fits(b.history_at, doc.history.len()) || !fits(b.owed_at, doc.owed.len()) {
+            return Err(DecodeError::Inconsistent(
+                "a branch forked at more history or owed compensations than it holds".into(),
+            ));
+        }
     }
     Ok(())
 }

@@ -11,7 +11,7 @@ use std::sync::{Arc, RwLock};
 
 use arc_swap::ArcSwapOption;
 
-use super::wire::{RouteStepV2, WireRoute, WireRouteRef, WireStepRef, WireStepRefV2};
+use super::wire::{RouteStepV2, RouteV3, WireRoute, WireRouteRef, WireRouteRefV3, WireStepRef, WireStepRefV2};
 use super::{DecodeError, EncodeError};
 use crate::hash::FastState;
 use crate::workflow::Route;
@@ -25,11 +25,14 @@ type EncodedRoute = (Arc<Route>, RouteBytes);
 /// A route's encoded bytes and the envelope version they are written in.
 pub(super) type RouteBytes = (u8, Arc<[u8]>);
 
-/// The envelope version a route is written in: 1 unless a step waits (so
-/// that builds which read only version 1 keep reading every route that
-/// does not use what version 2 added).
+/// The envelope version a route is written in: the oldest that holds it
+/// (3 with forks, 2 with a step that waits, 1 otherwise), so that builds
+/// which read only older versions keep reading every route that does not
+/// use what a newer one added.
 pub(super) fn version_of(route: &Route) -> u8 {
-    if route.steps.iter().any(|s| s.wait.is_some()) {
+    if !route.forks.is_empty() {
+        3
+    } else if route.steps.iter().any(|s| s.wait.is_some()) {
         2
     } else {
         1
@@ -38,9 +41,9 @@ pub(super) fn version_of(route: &Route) -> u8 {
 
 #[derive(Default)]
 struct Routes {
-    /// Version 1's routes, then version 2's: the same bytes read
+    /// Version 1's routes, then version 2's and 3's: the same bytes read
     /// differently in each.
-    by_bytes: [HashMap<Box<[u8]>, Arc<Route>, FastState>; 2],
+    by_bytes: [HashMap<Box<[u8]>, Arc<Route>, FastState>; 3],
     /// Keyed by the `Arc`'s address; the entry holds the `Arc`, so the
     /// address cannot be reused while it is cached.
     by_ptr: HashMap<usize, EncodedRoute, FastState>,
@@ -77,10 +80,10 @@ impl RouteCache {
             return Ok(hit);
         }
         let version = version_of(route);
-        let written = if version == 1 {
-            postcard::to_stdvec(&WireRouteRef::<'_, WireStepRef<'_>>::from(&**route))
-        } else {
-            postcard::to_stdvec(&WireRouteRef::<'_, WireStepRefV2<'_>>::from(&**route))
+        let written = match version {
+            1 => postcard::to_stdvec(&WireRouteRef::<'_, WireStepRef<'_>>::from(&**route)),
+            2 => postcard::to_stdvec(&WireRouteRef::<'_, WireStepRefV2<'_>>::from(&**route)),
+            _ => postcard::to_stdvec(&WireRouteRefV3::from(&**route)),
         };
         let bytes: Arc<[u8]> = written.map_err(|e| EncodeError::Failed(e.to_string()))?.into();
         if let Ok(mut m) = self.maps.write() {
@@ -92,7 +95,7 @@ impl RouteCache {
         Ok((version, bytes))
     }
 
-    /// The route encoded as `bytes` in envelope `version` (1 or 2): from
+    /// The route encoded as `bytes` in envelope `version` (1 to 3): from
     /// the cache, or decoded, checked and cached.
     pub(super) fn intern(&self, version: u8, bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
         if let Some(last) = &*self.last.load() {
@@ -110,14 +113,14 @@ impl RouteCache {
     }
 
     fn intern_shared(&self, version: u8, bytes: &[u8]) -> Result<Arc<Route>, DecodeError> {
-        let slot = usize::from(version == 2);
+        let slot = usize::from(version.clamp(1, 3) - 1);
         if let Some(hit) = self.maps.read().ok().and_then(|m| m.by_bytes[slot].get(bytes).cloned()) {
             return Ok(hit);
         }
-        let route = Arc::new(if version == 1 {
-            Route::try_from(read_route::<WireRoute>(bytes)?)?
-        } else {
-            Route::try_from(read_route::<WireRoute<RouteStepV2>>(bytes)?)?
+        let route = Arc::new(match version {
+            1 => Route::try_from(read_route::<WireRoute>(bytes)?)?,
+            2 => Route::try_from(read_route::<WireRoute<RouteStepV2>>(bytes)?)?,
+            _ => Route::try_from(read_route::<RouteV3>(bytes)?)?,
         });
         if let Ok(mut m) = self.maps.write() {
             if m.by_bytes[slot].len() >= ROUTE_CACHE {

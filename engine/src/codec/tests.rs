@@ -101,9 +101,9 @@ fn every_malformed_input_is_a_typed_error() {
     );
     assert_eq!(c.decode(b"W", Format::Postcard), Err(DecodeError::Truncated));
     assert_eq!(c.decode(b"hello world", Format::Postcard), Err(DecodeError::BadMagic));
-    let mut v3 = bin.clone();
-    v3[2] = 3;
-    assert_eq!(c.decode(&v3, Format::Postcard), Err(DecodeError::UnknownVersion(3)));
+    let mut v4 = bin.clone();
+    v4[2] = 4;
+    assert_eq!(c.decode(&v4, Format::Postcard), Err(DecodeError::UnknownVersion(4)));
     // Version 1's route read as version 2's: each step lacks its wait.
     let mut as_v2 = bin.clone();
     as_v2[2] = 2;

@@ -229,10 +229,7 @@ async fn redrive<T: HopLog>(shared: &Shared<T>, state: &OrderState) -> Result<bo
         .publish(Outgoing {
             subject,
             msg_id: Some(MsgId::redrive(
-                DedupId {
-                    order: state.id,
-                    hop: state.hop,
-                },
+                DedupId::main(state.id, state.hop),
                 state.sequence,
             )),
             headers: h,

@@ -135,7 +135,14 @@ struct Entry {
     /// The hop is a wait on unavailable infrastructure: the same attempt
     /// at the same step again, later (see `transition`), not a retry.
     waiting: bool,
+    /// The hop is a branch's, while the order runs its fork's branches.
+    branch: bool,
 }
+
+/// The `due` of a branch's hop: never. A branch that arrived at its join
+/// publishes no next hop while the others run, so its last hop is no
+/// stall; a branch's step that stops is delivered again by the stream.
+const NEVER: Timestamp = Timestamp(u64::MAX);
 
 /// Where a tracked order stands.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -395,19 +402,43 @@ impl View {
         let mut new = Entry {
             seq: hop.seq,
             at: hop.stored_at,
-            due,
+            due: if env.branch.is_some() { NEVER } else { due },
             hop: env.hop,
             attempt: env.attempt,
             route,
             step: env.step,
             status: env.status,
             waiting: false,
+            branch: env.branch.is_some(),
         };
+        if let Some(b) = env.branch {
+            // A branch's hops show where the order is while its branches
+            // run: from the fork to the join. Its arrival, the undoing of
+            // a branch its join went on without, and its end are the
+            // join's business, not the order's.
+            let current = self.orders.get(&env.id).copied();
+            let before_join = match current {
+                None => true,
+                Some(old) if old.branch => old.seq < new.seq,
+                Some(old) => !old.status.is_terminal() && old.hop < b.hop_at,
+            };
+            if env.status != Status::Running || !before_join {
+                self.stale += 1;
+                return Applied::Stale;
+            }
+        }
         let expired = env.status.is_terminal() && hop.stored_at.plus(self.retention) <= now;
         let was_terminal = match self.orders.entry(env.id) {
             MapEntry::Occupied(o) => {
                 let old = *o.get();
-                if (old.hop, old.seq) >= (new.hop, new.seq) {
+                // Branches count their hops apart; the order's own hop past
+                // the join comes after every branch's it joined.
+                let later = if old.branch || new.branch {
+                    old.seq < new.seq
+                } else {
+                    (old.hop, old.seq) < (new.hop, new.seq)
+                };
+                if !later {
                     self.stale += 1;
                     return Applied::Stale;
                 }
@@ -513,7 +544,7 @@ impl View {
             attempt: e.attempt,
             sequence: e.seq,
             last_hop_at: e.at,
-            due: (!e.status.is_terminal()).then_some(e.due),
+            due: (!e.status.is_terminal() && e.due != NEVER).then_some(e.due),
         })
     }
 

@@ -169,12 +169,18 @@ pub struct Outgoing {
 pub struct Due {
     pub at: crate::document::Timestamp,
     pub order: crate::id::OrderId,
+    /// The fork and branch, for a branch's hop: each branch sleeps apart.
+    pub branch: Option<(u8, u8)>,
 }
 
 impl Due {
     /// When `doc`'s hop is due, if it is not yet.
     pub fn of(doc: &crate::document::Document) -> Option<Self> {
-        doc.not_before.map(|at| Self { at, order: doc.id })
+        doc.not_before.map(|at| Self {
+            at,
+            order: doc.id,
+            branch: doc.branch.map(|b| (b.fork, b.branch)),
+        })
     }
 }
 
@@ -392,6 +398,27 @@ pub trait Transport: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Option<KeptSignal>, Error>> + Send {
         let _ = (order, name);
         std::future::ready(Err(Error::BadConfig("this transport cannot keep signals".into())))
+    }
+
+    /// The record of `order`'s join of fork `fork` ([`crate::join`]) and its
+    /// revision, if there is one.
+    fn join_state(&self, order: &OrderId, fork: u8) -> impl Future<Output = Result<Option<(Bytes, u64)>, Error>> + Send {
+        let _ = (order, fork);
+        std::future::ready(Err(Error::BadConfig("this transport cannot keep joins".into())))
+    }
+
+    /// Writes the record of `order`'s join of fork `fork` if its revision
+    /// is still `expected` (0: if there is none yet). `Ok(false)` when
+    /// another write came first: read it again.
+    fn put_join_state(
+        &self,
+        order: OrderId,
+        fork: u8,
+        state: Bytes,
+        expected: u64,
+    ) -> impl Future<Output = Result<bool, Error>> + Send {
+        let _ = (order, fork, state, expected);
+        std::future::ready(Err(Error::BadConfig("this transport cannot keep joins".into())))
     }
 
     /// Makes the hop of `order` that sleeps until it is due (a step's wait,

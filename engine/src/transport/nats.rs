@@ -34,6 +34,7 @@ mod atomic;
 mod cancels;
 mod consumer;
 mod dlq;
+mod joins;
 mod log;
 mod rpc;
 mod servers;
@@ -46,6 +47,7 @@ pub use dlq::StoredLetter;
 pub use log::NatsLog;
 pub use rpc::{NatsRequest, NatsRequests};
 pub use servers::{InvalidServer, ServerList, ServerListError};
+pub use joins::JOINS_BUCKET;
 pub use signals::{MAX_SIGNAL_BYTES, SIGNALS_BUCKET};
 
 /// The stream every hop is stored in.
@@ -103,6 +105,7 @@ pub struct Nats {
     cancels: std::sync::Arc<cancels::Cancels>,
     /// The bucket of signals, once opened (shared by the clones).
     signals: std::sync::Arc<tokio::sync::OnceCell<kv::Store>>,
+    joins: std::sync::Arc<tokio::sync::OnceCell<kv::Store>>,
 }
 
 /// An error of async-nats, told apart by its kind and code
@@ -184,6 +187,7 @@ impl Nats {
             config,
             cancels: std::sync::Arc::default(),
             signals: std::sync::Arc::default(),
+            joins: std::sync::Arc::default(),
         })
     }
 
@@ -265,6 +269,7 @@ impl Nats {
         for (bucket, config) in [
             (CANCELS_BUCKET, self.cancels_config()),
             (SIGNALS_BUCKET, self.signals_config()),
+            (JOINS_BUCKET, self.joins_config()),
         ] {
             match self.key_value(bucket).await {
                 Ok(_) => {}
@@ -474,7 +479,7 @@ impl Transport for Nats {
                     format!("@at {}", crate::coordinator::api::rfc3339(due.at)).as_str(),
                 );
                 headers.insert(crate::headers::SCHEDULE_TARGET, subject.as_str());
-                subject = subject::timer(&due.order);
+                subject = subject::timer_of(&due.order, due.branch);
             }
         }
         let mut p = PublishMessage::build().payload(msg.payload).headers(headers);
@@ -630,6 +635,14 @@ impl Transport for Nats {
 
     async fn wake(&self, order: crate::id::OrderId, signal: Option<&crate::id::SignalName>) -> Result<(), Error> {
         self.wake_timer(order, None, signal).await
+    }
+
+    async fn join_state(&self, order: &crate::id::OrderId, fork: u8) -> Result<Option<(bytes::Bytes, u64)>, Error> {
+        self.get_join(order, fork).await
+    }
+
+    async fn put_join_state(&self, order: crate::id::OrderId, fork: u8, state: bytes::Bytes, expected: u64) -> Result<bool, Error> {
+        self.put_join(order, fork, state, expected).await
     }
 }
 

@@ -17,10 +17,12 @@ use crate::subject;
 use crate::transition::{self, Attempt, Decision, TransitionError};
 use crate::transport::{Consumer, DeadLetter, DeadLetterKind, Delivery, Outgoing, PublishAck, Transport};
 
-/// The hop that follows an attempt: where it goes, and its bytes.
-pub(super) struct NextHop {
-    subject: String,
-    body: Bytes,
+/// The hop that follows an attempt: where it goes, and its bytes; or a
+/// fork or a branch's arrival at its join, whose hops are made once the
+/// join's record is read and written ([`super::branching`]).
+pub(super) enum NextHop {
+    Store { subject: String, body: Bytes },
+    Branching(Decision),
 }
 
 /// Why no next hop follows an attempt: the input becomes a dead letter of
@@ -58,7 +60,7 @@ pub(super) fn hop_for<T>(shared: &Shared<T>, doc: &mut Document, decision: Decis
 
 /// The document's payload as JSON: through the worker's registry, or as it
 /// is when it is JSON.
-fn payload_json<T>(shared: &Shared<T>, doc: &Document) -> Result<serde_json::Value, String> {
+pub(super) fn payload_json<T>(shared: &Shared<T>, doc: &Document) -> Result<serde_json::Value, String> {
     match &shared.registry {
         Some(r) => r
             .payload_json(doc.route.workflow.as_str(), &doc.payload)
@@ -87,51 +89,59 @@ pub(super) fn cancel_hop<T>(
     decision.map(|d| encode_hop(shared, doc, &d)).transpose()
 }
 
-fn encode_hop<T>(shared: &Shared<T>, doc: &Document, decision: &Decision) -> Result<NextHop, NoNextHop> {
+pub(super) fn encode_hop<T>(shared: &Shared<T>, doc: &Document, decision: &Decision) -> Result<NextHop, NoNextHop> {
     let subject = match decision {
         Decision::Hop { service, .. } => subject::hop(service),
         Decision::Finish(status) => {
             tracing::debug!(%status, "order finished");
             subject::done(&doc.route.workflow)
         }
+        Decision::Fork(_) | Decision::Arrive => return Ok(NextHop::Branching(decision.clone())),
     };
     let body = shared.codec.encode(doc, shared.format).map_err(NoNextHop::Encode)?;
-    Ok(NextHop {
+    Ok(NextHop::Store {
         subject,
         body: Bytes::from(body),
     })
 }
 
-/// Stores `hop` under its deduplication id `<order>:<hop>` (see [`store`]);
-/// the caller acknowledges the input once it is stored.
+/// Stores the hop `subject`, `body` of `doc` under its deduplication id
+/// `<order>:<hop>` (see [`store`]); the caller acknowledges the input once
+/// it is stored.
 pub(super) async fn hand_off<T: Transport>(
     shared: &Shared<T>,
     svc: &Service,
     doc: &Document,
-    hop: NextHop,
+    (subject, body): (&str, &Bytes),
     delivery: &impl Delivery,
 ) -> Result<PublishAck, Unstored> {
     // Built again for each try (rare): cheaper than copying one up front.
     let out = || Outgoing {
-        subject: hop.subject.clone(),
+        subject: subject.to_owned(),
         msg_id: Some(MsgId::hop(DedupId {
             order: doc.id,
             hop: doc.hop,
+            branch: doc.branch.map(|b| (b.fork, b.branch)),
         })),
         headers: headers::for_hop(doc, shared.format),
-        payload: hop.body.clone(),
+        payload: body.clone(),
         due: crate::transport::Due::of(doc),
     };
     store(shared, svc, delivery, out).await
 }
 
 /// Why a next hop was not stored.
+#[derive(Debug)]
 pub(super) enum Unstored {
     /// Unavailable for longer than the worker's limit.
     OverLimit(crate::transport::Error),
     /// Not worth trying again here (or the worker is draining): hand the
     /// input back; its redelivery does the step again, idempotently.
     Failed(crate::transport::Error),
+    /// No hop can be made of the input, however often it is tried (a
+    /// join's record that cannot be read, a merge over the size limit): a
+    /// dead letter of kind `invalid`.
+    Invalid(String),
 }
 
 /// Stores the next hop, waiting out an unavailable stream (a leader
@@ -141,7 +151,7 @@ pub(super) enum Unstored {
 /// its deliveries per try, and a failover longer than those turned healthy
 /// orders into dead letters. Every try carries the same deduplication id,
 /// so a try that was stored after all is not stored twice.
-async fn store<T: Transport>(
+pub(super) async fn store<T: Transport>(
     shared: &Shared<T>,
     svc: &Service,
     delivery: &impl Delivery,

@@ -32,6 +32,7 @@
 //! its deadline), `handoff` (store the next hop, then acknowledge) and
 //! `metrics` (the Prometheus series, when asked for).
 
+mod branching;
 mod builder;
 mod handle;
 mod handler;

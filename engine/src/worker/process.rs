@@ -8,7 +8,9 @@ use std::fmt;
 use tracing::Instrument;
 
 use super::handle::{Service, Shared, WorkerStats};
-use super::handoff::{cancel_hop, dead_letter, hand_back, hand_off, hop_for, next_hop, publish_retry_delay, Unstored};
+use super::handoff::{
+    cancel_hop, dead_letter, hand_back, hand_off, hop_for, next_hop, publish_retry_delay, NextHop, Unstored,
+};
 use super::run::{prepare, run, Ran};
 use crate::codec::DecodeError;
 use crate::document::{Document, Status, Timestamp};
@@ -55,6 +57,20 @@ pub(super) async fn process<T: Transport>(
                 let why = e.to_string();
                 return Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, why)).await;
             }
+        }
+    }
+    // A branch whose join was decided without it stops here, asleep or
+    // not: it arrives at the join, owing what it owes.
+    if doc.branch.is_some() && doc.status == Status::Running {
+        match Box::pin(super::branching::stop_reason(shared, &delivery, &doc)).await {
+            Ok(None) => {}
+            Ok(Some(why)) => {
+                tracing::info!(order = %doc.id, %why, "a branch stops at this hop");
+                crate::join::stop(&mut doc, why);
+                let hop = NextHop::Branching(crate::transition::Decision::Arrive);
+                return Box::pin(store_and_ack(shared, svc, &doc, hop, delivery)).await;
+            }
+            Err(e) => return Box::pin(unstored(shared, svc, delivery, e)).await,
         }
     }
     if doc.awaited_signal().is_some() {
@@ -206,7 +222,7 @@ async fn await_signal<T: Transport>(shared: &Shared<T>, doc: &mut Document, deli
 /// wake of its delivery.
 /// A store that does not answer is asked again a few times (about a
 /// second in all) before the order is left to its deadline.
-async fn wake_if_signalled<T: Transport>(shared: &Shared<T>, doc: &Document) {
+pub(super) async fn wake_if_signalled<T: Transport>(shared: &Shared<T>, doc: &Document) {
     const TRIES: u32 = 5;
     let Some(name) = doc.awaited_signal().map(|a| a.name) else {
         return;
@@ -237,7 +253,14 @@ async fn store_and_ack<T: Transport>(
     hop: super::handoff::NextHop,
     delivery: <T::Consumer as Consumer>::Delivery,
 ) {
-    match hand_off(shared, svc, doc, hop, &delivery).await {
+    let (stored, one) = match &hop {
+        NextHop::Store { subject, body } => (hand_off(shared, svc, doc, (subject, body), &delivery).await, true),
+        NextHop::Branching(decision) => (
+            Box::pin(super::branching::follow(shared, svc, doc, decision.clone(), &delivery)).await,
+            false,
+        ),
+    };
+    match stored {
         Ok(ack) => {
             WorkerStats::bump(if ack.duplicate {
                 &shared.stats.duplicates
@@ -250,11 +273,24 @@ async fn store_and_ack<T: Transport>(
             }
             // Boxed, and only for a hop that waits for a signal: its state
             // would weigh on every step's future.
-            if doc.awaited_signal().is_some() {
+            if one && doc.awaited_signal().is_some() {
                 Box::pin(wake_if_signalled(shared, doc)).await;
             }
         }
-        Err(Unstored::OverLimit(e)) => {
+        Err(e) => Box::pin(unstored(shared, svc, delivery, e)).await,
+    }
+}
+
+/// Settles a delivery whose next hop was not stored: a dead letter, or
+/// handed back to be tried again.
+async fn unstored<T: Transport>(
+    shared: &Shared<T>,
+    svc: &Service,
+    delivery: <T::Consumer as Consumer>::Delivery,
+    e: Unstored,
+) {
+    match e {
+        Unstored::OverLimit(e) => {
             let reason = format!(
                 "unavailable: the next hop could not be stored for {} s, the limit: {e}; \
                  nothing failed: redrive it once the outage is over",
@@ -262,7 +298,10 @@ async fn store_and_ack<T: Transport>(
             );
             Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Unavailable, reason)).await;
         }
-        Err(Unstored::Failed(e)) => {
+        Unstored::Invalid(why) => {
+            Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, why)).await;
+        }
+        Unstored::Failed(e) => {
             tracing::warn!(error = %e, "publishing the next hop failed");
             let delay = publish_retry_delay(delivery.delivered());
             hand_back(shared, svc, delivery, Some(delay), &format!("publish failed: {e}")).await;

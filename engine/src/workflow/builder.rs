@@ -2,7 +2,10 @@
 
 use std::time::Duration;
 
-use super::{duration_ms, Backoff, Branch, DefinitionError, Next, Route, RouteStep, Then, Wait, Workflow, MAX_STEPS};
+use super::{
+    duration_ms, Backoff, Branch, DefinitionError, Fork, Join, Next, Route, RouteStep, Then, Wait, Workflow, MAX_BRANCHES,
+    MAX_STEPS,
+};
 use crate::id::{Outcome, ServiceSubject, SignalName, StepName, WorkflowName};
 
 impl Workflow {
@@ -12,8 +15,20 @@ impl Workflow {
             name: name.into(),
             version,
             steps: Vec::new(),
+            forks: Vec::new(),
+            misuse: None,
         }
     }
+}
+
+/// A fork as written: where each branch starts (by step count), and where
+/// and how it joins once `join` is given.
+struct ForkDraft {
+    name: String,
+    /// Steps before the fork.
+    at: usize,
+    starts: Vec<usize>,
+    joined: Option<(usize, Join)>,
 }
 
 struct StepDraft {
@@ -36,6 +51,9 @@ pub struct WorkflowBuilder {
     name: String,
     version: u32,
     steps: Vec<StepDraft>,
+    forks: Vec<ForkDraft>,
+    /// The first fork, branch or join given out of place.
+    misuse: Option<String>,
 }
 
 impl std::fmt::Debug for WorkflowBuilder {
@@ -44,6 +62,7 @@ impl std::fmt::Debug for WorkflowBuilder {
             .field("name", &self.name)
             .field("version", &self.version)
             .field("steps", &self.steps.len())
+            .field("forks", &self.forks.len())
             .finish()
     }
 }
@@ -175,6 +194,123 @@ impl WorkflowBuilder {
         self
     }
 
+    /// Opens a fork named `name`: the branches that follow (each begun by
+    /// [`branch`](Self::branch)) run at the same time, each with its own
+    /// copy of the document, until [`join`](Self::join). The step before
+    /// the fork leads into it. A branch is its steps, configured as any
+    /// (outcomes lead within the branch; the way on past its last step,
+    /// or `Then::Complete`, finishes the branch). A branch that fails
+    /// stops the others at their next hop, and every branch's completed
+    /// steps are undone, newest first, then the steps before the fork.
+    pub fn fork(mut self, name: impl Into<String>) -> Self {
+        if self.forks.last().is_some_and(|f| f.joined.is_none()) {
+            self.misused("a fork inside a fork's branch: forks do not nest");
+        }
+        let at = self.steps.len();
+        self.forks.push(ForkDraft {
+            name: name.into(),
+            at,
+            starts: Vec::new(),
+            joined: None,
+        });
+        self
+    }
+
+    /// Begins a branch of the open fork: the steps that follow, up to the
+    /// next `branch` or the `join`.
+    pub fn branch(mut self) -> Self {
+        let at = self.steps.len();
+        match self.forks.last_mut() {
+            Some(f) if f.joined.is_none() => f.starts.push(at),
+            _ => self.misused("a branch outside a fork: begin the fork with `fork(name)`"),
+        }
+        self
+    }
+
+    /// Closes the open fork: the order goes on to the steps that follow
+    /// once the branches `join` waits for have completed (all of them, or
+    /// the first n), their payloads merged as it says.
+    pub fn join(mut self, join: Join) -> Self {
+        let at = self.steps.len();
+        match self.forks.last_mut() {
+            Some(f) if f.joined.is_none() => f.joined = Some((at, join)),
+            _ => self.misused("a join without a fork: begin the fork with `fork(name)`"),
+        }
+        self
+    }
+
+    fn misused(&mut self, problem: &str) {
+        self.misuse.get_or_insert_with(|| problem.to_owned());
+    }
+
+    /// The forks as the route holds them, each checked for balance: ended
+    /// by a join, two branches at least, none of them empty.
+    fn built_forks(&self) -> Result<Vec<Fork>, DefinitionError> {
+        let bad = |problem: String| DefinitionError::BadFork {
+            workflow: self.name.clone(),
+            problem,
+        };
+        if let Some(problem) = &self.misuse {
+            return Err(bad(problem.clone()));
+        }
+        let mut forks = Vec::with_capacity(self.forks.len());
+        for f in &self.forks {
+            let Some((end, join)) = f.joined else {
+                return Err(bad(format!("fork `{}` has no join", f.name)));
+            };
+            if f.starts.len() < 2 {
+                return Err(bad(format!(
+                    "fork `{}` has {} branch(es); a fork runs two at least",
+                    f.name,
+                    f.starts.len()
+                )));
+            }
+            if f.starts.first() != Some(&f.at) {
+                return Err(bad(format!(
+                    "fork `{}` has steps before its first branch: begin each branch with `branch()`",
+                    f.name
+                )));
+            }
+            if f.at == 0 {
+                return Err(bad(format!(
+                    "fork `{}` is the route's start: put a step before it (the step before a fork enters it)",
+                    f.name
+                )));
+            }
+            if f.starts.len() > MAX_BRANCHES {
+                return Err(bad(format!(
+                    "fork `{}` has {} branches; at most {MAX_BRANCHES} are allowed",
+                    f.name,
+                    f.starts.len()
+                )));
+            }
+            let bounds: Vec<usize> = f.starts.iter().copied().chain([end]).collect();
+            if let Some(i) = bounds.windows(2).position(|w| w[0] >= w[1]) {
+                return Err(bad(format!("branch {} of fork `{}` has no steps", i + 1, f.name)));
+            }
+            if let Some(n) = join.first {
+                if n == 0 || usize::from(n) > f.starts.len() {
+                    return Err(bad(format!(
+                        "fork `{}` joins the first {n} of its {} branches",
+                        f.name,
+                        f.starts.len()
+                    )));
+                }
+            }
+            let index = |i: usize| u16::try_from(i).unwrap_or(u16::MAX);
+            forks.push(Fork {
+                name: StepName::new(f.name.clone()).map_err(|source| DefinitionError::BadName {
+                    workflow: self.name.clone(),
+                    source,
+                })?,
+                starts: f.starts.iter().map(|&i| index(i)).collect(),
+                end: index(end),
+                join,
+            });
+        }
+        Ok(forks)
+    }
+
     /// Validates the definition and returns the workflow, or the first
     /// problem found.
     pub fn build(self) -> Result<Workflow, DefinitionError> {
@@ -241,10 +377,12 @@ impl WorkflowBuilder {
                 },
             });
         }
+        let forks = self.built_forks()?;
         Workflow::from_route(Route {
             workflow: name,
             version: self.version,
             steps,
+            forks,
         })
     }
 }

@@ -10,6 +10,7 @@
 
 mod backoff;
 mod builder;
+mod fork;
 pub mod graph;
 #[cfg(test)]
 mod tests;
@@ -22,6 +23,7 @@ use crate::id::{NameError, Outcome, ServiceSubject, SignalName, StepName, Workfl
 
 pub use backoff::Backoff;
 pub use builder::{WorkflowBuilder, DEFAULT_STEP_TIMEOUT};
+pub use fork::{Fork, Join, Merge, Onward, MAX_BRANCHES};
 
 /// Most steps a route may have: the cursor is a `u16` and a route travels in
 /// every document, so it must stay small.
@@ -67,6 +69,11 @@ pub enum DefinitionError {
         step: String,
         problem: String,
     },
+    /// A fork, a branch or a join that does not make parallel branches:
+    /// a join without a fork, a branch with no steps, a step leading into
+    /// or out of a branch, a loop across a join.
+    #[error("workflow `{workflow}`: {problem}")]
+    BadFork { workflow: String, problem: String },
 }
 
 /// Where an outcome leads, in a built route (steps by index).
@@ -208,6 +215,8 @@ pub struct Route {
     pub workflow: WorkflowName,
     pub version: u32,
     pub steps: Vec<RouteStep>,
+    /// Where the route runs branches in parallel (none for most routes).
+    pub forks: Vec<Fork>,
 }
 
 impl Route {

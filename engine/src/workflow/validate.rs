@@ -3,7 +3,7 @@
 
 use std::collections::HashSet;
 
-use super::{DefinitionError, Next, Route, MAX_STEPS};
+use super::{DefinitionError, Next, Onward, Route, MAX_STEPS};
 
 impl Route {
     /// The structural checks a route off the wire must pass before anything
@@ -89,6 +89,40 @@ impl Route {
                 }
             }
         }
+        self.check_forks()
+    }
+
+    /// The forks' layout: each one's branches are steps of the route, in
+    /// order, two at least, none empty, after the first step, and no two
+    /// forks share a step.
+    fn check_forks(&self) -> Result<(), DefinitionError> {
+        let mut after = 1u16;
+        for fork in &self.forks {
+            let bad = |problem: &str| DefinitionError::BadFork {
+                workflow: self.workflow.to_string(),
+                problem: format!("fork `{}` {problem}", fork.name),
+            };
+            if fork.starts.len() < 2 || fork.starts.len() > super::MAX_BRANCHES {
+                return Err(bad(&format!(
+                    "has {} branches; a fork runs from 2 to {}",
+                    fork.starts.len(),
+                    super::MAX_BRANCHES
+                )));
+            }
+            if fork.starts[0] < after {
+                return Err(bad("starts before the step that enters it, or inside another fork"));
+            }
+            if fork.starts.iter().chain([&fork.end]).collect::<Vec<_>>().windows(2).any(|w| w[0] >= w[1]) {
+                return Err(bad("has a branch with no steps"));
+            }
+            if usize::from(fork.end) > self.steps.len() {
+                return Err(bad("ends past the last step"));
+            }
+            if fork.join.first.is_some_and(|n| n == 0 || usize::from(n) > fork.starts.len()) {
+                return Err(bad("joins more branches than it has, or none"));
+            }
+            after = fork.end;
+        }
         Ok(())
     }
 
@@ -116,6 +150,7 @@ impl Route {
                 }
             }
         }
+        self.check_branch_edges()?;
         let edges: Vec<Vec<usize>> = (0..self.steps.len()).map(|i| self.successors(i)).collect();
 
         // Reachability from the first step.
@@ -143,28 +178,93 @@ impl Route {
                 cycle: cycle.into_iter().map(|i| self.steps[i].name.to_string()).collect(),
             });
         }
+        // A fork is entered once per order: its join's state is kept by
+        // the order and the fork.
+        for fork in &self.forks {
+            let mut seen = vec![false; self.steps.len()];
+            let mut stack: Vec<usize> = Some(usize::from(fork.end)).filter(|&e| e < self.steps.len()).into_iter().collect();
+            while let Some(i) = stack.pop() {
+                if std::mem::replace(&mut seen[i], true) {
+                    continue;
+                }
+                if fork.branch_of(u16::try_from(i).unwrap_or(u16::MAX)).is_some() {
+                    return Err(DefinitionError::BadFork {
+                        workflow,
+                        problem: format!(
+                            "a loop across the join of fork `{}`: `{}` leads back into the fork",
+                            fork.name, self.steps[i].name
+                        ),
+                    });
+                }
+                stack.extend(edges[i].iter().copied().filter(|&j| !seen[j]));
+            }
+        }
         Ok(())
     }
 
-    /// The steps that can follow step `i`.
-    fn successors(&self, i: usize) -> Vec<usize> {
-        let step = &self.steps[i];
-        let mut out = Vec::new();
+    /// Every way on of every step, as written (the outcomes mapped, the
+    /// way on of `ok` when it is not, a signal's timeout).
+    fn ways_on(step: &super::RouteStep) -> impl Iterator<Item = Next> + '_ {
         let ok_mapped = step.branches.iter().any(|b| b.outcome.is_ok());
-        let mut push = |next: Next| match next {
-            Next::Continue if i + 1 < self.steps.len() => out.push(i + 1),
-            Next::Goto(j) => out.push(usize::from(j)),
-            _ => {}
-        };
-        if !ok_mapped {
-            push(Next::Continue);
+        (!ok_mapped)
+            .then_some(Next::Continue)
+            .into_iter()
+            .chain(step.branches.iter().map(|b| b.next))
+            .chain(match step.wait {
+                // A signal that does not come leads from the step, unrun.
+                Some(crate::workflow::Wait::Signal { on_timeout, .. }) => Some(on_timeout),
+                _ => None,
+            })
+    }
+
+    /// A branch's steps lead only within it (or on to its join), and only
+    /// the fork's entry leads into it from outside.
+    fn check_branch_edges(&self) -> Result<(), DefinitionError> {
+        for (i, step) in self.steps.iter().enumerate() {
+            let at = u16::try_from(i).unwrap_or(u16::MAX);
+            let inside = self.branch_of(at);
+            for next in Self::ways_on(step) {
+                let Next::Goto(j) = next else { continue };
+                let into = self.branch_of(j);
+                let fork_entry = inside.is_none() && self.fork_at(j).is_some();
+                let problem = match (inside, into) {
+                    (Some(a), b) if Some(a) != b => format!("leads out of its branch to `{}`", self.steps[usize::from(j)].name),
+                    (_, Some((f, b))) if inside != into && !fork_entry => format!(
+                        "leads into branch {} of fork `{}` from outside it",
+                        b + 1,
+                        self.forks[f].name
+                    ),
+                    _ => continue,
+                };
+                return Err(DefinitionError::BadFork {
+                    workflow: self.workflow.to_string(),
+                    problem: format!("step `{}` {problem}", step.name),
+                });
+            }
         }
-        for b in &step.branches {
-            push(b.next);
-        }
-        // A signal that does not come leads from the step, unrun.
-        if let Some(crate::workflow::Wait::Signal { on_timeout, .. }) = step.wait {
-            push(on_timeout);
+        Ok(())
+    }
+
+    /// The steps that can follow step `i`: a fork's entry leads to the
+    /// first step of each of its branches, a branch's end to its join's.
+    fn successors(&self, i: usize) -> Vec<usize> {
+        let at = u16::try_from(i).unwrap_or(u16::MAX);
+        let mut out = Vec::new();
+        for next in Self::ways_on(&self.steps[i]) {
+            match self.onward(at, next) {
+                Onward::Step(j) => out.push(usize::from(j)),
+                Onward::Fork(f) => out.extend(self.forks[f].starts.iter().map(|&s| usize::from(s))),
+                Onward::Join(f) => {
+                    let end = self.forks[f].end;
+                    match self.fork_at(end) {
+                        // A join that leads straight into another fork.
+                        Some(g) => out.extend(self.forks[g].starts.iter().map(|&s| usize::from(s))),
+                        None if usize::from(end) < self.steps.len() => out.push(usize::from(end)),
+                        None => {}
+                    }
+                }
+                Onward::Complete | Onward::Fail => {}
+            }
         }
         out
     }

@@ -333,4 +333,18 @@ impl Transport for Faulty {
     async fn wake(&self, order: OrderId, signal: Option<&SignalName>) -> Result<(), TransportError> {
         self.inner.wake(order, signal).await
     }
+
+    async fn join_state(&self, order: &OrderId, fork: u8) -> Result<Option<(bytes::Bytes, u64)>, TransportError> {
+        self.inner.join_state(order, fork).await
+    }
+
+    async fn put_join_state(
+        &self,
+        order: OrderId,
+        fork: u8,
+        state: bytes::Bytes,
+        expected: u64,
+    ) -> Result<bool, TransportError> {
+        self.inner.put_join_state(order, fork, state, expected).await
+    }
 }

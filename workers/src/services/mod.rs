@@ -26,7 +26,7 @@ use waybill::{Payload, StepContext, StepError, WorkerBuilder};
 use waybill_workflows::services::{
     INVENTORY_RELEASE, INVENTORY_RESERVE, PAYMENT_CHARGE, PAYMENT_REFUND, SHIPPING_DISPATCH, TRIP_BOOK, TRIP_CAR_HOLD,
     TRIP_CAR_RELEASE, TRIP_CHARGE, TRIP_FLIGHT_HOLD, TRIP_FLIGHT_RELEASE, TRIP_HOTEL_HOLD, TRIP_HOTEL_RELEASE,
-    TRIP_REFUND, TRIP_REMIND,
+    TRIP_REFUND, TRIP_REMIND, TRIP_QUOTE, TRIP_AIRPORT_CAR_HOLD, TRIP_AIRPORT_CAR_RELEASE,
 };
 use waybill_workflows::OrderView;
 
@@ -132,6 +132,9 @@ pub fn serve_trip<T: Transport>(svc: &Arc<TripService>, builder: WorkerBuilder<T
         .serve(TRIP_HOTEL_RELEASE, hold_handler!(svc, release, Hold::Hotel))
         .serve(TRIP_CAR_HOLD, hold_handler!(svc, hold, Hold::Car))
         .serve(TRIP_CAR_RELEASE, hold_handler!(svc, release, Hold::Car))
+        .serve(TRIP_AIRPORT_CAR_HOLD, hold_handler!(svc, hold, Hold::AirportCar))
+        .serve(TRIP_AIRPORT_CAR_RELEASE, hold_handler!(svc, release, Hold::AirportCar))
+        .serve(TRIP_QUOTE, handler!(svc, quote))
         .serve(TRIP_CHARGE, handler!(svc, charge))
         .serve(TRIP_REFUND, handler!(svc, refund))
         .serve(TRIP_REMIND, handler!(svc, remind))

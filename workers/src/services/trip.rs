@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use serde::Deserialize;
 use waybill::{OrderId, Payload, StepContext, StepError, StepOutput};
-use waybill_workflows::trip::{APPROVED, SOLD_OUT};
+use waybill_workflows::trip::{APPROVED, SOLD_OUT, TOWN_ONLY};
 
 /// What a trip holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -16,6 +16,9 @@ pub enum Hold {
     Flight,
     Hotel,
     Car,
+    /// A car at the airport's desk (the `trip` workflow's version 2 asks
+    /// both desks and takes the first).
+    AirportCar,
 }
 
 impl Hold {
@@ -24,6 +27,7 @@ impl Hold {
             Hold::Flight => "flight",
             Hold::Hotel => "hotel",
             Hold::Car => "car",
+            Hold::AirportCar => "airport car",
         }
     }
 }
@@ -83,9 +87,9 @@ impl TripService {
         let what = match kind {
             Hold::Flight => trip.flight,
             Hold::Hotel => trip.hotel,
-            Hold::Car => trip.car,
+            Hold::Car | Hold::AirportCar => trip.car,
         };
-        if what == SOLD_OUT {
+        if what == SOLD_OUT || (kind == Hold::AirportCar && what == TOWN_ONLY) {
             return Ok(StepOutput::outcome("sold_out").with_detail(format!("no {} left", kind.name())));
         }
         let id = self.with(|s| {
@@ -107,6 +111,12 @@ impl TripService {
     pub async fn release(&self, kind: Hold, ctx: StepContext, _payload: Payload) -> Result<StepOutput, StepError> {
         self.with(|s| s.holds.remove(&(ctx.order_id, kind)));
         Ok(StepOutput::ok())
+    }
+
+    /// `trip.quote`: prices the trip (it changes nothing).
+    pub async fn quote(&self, _ctx: StepContext, payload: Payload) -> Result<StepOutput, StepError> {
+        let trip = trip_of(&payload)?;
+        Ok(StepOutput::ok().with_detail(format!("{} cents for {}", trip.price_cents, trip.traveller)))
     }
 
     /// `trip.charge`: charges the trip's price, or answers `declined`.

@@ -23,8 +23,8 @@ use std::marker::PhantomData;
 
 use serde::Serialize;
 
-pub(super) use read::{JsonStep, Route as WireRoute, RouteStepV2, WireBody, WireHead};
-pub(super) use write::{JsonStepRef, WireBodyRef, WireRouteRef, WireStepRef, WireStepRefV2};
+pub(super) use read::{BranchAt, JsonRoute, Route as WireRoute, RouteStepV2, RouteV3, WireBody, WireBodyV3, WireHead};
+pub(super) use write::{JsonRouteRef, WireBodyRef, WireBodyRefV3, WireRouteRef, WireRouteRefV3, WireStepRef, WireStepRefV2};
 
 /// A slice written as the sequence of its items' wire forms, without
 /// collecting them first.
@@ -33,6 +33,12 @@ struct Seq<'a, T, W>(&'a [T], PhantomData<fn() -> W>);
 impl<'a, T, W> Seq<'a, T, W> {
     fn of(items: &'a [T]) -> Self {
         Self(items, PhantomData)
+    }
+}
+
+impl<T, W> Seq<'_, T, W> {
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }
 

@@ -26,6 +26,106 @@ pub(in crate::codec) struct Route<S = RouteStep> {
     steps: Vec<S>,
 }
 
+/// A route of version 3: version 2's, then its forks.
+#[derive(Deserialize)]
+pub(in crate::codec) struct RouteV3 {
+    route: Route<RouteStepV2>,
+    forks: Vec<Fork>,
+}
+
+/// A route in JSON: its forks, where it has any, beside its steps.
+#[derive(Deserialize)]
+pub(in crate::codec) struct JsonRoute {
+    #[serde(flatten)]
+    route: Route<JsonStep>,
+    #[serde(default)]
+    forks: Vec<Fork>,
+}
+
+/// A fork (envelope version 3), written as it is read.
+#[derive(Clone, Serialize, Deserialize)]
+pub(super) struct Fork {
+    name: StepName,
+    starts: Vec<u16>,
+    end: u16,
+    first: Option<u8>,
+    merge: Merge,
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum Merge {
+    Fields,
+    Keep,
+}
+
+impl From<&workflow::Fork> for Fork {
+    fn from(f: &workflow::Fork) -> Self {
+        Self {
+            name: f.name.clone(),
+            starts: f.starts.clone(),
+            end: f.end,
+            first: f.join.first,
+            merge: match f.join.merge {
+                workflow::Merge::Fields => Merge::Fields,
+                workflow::Merge::Keep => Merge::Keep,
+            },
+        }
+    }
+}
+
+impl From<Fork> for workflow::Fork {
+    fn from(f: Fork) -> Self {
+        Self {
+            name: f.name,
+            starts: f.starts,
+            end: f.end,
+            join: workflow::Join {
+                first: f.first,
+                merge: match f.merge {
+                    Merge::Fields => workflow::Merge::Fields,
+                    Merge::Keep => workflow::Merge::Keep,
+                },
+            },
+        }
+    }
+}
+
+/// Where a branch's document stands in its fork (envelope version 3),
+/// written as it is read.
+#[derive(Clone, Copy, Serialize, Deserialize)]
+pub(in crate::codec) struct BranchAt {
+    fork: u8,
+    branch: u8,
+    hop_at: u32,
+    history_at: u32,
+    owed_at: u32,
+}
+
+impl From<&document::BranchAt> for BranchAt {
+    fn from(b: &document::BranchAt) -> Self {
+        Self {
+            fork: b.fork,
+            branch: b.branch,
+            hop_at: b.hop_at,
+            history_at: b.history_at,
+            owed_at: b.owed_at,
+        }
+    }
+}
+
+impl From<BranchAt> for document::BranchAt {
+    fn from(b: BranchAt) -> Self {
+        Self {
+            fork: b.fork,
+            branch: b.branch,
+            hop_at: b.hop_at,
+            history_at: b.history_at,
+            owed_at: b.owed_at,
+        }
+    }
+}
+
 /// A step of version 2: version 1's fields, then its wait. (A nested struct
 /// is written as its fields in order, so this is the flat layout.)
 #[derive(Deserialize)]
@@ -140,10 +240,38 @@ impl<S: Into<workflow::RouteStep>> TryFrom<Route<S>> for workflow::Route {
             workflow: r.workflow,
             version: r.version,
             steps: r.steps.into_iter().map(Into::into).collect(),
+            forks: Vec::new(),
         };
         route.check_structure()?;
         Ok(route)
     }
+}
+
+impl TryFrom<RouteV3> for workflow::Route {
+    type Error = DecodeError;
+
+    fn try_from(r: RouteV3) -> Result<Self, DecodeError> {
+        with_forks(r.route, r.forks)
+    }
+}
+
+impl TryFrom<JsonRoute> for workflow::Route {
+    type Error = DecodeError;
+
+    fn try_from(r: JsonRoute) -> Result<Self, DecodeError> {
+        with_forks(r.route, r.forks)
+    }
+}
+
+fn with_forks<S: Into<workflow::RouteStep>>(route: Route<S>, forks: Vec<Fork>) -> Result<workflow::Route, DecodeError> {
+    let route = workflow::Route {
+        workflow: route.workflow,
+        version: route.version,
+        steps: route.steps.into_iter().map(Into::into).collect(),
+        forks: forks.into_iter().map(Into::into).collect(),
+    };
+    route.check_structure()?;
+    Ok(route)
 }
 
 impl From<RouteStep> for workflow::RouteStep {
@@ -399,6 +527,14 @@ pub(in crate::codec) struct WireBody {
     payload: WirePayload,
 }
 
+/// The body of version 3: version 2's fields, then where a branch's
+/// document stands.
+#[derive(Deserialize)]
+pub(in crate::codec) struct WireBodyV3 {
+    pub body: WireBody,
+    pub branch: Option<BranchAt>,
+}
+
 impl WireBody {
     /// The document these fields make with its route.
     pub(in crate::codec) fn with_route(self, route: std::sync::Arc<workflow::Route>) -> Document {
@@ -415,6 +551,7 @@ impl WireBody {
             failure: self.failure,
             created_at: Timestamp(self.created_at),
             payload: self.payload.0,
+            branch: None,
         }
     }
 }

@@ -4,7 +4,7 @@
 use serde::Serialize;
 
 use super::super::payload::WirePayloadRef;
-use super::read::{Backoff, Next, Status, StepKind, Wait};
+use super::read::{Backoff, BranchAt, Fork, Next, Status, StepKind, Wait};
 use super::Seq;
 use crate::document::{AttemptResult, Compensation, Document, StepRecord};
 use crate::id::{OrderId, Outcome, ServiceSubject, SignalName, StepName, WorkerId, WorkflowName};
@@ -20,6 +20,40 @@ pub(in crate::codec) struct WireRouteRef<'a, W = WireStepRef<'a>> {
     workflow: &'a WorkflowName,
     version: u32,
     steps: Seq<'a, RouteStep, W>,
+}
+
+/// Version 3: version 2's route, then its forks.
+#[derive(Serialize)]
+pub(in crate::codec) struct WireRouteRefV3<'a> {
+    route: WireRouteRef<'a, WireStepRefV2<'a>>,
+    forks: Seq<'a, crate::workflow::Fork, Fork>,
+}
+
+impl<'a> From<&'a Route> for WireRouteRefV3<'a> {
+    fn from(r: &'a Route) -> Self {
+        Self {
+            route: r.into(),
+            forks: Seq::of(&r.forks),
+        }
+    }
+}
+
+/// A route in JSON: its forks beside its steps, where it has any.
+#[derive(Serialize)]
+pub(in crate::codec) struct JsonRouteRef<'a> {
+    #[serde(flatten)]
+    route: WireRouteRef<'a, JsonStepRef<'a>>,
+    #[serde(skip_serializing_if = "Seq::is_empty")]
+    forks: Seq<'a, crate::workflow::Fork, Fork>,
+}
+
+impl<'a> From<&'a Route> for JsonRouteRef<'a> {
+    fn from(r: &'a Route) -> Self {
+        Self {
+            route: r.into(),
+            forks: Seq::of(&r.forks),
+        }
+    }
 }
 
 /// Version 2: version 1's fields, then the wait.
@@ -210,6 +244,23 @@ pub(in crate::codec) struct WireBodyRef<'a> {
     failure: Option<&'a str>,
     created_at: u64,
     payload: WirePayloadRef<'a>,
+}
+
+/// The body of version 3: version 2's, then where a branch's document
+/// stands.
+#[derive(Serialize)]
+pub(in crate::codec) struct WireBodyRefV3<'a> {
+    body: WireBodyRef<'a>,
+    branch: Option<BranchAt>,
+}
+
+impl<'a> From<&'a Document> for WireBodyRefV3<'a> {
+    fn from(d: &'a Document) -> Self {
+        Self {
+            body: d.into(),
+            branch: d.branch.as_ref().map(Into::into),
+        }
+    }
 }
 
 impl<'a> From<&'a Document> for WireBodyRef<'a> {

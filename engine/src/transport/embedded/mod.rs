@@ -22,6 +22,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use bytes::Bytes;
 use arc_swap::ArcSwap;
 use std::time::Duration;
 
@@ -86,6 +87,8 @@ struct Inner {
     cancels: super::cancels::CancelSet,
     /// The signals delivered to orders, by order and name: their JSON.
     signals: Mutex<HashMap<(crate::id::OrderId, crate::id::SignalName), super::KeptSignal, crate::hash::FastState>>,
+    /// The records of joins, by order and fork: their bytes and revision.
+    joins: Mutex<Joins>,
     /// The latest messages, in sequence order (see
     /// [`EmbeddedConfig::log_capacity`]).
     log: Mutex<VecDeque<Arc<Stored>>>,
@@ -94,6 +97,9 @@ struct Inner {
     /// Who serves requests and announcements.
     rpc: rpc::Subscriptions,
 }
+
+/// The records of joins, by order and fork: their bytes and revision.
+type Joins = HashMap<(crate::id::OrderId, u8), (Bytes, u64), crate::hash::FastState>;
 
 #[derive(Debug, Default)]
 struct Dedup {
@@ -119,7 +125,8 @@ impl DedupKey {
     }
 
     fn of(id: &MsgId) -> Self {
-        if let Some(hop) = id.as_hop() {
+        // A branch's hop is rare: kept as its text.
+        if let Some(hop) = id.as_hop().filter(|h| h.branch.is_none()) {
             return DedupKey::Hop(hop.order.as_uuid().as_u128(), hop.hop);
         }
         match id.as_custom() {
@@ -197,6 +204,7 @@ impl Embedded {
                 }),
                 cancels: super::cancels::CancelSet::default(),
                 signals: Mutex::default(),
+                joins: Mutex::default(),
                 log: Mutex::new(VecDeque::new()),
                 appended: Notify::new(),
                 rpc: rpc::Subscriptions::default(),
@@ -452,6 +460,20 @@ impl Transport for Embedded {
         Ok(lock(&self.inner.signals).get(&(*order, name.clone())).cloned())
     }
 
+    async fn join_state(&self, order: &crate::id::OrderId, fork: u8) -> Result<Option<(Bytes, u64)>, Error> {
+        Ok(lock(&self.inner.joins).get(&(*order, fork)).cloned())
+    }
+
+    async fn put_join_state(&self, order: crate::id::OrderId, fork: u8, state: Bytes, expected: u64) -> Result<bool, Error> {
+        let mut joins = lock(&self.inner.joins);
+        let entry = joins.entry((order, fork)).or_insert((Bytes::new(), 0));
+        if entry.1 != expected {
+            return Ok(false);
+        }
+        *entry = (state, expected + 1);
+        Ok(true)
+    }
+
     async fn wake(&self, order: crate::id::OrderId, signal: Option<&crate::id::SignalName>) -> Result<(), Error> {
         for c in self.inner.consumers.load().iter() {
             c.wake(&order, signal);
@@ -469,7 +491,7 @@ mod tests {
     #[test]
     fn a_hops_id_is_keyed_as_numbers_whoever_spells_it() {
         let order: OrderId = "01890a5d-ac96-774b-bcce-b302099a8057".parse().unwrap();
-        let hop = DedupId { order, hop: 3 };
+        let hop = DedupId::main(order, 3);
         let key = DedupKey::Hop(order.as_uuid().as_u128(), 3);
         assert_eq!(DedupKey::of(&MsgId::hop(hop)), key);
         assert_eq!(DedupKey::of(&MsgId::custom(hop.to_string())), key);

@@ -67,8 +67,39 @@ impl Nats {
     /// under way already).
     /// With `signal`, only a timer that waits for it (its `Waybill-Awaits`
     /// header): a signal kept for a later step leaves the order asleep.
+    /// The timers of the order's branches, if it has any asleep, are
+    /// woken the same way: found by their subjects, which the stream lists.
     pub(super) async fn wake_timer(
         &self,
+        order: OrderId,
+        cancel: Option<&str>,
+        signal: Option<&crate::id::SignalName>,
+    ) -> Result<(), Error> {
+        use futures::TryStreamExt;
+        self.wake_one(&crate::subject::timer(&order), order, cancel, signal).await?;
+        let stream = self.hops().await?;
+        let mut subjects = stream
+            .info_with_subjects(crate::subject::branch_timers(&order))
+            .await
+            .map_err(|e| nats_err(&format!("cannot list the branch timers of order {order}"), e))?;
+        let mut timers = Vec::new();
+        while let Some((subject, _)) = subjects
+            .try_next()
+            .await
+            .map_err(|e| nats_err(&format!("cannot list the branch timers of order {order}"), e))?
+        {
+            timers.push(subject);
+        }
+        for timer in timers {
+            self.wake_one(&timer, order, cancel, signal).await?;
+        }
+        Ok(())
+    }
+
+    /// Wakes the timer on subject `timer` (see [`Nats::wake_timer`]).
+    async fn wake_one(
+        &self,
+        timer: &str,
         order: OrderId,
         cancel: Option<&str>,
         signal: Option<&crate::id::SignalName>,
@@ -76,7 +107,6 @@ impl Nats {
         use async_nats::jetstream::context::PublishErrorKind;
         use async_nats::jetstream::stream::LastRawMessageErrorKind;
 
-        let timer = crate::subject::timer(&order);
         let stream = self.hops().await?;
         // A cancel that loses the race to another wake (a signal's, which
         // carries no cancel) tries again on the timer that wake left, so
@@ -84,7 +114,7 @@ impl Nats {
         let mut tries = 0;
         loop {
             tries += 1;
-            let m = match stream.get_last_raw_message_by_subject(&timer).await {
+            let m = match stream.get_last_raw_message_by_subject(timer).await {
                 Ok(m) => m,
                 Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => return Ok(()),
                 Err(e) => return Err(nats_err(&format!("cannot read the timer of order {order}"), e)),
@@ -120,7 +150,7 @@ impl Nats {
                 .expected_last_subject_sequence(m.sequence);
             let stored = self
                 .js
-                .send_publish(timer.clone(), p)
+                .send_publish(timer.to_owned(), p)
                 .await
                 .map_err(|e| nats_err("waking a timer failed", e))?
                 .await;
