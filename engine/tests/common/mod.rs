@@ -267,6 +267,8 @@ pub struct Faulty {
     decide: Arc<dyn Fn(&Outgoing) -> PublishFault + Send + Sync>,
     /// Reads of a signal to fail as unavailable, from now on.
     pub unreadable_signals: Arc<std::sync::atomic::AtomicUsize>,
+    /// How many joins' records were written so far.
+    pub join_writes: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Faulty {
@@ -275,6 +277,7 @@ impl Faulty {
             inner,
             decide: Arc::new(decide),
             unreadable_signals: Arc::default(),
+            join_writes: Arc::new(tokio::sync::watch::Sender::new(0)),
         }
     }
 }
@@ -345,6 +348,10 @@ impl Transport for Faulty {
         state: bytes::Bytes,
         expected: u64,
     ) -> Result<bool, TransportError> {
-        self.inner.put_join_state(order, fork, state, expected).await
+        let written = self.inner.put_join_state(order, fork, state, expected).await?;
+        if written {
+            self.join_writes.send_modify(|n| *n += 1);
+        }
+        Ok(written)
     }
 }
