@@ -83,7 +83,9 @@ pub fn verdict(fork: &Fork, arrivals: &[Document]) -> Verdict {
 /// decided without it.
 pub fn stop_reason(fork: &Fork, state: &JoinState, branch: u8) -> Option<String> {
     if state.arrivals.iter().any(|a| branch_of(a) == Some(branch)) {
-        return None;
+        // A delivery from before its arrival, come again: its arrival
+        // (a duplicate of the hop it made then) changes nothing.
+        return Some(format!("stopped: the branch arrived at the join of fork `{}` already", fork.name));
     }
     match verdict(fork, &state.arrivals) {
         Verdict::Open => None,
@@ -216,7 +218,7 @@ fn go_on(state: &JoinState, fork: &Fork, by: usize, json: &dyn PayloadJson) -> (
     }
     let decision = match doc.route.fork_at(fork.end) {
         // The join leads straight into another fork.
-        Some(next) => Decision::Fork(next),
+        Some(next) => transition::enter_fork(&mut doc, next),
         None => transition::enter(&mut doc, usize::from(fork.end), at),
     };
     (doc, decision)
@@ -247,6 +249,8 @@ fn undo_branch(doc: &Document) -> Option<(Document, Decision)> {
     let owed: Vec<_> = owed_by(doc).into_iter().map(|(_, c)| c).collect();
     let service = owed.last()?.service.clone();
     let mut d = doc.clone();
+    // A hop past its arrival's (which was stored under its own).
+    d.hop = d.hop.saturating_add(1);
     d.owed = owed;
     // It owes nothing from before the fork now.
     if let Some(b) = &mut d.branch {
@@ -301,8 +305,23 @@ fn merge_payloads(base: &Document, joined: &[&Document], fork: &Fork, json: &dyn
     json.to_payload(base, &serde_json::Value::Object(out))
 }
 
+/// Whether `doc` is the order's own document at a fork's entry (see
+/// [`transition::enter_fork`]): the fork to make.
+pub fn forking(doc: &Document) -> Option<usize> {
+    if doc.branch.is_some() || doc.status != Status::Running {
+        return None;
+    }
+    doc.route.fork_at(doc.step)
+}
+
+/// Whether `doc` is a branch's document arriving at its join.
+pub fn arriving(doc: &Document) -> bool {
+    doc.branch.is_some() && matches!(doc.status, Status::Completed | Status::Failed | Status::Cancelled)
+}
+
 /// Makes the documents of a fork's branches from the order's document at
-/// the fork (hop already counted): each one's first step entered at `at`.
+/// the fork's entry: each one's first step entered at `at`, a hop past the
+/// entry's.
 pub fn branches(doc: &Document, fork_index: usize, at: Timestamp) -> Vec<(Document, Decision)> {
     let Some(fork) = doc.route.forks.get(fork_index) else {
         return Vec::new();
@@ -311,10 +330,11 @@ pub fn branches(doc: &Document, fork_index: usize, at: Timestamp) -> Vec<(Docume
     (0..fork.starts.len())
         .map(|b| {
             let mut d = doc.clone();
+            d.hop = doc.hop.saturating_add(1);
             d.branch = Some(BranchAt {
                 fork: u8::try_from(fork_index).unwrap_or(u8::MAX),
                 branch: u8::try_from(b).unwrap_or(u8::MAX),
-                hop_at: doc.hop,
+                hop_at: d.hop,
                 history_at: len32(doc.history.len()),
                 owed_at: len32(doc.owed.len()),
             });

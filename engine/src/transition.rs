@@ -105,13 +105,12 @@ pub enum Decision {
     /// branch's document ends so only when it undid its own steps, after
     /// its join had gone on without it.)
     Finish(Status),
-    /// The order forks (the route's fork by this index): one copy of the
-    /// document per branch ([`branches`]), and the order's own document
-    /// waits for the join.
-    Fork(usize),
     /// A branch's document is done with its branch (it completed, failed,
     /// or was cancelled or stopped: its status says which): it arrives at
-    /// its fork's join ([`crate::join`]) with its compensations owed.
+    /// its fork's join ([`crate::join`]) with its compensations owed. The
+    /// arrival is a hop of its own, to the service of the step it ended
+    /// at, so that its deduplication id protects it as any hop's does; the
+    /// worker that takes it writes the join's record.
     Arrive,
 }
 
@@ -410,13 +409,31 @@ fn forward(doc: &mut Document, outcome: CompactString, ended_at: Timestamp) -> D
 fn go(doc: &mut Document, next: Next, ended_at: Timestamp) -> Decision {
     let target = match doc.route.onward(doc.step, next) {
         Onward::Step(j) => Some(usize::from(j)),
-        Onward::Fork(f) => return Decision::Fork(f),
+        Onward::Fork(f) => return enter_fork(doc, f),
         Onward::Join(_) | Onward::Complete | Onward::Fail => None,
     };
     let Some(target) = target else {
         return complete(doc);
     };
     enter(doc, target, ended_at)
+}
+
+/// Moves the order into fork `f`: its document goes, as a hop of its own,
+/// to the first step of the fork's first branch, where the worker that
+/// takes it writes the join's record and makes one document per branch
+/// (see [`crate::join::branches`]). A hop rather than copies made here, so
+/// that a redelivery of the step before the fork that goes another way (a
+/// cancel, a retry) is a duplicate of it and cannot start a second set.
+pub(crate) fn enter_fork(doc: &mut Document, f: usize) -> Decision {
+    let Some(start) = doc.route.forks.get(f).and_then(|fork| fork.starts.first().copied()) else {
+        return complete(doc);
+    };
+    doc.step = start;
+    reset_attempt(doc);
+    Decision::Hop {
+        service: doc.route.steps[usize::from(start)].service.clone(),
+        delay: None,
+    }
 }
 
 /// Moves the order to step `target`, entered at `ended_at`.

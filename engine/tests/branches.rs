@@ -328,3 +328,69 @@ async fn a_hop_past_the_join_lost_after_it_was_stored_is_made_again_the_same() {
     worker.shutdown().await;
     client.close().await;
 }
+
+#[tokio::test]
+async fn a_branch_delivered_again_after_it_moved_on_changes_nothing() {
+    // r1's next hop is stored, but its worker hears nothing back, so r1 is
+    // delivered again, after its branch has arrived at the join and the
+    // join has decided: the delivery stops, and its arrival is a duplicate
+    // of the hop that was stored, so each completed step is undone once.
+    let inner = Embedded::new();
+    let (lost, r1_hops) = (
+        Arc::new(std::sync::atomic::AtomicBool::new(false)),
+        Arc::new(tokio::sync::watch::Sender::new(0usize)),
+    );
+    let (l, hops) = (lost.clone(), r1_hops.clone());
+    let transport = Faulty::new(inner.clone(), move |msg| {
+        if msg.subject.ends_with("t.r1") {
+            hops.send_modify(|n| *n += 1);
+        }
+        if msg.subject.ends_with("t.r2") && !l.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            // Not one a worker waits out: the input is handed back.
+            PublishFault::StoreThenFail(TransportError::Other {
+                message: "the connection broke".into(),
+                retryable: false,
+            })
+        } else {
+            PublishFault::Pass
+        }
+    });
+    let calls = Arc::new(Calls::default());
+    // l2 fails, once the right branch has arrived (r2 ran).
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let g = gate.clone();
+    let behaviour: Behaviour = Arc::new(move |step, _ctx, _json| match step {
+        "l2" => {
+            let g = g.clone();
+            Box::pin(async move {
+                let _p = g.acquire().await.map_err(|_| StepError::transient("closed"))?;
+                Ok(StepOutput::outcome("sold_out"))
+            })
+        }
+        _ => ok(),
+    });
+    let worker = start_worker(transport.clone(), &calls, behaviour).await;
+    let client = Client::connect(inner.clone()).await.unwrap();
+    let id = client
+        .start(&two_branches(Join::all()), Payload::json(&json!({})).unwrap())
+        .await
+        .unwrap();
+    until(&calls, "the right branch ran", |c| c.iter().any(|s| s == "r2")).await;
+    gate.add_permits(1);
+    let doc = finish(&client, id).await;
+    assert_eq!(doc.status, Status::Compensated, "{}", doc.journal());
+    // r1's second delivery made its (duplicate) arrival: the branch's
+    // start, then that.
+    let mut hops = r1_hops.subscribe();
+    let again = tokio::time::timeout(DEADLINE, hops.wait_for(|n| *n >= 2))
+        .await
+        .map(|r| r.map(|_| ()));
+    assert!(matches!(again, Ok(Ok(()))), "r1 was not delivered again");
+    assert!(lost.load(std::sync::atomic::Ordering::SeqCst));
+    worker.shutdown().await;
+    assert_eq!(calls.count("r1"), 1, "a stopped delivery runs nothing: {:?}", calls.all());
+    for undo in ["undo r2", "undo r1", "undo l1", "undo prepare"] {
+        assert_eq!(calls.count(undo), 1, "{undo}: {:?}", calls.all());
+    }
+    client.close().await;
+}

@@ -1,77 +1,33 @@
-//! Forks and joins at a hop: the order's document forking into its
-//! branches, a branch's document arriving at its join, and a branch's
-//! document stopped because its join was decided without it. The join's
-//! record is read and written ([`crate::join`]) before any hop is stored,
-//! and the input is acknowledged after every hop is: a redelivery does the
-//! same again, and its hops carry the same deduplication ids.
+//! Forks and joins at a hop: the order's document entering a fork (a hop
+//! of its own, to the fork's first step: [`fork`]), and a branch's
+//! document arriving at its join (a hop of its own too, to the service of
+//! the step it ended at: [`arrive`]). The join's record is read and
+//! written ([`crate::join`]) before any hop that follows is stored, and
+//! the input is acknowledged after every one is: a redelivery does the
+//! same again, and its hops carry the same deduplication ids. And a
+//! redelivery of an earlier hop that goes another way (a cancel, a stop, a
+//! retry) makes a hop with the id of the one that was stored: a duplicate.
 
 use std::time::Duration;
 
 use super::handle::{Service, Shared};
-use super::handoff::{encode_hop, hand_off, NextHop, Unstored};
+use super::handoff::{encode_hop, hand_off, Unstored};
 use super::run::keep_alive;
 use crate::document::{Document, Timestamp};
 use crate::join::{self, JoinState, PayloadJson};
 use crate::transition::{self, Decision};
-use crate::transport::{Delivery, Error, PublishAck, Transport};
+use crate::transport::{Delivery, Error, Transport};
 
-/// Most forks a join may lead straight into, one after another, in one
-/// hand-off (a route cannot loop across a join, so a route's forks bound
-/// it anyway).
-const MAX_CHAINED: usize = 64;
-
-/// Does what `decision` (a fork, or a branch's arrival at its join) asks
-/// of `doc`, and stores every hop that follows. The caller acknowledges
-/// the input once this returns `Ok`.
-pub(super) async fn follow<T: Transport>(
+/// The order's document `doc` entering fork `f`: writes the join's
+/// record (unless a delivery before this one did), then stores one
+/// document per branch.
+pub(super) async fn fork<T: Transport>(
     shared: &Shared<T>,
     svc: &Service,
     doc: &Document,
-    decision: Decision,
+    f: usize,
     delivery: &impl Delivery,
-) -> Result<PublishAck, Unstored> {
-    let mut todo = vec![(doc.clone(), decision)];
-    let mut done = 0usize;
-    while let Some((mut doc, decision)) = todo.pop() {
-        done += 1;
-        if done > MAX_CHAINED {
-            return Err(Unstored::Failed(Error::BadConfig(
-                "a join leads into more forks than a route can hold".into(),
-            )));
-        }
-        match decision {
-            Decision::Fork(f) => {
-                fork(shared, delivery, &doc, f).await?;
-                let at = doc.history.last().map_or_else(Timestamp::now, |r| r.ended_at);
-                todo.extend(join::branches(&doc, f, at));
-            }
-            Decision::Arrive => todo.extend(arrive(shared, delivery, &doc).await?),
-            decision => {
-                let decision = transition::wait_until(&mut doc, |d| super::handoff::payload_json(shared, d))
-                    .unwrap_or(decision);
-                match encode_hop(shared, &doc, &decision) {
-                    Ok(NextHop::Store { subject, body }) => {
-                        hand_off(shared, svc, &doc, (&subject, &body), delivery).await?;
-                        if doc.awaited_signal().is_some() {
-                            Box::pin(super::process::wake_if_signalled(shared, &doc)).await;
-                        }
-                    }
-                    Ok(NextHop::Branching(d)) => todo.push((doc, d)),
-                    // A merge may outgrow the size limit.
-                    Err(e) => return Err(Unstored::Invalid(format!("a hop past a fork or join: {e}"))),
-                }
-            }
-        }
-    }
-    Ok(PublishAck {
-        sequence: 0,
-        duplicate: false,
-    })
-}
-
-/// Writes the join's record of fork `f` with the order's document as it
-/// forks, unless it is there already (a redelivery).
-async fn fork<T: Transport>(shared: &Shared<T>, delivery: &impl Delivery, doc: &Document, f: usize) -> Result<(), Unstored> {
+) -> Result<(), Unstored> {
     let fork = u8::try_from(f).unwrap_or(u8::MAX);
     let state = JoinState {
         base: doc.clone(),
@@ -79,55 +35,111 @@ async fn fork<T: Transport>(shared: &Shared<T>, delivery: &impl Delivery, doc: &
     };
     let bytes = join::encode(&shared.codec, &state).map_err(invalid)?;
     let t = &shared.transport;
-    let written = retrying(shared, delivery, || t.put_join_state(doc.id, fork, bytes.clone(), 0)).await?;
-    if !written {
+    if !retrying(shared, delivery, || t.put_join_state(doc.id, fork, bytes.clone(), 0)).await? {
         tracing::debug!(order = %doc.id, fork, "the join's record was there already (a redelivery)");
     }
-    Ok(())
+    let at = doc.history.last().map_or_else(Timestamp::now, |r| r.ended_at);
+    store_all(shared, svc, delivery, join::branches(doc, f, at)).await
 }
 
-/// Records the arrival of a branch's document at its join (once: a
-/// redelivery finds it there) and returns what follows, by the record.
-async fn arrive<T: Transport>(
+/// A branch's document `doc` arriving at its join: records it (once: a
+/// redelivery finds it there) and stores what follows, by the record.
+pub(super) async fn arrive<T: Transport>(
     shared: &Shared<T>,
-    delivery: &impl Delivery,
+    svc: &Service,
     doc: &Document,
-) -> Result<Vec<(Document, Decision)>, Unstored> {
+    delivery: &impl Delivery,
+) -> Result<(), Unstored> {
     let Some(at) = doc.branch else {
         return Err(Unstored::Invalid("only a branch's document arrives at a join".into()));
     };
     let t = &shared.transport;
-    loop {
+    let state = loop {
         let Some((mut state, revision)) = read(shared, delivery, doc, at.fork).await? else {
             return Err(Unstored::Invalid(format!(
                 "order {} has no record of its join of fork {}",
                 doc.id, at.fork
             )));
         };
-        if join::record(&mut state, doc) {
-            let bytes = join::encode(&shared.codec, &state).map_err(invalid)?;
-            if !retrying(shared, delivery, || t.put_join_state(doc.id, at.fork, bytes.clone(), revision)).await? {
-                // Another branch arrived meanwhile: read again.
-                continue;
+        if let Some(there) = state.arrivals.iter().find(|a| a.branch.map(|b| b.branch) == Some(at.branch)) {
+            if there.hop != doc.hop {
+                // An arrival from a delivery older than the one recorded,
+                // stored once the duplicate window had passed: nothing.
+                tracing::warn!(order = %doc.id, fork = at.fork, branch = at.branch, "an old arrival at a join, ignored");
+                return Ok(());
             }
+            break state;
+        }
+        join::record(&mut state, doc);
+        let bytes = join::encode(&shared.codec, &state).map_err(invalid)?;
+        if retrying(shared, delivery, || t.put_join_state(doc.id, at.fork, bytes.clone(), revision)).await? {
             tracing::debug!(order = %doc.id, fork = at.fork, branch = at.branch, status = %doc.status, "arrived at the join");
+            break state;
         }
-        let out = join::follow(&state, usize::from(at.fork), at.branch, &Json(shared));
-        // The arrival that decided the join without every branch wakes
-        // those asleep (a delay, a signal): they stop at once.
-        let branches = doc.route.forks.get(usize::from(at.fork)).map_or(0, |f| f.starts.len());
-        let decided_by_me = match doc.route.forks.get(usize::from(at.fork)).map(|f| join::verdict(f, &state.arrivals)) {
-            Some(join::Verdict::Fail { by } | join::Verdict::GoOn { by }) => {
-                state.arrivals[by].branch.map(|b| b.branch) == Some(at.branch)
-            }
-            _ => false,
-        };
-        if decided_by_me && state.arrivals.len() < branches {
-            if let Err(e) = t.wake(doc.id, None).await {
-                tracing::warn!(order = %doc.id, error = %e, "could not wake the branches asleep; they stop when they wake");
+        // Another branch arrived meanwhile: read again.
+    };
+    let out = join::follow(&state, usize::from(at.fork), at.branch, &Json(shared));
+    // The arrival that decided the join without every branch wakes those
+    // asleep (a delay, a signal): they stop at once.
+    let fork = doc.route.forks.get(usize::from(at.fork));
+    let decided_by_me = match fork.map(|f| join::verdict(f, &state.arrivals)) {
+        Some(join::Verdict::Fail { by } | join::Verdict::GoOn { by }) => {
+            state.arrivals[by].branch.map(|b| b.branch) == Some(at.branch)
+        }
+        _ => false,
+    };
+    if decided_by_me && state.arrivals.len() < fork.map_or(0, |f| f.starts.len()) {
+        wake(shared, doc).await;
+    }
+    store_all(shared, svc, delivery, out).await
+}
+
+/// Stores each hop (a branch's, the order's past its join, a branch's
+/// undoing), in order.
+async fn store_all<T: Transport>(
+    shared: &Shared<T>,
+    svc: &Service,
+    delivery: &impl Delivery,
+    hops: Vec<(Document, Decision)>,
+) -> Result<(), Unstored> {
+    for (mut doc, decision) in hops {
+        let decision =
+            transition::wait_until(&mut doc, |d| super::handoff::payload_json(shared, d)).unwrap_or(decision);
+        // A merge may outgrow the size limit.
+        let hop = encode_hop(shared, &doc, &decision)
+            .map_err(|e| Unstored::Invalid(format!("a hop past a fork or join: {e}")))?;
+        hand_off(shared, svc, &doc, &hop, delivery).await?;
+        if doc.awaited_signal().is_some() {
+            Box::pin(super::process::wake_if_signalled(shared, &doc)).await;
+        }
+    }
+    Ok(())
+}
+
+/// Wakes the order's hops asleep (its branches'), so that they stop.
+async fn wake<T: Transport>(shared: &Shared<T>, doc: &Document) {
+    if let Err(e) = shared.transport.wake(doc.id, None).await {
+        tracing::warn!(order = %doc.id, error = %e, "could not wake the branches asleep; they stop when they wake");
+    }
+}
+
+/// After a branch's hop that sleeps was stored: if its join was decided
+/// meanwhile (whose wake came before it slept), wakes it to stop now.
+pub(super) async fn wake_if_stopped<T: Transport>(shared: &Shared<T>, doc: &Document) {
+    let (Some(at), Some(fork)) = (doc.branch, doc.branch.and_then(|b| doc.route.forks.get(usize::from(b.fork)))) else {
+        return;
+    };
+    match shared.transport.join_state(&doc.id, at.fork).await {
+        Ok(Some((bytes, _))) => {
+            let stopped = join::decode(&shared.codec, &bytes)
+                .ok()
+                .and_then(|state| join::stop_reason(fork, &state, at.branch));
+            if stopped.is_some() {
+                wake(shared, doc).await;
             }
         }
-        return Ok(out);
+        Ok(None) => {}
+        Err(e) => tracing::warn!(order = %doc.id, error = %e, "could not read the join's record; the branch stops when it wakes"),
     }
 }
 

@@ -17,12 +17,10 @@ use crate::subject;
 use crate::transition::{self, Attempt, Decision, TransitionError};
 use crate::transport::{Consumer, DeadLetter, DeadLetterKind, Delivery, Outgoing, PublishAck, Transport};
 
-/// The hop that follows an attempt: where it goes, and its bytes; or a
-/// fork or a branch's arrival at its join, whose hops are made once the
-/// join's record is read and written ([`super::branching`]).
-pub(super) enum NextHop {
-    Store { subject: String, body: Bytes },
-    Branching(Decision),
+/// The hop that follows an attempt: where it goes, and its bytes.
+pub(super) struct NextHop {
+    pub(super) subject: String,
+    pub(super) body: Bytes,
 }
 
 /// Why no next hop follows an attempt: the input becomes a dead letter of
@@ -96,10 +94,15 @@ pub(super) fn encode_hop<T>(shared: &Shared<T>, doc: &Document, decision: &Decis
             tracing::debug!(%status, "order finished");
             subject::done(&doc.route.workflow)
         }
-        Decision::Fork(_) | Decision::Arrive => return Ok(NextHop::Branching(decision.clone())),
+        // To the service of the step the branch ended at: its worker
+        // takes the arrival.
+        Decision::Arrive => match doc.route.step(doc.step) {
+            Some(s) => subject::hop(&s.service),
+            None => return Err(NoNextHop::Transition(TransitionError::NoStep(doc.step))),
+        },
     };
     let body = shared.codec.encode(doc, shared.format).map_err(NoNextHop::Encode)?;
-    Ok(NextHop::Store {
+    Ok(NextHop {
         subject,
         body: Bytes::from(body),
     })
@@ -112,19 +115,19 @@ pub(super) async fn hand_off<T: Transport>(
     shared: &Shared<T>,
     svc: &Service,
     doc: &Document,
-    (subject, body): (&str, &Bytes),
+    hop: &NextHop,
     delivery: &impl Delivery,
 ) -> Result<PublishAck, Unstored> {
     // Built again for each try (rare): cheaper than copying one up front.
     let out = || Outgoing {
-        subject: subject.to_owned(),
+        subject: hop.subject.clone(),
         msg_id: Some(MsgId::hop(DedupId {
             order: doc.id,
             hop: doc.hop,
             branch: doc.branch.map(|b| (b.fork, b.branch)),
         })),
         headers: headers::for_hop(doc, shared.format),
-        payload: body.clone(),
+        payload: hop.body.clone(),
         due: crate::transport::Due::of(doc),
     };
     store(shared, svc, delivery, out).await

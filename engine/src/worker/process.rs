@@ -8,9 +8,7 @@ use std::fmt;
 use tracing::Instrument;
 
 use super::handle::{Service, Shared, WorkerStats};
-use super::handoff::{
-    cancel_hop, dead_letter, hand_back, hand_off, hop_for, next_hop, publish_retry_delay, NextHop, Unstored,
-};
+use super::handoff::{cancel_hop, dead_letter, hand_back, hand_off, hop_for, next_hop, publish_retry_delay, Unstored};
 use super::run::{prepare, run, Ran};
 use crate::codec::DecodeError;
 use crate::document::{Document, Status, Timestamp};
@@ -36,6 +34,26 @@ pub(super) async fn process<T: Transport>(
         Ok(doc) => doc,
         Err(why) => return Box::pin(dead_letter(shared, svc, delivery, why.kind(), why.to_string())).await,
     };
+    // The order's document entering a fork, and a branch's arriving at its
+    // join: the join's record is written, and the hops that follow stored.
+    // (A cancel reaches the branches: each stops at its first hop.)
+    let branching = if crate::join::arriving(&doc) {
+        Some(Box::pin(super::branching::arrive(shared, svc, &doc, &delivery)).await)
+    } else if let Some(f) = crate::join::forking(&doc) {
+        Some(Box::pin(super::branching::fork(shared, svc, &doc, f, &delivery)).await)
+    } else {
+        None
+    };
+    if let Some(done) = branching {
+        return match done {
+            Ok(()) => {
+                if let Err(e) = delivery.ack().await {
+                    tracing::warn!(error = %e, "ack failed");
+                }
+            }
+            Err(e) => Box::pin(unstored(shared, svc, delivery, e)).await,
+        };
+    }
     // A cancel applies before the step, and before a retry's due time: an
     // order asleep stops too. A hop woken from its wait by a cancel says so
     // itself (it may come before the cancel reaches this worker).
@@ -67,8 +85,14 @@ pub(super) async fn process<T: Transport>(
             Ok(Some(why)) => {
                 tracing::info!(order = %doc.id, %why, "a branch stops at this hop");
                 crate::join::stop(&mut doc, why);
-                let hop = NextHop::Branching(crate::transition::Decision::Arrive);
-                return Box::pin(store_and_ack(shared, svc, &doc, hop, delivery)).await;
+                let hop = super::handoff::encode_hop(shared, &doc, &crate::transition::Decision::Arrive);
+                return match hop {
+                    Ok(hop) => Box::pin(store_and_ack(shared, svc, &doc, hop, delivery)).await,
+                    Err(e) => {
+                        let why = e.to_string();
+                        Box::pin(dead_letter(shared, svc, delivery, DeadLetterKind::Invalid, why)).await
+                    }
+                };
             }
             Err(e) => return Box::pin(unstored(shared, svc, delivery, e)).await,
         }
@@ -253,14 +277,7 @@ async fn store_and_ack<T: Transport>(
     hop: super::handoff::NextHop,
     delivery: <T::Consumer as Consumer>::Delivery,
 ) {
-    let (stored, one) = match &hop {
-        NextHop::Store { subject, body } => (hand_off(shared, svc, doc, (subject, body), &delivery).await, true),
-        NextHop::Branching(decision) => (
-            Box::pin(super::branching::follow(shared, svc, doc, decision.clone(), &delivery)).await,
-            false,
-        ),
-    };
-    match stored {
+    match hand_off(shared, svc, doc, &hop, &delivery).await {
         Ok(ack) => {
             WorkerStats::bump(if ack.duplicate {
                 &shared.stats.duplicates
@@ -273,8 +290,14 @@ async fn store_and_ack<T: Transport>(
             }
             // Boxed, and only for a hop that waits for a signal: its state
             // would weigh on every step's future.
-            if one && doc.awaited_signal().is_some() {
+            if doc.awaited_signal().is_some() {
                 Box::pin(wake_if_signalled(shared, doc)).await;
+            }
+            // A branch that goes to sleep after its join was decided
+            // without it (the decision's wake came before it slept) is
+            // woken to stop now.
+            if doc.branch.is_some() && doc.not_before.is_some() {
+                Box::pin(super::branching::wake_if_stopped(shared, doc)).await;
             }
         }
         Err(e) => Box::pin(unstored(shared, svc, delivery, e)).await,
@@ -370,18 +393,22 @@ fn admit<T>(shared: &Shared<T>, svc: &Service, delivery: &impl Delivery) -> Resu
         .decode_as(&msg.payload, msg.headers.get(headers::CONTENT_TYPE))
         .map_err(Rejection::Undecodable)?;
     headers::verify(&msg.headers, &doc).map_err(Rejection::HeadersDisagree)?;
-    if doc.status.is_terminal() {
-        return Err(Rejection::Terminal {
-            id: doc.id,
-            status: doc.status,
-        });
-    }
-    let Some(target) = doc.target() else {
-        return Err(Rejection::NoCurrentStep);
+    // A branch's arrival at its join is taken by the service of the step
+    // its branch ended at.
+    let to = if crate::join::arriving(&doc) {
+        &doc.route.step(doc.step).ok_or(Rejection::NoCurrentStep)?.service
+    } else {
+        if doc.status.is_terminal() {
+            return Err(Rejection::Terminal {
+                id: doc.id,
+                status: doc.status,
+            });
+        }
+        doc.target().ok_or(Rejection::NoCurrentStep)?.service
     };
-    if target.service != &svc.service {
+    if to != &svc.service {
         return Err(Rejection::Misaddressed {
-            to: target.service.clone(),
+            to: to.clone(),
             on: svc.service.clone(),
         });
     }
