@@ -259,7 +259,7 @@ async fn signals_worker_sigkill() -> Row {
         sc.stack.kill_and_restart_worker(i);
     }
     let driven = run.done().await;
-    let faults = format!("{KILLS} × SIGKILL of a trip worker while trips sleep and await signals, restarted");
+    let faults = format!("{KILLS} × SIGKILL of a trip worker while trips run branches, sleep and await signals, restarted");
     sc.end("signals: worker SIGKILL", faults, driven, 0).await.0
 }
 

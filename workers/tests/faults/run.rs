@@ -336,7 +336,13 @@ fn trips_match(driven: &Driven, v: &mut Verdict) {
                 doc.journal()
             ));
         }
-        for step in ["hold_flight", "hold_hotel", "hold_car", "charge"] {
+        for step in [
+            "hold_flight",
+            "hold_hotel",
+            "hold_car",
+            "hold_airport_car",
+            "charge",
+        ] {
             // Done: an outcome that moved the trip on (not `sold_out` or
             // `declined`, which did nothing).
             let did = ran(doc, step, StepKind::Forward)
