@@ -12,7 +12,7 @@
 
 use std::fmt::Write;
 
-use super::{Next, Route, RouteStep};
+use super::{Next, Onward, Route, RouteStep};
 
 mod svg;
 
@@ -55,13 +55,30 @@ fn undo_id(i: usize) -> String {
     format!("u{i}")
 }
 
-/// Where `next` leads from step `i`.
-fn target(route: &Route, i: usize, next: Next) -> String {
-    match next {
-        Next::Continue if i + 1 < route.steps.len() => step_id(i + 1),
-        Next::Continue | Next::Complete => COMPLETED.to_owned(),
-        Next::Goto(j) => step_id(usize::from(j)),
-        Next::Fail => FAILED.to_owned(),
+/// Where `next` leads from step `i`, and what the way says besides its
+/// label: into every branch of a fork (`fork holds`), or through a join
+/// (`join holds: all`) to what follows it.
+fn targets(route: &Route, i: usize, next: Next) -> (Vec<String>, String) {
+    let at = u16::try_from(i).unwrap_or(u16::MAX);
+    let starts = |f: usize| route.forks[f].starts.iter().map(|&s| step_id(usize::from(s))).collect();
+    match route.onward(at, next) {
+        Onward::Step(j) => (vec![step_id(usize::from(j))], String::new()),
+        Onward::Complete => (vec![COMPLETED.to_owned()], String::new()),
+        Onward::Fail => (vec![FAILED.to_owned()], String::new()),
+        Onward::Fork(f) => (starts(f), format!("fork {}", route.forks[f].name)),
+        Onward::Join(f) => {
+            let fork = &route.forks[f];
+            let how = match fork.join.first {
+                None => "all".to_owned(),
+                Some(n) => format!("first {n}"),
+            };
+            let to = match route.fork_at(fork.end) {
+                Some(g) => starts(g),
+                None if usize::from(fork.end) < route.steps.len() => vec![step_id(usize::from(fork.end))],
+                None => vec![COMPLETED.to_owned()],
+            };
+            (to, format!("join {}: {how}", fork.name))
+        }
     }
 }
 
@@ -114,22 +131,29 @@ fn edges(route: &Route) -> Vec<Edge> {
     if !route.steps.is_empty() {
         out.push(edge(START.to_owned(), step_id(0), "", Style::Solid));
     }
+    let mut ways = |i: usize, next: Next, label: &str, style: Style| {
+        let (to, via) = targets(route, i, next);
+        let label = match (label.is_empty(), via.is_empty()) {
+            (_, true) => label.to_owned(),
+            (true, false) => via,
+            (false, false) => format!("{label}, {via}"),
+        };
+        for t in to {
+            out.push(edge(step_id(i), t, &label, style));
+        }
+    };
     for (i, step) in route.steps.iter().enumerate() {
         if !step.branches.iter().any(|b| b.outcome.is_ok()) {
-            out.push(edge(step_id(i), target(route, i, Next::Continue), "ok", Style::Solid));
+            ways(i, Next::Continue, "ok", Style::Solid);
         }
         for b in &step.branches {
-            out.push(edge(
-                step_id(i),
-                target(route, i, b.next),
-                b.outcome.as_str(),
-                Style::Solid,
-            ));
+            ways(i, b.next, b.outcome.as_str(), Style::Solid);
         }
         if let Some(crate::workflow::Wait::Signal { name, on_timeout, .. }) = &step.wait {
-            let label = format!("no {name} in time");
-            out.push(edge(step_id(i), target(route, i, *on_timeout), &label, Style::Dashed));
+            ways(i, *on_timeout, &format!("no {name} in time"), Style::Dashed);
         }
+    }
+    for (i, step) in route.steps.iter().enumerate() {
         out.push(edge(step_id(i), FAILED.to_owned(), "error", Style::Dashed));
         if step.compensate.is_some() {
             out.push(edge(step_id(i), undo_id(i), "undone by", Style::Dotted));
