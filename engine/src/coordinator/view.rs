@@ -748,6 +748,70 @@ mod tests {
 
     const T0: Timestamp = Timestamp(0);
 
+    /// A hop of the forked route `prepare`, fork (`l` | `r`), `finish`:
+    /// the order's own (`branch` none) or a branch's.
+    fn forked_hop(id: OrderId, hop: u32, step: u16, status: Status, seq: u64, branch: Option<u8>) -> StoredHop {
+        use crate::workflow::Join;
+        let route = Workflow::builder("pair", 1)
+            .step("prepare", "t.prepare")
+            .fork("pair")
+            .branch()
+            .step("l", "t.l")
+            .branch()
+            .step("r", "t.r")
+            .join(Join::all())
+            .step("finish", "t.finish")
+            .build()
+            .unwrap()
+            .shared_route();
+        let mut d = Document::new(id, route, Payload::postcard(&1u8).unwrap());
+        d.hop = hop;
+        d.step = step;
+        d.status = status;
+        d.branch = branch.map(|b| crate::document::BranchAt {
+            fork: 0,
+            branch: b,
+            hop_at: 2,
+            history_at: 1,
+            owed_at: 0,
+        });
+        let c = Codec::default();
+        StoredHop {
+            seq,
+            stored_at: Timestamp(seq * 1_000_000),
+            envelope: c
+                .peek(&c.encode(&d, Format::Postcard).unwrap(), Format::Postcard)
+                .unwrap(),
+        }
+    }
+
+    #[test]
+    fn an_order_in_its_branches_shows_at_a_branch_step_until_its_join_goes_on() {
+        let mut v = View::new(Partition::ALL, Duration::from_secs(60));
+        let id = OrderId::new();
+        let at = |v: &View| {
+            let s = v.get(&id).unwrap();
+            (s.step.to_string(), s.status, s.due.is_some())
+        };
+        assert_eq!(v.apply(&forked_hop(id, 0, 0, Status::Running, 1, None), T0), Applied::Tracked);
+        // The fork's entry, then the branches' hops (counted apart).
+        assert_eq!(v.apply(&forked_hop(id, 1, 1, Status::Running, 2, None), T0), Applied::Tracked);
+        assert_eq!(v.apply(&forked_hop(id, 2, 1, Status::Running, 3, Some(0)), T0), Applied::Tracked);
+        assert_eq!(v.apply(&forked_hop(id, 2, 2, Status::Running, 4, Some(1)), T0), Applied::Tracked);
+        // No deadline inside a branch: one that arrived waits for the others.
+        assert_eq!(at(&v), ("r".to_owned(), Status::Running, false));
+        // An arrival is the join's business, not the order's.
+        assert_eq!(v.apply(&forked_hop(id, 3, 1, Status::Completed, 5, Some(0)), T0), Applied::Stale);
+        assert_eq!(at(&v).1, Status::Running);
+        // The order past the join, then a branch's late hop: left out.
+        assert_eq!(v.apply(&forked_hop(id, 3, 3, Status::Running, 6, None), T0), Applied::Tracked);
+        assert_eq!(v.apply(&forked_hop(id, 5, 2, Status::Running, 7, Some(1)), T0), Applied::Stale);
+        assert_eq!(at(&v), ("finish".to_owned(), Status::Running, true));
+        assert_eq!(v.apply(&forked_hop(id, 4, 3, Status::Completed, 8, None), T0), Applied::Tracked);
+        assert_eq!(v.apply(&forked_hop(id, 6, 2, Status::Running, 9, Some(1)), T0), Applied::Stale);
+        assert_eq!(at(&v).1, Status::Completed);
+    }
+
     #[test]
     fn follows_an_order_and_ignores_older_hops() {
         let mut v = View::new(Partition::ALL, Duration::from_secs(60));
