@@ -91,6 +91,11 @@ pub(super) fn encode_hop<T>(shared: &Shared<T>, doc: &Document, decision: &Decis
     let subject = match decision {
         Decision::Hop { service, .. } => subject::hop(service),
         Decision::Finish(status) => {
+            if doc.branch.is_some() && !doc.owed.is_empty() {
+                // A branch its join went on without could not undo its
+                // own steps: the order has gone on (or ended) without it.
+                tracing::error!(order = %doc.id, %status, failure = ?doc.failure, "a branch could not undo its steps");
+            }
             tracing::debug!(%status, "order finished");
             subject::done(&doc.route.workflow)
         }
