@@ -30,7 +30,8 @@ use crate::transition::{self, Decision};
 use crate::workflow::{Fork, Merge};
 
 /// A join's record: the order's document as it forked, and the branches'
-/// documents as they arrived.
+/// documents as they arrived, each without what the base holds (its
+/// history and compensations owed from before the fork).
 #[derive(Debug, Clone, PartialEq)]
 pub struct JoinState {
     pub base: Document,
@@ -112,7 +113,21 @@ pub fn record(state: &mut JoinState, doc: &Document) -> bool {
     if state.arrivals.iter().any(|a| branch_of(a) == branch_of(doc)) {
         return false;
     }
-    state.arrivals.push(doc.clone());
+    // Kept without what the base holds already (the history and the
+    // compensations from before the fork), so the record grows by what
+    // each branch did, not by the document each time.
+    let mut arrived = doc.clone();
+    if let Some(at) = &mut arrived.branch {
+        let (history, owed) = (
+            usize::try_from(at.history_at).unwrap_or(usize::MAX),
+            usize::try_from(at.owed_at).unwrap_or(usize::MAX),
+        );
+        arrived.history.drain(..history.min(arrived.history.len()));
+        arrived.owed.drain(..owed.min(arrived.owed.len()));
+        at.history_at = 0;
+        at.owed_at = 0;
+    }
+    state.arrivals.push(arrived);
     true
 }
 

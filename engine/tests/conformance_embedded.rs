@@ -259,3 +259,8 @@ async fn a_reader_behind_the_log_capacity_is_told_what_it_lost() {
     assert_eq!(seqs, [4, 5, 6]);
     assert_eq!(t.log_info().await.unwrap().messages, 3);
 }
+
+#[tokio::test]
+async fn join_records_are_compare_and_set() {
+    conformance::join_records_are_compare_and_set(&Embedded::new()).await;
+}

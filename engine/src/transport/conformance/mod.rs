@@ -237,4 +237,29 @@ pub async fn run_all<T: Transport>(t: &T) {
     duplicates_are_dropped(t).await;
     shared_consumer_splits_work(t).await;
     earlier_messages_reach_a_new_consumer(t).await;
+    join_records_are_compare_and_set(t).await;
+}
+
+/// A join's record is created once, read with its revision, and written
+/// only at the revision last read: a writer that lost the race is told so
+/// and changes nothing. Records of two forks of one order are apart.
+pub async fn join_records_are_compare_and_set<T: Transport>(t: &T) {
+    let order = crate::id::OrderId::new();
+    assert_eq!(t.join_state(&order, 0).await.unwrap(), None, "no record before the fork");
+    assert!(t.put_join_state(order, 0, Bytes::from_static(b"base"), 0).await.unwrap());
+    assert!(
+        !t.put_join_state(order, 0, Bytes::from_static(b"again"), 0).await.unwrap(),
+        "a second create changes nothing"
+    );
+    let (bytes, first) = t.join_state(&order, 0).await.unwrap().expect("created");
+    assert_eq!(&bytes[..], b"base");
+    assert!(t.put_join_state(order, 0, Bytes::from_static(b"base+a"), first).await.unwrap());
+    assert!(
+        !t.put_join_state(order, 0, Bytes::from_static(b"base+b"), first).await.unwrap(),
+        "a write at a revision read before another's loses"
+    );
+    let (bytes, second) = t.join_state(&order, 0).await.unwrap().unwrap();
+    assert_eq!(&bytes[..], b"base+a");
+    assert_ne!(second, first);
+    assert_eq!(t.join_state(&order, 1).await.unwrap(), None, "another fork's record is apart");
 }
