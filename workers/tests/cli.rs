@@ -118,8 +118,12 @@ fn graph_draws_the_order_route_and_names_what_is_unknown() {
     );
     let trip = text(&waybill(&["graph", "trip"]).stdout);
     assert!(
-        trip.contains("waits for approved (at most 3 s)") && trip.contains("s5 -. \"no approved in time\" .-> failed"),
+        trip.contains("waits for approved (at most 3 s)") && trip.contains("s7 -. \"no approved in time\" .-> failed"),
         "the signal and its timeout are drawn:\n{trip}"
+    );
+    assert!(
+        trip.contains("s0 -- \"ok, fork holds\" --> s2") && trip.contains("s4 -- \"ok, join car: first 1\" --> s5"),
+        "the forks and joins are drawn:\n{trip}"
     );
     let dot = text(&waybill(&["graph", "order", "--version", "1", "--format", "dot"]).stdout);
     assert!(dot.starts_with("digraph \"order v1\" {"), "{dot}");
@@ -127,7 +131,7 @@ fn graph_draws_the_order_route_and_names_what_is_unknown() {
     let out = waybill(&["graph", "order", "--version", "7"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(
-        text(&out.stderr).contains("no workflow `order` version 7 (known: cooling_off v1, order v1, trip v1)"),
+        text(&out.stderr).contains("no workflow `order` version 7 (known: cooling_off v1, order v1, trip v1, trip v2)"),
         "{}",
         text(&out.stderr)
     );
