@@ -152,8 +152,14 @@ pub fn follow(state: &JoinState, fork_index: usize, branch: u8, json: &dyn Paylo
         Verdict::Open => Vec::new(),
         Verdict::GoOn { by } if me == by => {
             let mut out = vec![go_on(state, fork, by, json)];
-            // Those that failed before it undo what they did.
-            out.extend(state.arrivals[..by].iter().filter_map(undo_branch));
+            // Those that failed before it undo what they did (those that
+            // completed before it are joined).
+            out.extend(
+                state.arrivals[..by]
+                    .iter()
+                    .filter(|a| a.status != Status::Completed)
+                    .filter_map(undo_branch),
+            );
             out
         }
         Verdict::GoOn { by } if me > by => undo_branch(&state.arrivals[me]).into_iter().collect(),
