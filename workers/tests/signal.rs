@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use waybill::coordinator::{self, CoordinatorClient, CoordinatorConfig};
 use waybill::transport::nats::Nats;
-use waybill::transport::{NatsConfig, Transport};
+use waybill::coordinator::api::OrdersQuery;
+use waybill::transport::{Headers, HopLog, LogReader, NatsConfig, Transport};
+use waybill::headers;
 use waybill::{Client, OrderId, Payload, Status, StepContext, StepOutput, Worker, Workflow};
 use waybill_testkit::NatsServer;
 
@@ -19,6 +21,35 @@ mod common;
 use common::{text, waybill};
 
 const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Waits for the first hop of `id` whose headers `pred` accepts, read from
+/// the stream (from its start, then live), then for the coordinator to
+/// have read it too (read-your-writes: `OrdersQuery::after`). No polling:
+/// the log delivers each hop as it is stored.
+async fn hop_seen(nats: &Nats, asks: &CoordinatorClient<Nats>, id: &OrderId, pred: impl Fn(&Headers) -> bool) {
+    let mut log = nats.read_log(1).await.unwrap();
+    let want = id.to_string();
+    let find = async {
+        loop {
+            for m in log.next_batch(64).await.unwrap() {
+                let h = &m.message.headers;
+                let ours = h
+                    .get(headers::HOP)
+                    .and_then(headers::HopHeader::parse)
+                    .is_some_and(|hop| hop.order == want);
+                if ours && pred(h) {
+                    return m.sequence;
+                }
+            }
+        }
+    };
+    let seq = tokio::time::timeout(DEADLINE, find).await.expect("the hop was never stored");
+    let query = OrdersQuery {
+        after: Some(seq),
+        ..OrdersQuery::default()
+    };
+    asks.orders(&query).await.unwrap();
+}
 
 /// A throwaway server, a coordinator (no workflow definitions: it tracks
 /// any) and a client.
@@ -86,14 +117,8 @@ async fn a_signal_from_the_command_line_reaches_the_order_waiting_for_it() {
 
     // The coordinator says when the order awaits its signal.
     let asks = CoordinatorClient::new(nats.clone(), Duration::from_secs(5));
-    let give_up = tokio::time::Instant::now() + DEADLINE;
-    while asks.status(&id).await.ok().and_then(|s| s.awaiting).is_none() {
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "the order never awaited its signal"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hop_seen(&nats, &asks, &id, |h| h.get(headers::AWAITS) == Some("approved")).await;
+    assert!(asks.status(&id).await.unwrap().awaiting.is_some());
     let status = text(&waybill(&url, &["status", &sid]).stdout);
     assert!(status.contains("awaiting  signal approved since"), "{status}");
 
@@ -125,16 +150,15 @@ async fn a_signal_from_the_command_line_reaches_the_order_waiting_for_it() {
 
     // Once ended, no signal reaches it; the history shows the one that did.
     fails(&["signal", &sid, "approved"], "already ended completed");
-    let give_up = tokio::time::Instant::now() + DEADLINE;
-    let v = loop {
-        let out = waybill(&url, &["status", &sid, "--json"]);
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        if v["status"] == "completed" {
-            break v;
-        }
-        assert!(tokio::time::Instant::now() < give_up, "{v}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let done = |h: &Headers| {
+        h.get(headers::HOP)
+            .and_then(headers::HopHeader::parse)
+            .is_some_and(|hop| hop.status == "completed")
     };
+    hop_seen(&nats, &asks, &id, done).await;
+    let out = waybill(&url, &["status", &sid, "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["status"], "completed", "{v}");
     let history = v["history"].as_array().unwrap();
     assert!(
         history
@@ -173,14 +197,7 @@ async fn a_signal_kept_before_the_step_and_sent_again_is_a_duplicate() {
         .unwrap();
     let sid = id.to_string();
     let asks = CoordinatorClient::new(nats.clone(), Duration::from_secs(5));
-    let give_up = tokio::time::Instant::now() + DEADLINE;
-    while asks.status(&id).await.is_err() {
-        assert!(
-            tokio::time::Instant::now() < give_up,
-            "the coordinator never saw the order"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    hop_seen(&nats, &asks, &id, |_| true).await;
     let out = waybill(&url, &["signal", &sid, "approved", "--json"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
