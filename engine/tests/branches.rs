@@ -97,6 +97,16 @@ fn ok() -> BoxedStep {
     Box::pin(async { Ok(StepOutput::ok()) })
 }
 
+/// A step held until the test gives `gate` a permit, then answering
+/// `outcome`.
+fn held(gate: &Arc<tokio::sync::Semaphore>, outcome: &'static str) -> BoxedStep {
+    let gate = gate.clone();
+    Box::pin(async move {
+        let _permit = gate.acquire().await.map_err(|_| StepError::transient("closed"))?;
+        Ok(StepOutput::outcome(outcome))
+    })
+}
+
 async fn finish<T: Transport>(client: &Client<T>, id: waybill::OrderId) -> Arc<Document> {
     tokio::time::timeout(DEADLINE, client.wait(id))
         .await
@@ -182,13 +192,7 @@ async fn a_failing_branch_stops_the_others_and_every_completed_step_is_undone_ne
     let g = gate.clone();
     let behaviour: Behaviour = Arc::new(move |step, _ctx, _json| match step {
         "l2" => Box::pin(async { Ok(StepOutput::outcome("sold_out")) }),
-        "r1" => {
-            let g = g.clone();
-            Box::pin(async move {
-                let _p = g.acquire().await.map_err(|_| StepError::transient("closed"))?;
-                Ok(StepOutput::ok())
-            })
-        }
+        "r1" => held(&g, "ok"),
         _ => ok(),
     });
     let worker = start_worker(transport.clone(), &calls, behaviour).await;
@@ -231,13 +235,7 @@ async fn a_join_of_the_first_branch_goes_on_and_the_late_one_undoes_itself() {
     let g = gate.clone();
     let behaviour: Behaviour = Arc::new(move |step, _ctx, _json| match step {
         // The right branch is slow: held in its last step.
-        "r2" => {
-            let g = g.clone();
-            Box::pin(async move {
-                let _p = g.acquire().await.map_err(|_| StepError::transient("closed"))?;
-                Ok(StepOutput::ok())
-            })
-        }
+        "r2" => held(&g, "ok"),
         _ => ok(),
     });
     let worker = start_worker(transport.clone(), &calls, behaviour).await;
@@ -271,13 +269,7 @@ async fn a_cancel_while_branches_run_stops_them_and_undoes_everything() {
     let g = gate.clone();
     let behaviour: Behaviour = Arc::new(move |step, _ctx, _json| match step {
         // Both branches are held in their first step.
-        "l1" | "r1" => {
-            let g = g.clone();
-            Box::pin(async move {
-                let _p = g.acquire().await.map_err(|_| StepError::transient("closed"))?;
-                Ok(StepOutput::ok())
-            })
-        }
+        "l1" | "r1" => held(&g, "ok"),
         _ => ok(),
     });
     let worker = start_worker(transport.clone(), &calls, behaviour).await;
@@ -362,13 +354,7 @@ async fn a_branch_delivered_again_after_it_moved_on_changes_nothing() {
     let gate = Arc::new(tokio::sync::Semaphore::new(0));
     let g = gate.clone();
     let behaviour: Behaviour = Arc::new(move |step, _ctx, _json| match step {
-        "l2" => {
-            let g = g.clone();
-            Box::pin(async move {
-                let _p = g.acquire().await.map_err(|_| StepError::transient("closed"))?;
-                Ok(StepOutput::outcome("sold_out"))
-            })
-        }
+        "l2" => held(&g, "sold_out"),
         _ => ok(),
     });
     let worker = start_worker(transport.clone(), &calls, behaviour).await;

@@ -16,7 +16,7 @@
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use waybill::{Backoff, DefinitionError, InvalidPayload, Join, Then, Workflow, WorkflowPayload};
+use waybill::{Backoff, DefinitionError, InvalidPayload, Join, Then, Workflow, WorkflowBuilder, WorkflowPayload};
 
 use crate::services;
 
@@ -92,39 +92,16 @@ impl WorkflowPayload for Trip {
 /// (the order ends `compensated`). A cancel at any point before the
 /// booking does the same and ends it `cancelled`.
 pub fn trip_v1() -> Result<Workflow, DefinitionError> {
-    let retry = Backoff::exponential(8, Duration::from_millis(50));
-    let timeout = Duration::from_secs(10);
-    Workflow::builder(TRIP, 1)
-        .step("hold_flight", services::TRIP_FLIGHT_HOLD)
-        .compensate(services::TRIP_FLIGHT_RELEASE)
-        .retry(retry)
-        .timeout(timeout)
-        .on("sold_out", Then::Fail)
-        .step("hold_hotel", services::TRIP_HOTEL_HOLD)
-        .compensate(services::TRIP_HOTEL_RELEASE)
-        .retry(retry)
-        .timeout(timeout)
-        .on("sold_out", Then::Fail)
-        .step("hold_car", services::TRIP_CAR_HOLD)
-        .compensate(services::TRIP_CAR_RELEASE)
-        .retry(retry)
-        .timeout(timeout)
-        .on("sold_out", Then::Fail)
-        .step("charge", services::TRIP_CHARGE)
-        .compensate(services::TRIP_REFUND)
-        .retry(retry)
-        .timeout(timeout)
-        .on("declined", Then::Fail)
-        .step("remind", services::TRIP_REMIND)
-        .delay(REMINDER_AFTER)
-        .retry(retry)
-        .timeout(timeout)
-        .step("book", services::TRIP_BOOK)
-        .await_signal(APPROVED, APPROVAL_DEADLINE)
-        .on_timeout(Then::Fail)
-        .retry(retry)
-        .timeout(timeout)
-        .build()
+    let b = Workflow::builder(TRIP, 1);
+    let b = hold(
+        b,
+        "hold_flight",
+        services::TRIP_FLIGHT_HOLD,
+        services::TRIP_FLIGHT_RELEASE,
+    );
+    let b = hold(b, "hold_hotel", services::TRIP_HOTEL_HOLD, services::TRIP_HOTEL_RELEASE);
+    let b = hold(b, "hold_car", services::TRIP_CAR_HOLD, services::TRIP_CAR_RELEASE);
+    charge_remind_book(b).build()
 }
 
 /// The `trip` workflow, version 2, the current one: prices the trip
@@ -139,55 +116,57 @@ pub fn trip_v1() -> Result<Workflow, DefinitionError> {
 /// desks, for the car) stops the other branches and undoes every hold
 /// made, newest first; the trip ends `compensated`.
 pub fn trip_v2() -> Result<Workflow, DefinitionError> {
-    let retry = Backoff::exponential(8, Duration::from_millis(50));
-    let timeout = Duration::from_secs(10);
-    Workflow::builder(TRIP, 2)
-        .step("quote", services::TRIP_QUOTE)
-        .retry(retry)
-        .timeout(timeout)
-        .fork("holds")
-        .branch()
-        .step("hold_flight", services::TRIP_FLIGHT_HOLD)
-        .compensate(services::TRIP_FLIGHT_RELEASE)
-        .retry(retry)
-        .timeout(timeout)
-        .on("sold_out", Then::Fail)
-        .branch()
-        .step("hold_hotel", services::TRIP_HOTEL_HOLD)
-        .compensate(services::TRIP_HOTEL_RELEASE)
-        .retry(retry)
-        .timeout(timeout)
-        .on("sold_out", Then::Fail)
-        .join(Join::all())
-        .fork("car")
-        .branch()
-        .step("hold_car", services::TRIP_CAR_HOLD)
-        .compensate(services::TRIP_CAR_RELEASE)
-        .retry(retry)
-        .timeout(timeout)
-        .on("sold_out", Then::Fail)
-        .branch()
-        .step("hold_airport_car", services::TRIP_AIRPORT_CAR_HOLD)
-        .compensate(services::TRIP_AIRPORT_CAR_RELEASE)
-        .retry(retry)
-        .timeout(timeout)
-        .on("sold_out", Then::Fail)
-        .join(Join::first(1))
-        .step("charge", services::TRIP_CHARGE)
-        .compensate(services::TRIP_REFUND)
-        .retry(retry)
-        .timeout(timeout)
-        .on("declined", Then::Fail)
-        .step("remind", services::TRIP_REMIND)
-        .delay(REMINDER_AFTER)
-        .retry(retry)
-        .timeout(timeout)
-        .step("book", services::TRIP_BOOK)
-        .await_signal(APPROVED, APPROVAL_DEADLINE)
-        .on_timeout(Then::Fail)
-        .retry(retry)
-        .timeout(timeout)
-        .build()
+    let b = limits(Workflow::builder(TRIP, 2).step("quote", services::TRIP_QUOTE));
+    let b = hold(
+        b.fork("holds").branch(),
+        "hold_flight",
+        services::TRIP_FLIGHT_HOLD,
+        services::TRIP_FLIGHT_RELEASE,
+    );
+    let b = hold(
+        b.branch(),
+        "hold_hotel",
+        services::TRIP_HOTEL_HOLD,
+        services::TRIP_HOTEL_RELEASE,
+    );
+    let b = b.join(Join::all()).fork("car").branch();
+    let b = hold(b, "hold_car", services::TRIP_CAR_HOLD, services::TRIP_CAR_RELEASE);
+    let b = hold(
+        b.branch(),
+        "hold_airport_car",
+        services::TRIP_AIRPORT_CAR_HOLD,
+        services::TRIP_AIRPORT_CAR_RELEASE,
+    );
+    charge_remind_book(b.join(Join::first(1))).build()
+}
+
+/// Every trip step's tries and time limit.
+fn limits(b: WorkflowBuilder) -> WorkflowBuilder {
+    b.retry(Backoff::exponential(8, Duration::from_millis(50)))
+        .timeout(Duration::from_secs(10))
+}
+
+/// A hold, undone by its release; `sold_out` fails the trip (or the branch
+/// it is in).
+fn hold(b: WorkflowBuilder, name: &str, hold: &str, release: &str) -> WorkflowBuilder {
+    limits(b.step(name, hold).compensate(release)).on("sold_out", Then::Fail)
+}
+
+/// What every version does once the holds are made: charge (refunded if
+/// a later step fails; a declined card fails the trip), remind after
+/// [`REMINDER_AFTER`], book on the approval within [`APPROVAL_DEADLINE`].
+fn charge_remind_book(b: WorkflowBuilder) -> WorkflowBuilder {
+    let b = limits(
+        b.step("charge", services::TRIP_CHARGE)
+            .compensate(services::TRIP_REFUND),
+    );
+    let b = b.on("declined", Then::Fail);
+    let b = limits(b.step("remind", services::TRIP_REMIND).delay(REMINDER_AFTER));
+    limits(
+        b.step("book", services::TRIP_BOOK)
+            .await_signal(APPROVED, APPROVAL_DEADLINE)
+            .on_timeout(Then::Fail),
+    )
 }
 
 #[cfg(test)]
