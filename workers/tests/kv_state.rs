@@ -108,6 +108,33 @@ async fn stock_is_never_oversold_and_short_orders_take_nothing() {
     assert_eq!((y.available, y.reserved), (1_000_000, 0));
 }
 
+/// A plan that reads a SKU again (its cached level looked too low) must not
+/// keep what its earlier orders took from the older level: the units they
+/// took may be gone. Here `a` last saw 9 units, `b` has taken 5 since, and
+/// ten reservations reach `a` at once (a current-thread runtime queues them
+/// all before its committer runs, so they make one batch): four fit.
+#[tokio::test]
+async fn a_batch_that_reads_a_level_again_takes_only_what_is_left() {
+    let server = NatsServer::start();
+    let n = nats(&server).await;
+    kv::seed_stock(&n, &BTreeMap::from([("SKU-L".to_owned(), 10)]))
+        .await
+        .unwrap();
+    let (a, b) = (
+        KvStock::open(&n, HashMap::new()).await.unwrap(),
+        KvStock::open(&n, HashMap::new()).await.unwrap(),
+    );
+    let one = BTreeMap::from([("SKU-L".to_owned(), 1)]);
+    assert_eq!(reserve(&a, OrderId::new(), &one).await, Reservation::Reserved);
+    let five = BTreeMap::from([("SKU-L".to_owned(), 5)]);
+    assert_eq!(reserve(&b, OrderId::new(), &five).await, Reservation::Reserved);
+    let results = futures::future::join_all((0..10).map(|_| reserve(&a, OrderId::new(), &one))).await;
+    let reserved = results.iter().filter(|r| **r == Reservation::Reserved).count();
+    assert_eq!(reserved, 4, "{results:?}");
+    let level = b.level_of("SKU-L").await.unwrap();
+    assert_eq!((level.available, level.reserved), (0, 10));
+}
+
 /// "Short" is never decided on a level another process has changed since:
 /// a store that saw the last unit go still reserves the unit another
 /// process gave back.

@@ -306,22 +306,44 @@ impl Committer {
     }
 
     /// Plans one batch for `ops`, in their order, on the levels known.
+    ///
+    /// Every decision of a plan rests on one level per SKU. When a SKU
+    /// read again mid-plan turns out to have changed, the units the plan's
+    /// earlier orders took were counted on a level that is gone (another
+    /// process may have taken them): the plan starts over on the new level.
+    /// A SKU is read at most once per call, so it starts over at most once
+    /// per SKU.
     async fn plan(&mut self, ops: &[Op]) -> Result<Plan, StockError> {
+        let mut fresh = HashSet::new();
+        loop {
+            if let Some(plan) = self.plan_once(ops, &mut fresh).await? {
+                return Ok(plan);
+            }
+        }
+    }
+
+    /// One try of [`plan`](Self::plan): `None` when a SKU's level changed
+    /// under it. `fresh` holds the SKUs read from the stream leader during
+    /// this plan (their cached level is that read).
+    async fn plan_once(&mut self, ops: &[Op], fresh: &mut HashSet<String>) -> Result<Option<Plan>, StockError> {
         let mut working: BTreeMap<String, Working> = BTreeMap::new();
         for sku in ops.iter().flat_map(|op| op.lines().keys()) {
             if working.contains_key(sku) {
                 continue;
             }
-            let (cached, fresh) = match self.levels.get(sku) {
-                Some(&known) => (known, false),
-                None => (self.load(sku).await?, true),
+            let cached = match self.levels.get(sku) {
+                Some(&known) => known,
+                None => {
+                    fresh.insert(sku.clone());
+                    self.load(sku).await?
+                }
             };
             working.insert(
                 sku.clone(),
                 Working {
                     base: cached.0,
                     revision: cached.1,
-                    fresh,
+                    fresh: fresh.contains(sku),
                     moved: 0,
                 },
             );
@@ -331,7 +353,11 @@ impl Committer {
         for op in ops {
             let (record, expect, answer) = match op {
                 Op::Reserve { lines, .. } => {
-                    let short = self.short_line(lines, &mut working).await?;
+                    let short = match self.short_line(lines, &mut working, fresh).await? {
+                        Check::Fits => None,
+                        Check::Short(s) => Some(s),
+                        Check::Changed => return Ok(None),
+                    };
                     let answer = match &short {
                         None => {
                             for (sku, qty) in lines {
@@ -398,42 +424,54 @@ impl Committer {
             });
             skus.push((sku, value));
         }
-        Ok(Plan { writes, skus, answers })
+        Ok(Some(Plan { writes, skus, answers }))
     }
 
-    /// The first line of `lines` the stock cannot cover after what this plan
-    /// has taken already. "Short" is decided on a level read from the
-    /// stream leader for this plan, never on the cache alone: a release by
-    /// another process may have given units back since.
+    /// Whether the stock covers `lines` after what this plan has taken
+    /// already, or the first line it cannot. "Short" is decided on a level
+    /// read from the stream leader for this plan, never on the cache alone:
+    /// a release by another process may have given units back since.
     async fn short_line(
         &mut self,
         lines: &BTreeMap<String, i64>,
         working: &mut BTreeMap<String, Working>,
-    ) -> Result<Option<Short>, StockError> {
+        fresh: &mut HashSet<String>,
+    ) -> Result<Check, StockError> {
         for (sku, &wanted) in lines {
-            let Some(w) = working.get(sku) else { continue };
+            let Some(w) = working.get_mut(sku) else { continue };
             if w.available() >= wanted {
                 continue;
             }
             if !w.fresh {
+                fresh.insert(sku.clone());
                 let (base, revision) = self.load(sku).await?;
-                if let Some(w) = working.get_mut(sku) {
-                    w.base = base;
-                    w.revision = revision;
-                    w.fresh = true;
+                if revision != w.revision && w.moved != 0 {
+                    return Ok(Check::Changed);
                 }
+                w.base = base;
+                w.revision = revision;
+                w.fresh = true;
             }
-            let available = working.get(sku).map_or(0, Working::available);
+            let available = w.available();
             if available < wanted {
-                return Ok(Some(Short {
+                return Ok(Check::Short(Short {
                     sku: sku.clone(),
                     wanted,
                     available,
                 }));
             }
         }
-        Ok(None)
+        Ok(Check::Fits)
     }
+}
+
+/// Whether a reservation fits in a plan.
+enum Check {
+    Fits,
+    Short(Short),
+    /// A SKU this plan has already moved units of has a new level: plan
+    /// again on it.
+    Changed,
 }
 
 /// A SKU's level and revision, read from the stream leader (revision 0 and
