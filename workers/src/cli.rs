@@ -151,7 +151,7 @@ impl AuthArgs {
         if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
             o = o.add_client_certificate(cert.clone(), key.clone()).require_tls(true);
         }
-        Ok(o.name(name))
+        Ok(waybill::transport::nats::with_reconnect_delay(o).name(name))
     }
 
     /// Connects to any live server of `url` (every one of them gets the

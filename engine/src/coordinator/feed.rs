@@ -26,6 +26,11 @@ pub(super) async fn feed<T: HopLog>(transport: T, tracker: &Tracker, codec: &Cod
         if let Err(e) = result {
             tracing::warn!(error = %e, from, "reading the hop log failed; reading again from the last hop seen");
         }
+        if tracker.last_seq() + 1 > from {
+            // The reader got on before it broke: a new break starts the
+            // waits from the shortest again.
+            backoff = Duration::from_millis(100);
+        }
         tokio::select! {
             _ = cancel.cancelled() => return,
             _ = tokio::time::sleep(backoff) => {}

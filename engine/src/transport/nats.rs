@@ -155,6 +155,71 @@ pub fn check_server_version(version: &str) -> Result<(), Error> {
     }
 }
 
+/// How long a client waits before its `attempts`-th try to reconnect: at
+/// once, then 50 ms doubling up to a quarter of a second, with a little
+/// jitter so that many processes do not knock in step.
+///
+/// async-nats' own default doubles up to 4 s: a server that was away for
+/// one second is found again only seconds later, and a restart of a
+/// second turned into several seconds in which no order moved and timers
+/// and signal deadlines ran on. A try costs a TCP connect: a few processes
+/// each trying four times a second is nothing to a server. Give it to
+/// every connection ([`connect_options`]).
+pub fn reconnect_delay(attempts: usize) -> Duration {
+    if attempts <= 1 {
+        return Duration::ZERO;
+    }
+    let doubled = 50u64 << (attempts - 2).min(3);
+    Duration::from_millis(doubled.min(250) + fastrand::u64(0..25))
+}
+
+/// The options of every connection Waybill makes: its name and
+/// [`reconnect_delay`]. Add authentication and TLS to them.
+pub fn connect_options(name: &str) -> async_nats::ConnectOptions {
+    with_reconnect_delay(async_nats::ConnectOptions::new()).name(name)
+}
+
+/// `options` with [`reconnect_delay`].
+pub fn with_reconnect_delay(options: async_nats::ConnectOptions) -> async_nats::ConnectOptions {
+    options.reconnect_delay_callback(reconnect_delay)
+}
+
+/// How often a wait that the loss of the connection would spoil looks
+/// whether the client has connected again.
+const RECONNECT_CHECK: Duration = Duration::from_millis(50);
+
+/// How many times `client` has connected: read it before a wait, and
+/// [`reconnected`] says when that wait is spoiled.
+pub(super) fn connects(client: &async_nats::Client) -> u64 {
+    client.statistics().connects.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Resolves once `client` has connected again since it had made `before`
+/// connections. What lived in the server's memory for the old connection
+/// (an in-flight request, an ephemeral consumer of a server that
+/// restarted) may be gone: a wait for it would only run out its time.
+pub(super) async fn reconnected(client: &async_nats::Client, before: u64) {
+    loop {
+        tokio::time::sleep(RECONNECT_CHECK).await;
+        if connects(client) != before {
+            return;
+        }
+    }
+}
+
+/// `wait`, given up (`None`) once `client` connects again, see
+/// [`reconnected`].
+pub(super) async fn unless_reconnected<F: std::future::IntoFuture>(
+    client: &async_nats::Client,
+    wait: F,
+) -> Option<F::Output> {
+    let before = connects(client);
+    tokio::select! {
+        out = wait.into_future() => Some(out),
+        () = reconnected(client, before) => None,
+    }
+}
+
 impl Nats {
     /// Connects to `url` with default options, checks the server's version
     /// and that the streams exist as Waybill needs them (see
@@ -165,8 +230,7 @@ impl Nats {
         let servers: ServerList = url
             .parse()
             .map_err(|e: ServerListError| Error::BadConfig(e.to_string()))?;
-        let client = async_nats::ConnectOptions::new()
-            .name("waybill")
+        let client = connect_options("waybill")
             .connect(&servers)
             .await
             .map_err(|e| nats_err(&format!("cannot connect to NATS at {servers}"), e))?;
@@ -490,8 +554,14 @@ impl Transport for Nats {
             .js
             .send_publish(subject, p)
             .await
-            .map_err(|e| nats_err("publish failed", e))?
+            .map_err(|e| nats_err("publish failed", e))?;
+        // An ack owed by a server that went away does not come: once
+        // connected again, say so at once rather than after the ack's
+        // time-out (5 s), and let the caller publish again (under its
+        // message id, so a stored first try is a duplicate).
+        let ack = unless_reconnected(&self.client, ack)
             .await
+            .ok_or_else(|| Error::Unavailable("publish was not acknowledged: the connection broke".into()))?
             .map_err(|e| nats_err("publish was not acknowledged", e))?;
         Ok(PublishAck {
             sequence: ack.sequence,

@@ -136,8 +136,10 @@ impl Nats {
             .js
             .publish_with_headers(last.subject.clone(), h, last.payload.clone())
             .await
-            .map_err(AtomicError::from_nats)?
+            .map_err(AtomicError::from_nats)?;
+        let ack = super::unless_reconnected(&self.client, ack)
             .await
+            .ok_or_else(|| AtomicError::Unavailable("the connection broke before the batch was confirmed".into()))?
             .map_err(AtomicError::from_nats)?;
         let n = writes.len() as u64;
         Ok(AtomicAck {

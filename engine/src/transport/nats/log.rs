@@ -31,6 +31,11 @@ pub struct NatsLog {
     expected: u64,
     /// A break found after the messages already returned.
     broken: Option<Error>,
+    /// The client's connections when the consumer was created: one more,
+    /// and the consumer (in the server's memory) may be gone with a server
+    /// that restarted. Without this the reader would wait out three
+    /// heartbeats (6 s) to learn it, every order's status frozen meanwhile.
+    connects: u64,
 }
 
 impl std::fmt::Debug for NatsLog {
@@ -74,6 +79,7 @@ impl HopLog for Nats {
 
     async fn read_log(&self, from: u64) -> Result<NatsLog, Error> {
         let stream = self.hops().await?;
+        let connects = super::connects(&self.client);
         let inbox = self.client.new_inbox();
         let sub = self
             .client
@@ -104,6 +110,7 @@ impl HopLog for Nats {
             consumer: consumer.cached_info().name.clone(),
             expected: 1,
             broken: None,
+            connects,
         })
     }
 
@@ -159,10 +166,9 @@ impl LogReader for NatsLog {
         }
         let max = max.max(1);
         loop {
-            let batch = match tokio::time::timeout(HEARTBEAT * 3, ready_batch(&mut self.sub, max)).await {
-                Err(_) => return Err(broken(format!("no hop nor heartbeat for {:?}", HEARTBEAT * 3))),
-                Ok(None) => return Err(broken("the subscription ended".into())),
-                Ok(Some(b)) => b,
+            let batch = match self.ready(max).await? {
+                None => return Err(broken("the subscription ended".into())),
+                Some(b) => b,
             };
             let mut out = Vec::with_capacity(batch.len());
             for m in batch {
@@ -206,6 +212,19 @@ impl LogReader for NatsLog {
 }
 
 impl NatsLog {
+    /// The messages ready, waiting for them at most three heartbeats, and
+    /// not past a reconnection.
+    async fn ready(&mut self, max: usize) -> Result<Option<Vec<async_nats::Message>>, Error> {
+        tokio::select! {
+            batch = tokio::time::timeout(HEARTBEAT * 3, ready_batch(&mut self.sub, max)) => {
+                batch.map_err(|_| broken(format!("no hop nor heartbeat for {:?}", HEARTBEAT * 3)))
+            }
+            () = super::reconnected(&self.client, self.connects) => {
+                Err(broken("the connection was made again: the consumer may be gone".into()))
+            }
+        }
+    }
+
     /// Answers flow control and a stall; a heartbeat naming a consumer
     /// sequence never received (dropped by a full client buffer) is a gap.
     async fn control(&self, m: &async_nats::Message) -> Result<(), String> {

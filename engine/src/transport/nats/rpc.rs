@@ -48,7 +48,16 @@ impl Rpc for Nats {
         if !headers.is_empty() {
             req = req.headers(to_nats_headers(&headers));
         }
-        match self.client.send_request(subject.clone(), req).await {
+        // A request in flight when the connection broke is most likely
+        // lost with it: give up on it once connected again, rather than
+        // wait out its time-out, so that its caller asks again at once.
+        let Some(answer) = super::unless_reconnected(&self.client, self.client.send_request(subject.clone(), req)).await
+        else {
+            return Err(Error::Unavailable(format!(
+                "request on `{subject}`: the connection broke before it was answered"
+            )));
+        };
+        match answer {
             Ok(m) => Ok(m.payload),
             Err(e) => Err(match e.kind() {
                 RequestErrorKind::NoResponders => Error::NoResponders(subject),
