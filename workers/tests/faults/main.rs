@@ -49,6 +49,7 @@ const SCENARIOS: &[(&str, Scenario)] = &[
     ("no-faults", || no_faults().boxed_local()),
     ("worker-sigkill", || worker_sigkill().boxed_local()),
     ("signals-worker-sigkill", || signals_worker_sigkill().boxed_local()),
+    ("signals-nats-server-sigkill", || signals_nats_server_sigkill().boxed_local()),
     ("coordinator-sigkill", || coordinator_sigkill().boxed_local()),
     ("nats-server-sigkill", || nats_server_sigkill().boxed_local()),
     ("worker-drain", || worker_drain().boxed_local()),
@@ -261,6 +262,29 @@ async fn signals_worker_sigkill() -> Row {
     let driven = run.done().await;
     let faults = format!("{KILLS} × SIGKILL of a trip worker while trips run branches, sleep and await signals, restarted");
     sc.end("signals: worker SIGKILL", faults, driven, 0).await.0
+}
+
+/// The trip's flows while nats-server is SIGKILLed twice and started again
+/// on its store: trips asleep on a reminder's timer (a message the server
+/// holds to publish later) and waiting for a signal or its deadline (the
+/// same) must wake once each, every timer firing once, when the server is
+/// back; their branches run on.
+async fn signals_nats_server_sigkill() -> Row {
+    let orders = run::trips(orders_or(2000).div_ceil(400));
+    let mut sc = Scene::new(Stack::single(), 0, 1, orders.len()).await;
+    sc.stack.start_trip_workers(2);
+    let run = sc.driver.start(orders);
+    for at in [0.3, 0.6] {
+        sc.trigger.at(at).await;
+        sc.trigger.fault();
+        let stack::Servers::One(server) = &mut sc.stack.servers else {
+            unreachable!("a single-server stack")
+        };
+        server.restart();
+    }
+    let driven = run.done().await;
+    let faults = "2 × SIGKILL of nats-server while trips sleep, await signals and run branches, restarted".to_owned();
+    sc.end("signals: nats-server SIGKILL", faults, driven, 0).await.0
 }
 
 /// The same stack and orders with nothing done to them: the reference
